@@ -1,0 +1,66 @@
+"""Model zoo: named configs, the embedded ``dit-mnist`` weights, and loading from local files.
+
+Example:
+    >>> model = load_model("DiT-T/4", input_size=16, num_classes=10)   # random init, by config name
+    >>> model = load_model("dit-mnist")                                 # doctest: +SKIP (embedded weights)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from ..errors import ArtifactError
+from ..io import load_tensors, save_tensors
+from .dit import DiT, DiT_models
+
+__all__ = ["DEFAULT_MODEL_CONFIG", "ASSETS", "build_model", "load_model", "save_model_weights"]
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+# The embedded default: 32x32 digits, patch 4 (64 tokens), depth 6, width 128, 2 heads, learned sigma.
+# Width 128 (not 192) because it trains at 2.4 steps/s here against 1.3, and steps matter more in a 2-hour CPU budget.
+DEFAULT_MODEL_CONFIG: Dict[str, Any] = dict(
+    input_size=32, patch_size=4, in_channels=1, hidden_size=128, depth=6, num_heads=2,
+    mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=10, learn_sigma=True,
+)
+EMBEDDED = {"dit-mnist": ASSETS / "dit-mnist.safetensors"}
+
+
+def build_model(config: Dict[str, Any]) -> DiT:
+    """A randomly initialised DiT from a full config dict (as stored in weight files)."""
+    return DiT(**config)
+
+
+def save_model_weights(model: DiT, path: Path, extra: Optional[Dict[str, str]] = None) -> None:
+    """Store a DiT as fp16 safetensors with its config in the metadata (about 2 bytes a parameter)."""
+    config = {k: v for k, v in model.config.items() if k != "fused_attn"}
+    tensors = {k: v.half() for k, v in model.state_dict().items()}
+    save_tensors(tensors, path, metadata={"config": json.dumps(config), **(extra or {})})
+
+
+def _load_weights_file(path: Path) -> DiT:
+    tensors, metadata = load_tensors(path)
+    if "config" not in metadata:
+        raise ArtifactError(f"{path} has no 'config' metadata; it was not written by qc-compiler")
+    model = build_model(json.loads(metadata["config"]))
+    model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
+    return model.eval()
+
+
+def load_model(name_or_path: str, **overrides: Any) -> DiT:
+    """Load an embedded model (``"dit-mnist"``), a config name (random init), or a local weights file."""
+    if name_or_path in EMBEDDED:
+        path = EMBEDDED[name_or_path]
+        if not path.is_file():
+            raise ArtifactError(f"embedded weights {path} are missing; run scripts/train_default.py")
+        return _load_weights_file(path)
+    if name_or_path in DiT_models:
+        return DiT_models[name_or_path](**overrides).eval()
+    path = Path(name_or_path)
+    if path.suffix == ".safetensors" and path.is_file():
+        return _load_weights_file(path)
+    known = ", ".join(sorted(EMBEDDED) + sorted(DiT_models))
+    raise ArtifactError(f"unknown model {name_or_path!r}: give one of {known}, or a .safetensors path")
