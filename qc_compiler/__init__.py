@@ -1,0 +1,26 @@
+"""qc-compiler: compile Diffusion Transformers with quantization, step caching and variance compensation.
+
+Example:
+    >>> import qc_compiler as qc
+    >>> model = qc.load_model("DiT-T/4", input_size=16, in_channels=1, num_classes=10)
+    >>> fast = qc.compile(model, passes=[], sampler=qc.DDPM(steps=5))
+    >>> qc.DDPM(steps=5).sample(fast, labels=[3], seed=0).shape
+    torch.Size([1, 1, 16, 16])
+"""
+from . import backends, passes  # noqa: F401  (importing them registers passes and backends)
+from .api import compile, load_compiled, load_model
+from .capture import CaptureError, capture
+from .diffusion import DDIM, DDPM
+from .errors import (ArtifactError, CalibrationError, ExportError, PassError, PassOrderError, QCError,
+                     StepError)
+from .pipeline import Pass, PassContext, PassManager, PassResult, graph_pass, register_pass
+from .runtime import CompiledModel
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "compile", "load_model", "load_compiled", "capture", "DDPM", "DDIM", "CompiledModel",
+    "Pass", "PassResult", "PassContext", "PassManager", "graph_pass", "register_pass",
+    "QCError", "CaptureError", "PassOrderError", "PassError", "CalibrationError", "ExportError",
+    "ArtifactError", "StepError",
+]

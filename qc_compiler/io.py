@@ -12,6 +12,7 @@ Example:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -24,7 +25,16 @@ from safetensors.torch import save_file
 
 from .errors import ArtifactError
 
-__all__ = ["atomic_write_bytes", "save_json", "load_json", "save_tensors", "load_tensors"]
+__all__ = ["sha256_file", "atomic_write_bytes", "save_json", "load_json", "save_tensors", "load_tensors"]
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

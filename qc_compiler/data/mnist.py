@@ -13,7 +13,6 @@ Example:
 from __future__ import annotations
 
 import gzip
-import hashlib
 import importlib.util
 import os
 from pathlib import Path
@@ -23,20 +22,13 @@ import numpy as np
 import torch
 
 from ..errors import ArtifactError
+from ..io import sha256_file
 
 __all__ = ["MNIST_5K_SHA256", "find_mnist_file", "read_mnist_file", "load_digits", "sha256_file"]
 
 MNIST_5K_SHA256 = "846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed17961d"
 HELD_OUT_PER_CLASS = 100
 _SPLIT_SEED = 20260101
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def find_mnist_file() -> Path:

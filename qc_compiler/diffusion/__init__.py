@@ -1,0 +1,9 @@
+"""Diffusion: DiT's schedules, respacing, samplers and training loss."""
+from .losses import hybrid_loss
+from .samplers import DDIM, DDPM, Sampler, StepRecord, Trajectory, sample_noise, sampler_from_spec
+from .schedule import Schedule, linear_betas, space_timesteps
+
+__all__ = [
+    "DDIM", "DDPM", "Sampler", "StepRecord", "Trajectory", "sample_noise", "sampler_from_spec",
+    "Schedule", "linear_betas", "space_timesteps", "hybrid_loss",
+]

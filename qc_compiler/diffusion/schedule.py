@@ -6,7 +6,7 @@ tensors only when a sampler indexes it, so that respaced schedules match the ref
 Example:
     >>> sched = Schedule.respaced(num_steps=50)
     >>> len(sched.betas), int(sched.timestep_map[0]), int(sched.timestep_map[-1])
-    (50, 0, 980)
+    (50, 0, 999)
 """
 from __future__ import annotations
 

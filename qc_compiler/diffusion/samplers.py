@@ -1,0 +1,247 @@
+"""DDPM and DDIM samplers over a respaced schedule, with CFG, fixed-seed noise, hooks and trajectories.
+
+A sampler calls any denoiser ``model(x, t, y) -> out`` with **original** (1000-step) timesteps, as DiT
+does, where ``out`` has C channels of predicted noise and, for a learned-sigma model, C more channels
+of variance interpolation values. Compiled models are drop-in denoisers.
+
+Noise is drawn from one generator per sample, seeded by (seed, sample index), so a sample does not
+depend on the batch it was drawn in: the same seed gives the same digits in any batch split, in any
+variant, on any number of processes.
+
+Example:
+    >>> from qc_compiler.models.dit import DiT_models
+    >>> model = DiT_models["DiT-T/4"](input_size=16, in_channels=1, num_classes=10).eval()
+    >>> images = DDPM(steps=5, cfg_scale=1.5).sample(model, labels=[0, 1], seed=0)
+    >>> images.shape
+    torch.Size([2, 1, 16, 16])
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .schedule import Schedule, extract
+
+__all__ = ["Sampler", "DDPM", "DDIM", "StepRecord", "Trajectory", "sample_noise", "StepHook"]
+
+# callback(step_index, t, x) -> replacement x or None; called after each sampler update.
+StepHook = Callable[[int, int, torch.Tensor], Optional[torch.Tensor]]
+
+
+@dataclass
+class StepRecord:
+    """What the denoiser saw and said at one step: x_t (N, C, H, W), original t, labels, guided output."""
+
+    step: int
+    t: int
+    x_t: torch.Tensor
+    y: torch.Tensor
+    model_output: torch.Tensor
+
+
+@dataclass
+class Trajectory:
+    """The steps of one sampling run, first (noisiest) to last, and the final samples."""
+
+    steps: List[StepRecord] = field(default_factory=list)
+    samples: Optional[torch.Tensor] = None
+
+
+def _generators(seed: int, n: int, offset: int = 0) -> List[torch.Generator]:
+    # SeedSequence keeps the streams of (seed, i) independent, unlike seed + i.
+    return [
+        torch.Generator().manual_seed(int(np.random.SeedSequence([seed, offset + i]).generate_state(1, np.uint64)[0] >> 1))
+        for i in range(n)
+    ]
+
+
+def sample_noise(seed: int, n: int, shape: Sequence[int], offset: int = 0) -> torch.Tensor:
+    """The initial noise of samples ``offset .. offset+n-1`` for ``seed``: (n, *shape)."""
+    return torch.stack([torch.randn(tuple(shape), generator=g) for g in _generators(seed, n, offset)])
+
+
+class Sampler:
+    """Base of the respaced samplers. Subclasses implement ``update(x, step, out) -> x_prev``."""
+
+    name = "sampler"
+
+    def __init__(self, steps: int = 50, cfg_scale: float = 1.0, base_timesteps: int = 1000):
+        if int(steps) < 1 or int(steps) > base_timesteps:
+            raise ValueError(f"steps must be in 1..{base_timesteps}, got {steps}")
+        if cfg_scale < 1.0:
+            raise ValueError(f"cfg_scale must be >= 1 (1 disables guidance), got {cfg_scale}")
+        self.steps = int(steps)
+        self.cfg_scale = float(cfg_scale)
+        self.base_timesteps = base_timesteps
+        self.schedule = self._make_schedule()
+
+    def _make_schedule(self) -> Schedule:
+        return Schedule.respaced(self.steps, self.base_timesteps)
+
+    @property
+    def timesteps(self) -> List[int]:
+        """Original timesteps in the order the model is called (noisiest first)."""
+        return [int(t) for t in self.schedule.timestep_map[::-1]]
+
+    def spec(self) -> dict:
+        """A JSON-able description, stored with compiled models."""
+        return {"name": self.name, "steps": self.steps, "cfg_scale": self.cfg_scale,
+                "base_timesteps": self.base_timesteps, "timesteps": self.timesteps}
+
+    # --- one step -------------------------------------------------------------------------------
+    def guided_output(self, model: Callable, x: torch.Tensor, t: int, y: torch.Tensor, null_label: int) -> torch.Tensor:
+        """Call the model once (a doubled cond/uncond batch under CFG) and combine the noise halves."""
+        n, c = x.shape[0], x.shape[1]
+        if self.cfg_scale == 1.0:
+            return model(x, torch.full((n,), t, dtype=torch.long, device=x.device), y)
+        x_in = torch.cat([x, x], dim=0)  # (2N, C, H, W): cond half then uncond half
+        y_in = torch.cat([y, torch.full_like(y, null_label)], dim=0)
+        out = model(x_in, torch.full((2 * n,), t, dtype=torch.long, device=x.device), y_in)
+        cond, uncond = out[:n], out[n:]
+        eps = uncond[:, :c] + self.cfg_scale * (cond[:, :c] - uncond[:, :c])
+        return torch.cat([eps, cond[:, c:]], dim=1)  # variance channels from the cond half, as DiT
+
+    def predict(self, x: torch.Tensor, step: int, out: torch.Tensor):
+        """(pred_x0, eps, log_variance) from a model output at respaced ``step``."""
+        c = x.shape[1]
+        t = torch.full((x.shape[0],), step, dtype=torch.long, device=x.device)
+        eps = out[:, :c]
+        if out.shape[1] == 2 * c:
+            log_var = self.schedule.learned_range_log_variance(out[:, c:], t)
+        else:
+            log_var = extract(self.schedule.posterior_log_variance_clipped, t, x).expand_as(x)
+        return self.schedule.predict_xstart(x, t, eps), eps, log_var
+
+    def update(self, x: torch.Tensor, step: int, out: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # --- the loop -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(
+        self,
+        model: Callable,
+        labels: Union[Sequence[int], torch.Tensor],
+        seed: int = 0,
+        callback: Optional[StepHook] = None,
+        record: bool = False,
+        progress: bool = False,
+        noise: Optional[torch.Tensor] = None,
+        null_label: Optional[int] = None,
+        shape: Optional[Sequence[int]] = None,
+        sample_offset: int = 0,
+    ) -> Union[torch.Tensor, Trajectory]:
+        """Draw one sample per label. Returns (N, C, H, W), or a ``Trajectory`` when ``record``.
+
+        ``model`` may carry ``step_hooks`` (a list of StepHook, e.g. variance compensation on x_t);
+        they run after each update, before ``callback``. ``sample_offset`` selects which per-sample
+        noise streams of ``seed`` to use, so shards of a large run reproduce the whole run.
+        """
+        y = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        n = y.shape[0]
+        if n == 0:
+            raise ValueError("labels is empty")
+        null_label = int(null_label if null_label is not None else getattr(model, "num_classes"))
+        shape = tuple(shape or _model_sample_shape(model))
+        gens = _generators(seed, n, sample_offset)
+        x = noise if noise is not None else torch.stack([torch.randn(shape, generator=g) for g in gens])
+        device = _model_device(model)
+        x, y = x.to(device), y.to(device)
+        hooks = list(getattr(model, "step_hooks", []) or []) + ([callback] if callback else [])
+        traj = Trajectory()
+        order = range(self.steps - 1, -1, -1)
+        for i, step in enumerate(tqdm(order, desc=self.name, disable=not progress, leave=False)):
+            t = int(self.schedule.timestep_map[step])
+            out = self.guided_output(model, x, t, y, null_label)
+            if record:
+                traj.steps.append(StepRecord(i, t, x.detach().cpu(), y.detach().cpu(), out.detach().cpu()))
+            step_noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+            x = self.update(x, step, out, step_noise)
+            for hook in hooks:
+                replaced = hook(i, t, x)
+                if replaced is not None:
+                    x = replaced
+        if record:
+            traj.samples = x.detach().cpu()
+            return traj
+        return x
+
+
+class DDPM(Sampler):
+    """Ancestral DDPM sampling with the learned-range variance of Improved DDPM / DiT.
+
+    Example:
+        >>> DDPM(steps=50).timesteps[:3]
+        [999, 979, 958]
+    """
+
+    name = "ddpm"
+
+    def update(self, x, step, out, noise):
+        pred_x0, _, log_var = self.predict(x, step, out)
+        t = torch.full((x.shape[0],), step, dtype=torch.long, device=x.device)
+        mean = self.schedule.posterior_mean(pred_x0, x, t)
+        if step == 0:  # no noise at the last step
+            return mean
+        return mean + torch.exp(0.5 * log_var) * noise
+
+
+class DDIM(Sampler):
+    """DDIM sampling (eta = 0 is deterministic), on the same respaced schedule.
+
+    Example:
+        >>> DDIM(steps=10, eta=0.0).spec()["name"]
+        'ddim'
+    """
+
+    name = "ddim"
+
+    def __init__(self, steps: int = 50, cfg_scale: float = 1.0, eta: float = 0.0, base_timesteps: int = 1000):
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        self.eta = float(eta)
+        super().__init__(steps, cfg_scale, base_timesteps)
+
+    def spec(self) -> dict:
+        return {**super().spec(), "eta": self.eta}
+
+    def update(self, x, step, out, noise):
+        pred_x0, eps, _ = self.predict(x, step, out)
+        t = torch.full((x.shape[0],), step, dtype=torch.long, device=x.device)
+        ab = extract(self.schedule.alphas_cumprod, t, x)
+        ab_prev = extract(self.schedule.alphas_cumprod_prev, t, x)
+        sigma = self.eta * torch.sqrt((1 - ab_prev) / (1 - ab)) * torch.sqrt(1 - ab / ab_prev)
+        mean = pred_x0 * torch.sqrt(ab_prev) + torch.sqrt(1 - ab_prev - sigma ** 2) * eps
+        if step == 0:
+            return mean
+        return mean + sigma * noise
+
+
+SAMPLERS = {"ddpm": DDPM, "ddim": DDIM}
+
+
+def sampler_from_spec(spec: dict) -> Sampler:
+    """Rebuild a sampler from ``Sampler.spec()`` (used when loading compiled models)."""
+    kwargs = {"steps": spec["steps"], "cfg_scale": spec["cfg_scale"], "base_timesteps": spec.get("base_timesteps", 1000)}
+    if spec["name"] == "ddim":
+        kwargs["eta"] = spec.get("eta", 0.0)
+    if spec["name"] not in SAMPLERS:
+        raise ValueError(f"unknown sampler {spec['name']!r}; known: {sorted(SAMPLERS)}")
+    return SAMPLERS[spec["name"]](**kwargs)
+
+
+def _model_sample_shape(model) -> tuple:
+    size, channels = getattr(model, "input_size", None), getattr(model, "in_channels", None)
+    if size is None or channels is None:
+        raise ValueError("the model has no input_size/in_channels; pass shape=(C, H, W) to sample()")
+    return (channels, size, size)
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")

@@ -1,0 +1,201 @@
+"""Sample-quality metric math on feature arrays: FID/sFID, Inception Score, precision/recall, accuracy.
+
+Pure numpy/scipy so the formulas can be tested on synthetic data with known answers, independent of
+any network.
+
+Example:
+    >>> import numpy as np
+    >>> mu, sigma = np.zeros(3), np.eye(3)
+    >>> round(frechet_distance(mu, sigma, mu + 1.0, sigma), 6)
+    3.0
+    >>> round(inception_score(np.eye(10))[0], 6)
+    10.0
+"""
+from __future__ import annotations
+
+import logging
+from typing import Tuple
+
+import numpy as np
+from scipy import linalg
+
+from ..errors import QCError
+
+__all__ = [
+    "MetricError", "frechet_distance", "gaussian_stats", "inception_score", "knn_radii", "precision_recall",
+    "class_accuracy",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class MetricError(QCError, ValueError):
+    """A metric got inputs it cannot score (wrong shapes, NaN, too few samples) or failed numerically."""
+
+
+def _as_2d(features: np.ndarray, name: str) -> np.ndarray:
+    a = np.asarray(features, dtype=np.float64)
+    if a.ndim != 2 or a.shape[0] == 0:
+        raise MetricError(f"{name} must be a non-empty (N, D) array, got shape {a.shape}")
+    if not np.isfinite(a).all():
+        raise MetricError(f"{name} contains NaN or inf")
+    return a
+
+
+def gaussian_stats(features: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and unbiased covariance (D, D) of features (N, D), in float64.
+
+    Example:
+        >>> mu, sigma = gaussian_stats(np.array([[0.0, 0.0], [2.0, 2.0]]))
+        >>> mu.tolist(), sigma.tolist()
+        ([1.0, 1.0], [[2.0, 2.0], [2.0, 2.0]])
+    """
+    f = _as_2d(features, "features")
+    if f.shape[0] < 2:
+        raise MetricError(f"need at least 2 samples for a covariance, got {f.shape[0]}")
+    return f.mean(axis=0), np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1])
+
+
+def _sqrtm_product(sigma1: np.ndarray, sigma2: np.ndarray, eps: float) -> np.ndarray:
+    """sqrtm(sigma1 @ sigma2), retried with ``eps * I`` added to both when the product is near singular."""
+    product = sigma1 @ sigma2
+    covmean = linalg.sqrtm(product)
+    # A near-singular product (rank-deficient covariances: fewer samples than dimensions, dead
+    # features) can give inf/NaN or a root that does not square back; the usual fix is a small
+    # diagonal offset, which moves the distance by O(eps * D).
+    scale = max(np.linalg.norm(product), 1e-300)
+    bad = not np.isfinite(covmean).all() or np.linalg.norm(covmean @ covmean - product) / scale > 1e-4
+    if bad:
+        logger.warning("sqrtm of the covariance product is ill-conditioned; adding %g to the diagonals", eps)
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+        if not np.isfinite(covmean).all():
+            raise MetricError("matrix square root of the covariance product is not finite even with an offset")
+    return covmean
+
+
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+) -> float:
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2):
+    ``||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2))``.
+
+    Example:
+        >>> round(frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), 4 * np.eye(2)), 6)
+        2.0
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    d = mu1.shape[0]
+    if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
+        raise MetricError(
+            f"inconsistent shapes: mu1 {mu1.shape}, sigma1 {sigma1.shape}, mu2 {mu2.shape}, sigma2 {sigma2.shape}"
+        )
+    for name, a in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
+        if not np.isfinite(a).all():
+            raise MetricError(f"{name} contains NaN or inf")
+    covmean = _sqrtm_product(sigma1, sigma2, eps)
+    if np.iscomplexobj(covmean):
+        # Round-off gives a tiny imaginary part on a PSD product; a large one means the inputs are
+        # not covariance matrices (or sqrtm failed), and dropping it would hide a wrong number.
+        diag_imag = np.abs(np.diagonal(covmean).imag).max()
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3 * max(1.0, np.abs(covmean).max())):
+            raise MetricError(
+                f"matrix square root has a large imaginary component ({diag_imag:.3g}); "
+                "are sigma1 and sigma2 symmetric positive semi-definite?"
+            )
+        covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+def inception_score(probs: np.ndarray, splits: int = 1) -> Tuple[float, float]:
+    """Inception Score ``exp(E_x KL(p(y|x) || p(y)))`` from class posteriors (N, C): (mean, std) over splits.
+
+    Example:
+        >>> inception_score(np.full((4, 10), 0.1))[0]
+        1.0
+    """
+    p = _as_2d(probs, "probs")
+    if (p < 0).any() or not np.allclose(p.sum(axis=1), 1.0, atol=1e-4):
+        raise MetricError("probs must be non-negative rows that sum to 1 (pass softmax outputs, not logits)")
+    if not 1 <= splits <= p.shape[0]:
+        raise MetricError(f"splits must be in [1, {p.shape[0]}], got {splits}")
+    scores = []
+    for part in np.array_split(p, splits):
+        marginal = part.mean(axis=0, keepdims=True)
+        # 0 * log(0) = 0: xlogy-style masking keeps one-hot posteriors finite.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            kl = np.where(part > 0, part * (np.log(part) - np.log(marginal)), 0.0).sum(axis=1)
+        scores.append(float(np.exp(kl.mean())))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def _pairwise_sq_dists(a: np.ndarray, b: np.ndarray, b_sq: np.ndarray) -> np.ndarray:
+    d = (a * a).sum(axis=1)[:, None] + b_sq[None, :] - 2.0 * (a @ b.T)
+    return np.maximum(d, 0.0)  # round-off can make ||a - a||^2 slightly negative
+
+
+def knn_radii(features: np.ndarray, k: int = 3, batch_size: int = 1024) -> np.ndarray:
+    """Distance from each row to its k-th nearest neighbour in the same set, excluding itself."""
+    f = _as_2d(features, "features")
+    if not 1 <= k < f.shape[0]:
+        raise MetricError(f"k must be in [1, {f.shape[0] - 1}] for {f.shape[0]} samples, got {k}")
+    sq = (f * f).sum(axis=1)
+    radii = np.empty(f.shape[0])
+    for start in range(0, f.shape[0], batch_size):
+        d = _pairwise_sq_dists(f[start : start + batch_size], f, sq)
+        # Index k (0-based) of the sorted row skips the point itself at distance 0.
+        radii[start : start + batch_size] = np.partition(d, k, axis=1)[:, k]
+    return np.sqrt(radii)
+
+
+def _coverage(queries: np.ndarray, support: np.ndarray, support_radii: np.ndarray, batch_size: int) -> float:
+    """Fraction of queries inside at least one support point's k-NN ball."""
+    sq = (support * support).sum(axis=1)
+    r2 = support_radii**2
+    inside = 0
+    for start in range(0, queries.shape[0], batch_size):
+        d = _pairwise_sq_dists(queries[start : start + batch_size], support, sq)
+        inside += int((d <= r2[None, :]).any(axis=1).sum())
+    return inside / queries.shape[0]
+
+
+def precision_recall(
+    real_features: np.ndarray, fake_features: np.ndarray, k: int = 3, batch_size: int = 1024
+) -> Tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019) with k-NN manifold estimates.
+
+    Precision: share of fake samples inside the real manifold (union of balls around each real
+    sample, radius = distance to its k-th nearest real neighbour). Recall: share of real samples
+    inside the fake manifold. Distances are computed ``batch_size`` rows at a time, so 10k x 10k
+    needs about ``batch_size * 10k * 8`` bytes at once.
+
+    Example:
+        >>> x = np.random.default_rng(0).normal(size=(50, 4))
+        >>> precision_recall(x, x)
+        (1.0, 1.0)
+    """
+    real = _as_2d(real_features, "real_features")
+    fake = _as_2d(fake_features, "fake_features")
+    if real.shape[1] != fake.shape[1]:
+        raise MetricError(f"feature sizes differ: real {real.shape[1]}, fake {fake.shape[1]}")
+    if batch_size < 1:
+        raise MetricError(f"batch_size must be >= 1, got {batch_size}")
+    precision = _coverage(fake, real, knn_radii(real, k, batch_size), batch_size)
+    recall = _coverage(real, fake, knn_radii(fake, k, batch_size), batch_size)
+    return precision, recall
+
+
+def class_accuracy(logits_or_probs: np.ndarray, labels: np.ndarray) -> float:
+    """Share of rows whose argmax equals the label.
+
+    Example:
+        >>> class_accuracy(np.array([[0.9, 0.1], [0.2, 0.8]]), np.array([0, 0]))
+        0.5
+    """
+    scores = np.asarray(logits_or_probs)
+    labels = np.asarray(labels)
+    if scores.ndim != 2 or labels.shape != (scores.shape[0],) or scores.shape[0] == 0:
+        raise MetricError(f"need scores (N, C) and labels (N,), got {scores.shape} and {labels.shape}")
+    return float((scores.argmax(axis=1) == labels).mean())

@@ -1,0 +1,4 @@
+"""Graph passes, one per file. Each registers itself with ``@register_pass`` on import."""
+from ..pipeline import PASS_REGISTRY, Pass, PassResult, graph_pass, register_pass
+
+__all__ = ["PASS_REGISTRY", "Pass", "PassResult", "graph_pass", "register_pass"]
