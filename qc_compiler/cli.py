@@ -1,0 +1,216 @@
+"""The ``qc`` command: sample, compile, eval and demo, from the shell.
+
+    qc sample --model DiT-T/4 --input-size 16 --labels 0,1,2 --steps 20 --out grid.png
+    qc compile --model dit-mnist --steps 50 --cfg 1.5 --out dit_qc/
+    qc eval --model dit-mnist --n 1000 --out eval.json
+    qc demo
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from .errors import QCError
+
+__all__ = ["main", "build_parser", "parse_pass_spec"]
+
+
+def _labels(text: str) -> List[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"labels must be comma-separated integers, got {text!r}") from None
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def parse_pass_spec(spec: str):
+    """``"name:key=value,key=value"`` -> a registered pass instance (values parsed as JSON if they can be)."""
+    from .pipeline import PASS_REGISTRY
+
+    name, _, rest = spec.partition(":")
+    if name not in PASS_REGISTRY:
+        raise QCError(f"unknown pass {name!r}; registered passes: {sorted(PASS_REGISTRY) or 'none'}")
+    options: Dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise QCError(f"pass option {item!r} must look like key=value")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    try:
+        return PASS_REGISTRY[name](**options)
+    except TypeError as e:
+        raise QCError(f"bad options for pass {name!r}: {e}") from None
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="dit-mnist",
+                   help="embedded model (dit-mnist), config name (DiT-XL/2 .. DiT-S/8, DiT-T/4) or .safetensors path")
+    p.add_argument("--ckpt", help="local facebookresearch/DiT checkpoint (.pt) or qc weights file")
+    p.add_argument("--compiled", help="a folder written by `qc compile` (overrides --model)")
+    p.add_argument("--input-size", type=_positive, help="image/latent size, for config names (default 32)")
+    p.add_argument("--in-channels", type=_positive, help="input channels, for config names (default 4)")
+    p.add_argument("--num-classes", type=_positive, help="classes, for config names (default 1000)")
+
+
+def _add_sampler_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], help="default ddpm, or a compiled model's own")
+    p.add_argument("--steps", type=_positive, help="sampling steps (default 50, or a compiled model's own)")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale, 1 = off (default 1.5)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qc", description="Compile Diffusion Transformers (quantization + cache + VC).")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="log what the compiler does")
+    common.add_argument("--threads", type=_positive, help="torch intra-op threads")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("sample", help="sample a labelled PNG grid", parents=[common])
+    _add_model_args(p)
+    _add_sampler_args(p)
+    p.add_argument("--labels", type=_labels, default=list(range(10)), help="comma-separated class labels")
+    p.add_argument("--per-label", type=_positive, default=1, help="samples per label (one grid row each)")
+    p.add_argument("--out", type=Path, default=Path("out/grid.png"))
+
+    p = sub.add_parser("compile", help="compile a model with passes and save it", parents=[common])
+    _add_model_args(p)
+    _add_sampler_args(p)
+    p.add_argument("--pass", dest="passes", action="append", default=[], metavar="NAME[:k=v,...]",
+                   help="a registered pass with options; repeat in schedule order")
+    p.add_argument("--backend", default="torch")
+    p.add_argument("--out", type=Path, required=True, help="folder to write")
+
+    p = sub.add_parser("eval", help="sample and compute FID/sFID/IS/precision/recall/class accuracy", parents=[common])
+    _add_model_args(p)
+    _add_sampler_args(p)
+    p.add_argument("--n", type=_positive, default=1000, help="number of samples (labels cycle 0..9)")
+    p.add_argument("--batch-size", type=_positive, default=250)
+    p.add_argument("--out", type=Path, help="write the metrics as JSON here")
+
+    p = sub.add_parser("demo", help="the main job on the embedded model: grid, report", parents=[common])
+    p.add_argument("--out-dir", type=Path, default=Path("out"))
+    p.add_argument("--n", type=_positive, default=200, help="samples for the quality table")
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _sampler(args, model=None):
+    """The sampler the user asked for; unset options default to a compiled model's own."""
+    from .diffusion import DDIM, DDPM
+
+    own = getattr(model, "sampler_spec", None) or {"name": "ddpm", "steps": 50, "cfg_scale": 1.5}
+    name = args.sampler or own["name"]
+    steps = args.steps or own["steps"]
+    cfg = args.cfg if args.cfg is not None else own["cfg_scale"]
+    return DDIM(steps=steps, cfg_scale=cfg) if name == "ddim" else DDPM(steps=steps, cfg_scale=cfg)
+
+
+def _model(args):
+    from .api import load_compiled, load_model
+
+    if args.compiled:
+        return load_compiled(args.compiled)
+    overrides = {k: getattr(args, a) for k, a in (("input_size", "input_size"), ("in_channels", "in_channels"),
+                                                  ("num_classes", "num_classes")) if getattr(args, a) is not None}
+    return load_model(args.ckpt or args.model, **overrides)
+
+
+def cmd_sample(args) -> int:
+    from .imaging import save_grid
+
+    model = _model(args)
+    sampler = _sampler(args, model)
+    labels = [label for label in args.labels for _ in range(args.per_label)]
+    _check_labels(model, labels)
+    t0 = time.perf_counter()
+    images = sampler.sample(model, labels, seed=args.seed, progress=True)
+    save_grid(images, args.out, nrow=args.per_label if args.per_label > 1 else min(len(labels), 10))
+    print(f"wrote {args.out} ({len(labels)} samples, {sampler.steps} {sampler.name} steps, {time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def cmd_compile(args) -> int:
+    from .api import compile as qc_compile
+
+    passes = [parse_pass_spec(s) for s in args.passes]
+    model = _model(args)
+    sampler = _sampler(args, model)
+    compiled = qc_compile(model, passes=passes, sampler=sampler, backend=args.backend, seed=args.seed)
+    compiled.save(args.out)
+    print(compiled.report())
+    print(f"saved {args.out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .eval import evaluate
+
+    model = _model(args)
+    sampler = _sampler(args, model)
+    labels = [i % model.num_classes for i in range(args.n)]
+    t0 = time.perf_counter()
+    images = torch.cat([
+        sampler.sample(model, labels[i:i + args.batch_size], seed=args.seed, sample_offset=i, progress=True)
+        for i in range(0, args.n, args.batch_size)
+    ])
+    seconds = time.perf_counter() - t0
+    metrics = evaluate(images, torch.tensor(labels))
+    metrics.update({"sampling_seconds": seconds, "steps": sampler.steps, "cfg": sampler.cfg_scale,
+                    "sampler": sampler.name, "seed": args.seed})
+    print(json.dumps(metrics, indent=2))
+    if args.out:
+        from .io import save_json
+
+        save_json(metrics, args.out)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(out_dir=args.out_dir, n_eval=args.n, seed=args.seed)
+    return 0
+
+
+def _check_labels(model, labels: Sequence[int]) -> None:
+    n = getattr(model, "num_classes", None)
+    bad = [label for label in labels if label < 0 or (n is not None and label >= n)]
+    if bad:
+        raise QCError(f"labels {bad} are out of range for a model with {n} classes")
+
+
+COMMANDS = {"sample": cmd_sample, "compile": cmd_compile, "eval": cmd_eval, "demo": cmd_demo}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return COMMANDS[args.command](args)
+    except (QCError, ValueError, FileNotFoundError) as e:
+        # One line, no traceback: these are the user's inputs, not our bugs.
+        print(f"qc {args.command}: error: {e}".splitlines()[0], file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

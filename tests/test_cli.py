@@ -1,0 +1,55 @@
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from qc_compiler.cli import build_parser, main
+
+TINY = ["--model", "DiT-T/4", "--input-size", "16", "--in-channels", "1", "--num-classes", "10", "--threads", "1"]
+
+
+def test_sample_writes_a_png_grid(tmp_path):
+    out = tmp_path / "grid.png"
+    assert main(["sample", *TINY, "--steps", "3", "--labels", "0,1,2", "--per-label", "2", "--out", str(out)]) == 0
+    img = Image.open(out)
+    # 3 rows of 2 images of 16 px, 2 px borders, scaled x2
+    assert img.size == ((2 * 18 + 2) * 2, (3 * 18 + 2) * 2)
+
+
+def test_compile_zero_passes_round_trips(tmp_path, capsys):
+    folder = tmp_path / "compiled"
+    assert main(["compile", *TINY, "--steps", "4", "--cfg", "1.0", "--out", str(folder)]) == 0
+    assert (folder / "manifest.json").is_file()
+    out = tmp_path / "from_compiled.png"
+    assert main(["sample", "--compiled", str(folder), "--labels", "1,2", "--out", str(out)]) == 0
+    assert out.is_file()
+    # a sampler that does not match the compiled schedule: one-line error, exit 2
+    assert main(["sample", "--compiled", str(folder), "--steps", "7", "--labels", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("qc ")]  # the rest is the progress bar
+    assert len(errors) == 1 and "not in the compiled schedule" in errors[0] and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["sample", "--model", "nope"], "unknown model 'nope'"),
+    (["compile", "--pass", "nope", "--out", "x"], "unknown pass 'nope'"),
+    (["sample", *TINY, "--labels", "12", "--steps", "2"], "out of range"),
+])
+def test_bad_arguments_get_one_line_errors(argv, needle, capsys, tmp_path):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("qc ")]
+    assert len(errors) == 1 and needle in errors[0] and "Traceback" not in err
+
+
+def test_help_is_clean_for_every_command():
+    for cmd in ([], ["sample"], ["compile"], ["eval"], ["demo"]):
+        proc = subprocess.run([sys.executable, "-m", "qc_compiler", *cmd, "--help"], capture_output=True, text=True)
+        assert proc.returncode == 0 and proc.stderr == "" and "usage: qc" in proc.stdout
+
+
+def test_argparse_rejects_bad_numbers(capsys):
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["sample", "--steps", "0"])
+    assert info.value.code == 2 and "must be >= 1" in capsys.readouterr().err
