@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from .io import atomic_write_bytes
 
-__all__ = ["to_uint8", "make_grid", "save_grid", "side_by_side"]
+__all__ = ["to_uint8", "make_grid", "save_grid", "side_by_side", "add_column_labels"]
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -38,15 +38,28 @@ def make_grid(images: torch.Tensor, nrow: int = 10, pad: int = 2, scale: int = 2
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
 
 
+def add_column_labels(img: Image.Image, labels: Sequence[str], ncol: int, band: int = 14) -> Image.Image:
+    """Add a white band on top of a grid with one label centred over each column."""
+    out = Image.new(img.mode, (img.width, img.height + band), 255 if img.mode == "L" else (255,) * 3)
+    out.paste(img, (0, band))
+    draw = ImageDraw.Draw(out)
+    col_w = img.width / ncol
+    for i, text in enumerate(labels[:ncol]):
+        draw.text((int((i + 0.5) * col_w) - 3 * len(text), 1), text, fill=0 if img.mode == "L" else (0, 0, 0))
+    return out
+
+
 def _write_png(img: Image.Image, path) -> None:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     atomic_write_bytes(Path(path), buf.getvalue())
 
 
-def save_grid(images: torch.Tensor, path, nrow: int = 10, scale: int = 2) -> None:
-    """Write a PNG grid of ``images`` atomically."""
-    _write_png(make_grid(images, nrow=nrow, scale=scale), path)
+def save_grid(images: torch.Tensor, path, nrow: int = 10, scale: int = 2,
+              col_labels: Optional[Sequence[str]] = None) -> None:
+    """Write a PNG grid of ``images`` atomically, optionally with a label over each column."""
+    img = make_grid(images, nrow=nrow, scale=scale)
+    _write_png(add_column_labels(img, col_labels, nrow) if col_labels else img, path)
 
 
 def side_by_side(left: torch.Tensor, right: torch.Tensor, path, nrow: int = 10, gap: int = 16,
