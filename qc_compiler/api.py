@@ -39,13 +39,15 @@ def compile(  # noqa: A001 - the verb users expect
     example_inputs: Optional[Tuple[torch.Tensor, ...]] = None,
     leaf_modules: Sequence[Type[nn.Module]] = (),
     fitted: Optional[Dict[str, Any]] = None,
+    capture_mode: str = "fx",
 ) -> CompiledModel:
     """Capture ``model``, run ``passes`` over its graph, and lower it with ``backend``.
 
     The schedule is checked before anything runs (``PassOrderError``). ``sampler`` fixes the
     timesteps the compiled model serves (default: 50-step DDPM). ``fitted`` restores what passes
-    fitted earlier (``load_compiled`` uses it), so calibration is not repeated. The user's model is
-    never modified.
+    fitted earlier (``load_compiled`` uses it), so calibration is not repeated. ``capture_mode``
+    ``"fx"`` tries symbolic tracing and falls back to ``torch.export``; ``"export"`` goes straight
+    to ``torch.export``. The user's model is never modified.
     """
     manager = PassManager(list(passes))
     manager.check_order()
@@ -54,8 +56,8 @@ def compile(  # noqa: A001 - the verb users expect
         sampler = DDPM(steps=50)
         log.info("no sampler given: compiling for %s", sampler.spec()["name"])
     model_info = {k: getattr(model, k) for k in _MODEL_INFO if hasattr(model, k)}
-    gm = capture(model, example_inputs=example_inputs, leaf_modules=leaf_modules)
-    reference = capture(model, example_inputs=example_inputs, leaf_modules=leaf_modules) if passes else gm
+    gm = capture(model, example_inputs=example_inputs, leaf_modules=leaf_modules, prefer=capture_mode)
+    reference = capture(model, example_inputs=example_inputs, leaf_modules=leaf_modules, prefer=capture_mode) if passes else gm
     ctx = PassContext(sampler=sampler, reference=reference, seed=seed, fitted=dict(fitted or {}), model_info=model_info)
     gm = manager.run(gm, ctx)
     lowered = lower(gm, ctx)
@@ -65,6 +67,7 @@ def compile(  # noqa: A001 - the verb users expect
         "passes": [{"name": p.name, "options": p.options()} for p in passes],
         "backend": backend,
         "seed": seed,
+        "capture_mode": capture_mode,
         "fitted": ctx.fitted,
         "weights": {k: v.detach().clone() for k, v in model.state_dict().items()} if config else {},
     }

@@ -54,6 +54,7 @@ def save_compiled(model, folder: Path) -> None:
         "passes": build.get("passes", []),
         "backend": build.get("backend", "torch"),
         "seed": build.get("seed", 0),
+        "capture_mode": build.get("capture_mode", "fx"),
         "sampler": model.sampler_spec,
         "fitted_json": others,
         "sha256": {name: sha256_file(folder / name) for name in _FILES},
@@ -94,4 +95,5 @@ def load_compiled(folder) -> Any:
             raise ArtifactError(f"{folder} uses pass {p['name']!r}, which this installation does not know")
         passes.append(PASS_REGISTRY[p["name"]](**p.get("options", {})))
     return qc_compile(model.eval(), passes=passes, sampler=sampler_from_spec(manifest["sampler"]),
-                      backend=manifest["backend"], seed=manifest.get("seed", 0), fitted=fitted)
+                      backend=manifest["backend"], seed=manifest.get("seed", 0), fitted=fitted,
+                      capture_mode=manifest.get("capture_mode", "fx"))

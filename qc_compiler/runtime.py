@@ -44,6 +44,13 @@ class StepState:
         self.num_steps: int = 0
         self._stores: Dict[str, Dict[str, Any]] = {}
 
+    def _check_same_batch(self, y: torch.Tensor, step: int) -> None:
+        # Reused tensors belong to the run's batch: new labels mid-run would silently mix samples.
+        labels = self.step_state.store("run").get("labels")
+        if labels is not None and (labels.shape != y.shape or not torch.equal(labels, y)):
+            raise StepError(f"the batch (size or labels) changed inside a sampling run at step {step}; "
+                            "cached tensors belong to the first batch: start a new run at the first step")
+
     def reset(self) -> None:
         self.step, self.timestep = -1, -1
         self.run += 1
@@ -88,9 +95,11 @@ class CompiledModel(nn.Module):
             raise ValueError("sampler_spec has no timesteps")
         self._index = {t: i for i, t in enumerate(timesteps)}
         self.step_state.num_steps = len(timesteps)
+        self._stable_batch = False  # set when a module reuses tensors across steps (a cache)
         for module in self.graph_module.modules():
             if isinstance(module, StepAware):
                 module.bind_step_state(self.step_state)
+                self._stable_batch |= bool(getattr(module, "needs_stable_batch", False))
 
     # Samplers read these off a denoiser.
     @property
@@ -129,10 +138,21 @@ class CompiledModel(nn.Module):
         step = self.step_of(t0)
         if step == 0:
             self.step_state.reset()  # the first step begins a new sampling run
+            if self._stable_batch:
+                self.step_state.store("run")["labels"] = y.detach().clone()
+        elif self._stable_batch:
+            self._check_same_batch(y, step)
         self.step_state.step, self.step_state.timestep = step, t0
         if flat.numel() == 1 and x.shape[0] > 1:
             t = flat.expand(x.shape[0])
         return self.graph_module(x, t, y)
+
+    def _check_same_batch(self, y: torch.Tensor, step: int) -> None:
+        # Reused tensors belong to the run's batch: new labels mid-run would silently mix samples.
+        labels = self.step_state.store("run").get("labels")
+        if labels is not None and (labels.shape != y.shape or not torch.equal(labels, y)):
+            raise StepError(f"the batch (size or labels) changed inside a sampling run at step {step}; "
+                            "cached tensors belong to the first batch: start a new run at the first step")
 
     def reset(self) -> None:
         """Forget the current run (its cached tensors); the next call must be the first step."""

@@ -2,3 +2,6 @@
 from ..pipeline import PASS_REGISTRY, Pass, PassResult, graph_pass, register_pass
 
 __all__ = ["PASS_REGISTRY", "Pass", "PassResult", "graph_pass", "register_pass"]
+from .cache import StepCache  # noqa: E402
+
+__all__ += ["StepCache"]

@@ -1,0 +1,78 @@
+"""Outline a region of a graph into a submodule, and walk graphs nested in such submodules.
+
+Outlining turns the nodes of a region (e.g. a DiT block's attention branch) into a GraphModule of
+their own, called through one ``call_module`` node. A pass can wrap that submodule (a cache lookup
+does), and later passes still see the region's nodes by walking nested graphs.
+
+    before:   x, shift, scale --> norm1 -> modulate -> qkv -> ... -> proj --> gate * . + x
+    after:    x, shift, scale --> [wrapper(region GraphModule)]      --> gate * . + x
+
+Parameters are shared, not copied: the region's ``call_module``/``get_attr`` targets keep their
+original qualified names inside the submodule.
+
+Example:
+    >>> from qc_compiler.capture import capture, find_branch_regions
+    >>> from qc_compiler.models.dit import DiT_models
+    >>> gm = capture(DiT_models["DiT-T/4"](input_size=16, in_channels=1, num_classes=10))
+    >>> node = outline_region(gm, find_branch_regions(gm)[0], "attn0", wrap=lambda sub: sub)
+    >>> node.op, node.target
+    ('call_module', 'attn0')
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterator, Tuple
+
+import torch.fx as fx
+import torch.nn as nn
+
+from .capture import BranchRegion
+from .errors import PassError
+
+__all__ = ["outline_region", "iter_graph_modules"]
+
+
+def outline_region(gm: fx.GraphModule, region: BranchRegion, name: str,
+                   wrap: Callable[[fx.GraphModule], nn.Module], pass_name: str = "outline") -> fx.Node:
+    """Move ``region``'s nodes into a submodule ``name`` (built by ``wrap(region_gm)``); return its call node."""
+    inside = set(region.nodes)
+    for n in region.nodes[:-1]:
+        outside_users = [u for u in n.users if u not in inside]
+        if outside_users:
+            raise PassError(pass_name, f"region {region.qualname} cannot be outlined: {n.name} is also used by "
+                            f"{[u.name for u in outside_users]} outside it", node=n.name)
+    inputs = [a for a in region.inputs() if a.op != "get_attr"]
+    sub = fx.Graph()
+    env: Dict[fx.Node, fx.Node] = {}
+    for a in inputs:
+        env[a] = sub.placeholder(a.name)
+        env[a].meta = dict(a.meta)
+
+    def lookup(a: fx.Node) -> fx.Node:
+        if a not in env:  # a parameter read (export graphs): re-read it inside the submodule
+            env[a] = sub.get_attr(a.target)
+            env[a].meta = dict(a.meta)
+        return env[a]
+
+    for n in region.nodes:
+        env[n] = sub.node_copy(n, lookup)
+    sub.output(env[region.exit])
+    region_gm = fx.GraphModule(gm, sub, class_name="Region")
+    region_gm.meta.update({k: v for k, v in gm.meta.items() if k.startswith("qc.")})
+    gm.add_submodule(name, wrap(region_gm))
+    with gm.graph.inserting_after(region.exit):
+        call = gm.graph.call_module(name, tuple(inputs))
+    call.meta["nn_module_stack"] = dict(region.exit.meta.get("nn_module_stack", {}))
+    region.exit.replace_all_uses_with(call, delete_user_cb=lambda user: user is not call)
+    for n in reversed(region.nodes):
+        gm.graph.erase_node(n)
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return call
+
+
+def iter_graph_modules(module: nn.Module, prefix: str = "") -> Iterator[Tuple[str, fx.GraphModule]]:
+    """``(qualified name, GraphModule)`` for ``module`` and every GraphModule nested in it."""
+    for name, sub in module.named_modules(prefix=prefix):
+        if isinstance(sub, fx.GraphModule):
+            yield name, sub
