@@ -190,7 +190,11 @@ class PassContext:
             raise QCError("this pass needs ctx.sampler to collect data; pass sampler=... to compile()")
         model = CompiledModel(gm, self.sampler.spec(), self.model_info)
         model.step_hooks = list(model.step_hooks) + list(step_hooks)
-        return self.sampler.sample(model, labels, seed=self.seed if seed is None else seed, record=True, progress=progress)
+        try:
+            return self.sampler.sample(model, labels, seed=self.seed if seed is None else seed, record=True,
+                                       progress=progress)
+        finally:
+            model.reset()  # leave no cached tensors or step index behind in the graph's modules
 
 
 class PassManager:

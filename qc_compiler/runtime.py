@@ -52,6 +52,7 @@ class StepState:
                             "cached tensors belong to the first batch: start a new run at the first step")
 
     def reset(self) -> None:
+        """Start over: no current step (step-aware modules then act like the plain graph), empty stores."""
         self.step, self.timestep = -1, -1
         self.run += 1
         self._stores.clear()

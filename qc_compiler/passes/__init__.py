@@ -5,3 +5,6 @@ __all__ = ["PASS_REGISTRY", "Pass", "PassResult", "graph_pass", "register_pass"]
 from .cache import StepCache  # noqa: E402
 
 __all__ += ["StepCache"]
+from .quantize import Quantize  # noqa: E402
+
+__all__ += ["Quantize"]

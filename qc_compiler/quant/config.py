@@ -1,0 +1,94 @@
+"""What to quantize and how: ``LayerQuant`` for one op, ``QuantConfig`` for a model.
+
+Defaults follow METHOD.md section 2: every linear layer in the DiT blocks (qkv, proj, fc1, fc2 and
+the adaLN modulation) and in the final layer, weights per output channel (symmetric, MSE-searched),
+activations per tensor (asymmetric, min-max); norms and softmax stay in float; the two attention
+matmuls are optional. Overrides are ordered ``(pattern, LayerQuant | None)`` pairs; the last match
+wins; ``None`` keeps the op in float. A pattern is a glob over the module path
+(``"blocks.*.mlp.fc2"``) or an op type (``"op:linear"``, ``"op:matmul"``).
+
+Example:
+    >>> cfg = QuantConfig.preset("w8a8").override("final_layer.*", None).override("*.fc2", weight_bits=4)
+    >>> cfg.for_op("blocks.3.mlp.fc2", "linear").weight_bits, cfg.for_op("final_layer.linear", "linear")
+    (4, None)
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Dict, Optional, Tuple
+
+from .observers import OBSERVERS
+from .qparams import check_bits
+
+__all__ = ["LayerQuant", "QuantConfig", "PRESETS"]
+
+
+@dataclass(frozen=True)
+class LayerQuant:
+    """How one op is quantized. Checked when built."""
+
+    weight_bits: int = 8
+    act_bits: int = 8
+    weight_observer: str = "mse"
+    act_observer: str = "minmax"
+
+    def __post_init__(self) -> None:
+        check_bits(self.weight_bits, "weight_bits")
+        check_bits(self.act_bits, "act_bits")
+        for name in (self.weight_observer, self.act_observer):
+            if name not in OBSERVERS:
+                raise ValueError(f"unknown observer {name!r}; known: {sorted(OBSERVERS)}")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    default: LayerQuant = field(default_factory=LayerQuant)
+    include: Tuple[str, ...] = ("blocks.*", "final_layer.*")
+    overrides: Tuple[Tuple[str, Optional[LayerQuant]], ...] = ()
+    attn_matmuls: bool = False
+    act_step_groups: int = 1  # >1: activation ranges per group of consecutive sampling steps
+
+    def __post_init__(self) -> None:
+        if self.act_step_groups < 1:
+            raise ValueError(f"act_step_groups must be >= 1, got {self.act_step_groups}")
+
+    @classmethod
+    def preset(cls, name: str, **kwargs: Any) -> "QuantConfig":
+        key = name.lower()
+        if key not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+        w, a = PRESETS[key]
+        return cls(default=LayerQuant(weight_bits=w, act_bits=a), **kwargs)
+
+    def override(self, pattern: str, spec: Optional[LayerQuant] = ..., **changes: Any) -> "QuantConfig":
+        """A new config with one more override: ``spec`` (None = float), or ``changes`` to the default."""
+        if spec is ...:
+            spec = replace(self.default, **changes)
+        return replace(self, overrides=self.overrides + ((pattern, spec),))
+
+    def for_op(self, path: str, op: str) -> Optional[LayerQuant]:
+        """The LayerQuant for the op at ``path`` of type ``op`` ("linear" or "matmul"), or None (float)."""
+        if op == "matmul" and not self.attn_matmuls:
+            chosen: Optional[LayerQuant] = None
+        else:
+            chosen = self.default if any(fnmatch.fnmatchcase(path, p) for p in self.include) else None
+        for pattern, spec in self.overrides:
+            hit = pattern == f"op:{op}" if pattern.startswith("op:") else fnmatch.fnmatchcase(path, pattern)
+            if hit:
+                chosen = spec
+        return chosen
+
+    def to_json(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d["overrides"] = [[p, s] for p, s in d["overrides"]]
+        return d
+
+    @classmethod
+    def from_json(cls, d: Dict[str, Any]) -> "QuantConfig":
+        return cls(default=LayerQuant(**d["default"]), include=tuple(d["include"]),
+                   overrides=tuple((p, LayerQuant(**s) if s is not None else None) for p, s in d["overrides"]),
+                   attn_matmuls=d["attn_matmuls"], act_step_groups=d["act_step_groups"])
+
+
+PRESETS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4)}
