@@ -138,7 +138,7 @@ class PercentileObserver(_SamplingObserver):
 class MSEObserver(_SamplingObserver):
     """Searches ``ratios`` of the min-max range (clipping both ends alike) for the least fake-quant MSE."""
 
-    def __init__(self, bits, symmetric, axis=None, grid: int = 40, min_ratio: float = 0.3, max_samples: int = 1 << 20):
+    def __init__(self, bits, symmetric, axis=None, grid: int = 100, min_ratio: float = 0.01, max_samples: int = 1 << 20):
         if grid < 1 or not 0 < min_ratio <= 1:
             raise ValueError("grid must be >= 1 and min_ratio in (0, 1]")
         super().__init__(bits, symmetric, axis, max_samples)
