@@ -47,6 +47,10 @@ def test_schedule_in_report_matches_interval_policy():
     info = cm.graph_module.meta["qc.cache"]
     expected = 4 * sum(info["region_flops"]) / (7 * info["block_flops"])
     assert f"{expected:.1%}" in report
+    from qc_compiler.passes.cache import skipped_flops_fraction
+
+    assert skipped_flops_fraction(cm) == pytest.approx(expected)
+    assert skipped_flops_fraction(qc.compile(make_tiny(), sampler=sampler)) == 0.0
 
 
 def test_runs_reset_and_first_step_always_computes():

@@ -43,7 +43,7 @@ from ..pipeline import Pass, PassResult, register_pass
 from ..regions import outline_region
 from ..runtime import StepAware
 
-__all__ = ["StepCache", "CacheLookup", "CachePolicy"]
+__all__ = ["StepCache", "CacheLookup", "CachePolicy", "skipped_flops_fraction"]
 
 POLICIES = ("interval", "static", "adaptive")
 
@@ -120,6 +120,18 @@ class CacheLookup(StepAware, nn.Module):
         if self.index != 0 or self.step_state is None:
             return ""
         return cache_report(self.policy, self.step_state.store("cache").get("computed", {}), self.step_state.num_steps)
+
+
+def skipped_flops_fraction(model) -> float:
+    """Share of block FLOPs a compiled model skipped in its last sampling run (0 without a cache)."""
+    lookups = [m for m in model.modules() if isinstance(m, CacheLookup)]
+    if not lookups or not lookups[0].policy.block_flops:
+        return 0.0
+    policy, state = lookups[0].policy, lookups[0].step_state
+    computed = state.store("cache").get("computed", {})
+    skipped = sum(f for step in range(state.num_steps) for i, f in enumerate(policy.region_flops)
+                  if i not in computed.get(step, set()))
+    return skipped / (policy.block_flops * state.num_steps)
 
 
 def cache_report(policy: CachePolicy, computed: Dict[int, set], num_steps: int) -> str:
