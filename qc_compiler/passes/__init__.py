@@ -8,3 +8,8 @@ __all__ += ["StepCache"]
 from .quantize import Quantize  # noqa: E402
 
 __all__ += ["Quantize"]
+from ..calibration.select import (AgglomerativeCalibration, DBSCANCalibration, KMeansCalibration,  # noqa: E402
+                                  RandomCalibration, TAPCalibration, UniformCalibration)
+
+__all__ += ["UniformCalibration", "RandomCalibration", "KMeansCalibration", "DBSCANCalibration",
+            "AgglomerativeCalibration", "TAPCalibration"]
