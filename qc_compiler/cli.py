@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job on the embedded model: grid, report", parents=[common])
     p.add_argument("--out-dir", type=Path, default=Path("out"))
     p.add_argument("--n", type=_positive, default=200, help="samples for the quality table")
+    p.add_argument("--steps", type=_positive, default=50)
+    p.add_argument("--rows", type=_positive, default=6, help="grid rows (samples of each digit)")
     p.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -185,7 +187,7 @@ def cmd_eval(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(out_dir=args.out_dir, n_eval=args.n, seed=args.seed)
+    run_demo(out_dir=args.out_dir, n_eval=args.n, seed=args.seed, steps=args.steps, rows=args.rows)
     return 0
 
 

@@ -46,28 +46,28 @@ def format_table(rows: List[Dict]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out_dir="out", n_eval: int = 200, seed: int = 0) -> List[Dict]:
+def run_demo(out_dir="out", n_eval: int = 200, seed: int = 0, steps: int = STEPS, rows: int = ROWS) -> List[Dict]:
     """Grid to ``out_dir/grid.png``, metrics to ``out_dir/demo.json``; returns the table rows."""
     from .eval import evaluate
 
     out_dir = Path(out_dir)
     model = load_model("dit-mnist")
-    sampler = DDPM(steps=STEPS, cfg_scale=CFG)
+    sampler = DDPM(steps=steps, cfg_scale=CFG)
     variants = {"FP32 eager": model, "FP32 compiled": qc_compile(model, passes=[], sampler=sampler)}
-    grid_labels = [c for _ in range(ROWS) for c in range(model.num_classes)]
+    grid_labels = [c for _ in range(rows) for c in range(model.num_classes)]
     grid, _ = _timed_samples(variants["FP32 compiled"], sampler, grid_labels, seed)
     save_grid(grid, out_dir / "grid.png", nrow=model.num_classes, col_labels=[str(c) for c in range(model.num_classes)])
-    print(f"wrote {out_dir / 'grid.png'}: {ROWS} samples of each digit, DDPM {STEPS} steps, cfg {CFG}")
+    print(f"wrote {out_dir / 'grid.png'}: {rows} samples of each digit, DDPM {steps} steps, cfg {CFG}")
 
     labels = [i % model.num_classes for i in range(n_eval)]
-    rows, base = [], None
+    table, base = [], None
     for name, m in variants.items():
         images, seconds = _timed_samples(m, sampler, labels, seed)
         base = base or seconds
         scores = evaluate(images, torch.tensor(labels))
-        rows.append({"variant": name, "sec_per_sample": seconds / n_eval, "speedup": base / seconds, **scores})
+        table.append({"variant": name, "sec_per_sample": seconds / n_eval, "speedup": base / seconds, **scores})
     print(f"\n{n_eval} samples per variant, same seeds; speed is measured wall clock against FP32 eager "
           f"({torch.get_num_threads()} threads):")
-    print(format_table(rows))
-    save_json({"steps": STEPS, "cfg": CFG, "n": n_eval, "seed": seed, "rows": rows}, out_dir / "demo.json")
-    return rows
+    print(format_table(table))
+    save_json({"steps": steps, "cfg": CFG, "n": n_eval, "seed": seed, "rows": table}, out_dir / "demo.json")
+    return table

@@ -89,7 +89,8 @@ class CompiledModel(nn.Module):
         self.model_info = dict(model_info)
         self.records = list(records)
         self.build = build or {}  # what save() needs to rebuild: config, passes, fitted, backend, weights
-        self.step_hooks: List[Callable] = []
+        # Sample-space corrections (e.g. VC's "sample" placement) that passes attached to the graph.
+        self.step_hooks: List[Callable] = list(getattr(graph_module, "meta", {}).get("qc.sample_hooks", []))
         self.step_state = StepState()
         timesteps = [int(t) for t in self.sampler_spec.get("timesteps", [])]
         if not timesteps:

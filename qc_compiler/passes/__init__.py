@@ -13,3 +13,6 @@ from ..calibration.select import (AgglomerativeCalibration, DBSCANCalibration, K
 
 __all__ += ["UniformCalibration", "RandomCalibration", "KMeansCalibration", "DBSCANCalibration",
             "AgglomerativeCalibration", "TAPCalibration"]
+from .vc import VarianceCompensation  # noqa: E402
+
+__all__ += ["VarianceCompensation"]

@@ -1,0 +1,205 @@
+"""``VarianceCompensation``: per-step, per-channel rescale nodes that undo variance drift (METHOD.md 5).
+
+Quantization plus caching widens the per-sample variance of x_t late in sampling while its mean
+stays put. VC rescales around the per-sample, per-channel mean:
+
+    x_tilde = mu + K[step, c] * (x_hat - mu),   mu = spatial mean of x_hat per sample and channel
+
+K (steps x channels) is fitted offline, training-free, from paired trajectories that start from the
+same noise and labels: the FP graph without cache gives x', the current (quantized, cached) graph
+gives x_hat. It is fitted step by step with the earlier factors already applied, using the exact
+minimiser of rQNSR(x_tilde, x')^2 + MSE(x_tilde, x') (``form="exact"``), or the paper's printed
+form (``form="paper"``); 1/x' terms are masked where |x'| < ``mask_eps``.
+
+Two placements:
+- ``eps``: a rescale node on the model's predicted-noise channels, inside the graph (the learned-sigma
+  channels are left alone), so any denoiser loop gets it:
+
+      x, t, y --> [ DiT graph ] --> out --> VCRescale(K[step]) on out[:, :C] --> out
+
+- ``sample`` (the paper's): a step hook on x_t after each sampler update, carried by the compiled
+  model in ``step_hooks`` (our samplers run them).
+
+Example:
+    >>> import qc_compiler as qc                                               # doctest: +SKIP
+    >>> passes = [qc.passes.StepCache(interval=2), qc.passes.TAPCalibration(), qc.passes.Quantize(),
+    ...           qc.passes.VarianceCompensation(placement="sample")]
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..errors import CalibrationError, PassError
+from ..pipeline import Pass, PassResult, register_pass
+from ..runtime import CompiledModel, StepAware
+
+__all__ = ["VarianceCompensation", "VCRescale", "VCSampleHook", "fit_k", "apply_k"]
+
+PLACEMENTS = ("eps", "sample")
+FORMS = ("exact", "paper")
+
+
+def apply_k(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """mu + K (x - mu) per sample and channel. x: (N, C, H, W), k: (C,)."""
+    mu = x.mean(dim=(2, 3), keepdim=True)
+    return mu + k.view(1, -1, 1, 1).to(x.dtype) * (x - mu)
+
+
+def fit_k(x_hat: torch.Tensor, x_ref: torch.Tensor, form: str = "exact", mask_eps: float = 1e-3) -> torch.Tensor:
+    """Closed-form K per channel minimising mean(((x~ - x')/x')^2) + mean((x~ - x')^2). Shapes (N, C, H, W).
+
+    exact: K = [sum d (x'-mu) + sum d (x'-mu) / x'^2] / [sum d^2 + sum d^2 / x'^2],  d = x_hat - mu
+    paper: the second numerator term is sum d / x' (as printed; equal to exact when mu = 0).
+    Sums run over batch and spatial positions of one channel; 1/x' terms are masked where |x'| < mask_eps.
+    """
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    x_hat, x_ref = x_hat.double(), x_ref.double()
+    mu = x_hat.mean(dim=(2, 3), keepdim=True)
+    d, r = x_hat - mu, x_ref - mu
+    inv = torch.where(x_ref.abs() >= mask_eps, 1.0 / x_ref, torch.zeros_like(x_ref))
+    dims = (0, 2, 3)
+    second = (d * r * inv ** 2).sum(dims) if form == "exact" else (d * inv).sum(dims)
+    num = (d * r).sum(dims) + second
+    den = (d * d).sum(dims) + (d * d * inv ** 2).sum(dims)
+    k = torch.where(den > 0, num / den.clamp_min(1e-30), torch.ones_like(den))
+    return k.float()
+
+
+class _KTable(StepAware, nn.Module):
+    """A (steps x channels) K table read at the current step; fits itself when given targets."""
+
+    def __init__(self, num_steps: int, channels: int, form: str, mask_eps: float):
+        super().__init__()
+        self.register_buffer("k", torch.ones(num_steps, channels))
+        self.form, self.mask_eps = form, mask_eps
+        self.targets: Optional[List[torch.Tensor]] = None  # per step, while fitting
+
+    def rescale(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        if self.targets is not None:  # fitting: K for this step from this step's (already corrected) input
+            self.k[step] = fit_k(x, self.targets[step].to(x.device), self.form, self.mask_eps)
+        return apply_k(x, self.k[step])
+
+    def report_section(self) -> str:
+        dev = (self.k - 1).abs().mean(dim=1)
+        worst = int(dev.argmax())
+        steps = ", ".join(f"{i}:{float(dev[i]):.3f}" for i in range(0, len(dev), max(1, len(dev) // 10)))
+        return (f"variance compensation ({type(self).__name__}): mean |K-1| per step {steps}; "
+                f"largest at step {worst} ({float(dev[worst]):.3f})")
+
+
+class VCRescale(_KTable):
+    """Graph node: rescales the predicted-noise channels of the model output at the current step."""
+
+    def __init__(self, num_steps: int, channels: int, form: str, mask_eps: float):
+        super().__init__(num_steps, channels, form, mask_eps)
+        self.channels = channels
+
+    def forward(self, out: torch.Tensor) -> torch.Tensor:
+        state = self.step_state
+        if state is None or state.step < 0:
+            return out
+        eps = self.rescale(out[:, : self.channels], state.step)
+        return torch.cat([eps, out[:, self.channels:]], dim=1)  # learned-sigma channels untouched
+
+
+class VCSampleHook(_KTable):
+    """Sampler step hook: rescales x_t after the update of step ``step`` (the paper's placement)."""
+
+    def __call__(self, step: int, t: int, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.rescale(x, step)
+
+
+@register_pass
+class VarianceCompensation(Pass):
+    """Fit K from paired FP / current trajectories and insert the rescale (see module docstring)."""
+
+    name = "variance_compensation"
+    requires = frozenset({"calibration_set"})
+    provides = frozenset({"vc"})
+
+    def __init__(self, placement: str = "eps", form: str = "exact", batch: int = 32, mask_eps: float = 1e-3):
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+        if batch < 2:
+            raise ValueError(f"batch must be >= 2 (variances need samples), got {batch}")
+        self.placement, self.form, self.batch, self.mask_eps = placement, form, int(batch), float(mask_eps)
+
+    def options(self) -> Dict[str, Any]:
+        return {"placement": self.placement, "form": self.form, "batch": self.batch, "mask_eps": self.mask_eps}
+
+    def run(self, gm: fx.GraphModule, ctx) -> PassResult:
+        if ctx.sampler is None or ctx.reference is None:
+            raise PassError(self.name, "needs ctx.sampler and the FP reference graph for paired trajectories")
+        steps, channels = ctx.sampler.steps, int(ctx.model_info.get("in_channels", 0))
+        if channels < 1:
+            raise PassError(self.name, "the model does not say its in_channels")
+        table = (VCRescale if self.placement == "eps" else VCSampleHook)(steps, channels, self.form, self.mask_eps)
+        if self.placement == "eps":
+            _append_output_node(gm, "vc_rescale", table)
+        else:
+            gm.add_submodule("vc_sample_hook", table)  # for the report and the state dict
+            gm.meta.setdefault("qc.sample_hooks", []).append(table)  # what CompiledModel runs
+        key = f"vc.{self.placement}.K"
+        if key in ctx.fitted:
+            table.k.copy_(ctx.fitted[key])
+        else:
+            table.targets = self._reference_targets(ctx)
+            try:
+                self._run_current(gm, ctx, table)
+            finally:
+                table.targets = None
+            ctx.fitted[key] = table.k.detach().clone()
+        ctx.artifacts["vc"] = {"placement": self.placement, "form": self.form}
+        dev = float((table.k - 1).abs().mean())
+        return PassResult(gm, modified=True, notes=f"{self.placement} placement, {self.form} form, mean |K-1| {dev:.4f}")
+
+    # --- paired trajectories ----------------------------------------------------------------------
+    def _labels(self, ctx) -> List[int]:
+        pool = ctx.artifacts.get("calibration_set")
+        if pool is None or len(pool) == 0:
+            raise CalibrationError("variance compensation needs a non-empty calibration_set for its labels")
+        labels = pool.y.tolist()
+        return [labels[i % len(labels)] for i in range(self.batch)]
+
+    def _reference_targets(self, ctx) -> List[torch.Tensor]:
+        """Per step: the FP model's raw output on its own trajectory (eps), or x_t after the update (sample)."""
+        reference = CompiledModel(ctx.reference, ctx.sampler.spec(), ctx.model_info)
+        outputs: List[torch.Tensor] = []
+        handle = reference.register_forward_hook(lambda m, a, o: outputs.append(o.detach()))
+        try:
+            traj = ctx.sampler.sample(reference, self._labels(ctx), seed=ctx.seed, record=True)
+        finally:
+            handle.remove()
+        if self.placement == "eps":
+            return [o[:, : int(ctx.model_info["in_channels"])] for o in outputs]
+        after = [r.x_t for r in traj.steps[1:]] + [traj.samples]
+        return after
+
+    def _run_current(self, gm: fx.GraphModule, ctx, table: _KTable) -> None:
+        """One pass of the current graph; each step fits its K on inputs already corrected before it."""
+        current = CompiledModel(gm, ctx.sampler.spec(), ctx.model_info)  # carries the sample hook, if any
+        try:
+            ctx.sampler.sample(current, self._labels(ctx), seed=ctx.seed)
+        finally:
+            current.reset()
+
+
+def _append_output_node(gm: fx.GraphModule, name: str, module: nn.Module) -> None:
+    gm.add_submodule(name, module)
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    value = output.args[0]
+    if isinstance(value, (tuple, list)):
+        if len(value) != 1:
+            raise PassError("variance_compensation", f"expected one model output, got {len(value)}")
+        value = value[0]
+    with gm.graph.inserting_before(output):
+        node = gm.graph.call_module(name, (value,))
+    output.args = (node,) if not isinstance(output.args[0], (tuple, list)) else ((node,),)
+    gm.recompile()  # the fit runs this graph before the pass manager recompiles it
