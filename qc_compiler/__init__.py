@@ -7,7 +7,7 @@ Example:
     >>> qc.DDPM(steps=5).sample(fast, labels=[3], seed=0).shape
     torch.Size([1, 1, 16, 16])
 """
-from . import backends, passes  # noqa: F401  (importing them registers passes and backends)
+from . import backends, passes, presets  # noqa: F401  (importing them registers passes and backends)
 from .api import compile, load_compiled, load_model
 from .capture import CaptureError, capture
 from .diffusion import DDIM, DDPM
