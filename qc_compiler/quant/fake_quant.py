@@ -33,9 +33,22 @@ from .config import LayerQuant
 from .observers import make_observer
 from .qparams import QParams, fake_quantize
 
-__all__ = ["QuantLinear", "ActQuant", "FAKE_QUANT_MODULES"]
+__all__ = ["QuantLinear", "ActQuant", "FAKE_QUANT_MODULES", "step_group"]
 
 MODES = ("observe", "quant", "compare", "float")
+
+
+def step_group(step_state, calib_step: Optional[int], num_groups: int, num_steps: int) -> int:
+    """Which activation-range slot to use: the step's group, or the all-steps slot (``num_groups``)
+    when no step is known (outside a compiled model's sampling run)."""
+    step = calib_step
+    if step is None and step_state is not None and step_state.step >= 0:
+        step = step_state.step
+    if step is None:
+        return num_groups
+    if num_groups == 1:
+        return 0
+    return min(num_groups - 1, step * num_groups // max(1, num_steps))
 
 
 class _ActRanges(StepAware, nn.Module):
@@ -54,12 +67,7 @@ class _ActRanges(StepAware, nn.Module):
         self.err_sq, self.ref_sq = 0.0, 0.0
 
     def group(self) -> int:
-        step = self.calib_step
-        if step is None and self.step_state is not None and self.step_state.step >= 0:
-            step = self.step_state.step
-        if step is None or self.num_groups == 1:
-            return self.num_groups if step is None else 0
-        return min(self.num_groups - 1, step * self.num_groups // self.num_steps)
+        return step_group(self.step_state, self.calib_step, self.num_groups, self.num_steps)
 
     def observe(self, x: torch.Tensor) -> None:
         self.observers[self.num_groups].update(x)

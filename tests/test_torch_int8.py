@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+import qc_compiler as qc
+from qc_compiler.backends.torch_int8 import KERNELS, Int8Linear, default_kernel
+from qc_compiler.passes import Quantize, StepCache, UniformCalibration, VarianceCompensation
+from qc_compiler.quant import QuantConfig, QuantLinear
+from conftest import make_tiny
+
+PASSES = lambda bits="w8a8", groups=1: [UniformCalibration(size=24, pool_labels=4),  # noqa: E731
+                                        Quantize(config=QuantConfig.preset(bits, act_step_groups=groups))]
+
+
+def pairs(fq, i8):
+    a = {m.path: m for m in fq.graph_module.modules() if isinstance(m, QuantLinear)}
+    b = {m.path: m for m in i8.graph_module.modules() if isinstance(m, Int8Linear)}
+    assert a.keys() == b.keys() and len(a) == 12
+    return [(a[k], b[k]) for k in a]
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+@pytest.mark.parametrize("bits", ["w8a8", "w4a8", "w4a4"])
+def test_each_int8_layer_matches_its_fake_quant_layer(kernel, bits, monkeypatch):
+    monkeypatch.setenv("QC_INT8_KERNEL", kernel)
+    model, sampler = make_tiny(), qc.DDPM(steps=3)
+    fq = qc.compile(model, passes=PASSES(bits), sampler=sampler, backend="fakequant")
+    i8 = qc.compile(model, passes=PASSES(bits), sampler=sampler, backend="torch")
+    torch.manual_seed(0)
+    for q, lowered in pairs(fq, i8):
+        assert lowered.kernel == kernel and lowered.w_int8.dtype == torch.int8
+        x = torch.randn(3, 16, q.weight.shape[1]) * 2
+        ref, out = q(x), lowered(x)
+        # One quantization step of the output: the error of one activation code times the weights.
+        step = float(q.a_scale[-1]) * float(q.weight.detach().abs().sum(dim=1).max())
+        assert (out - ref).abs().max() <= 1e-3 * step + 1e-5
+
+
+def test_int8_samples_match_fake_quant_with_cache_and_vc():
+    model, sampler = make_tiny(), qc.DDPM(steps=5, cfg_scale=1.5)
+    passes = lambda: [StepCache(interval=2)] + PASSES() + [VarianceCompensation(batch=4)]  # noqa: E731
+    fq = qc.compile(model, passes=passes(), sampler=sampler, backend="fakequant")
+    i8 = qc.compile(model, passes=passes(), sampler=sampler, backend="torch")
+    a, b = sampler.sample(fq, [1, 2, 3], seed=0), sampler.sample(i8, [1, 2, 3], seed=0)
+    assert float((a - b).norm() / a.norm()) < 1e-4
+    assert "INT8" in i8.report()
+
+
+def test_per_step_groups_pick_the_right_scale():
+    sampler = qc.DDPM(steps=4)
+    i8 = qc.compile(make_tiny(), passes=PASSES(groups=2), sampler=sampler, backend="torch")
+    fq = qc.compile(make_tiny(), passes=PASSES(groups=2), sampler=sampler, backend="fakequant")
+    assert torch.allclose(sampler.sample(i8, [5], seed=1), sampler.sample(fq, [5], seed=1), atol=1e-4)
+    layer = next(m for m in i8.graph_module.modules() if isinstance(m, Int8Linear))
+    assert layer.a_scale.shape == (3,) and layer.a_scale[0] != layer.a_scale[1]
+
+
+def test_default_kernel_and_override(monkeypatch):
+    monkeypatch.delenv("QC_INT8_KERNEL", raising=False)
+    assert default_kernel(torch.device("cuda")) == "int_mm"
+    assert default_kernel(torch.device("cpu")) in KERNELS
+    monkeypatch.setenv("QC_INT8_KERNEL", "nope")
+    with pytest.raises(ValueError, match="QC_INT8_KERNEL"):
+        default_kernel(torch.device("cpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_int_mm_matches_fake_quant():
+    model, sampler = make_tiny(), qc.DDPM(steps=3)
+    fq = qc.compile(model, passes=PASSES(), sampler=sampler, backend="fakequant")
+    i8 = qc.compile(model.cuda(), passes=PASSES(), sampler=sampler, backend="torch")
+    for q, lowered in pairs(fq, i8):
+        x = torch.randn(64, q.weight.shape[1])
+        torch.testing.assert_close(lowered(x.cuda()).cpu(), q(x), rtol=1e-3, atol=1e-3)
