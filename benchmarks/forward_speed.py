@@ -1,0 +1,149 @@
+"""Per-forward and end-to-end speed of our INT8 lowering against the float and INT8 baselines, in one run.
+
+    python benchmarks/forward_speed.py --models DiT-S/2,DiT-B/2,dit-mnist --batch 8 --threads 2
+
+Rows (each with its output error against eager FP32 on the same inputs):
+- PyTorch eager FP32, and eager bf16 autocast (this CPU has AVX512-BF16: the best float path);
+- onnxruntime FP32 on a plain FP32 ONNX export, and onnxruntime's own ``quantize_dynamic`` and
+  ``quantize_static`` (QDQ, MinMax on a few inputs) applied to that export;
+- torch.ao dynamic INT8 (``quantize_dynamic`` on nn.Linear);
+- ours: W8A8 (uniform calibration, 2 sampling runs of pool) lowered to INT8 kernels.
+End-to-end: 50-step DDPM sampling for eager FP32, ours INT8, and ours INT8 + cache (interval 2).
+DiT-S/2 and DiT-B/2 use random weights (adaLN re-initialised so every block matters), 4x32x32.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import qc_compiler as qc
+from qc_compiler.passes import Quantize, StepCache, UniformCalibration
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="DiT-S/2,DiT-B/2,dit-mnist")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end sampling rows")
+    return p.parse_args(argv)
+
+
+def build(name):
+    if name == "dit-mnist":
+        return qc.load_model(name)
+    torch.manual_seed(0)
+    model = qc.load_model(name, input_size=32, in_channels=4, num_classes=1000)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "adaLN_modulation" in pname or "final_layer.linear" in pname:
+                p.normal_(0, 0.02)
+    return model.eval()
+
+
+def median_time(fn, repeats):
+    fn()  # warm-up (and oneDNN prepacking)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def rel_err(out, ref):
+    out = torch.as_tensor(np.asarray(out)) if not torch.is_tensor(out) else out
+    return float((out.float() - ref).norm() / ref.norm())
+
+
+def ort_rows(model, inputs, ref, threads, repeats):
+    """onnxruntime FP32, quantize_dynamic and quantize_static on a plain FP32 export."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_dynamic, quantize_static
+
+    tmp = Path(tempfile.mkdtemp())
+    names = ["x", "t", "y"]
+    torch.onnx.export(model, inputs, tmp / "fp32.onnx", dynamo=False, input_names=names, output_names=["out"],
+                      dynamic_axes={n: {0: "batch"} for n in names + ["out"]}, opset_version=17)
+    feed = {n: v.numpy() for n, v in zip(names, inputs)}
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([feed, {**feed, "x": np.random.randn(*feed["x"].shape).astype(np.float32)}])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    quantize_dynamic(tmp / "fp32.onnx", tmp / "dyn.onnx", weight_type=QuantType.QInt8)
+    quantize_static(tmp / "fp32.onnx", tmp / "static.onnx", Reader(), weight_type=QuantType.QInt8,
+                    activation_type=QuantType.QUInt8, per_channel=True)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    rows = []
+    for label, f in (("onnxruntime FP32", "fp32"), ("onnxruntime quantize_dynamic", "dyn"),
+                     ("onnxruntime quantize_static (QDQ)", "static")):
+        sess = ort.InferenceSession(str(tmp / f"{f}.onnx"), opts, providers=["CPUExecutionProvider"])
+        out = sess.run(None, feed)[0]
+        rows.append((label, median_time(lambda: sess.run(None, feed), repeats), rel_err(out, ref)))
+    return rows
+
+
+def main(args):
+    torch.set_num_threads(args.threads)
+    for name in args.models.split(","):
+        model = build(name)
+        b = args.batch
+        inputs = (torch.randn(b, model.in_channels, model.input_size, model.input_size),
+                  torch.full((b,), 500, dtype=torch.long), torch.arange(b) % model.num_classes)
+        with torch.no_grad():
+            ref = model(*inputs)
+            sampler = qc.DDPM(steps=args.steps, cfg_scale=1.0)
+            ours = qc.compile(model, passes=[UniformCalibration(size=64, pool_labels=2), Quantize(preset="w8a8")],
+                              sampler=sampler)
+            ours_cache = qc.compile(model, passes=[StepCache(interval=2), UniformCalibration(size=64, pool_labels=2),
+                                                   Quantize(preset="w8a8")], sampler=sampler)
+            dyn = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+            ours.reset()
+
+            def bf16():
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    return model(*inputs)
+
+            rows = [("PyTorch eager FP32", median_time(lambda: model(*inputs), args.repeats), 0.0),
+                    ("PyTorch eager bf16 autocast", median_time(bf16, args.repeats), rel_err(bf16(), ref)),
+                    ("torch.ao dynamic INT8", median_time(lambda: dyn(*inputs), args.repeats), rel_err(dyn(*inputs), ref))]
+            try:
+                rows += ort_rows(model, inputs, ref, args.threads, args.repeats)
+            except Exception as e:  # report, don't hide: the row says why it is missing
+                rows.append((f"onnxruntime rows failed: {type(e).__name__}: {str(e)[:80]}", float("nan"), float("nan")))
+            rows.append(("ours W8A8 torch INT8", median_time(lambda: ours.graph_module(*inputs), args.repeats),
+                         rel_err(ours.graph_module(*inputs), ref)))
+        base = rows[0][1]
+        ort_fp32 = next((r[1] for r in rows if r[0] == "onnxruntime FP32"), float("nan"))
+        print(f"\n### {name}, per forward, batch {b}, {args.threads} threads\n")
+        print("| row | median ms | vs eager FP32 | vs ORT FP32 | rel. error vs FP32 |\n|---|---|---|---|---|")
+        for label, sec, err in rows:
+            print(f"| {label} | {sec * 1e3:.1f} | {base / sec:.2f}x | {ort_fp32 / sec:.2f}x | {err:.4f} |", flush=True)
+        if args.no_e2e:
+            continue
+        labels = list(range(b))
+        e2e = [("eager FP32", model), ("ours INT8", ours), ("ours INT8 + cache interval 2", ours_cache)]
+        print(f"\n{name}, end to end, {args.steps} DDPM steps, batch {b}:\n")
+        print("| row | s / run | vs eager FP32 |\n|---|---|---|")
+        base_e2e = None
+        for label, m in e2e:
+            sec = median_time(lambda: sampler.sample(m, labels, seed=0), max(1, args.repeats // 3))
+            base_e2e = base_e2e or sec
+            print(f"| {label} | {sec:.2f} | {base_e2e / sec:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main(parse_args())
