@@ -63,6 +63,18 @@ def test_tap_recovers_known_clusters():
     assert np.bincount(truth[chosen], minlength=10).min() >= 3  # every true cluster is represented
 
 
+def test_tap_with_capped_landmarks_still_recovers_clusters(monkeypatch):
+    import qc_compiler.calibration.tap as tap
+
+    seen = []
+    real = tap.tap_embedding
+    monkeypatch.setattr(tap, "tap_embedding", lambda xn, s, a, n, *rest: seen.append(n) or real(xn, s, a, n, *rest))
+    x, steps, truth = clustered_pool()
+    labels = tap_clusters(x, steps, clusters=10, seed=0, max_landmarks=30)
+    assert set(seen) == {30}  # N/20 = 100 landmarks, capped at 30
+    assert adjusted_rand_score(truth, labels) > 0.9
+
+
 def test_tap_temporal_term_separates_identical_features_at_distant_steps():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(600, 64)).astype(np.float32)  # one feature distribution...

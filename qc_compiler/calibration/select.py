@@ -149,9 +149,10 @@ def select_agglomerative(features: np.ndarray, steps: np.ndarray, size: int, see
 @register_selector("tap")
 def select_tap(features: np.ndarray, steps: np.ndarray, size: int, seed: int, clusters: int = 100,
                alpha: float = 0.5, rounds: int = 3, landmark_ratio: float = 1 / 20,
-               embed_dim: Optional[int] = None, n_jobs: int = 3) -> np.ndarray:
+               embed_dim: Optional[int] = None, n_jobs: int = 3, max_landmarks: Optional[int] = None) -> np.ndarray:
     """TAP (METHOD.md section 4): cluster with :func:`~.tap.tap_clusters`, then draw 3..10 per cluster."""
-    labels = tap_clusters(features, steps, clusters, alpha, rounds, landmark_ratio, embed_dim, seed, n_jobs)
+    labels = tap_clusters(features, steps, clusters, alpha, rounds, landmark_ratio, embed_dim, seed, n_jobs,
+                          max_landmarks)
     return draw_per_cluster(labels, _positive("size", size), seed)
 
 
@@ -330,13 +331,17 @@ class TAPCalibration(CalibrationSelector):
 
     def __init__(self, size: int = 800, pool_labels: int = 32, seed: int = 0, batch: int = 32, clusters: int = 100,
                  alpha: float = 0.5, rounds: int = 3, landmark_ratio: float = 1 / 20,
-                 embed_dim: Optional[int] = None, n_jobs: int = 3):
+                 embed_dim: Optional[int] = None, n_jobs: int = 3, max_landmarks: Optional[int] = None):
         super().__init__(size, pool_labels, seed, batch)
         check_tap_options(clusters, alpha, rounds, landmark_ratio, embed_dim, n_jobs)
+        if max_landmarks is not None and int(max_landmarks) < 2:
+            raise ValueError(f"max_landmarks must be >= 2 or None, got {max_landmarks}")
+        self.max_landmarks = None if max_landmarks is None else int(max_landmarks)
         self.clusters, self.alpha, self.rounds = int(clusters), float(alpha), int(rounds)
         self.landmark_ratio, self.n_jobs = float(landmark_ratio), int(n_jobs)
         self.embed_dim = None if embed_dim is None else int(embed_dim)
 
     def selector_options(self):
         return {"clusters": self.clusters, "alpha": self.alpha, "rounds": self.rounds,
-                "landmark_ratio": self.landmark_ratio, "embed_dim": self.embed_dim, "n_jobs": self.n_jobs}
+                "landmark_ratio": self.landmark_ratio, "embed_dim": self.embed_dim, "n_jobs": self.n_jobs,
+                "max_landmarks": self.max_landmarks}

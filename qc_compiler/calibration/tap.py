@@ -124,8 +124,11 @@ def tap_embedding(xn: np.ndarray, s: np.ndarray, alpha: float, n_landmarks: int,
 
 def tap_clusters(features: np.ndarray, steps: np.ndarray, clusters: int = 100, alpha: float = 0.5,
                  rounds: int = 3, landmark_ratio: float = 1 / 20, embed_dim: Optional[int] = None,
-                 seed: int = 0, n_jobs: int = 3) -> np.ndarray:
+                 seed: int = 0, n_jobs: int = 3, max_landmarks: Optional[int] = None) -> np.ndarray:
     """Cluster labels (N,) from TAP's parallel landmark spectral rounds and one final k-means.
+
+    With n = N/20 landmarks (the paper's) the affinity costs N * N/20: quadratic with a small
+    constant. ``max_landmarks`` caps n, which makes the cost linear in N for large pools.
 
     ``steps`` are step indices 0..S-1 (not raw timesteps; METHOD.md 4.1). ``clusters`` is capped at
     N; ``embed_dim`` (the SVD rank k) defaults to ``clusters`` and is capped at n - 1 landmarks.
@@ -138,6 +141,8 @@ def tap_clusters(features: np.ndarray, steps: np.ndarray, clusters: int = 100, a
         return np.zeros(n_items, dtype=np.int64)
     k = int(embed_dim) if embed_dim is not None else clusters
     n_landmarks = min(n_items, max(k + 1, int(round(n_items * landmark_ratio))))
+    if max_landmarks is not None:
+        n_landmarks = min(n_landmarks, max(k + 1, int(max_landmarks)))
     k = max(1, min(k, n_landmarks - 1))
     xn, s = l2_normalize(x), np.asarray(steps)
     round_seqs = np.random.SeedSequence(seed).spawn(int(rounds) + 1)
