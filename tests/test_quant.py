@@ -131,7 +131,7 @@ def quant_modules(cm):
 @pytest.mark.parametrize("mode", ["fx", "export"])
 def test_insertion_counts_and_small_w8a8_error(mode):
     model, sampler = make_tiny(fused_attn=False), qc.DDPM(steps=4, cfg_scale=1.5)
-    cm = qc.compile(model, passes=[PoolAll(), Quantize(8, 8)], sampler=sampler, capture_mode=mode)
+    cm = qc.compile(model, passes=[PoolAll(), Quantize(8, 8)], sampler=sampler, capture_mode=mode, backend="fakequant")
     mods = quant_modules(cm)
     # per block: adaLN, qkv, proj, fc1, fc2 (x2 blocks) + final adaLN + final linear; t_embedder stays float
     assert len(mods) == 12 and all(isinstance(m, QuantLinear) for m in mods)
@@ -147,18 +147,18 @@ def test_w4_has_more_error_than_w8_and_overrides_apply():
     ref = sampler.sample(model, [3], seed=0)
     errs = {}
     for bits in (8, 4):
-        cm = qc.compile(model, passes=[PoolAll(), Quantize(weight_bits=bits, act_bits=8)], sampler=sampler)
+        cm = qc.compile(model, passes=[PoolAll(), Quantize(weight_bits=bits, act_bits=8)], sampler=sampler, backend="fakequant")
         errs[bits] = float((sampler.sample(cm, [3], seed=0) - ref).norm() / ref.norm())
     assert errs[4] > 2 * errs[8]
     cfg = QuantConfig.preset("w8a8", attn_matmuls=True).override("final_layer.*", None).override("*.fc2", weight_bits=4)
-    cm = qc.compile(make_tiny(fused_attn=False), passes=[PoolAll(), Quantize(config=cfg)], sampler=sampler)
+    cm = qc.compile(make_tiny(fused_attn=False), passes=[PoolAll(), Quantize(config=cfg)], sampler=sampler, backend="fakequant")
     by_path = {m.path: m for m in quant_modules(cm)}
     assert "final_layer.linear" not in by_path and by_path["blocks.0.mlp.fc2"].spec.weight_bits == 4
     assert sum(isinstance(m, ActQuant) for m in by_path.values()) == 8  # 2 matmuls x 2 operands x 2 blocks
 
 
 def test_fake_quant_module_matches_the_reference_math():
-    cm = qc.compile(make_tiny(), passes=[PoolAll(), Quantize(8, 8)], sampler=qc.DDPM(steps=3))
+    cm = qc.compile(make_tiny(), passes=[PoolAll(), Quantize(8, 8)], sampler=qc.DDPM(steps=3), backend="fakequant")
     m = next(m for m in quant_modules(cm) if m.path == "blocks.0.mlp.fc1")
     x = torch.randn(2, 16, 64) * 3
     aq = qparams_from_range(m.a_lo[-1], m.a_hi[-1], 8, symmetric=False)
@@ -187,7 +187,7 @@ def test_nan_calibration_data_is_a_clear_error():
 def test_quantize_inside_cache_regions_and_per_step_groups():
     sampler = qc.DDPM(steps=6)
     cfg = QuantConfig.preset("w8a8", act_step_groups=3)
-    cm = qc.compile(make_tiny(), passes=[StepCache(interval=2), PoolAll(), Quantize(config=cfg)], sampler=sampler)
+    cm = qc.compile(make_tiny(), passes=[StepCache(interval=2), PoolAll(), Quantize(config=cfg)], sampler=sampler, backend="fakequant")
     mods = {m.path: m for m in quant_modules(cm)}
     assert len(mods) == 12  # the linears inside the outlined cache regions were found too
     qkv = mods["blocks.0.attn.qkv"]
@@ -200,7 +200,7 @@ def test_quantize_inside_cache_regions_and_per_step_groups():
 
 def test_save_load_keeps_qparams_without_recalibrating(tmp_path, monkeypatch):
     sampler = qc.DDPM(steps=3)
-    cm = qc.compile(make_tiny(), passes=[PoolAll(), Quantize(weight_bits=4, act_bits=8)], sampler=sampler)
+    cm = qc.compile(make_tiny(), passes=[PoolAll(), Quantize(weight_bits=4, act_bits=8)], sampler=sampler, backend="fakequant")
     cm.save(tmp_path / "m")
     monkeypatch.setattr(Quantize, "_calibrate", lambda *a: (_ for _ in ()).throw(AssertionError("recalibrated")))
     loaded = qc.load_compiled(tmp_path / "m")

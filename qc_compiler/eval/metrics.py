@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Tuple
 
 import numpy as np
@@ -56,21 +57,35 @@ def gaussian_stats(features: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return f.mean(axis=0), np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1])
 
 
+def _sqrtm(a: np.ndarray) -> np.ndarray:
+    with warnings.catch_warnings():
+        # Rank-deficient covariances (fewer samples than dimensions, dead features) are the normal
+        # case for sFID; scipy warns "Matrix is singular" on each, and the result is checked below.
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        return linalg.sqrtm(a)
+
+
+def _root_is_usable(root: np.ndarray, a: np.ndarray) -> bool:
+    if not np.isfinite(root).all():
+        return False
+    scale = max(float(np.abs(a).max()), 1e-300)
+    if np.iscomplexobj(root) and np.abs(np.diagonal(root).imag).max() > 1e-3 * np.sqrt(scale):
+        return False
+    return float(np.linalg.norm(root @ root - a)) <= 1e-4 * max(float(np.linalg.norm(a)), 1e-300)
+
+
 def _sqrtm_product(sigma1: np.ndarray, sigma2: np.ndarray, eps: float) -> np.ndarray:
     """sqrtm(sigma1 @ sigma2), retried with ``eps * I`` added to both when the product is near singular."""
     product = sigma1 @ sigma2
-    covmean = linalg.sqrtm(product)
-    # A near-singular product (rank-deficient covariances: fewer samples than dimensions, dead
-    # features) can give inf/NaN or a root that does not square back; the usual fix is a small
-    # diagonal offset, which moves the distance by O(eps * D).
-    scale = max(np.linalg.norm(product), 1e-300)
-    bad = not np.isfinite(covmean).all() or np.linalg.norm(covmean @ covmean - product) / scale > 1e-4
-    if bad:
-        logger.warning("sqrtm of the covariance product is ill-conditioned; adding %g to the diagonals", eps)
+    covmean = _sqrtm(product)
+    if not _root_is_usable(covmean, product):
+        # The usual fix (as in the reference FID code): a small diagonal offset makes the product
+        # well-posed and moves the distance by O(eps * D).
+        logger.warning("sqrtm of the covariance product is ill-conditioned; retrying with %g added to the diagonals", eps)
         offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+        covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
         if not np.isfinite(covmean).all():
-            raise MetricError("matrix square root of the covariance product is not finite even with an offset")
+            raise MetricError("matrix square root of the covariance product is not finite, even with an offset")
     return covmean
 
 
@@ -98,8 +113,8 @@ def frechet_distance(
     if np.iscomplexobj(covmean):
         # Round-off gives a tiny imaginary part on a PSD product; a large one means the inputs are
         # not covariance matrices (or sqrtm failed), and dropping it would hide a wrong number.
-        diag_imag = np.abs(np.diagonal(covmean).imag).max()
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3 * max(1.0, np.abs(covmean).max())):
+        diag_imag = float(np.abs(np.diagonal(covmean).imag).max())
+        if diag_imag > 1e-3 * max(1.0, float(np.abs(covmean.real).max())):
             raise MetricError(
                 f"matrix square root has a large imaginary component ({diag_imag:.3g}); "
                 "are sigma1 and sigma2 symmetric positive semi-definite?"

@@ -6,7 +6,8 @@ FIDs from this suite are comparable with each other, not with the Inception FIDs
 :func:`inception_fid` with local Inception weights for those.
 
 Example:
-    >>> images, labels = sample(1000)          # doctest: +SKIP  (N, 1, 32, 32) in [-1, 1], (N,)
+    >>> images, labels = sample(1000)          # doctest: +SKIP
+    >>> # images: (N, 1, 32, 32) in [-1, 1]; labels: (N,) class ids
     >>> scores = evaluate(images, labels)      # doctest: +SKIP
     >>> sorted(scores)                         # doctest: +SKIP
     ['class_acc', 'fid', 'is', 'is_std', 'n', 'precision', 'recall', 'sfid']
@@ -17,7 +18,9 @@ import hashlib
 import logging
 import os
 import tempfile
+import warnings
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Union
 
@@ -67,14 +70,15 @@ def extract_features(images: ImageBatch, classifier: DigitClassifier, batch_size
     if batch_size < 1:
         raise MetricError(f"batch_size must be >= 1, got {batch_size}")
     x = _as_images(images)
+    device = next(classifier.parameters()).device
     was_training = classifier.training
     classifier.eval()  # BatchNorm must use its running statistics, never the batch's
     try:
         parts: Dict[str, list] = {"pool": [], "spatial": [], "logits": []}
         for start in range(0, x.shape[0], batch_size):
-            feats = classifier.features(x[start : start + batch_size])
+            feats = classifier.features(x[start : start + batch_size].to(device))
             for name in parts:
-                parts[name].append(feats[name].float().numpy())
+                parts[name].append(feats[name].float().cpu().numpy())
     finally:
         classifier.train(was_training)
     return {name: np.concatenate(chunks) for name, chunks in parts.items()}
@@ -85,8 +89,8 @@ def compute_reference(
 ) -> Dict[str, np.ndarray]:
     """Reference statistics of real images: mu/sigma of pool and spatial features, and the pool features.
 
-    The spatial covariance is stored as float32 (it is D x D with D ~ 1k; float64 would double the
-    asset for no measurable change in sFID).
+    The spatial covariance is kept as float32: it is D x D with D ~ 1k, and float64 would double the
+    asset for no measurable change in sFID.
     """
     feats = extract_features(images, classifier, batch_size)
     pool_mu, pool_sigma = gaussian_stats(feats["pool"])
@@ -104,11 +108,19 @@ def compute_reference(
 def save_reference(reference: Reference, path: Optional[Union[str, Path]] = None) -> Path:
     """Write reference statistics as a compressed npz, atomically (temp file in the same folder + rename)."""
     path = Path(path) if path is not None else DEFAULT_REFERENCE_PATH
+    arrays = {}
+    for name, value in reference.items():
+        value = np.asarray(value)
+        if name.endswith("_sigma") and value.ndim == 2:
+            # Covariances are symmetric: store the upper triangle only (halves a ~4 MB asset).
+            arrays[name + "_triu"] = value[np.triu_indices(value.shape[0])]
+        else:
+            arrays[name] = value
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:  # a file object: np.savez would append ".npz" to a bare name
-            np.savez_compressed(f, **{k: np.asarray(v) for k, v in reference.items()})
+            np.savez_compressed(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
@@ -118,6 +130,18 @@ def save_reference(reference: Reference, path: Optional[Union[str, Path]] = None
             os.unlink(tmp)
         raise
     return path
+
+
+def _unpack_symmetric(packed: np.ndarray, path: Path, name: str) -> np.ndarray:
+    n = packed.size
+    d = int(round((np.sqrt(8 * n + 1) - 1) / 2))  # n = d (d + 1) / 2
+    if packed.ndim != 1 or d * (d + 1) // 2 != n or d < 1:
+        raise ArtifactError(f"{path}: {name}_triu has shape {packed.shape}, not a packed upper triangle")
+    full = np.zeros((d, d), dtype=packed.dtype)
+    rows, cols = np.triu_indices(d)
+    full[rows, cols] = packed
+    full[cols, rows] = packed
+    return full
 
 
 def load_reference(path: Optional[Union[str, Path]] = None) -> Dict[str, np.ndarray]:
@@ -135,16 +159,20 @@ def load_reference(path: Optional[Union[str, Path]] = None) -> Dict[str, np.ndar
         with np.load(path, allow_pickle=False) as npz:
             # Read every member now: NpzFile is lazy, and a damaged member only fails when read.
             ref = {name: npz[name] for name in npz.files}
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zipfile.LargeZipFile) as e:
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error) as e:
         raise ArtifactError(f"{path} is not a readable npz file (truncated or corrupt?): {e}") from e
+    for name in ("pool_sigma", "spatial_sigma"):
+        packed = ref.pop(name + "_triu", None)
+        if packed is not None:
+            ref[name] = _unpack_symmetric(packed, path, name)
     missing = [k for k in REFERENCE_KEYS if k not in ref]
     if missing:
         raise ArtifactError(f"{path} lacks {missing}: {_TRAIN_HINT}")
     d = ref["pool_mu"].shape[0] if ref["pool_mu"].ndim == 1 else -1
     s = ref["spatial_mu"].shape[0] if ref["spatial_mu"].ndim == 1 else -1
+    m = ref["pool_features"].shape[0] if ref["pool_features"].ndim == 2 else -1
     expected = {
-        "pool_mu": (d,), "pool_sigma": (d, d), "spatial_mu": (s,), "spatial_sigma": (s, s),
-        "pool_features": (ref["pool_features"].shape[0], d),
+        "pool_mu": (d,), "pool_sigma": (d, d), "spatial_mu": (s,), "spatial_sigma": (s, s), "pool_features": (m, d),
     }
     for name, shape in expected.items():
         a = ref[name]
@@ -166,6 +194,9 @@ def _resolve(classifier: Optional[DigitClassifier], reference: Optional[Union[st
         default_classifier = False
     if reference is None or isinstance(reference, (str, Path)):
         reference = load_reference(reference)
+    missing = [key for key in REFERENCE_KEYS if key not in reference]
+    if missing:
+        raise MetricError(f"reference lacks {missing}; pass a path or a dict from load_reference()")
     if default_classifier and reference.get("classifier_sha256"):
         # Stats from another classifier would give a meaningless (but plausible-looking) FID.
         if _file_sha256(DEFAULT_CLASSIFIER_PATH) != reference["classifier_sha256"]:
@@ -289,7 +320,10 @@ def inception_fid(
             "downloaded here, so the digit-classifier FID from qc_compiler.eval.evaluate() is used instead"
         )
     try:
-        model = torch.jit.load(str(path), map_location="cpu")  # TorchScript archive, not a pickle
+        with warnings.catch_warnings():
+            # Newer torch flags jit.load as deprecated; the shared Inception files are TorchScript only.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            model = torch.jit.load(str(path), map_location="cpu")  # TorchScript archive, not a pickle
     except (RuntimeError, ValueError) as e:
         raise ArtifactError(f"{path} is not a loadable TorchScript Inception model: {e}") from e
     model.eval()
