@@ -44,13 +44,6 @@ class StepState:
         self.num_steps: int = 0
         self._stores: Dict[str, Dict[str, Any]] = {}
 
-    def _check_same_batch(self, y: torch.Tensor, step: int) -> None:
-        # Reused tensors belong to the run's batch: new labels mid-run would silently mix samples.
-        labels = self.step_state.store("run").get("labels")
-        if labels is not None and (labels.shape != y.shape or not torch.equal(labels, y)):
-            raise StepError(f"the batch (size or labels) changed inside a sampling run at step {step}; "
-                            "cached tensors belong to the first batch: start a new run at the first step")
-
     def reset(self) -> None:
         """Start over: no current step (step-aware modules then act like the plain graph), empty stores."""
         self.step, self.timestep = -1, -1

@@ -14,10 +14,8 @@ Example:
 """
 from __future__ import annotations
 
-import hashlib
+import io
 import logging
-import os
-import tempfile
 import warnings
 import zipfile
 import zlib
@@ -29,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ArtifactError
+from ..io import atomic_write_bytes, sha256_file
 from .classifier import DEFAULT_CLASSIFIER_PATH, DigitClassifier, load_classifier
 from .metrics import (
     MetricError, class_accuracy, frechet_distance, gaussian_stats, inception_score, precision_recall,
@@ -47,10 +46,6 @@ _TRAIN_HINT = "run `python scripts/train_classifier.py` to rebuild the evaluator
 
 ImageBatch = Union[torch.Tensor, np.ndarray]
 Reference = Mapping[str, np.ndarray]
-
-
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _as_images(images: ImageBatch) -> torch.Tensor:
@@ -116,19 +111,9 @@ def save_reference(reference: Reference, path: Optional[Union[str, Path]] = None
             arrays[name + "_triu"] = value[np.triu_indices(value.shape[0])]
         else:
             arrays[name] = value
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:  # a file object: np.savez would append ".npz" to a bare name
-            np.savez_compressed(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    buf = io.BytesIO()  # a file object: np.savez would append ".npz" to a bare name
+    np.savez_compressed(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 
@@ -199,7 +184,7 @@ def _resolve(classifier: Optional[DigitClassifier], reference: Optional[Union[st
         raise MetricError(f"reference lacks {missing}; pass a path or a dict from load_reference()")
     if default_classifier and reference.get("classifier_sha256"):
         # Stats from another classifier would give a meaningless (but plausible-looking) FID.
-        if _file_sha256(DEFAULT_CLASSIFIER_PATH) != reference["classifier_sha256"]:
+        if sha256_file(DEFAULT_CLASSIFIER_PATH) != reference["classifier_sha256"]:
             raise ArtifactError(
                 "the reference statistics were computed with a different digit classifier than the one "
                 f"shipped in {DEFAULT_CLASSIFIER_PATH}: {_TRAIN_HINT}"
