@@ -90,3 +90,34 @@ def test_bad_config_is_rejected():
 
     with pytest.raises(ValueError, match="multiple of patch_size"):
         DiT(input_size=15, patch_size=4)
+
+
+def test_official_pt_checkpoint_loads_through_load_model(tmp_path):
+    import pytest
+
+    import qc_compiler as qc
+
+    shapes = official_shapes(3, 384, 4, 4, 1000, 32)  # a DiT-S/4-like layout, depth 3
+    torch.manual_seed(0)
+    ckpt = {k: torch.randn(s) * 0.02 for k, s in shapes.items()}
+    torch.save(ckpt, tmp_path / "DiT-S-4.pt")
+    model = qc.load_model(str(tmp_path / "DiT-S-4.pt"))
+    assert (model.num_heads, len(model.blocks), model.patch_size, model.input_size) == (6, 3, 4, 32)
+    assert torch.equal(model.pos_embed, ckpt["pos_embed"])
+    torch.save({"ema": ckpt, "opt": {}, "model": ckpt}, tmp_path / "train.pt")  # a training checkpoint
+    assert torch.equal(qc.load_model(str(tmp_path / "train.pt")).blocks[2].mlp.fc1.weight, ckpt["blocks.2.mlp.fc1.weight"])
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("pickled code ran",))
+
+
+def test_checkpoint_with_pickled_code_is_refused(tmp_path):
+    import pytest
+
+    import qc_compiler as qc
+
+    torch.save({"x": _Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(qc.ArtifactError, match="pickled code"):
+        qc.load_model(str(tmp_path / "evil.pt"))

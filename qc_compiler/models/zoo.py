@@ -16,7 +16,7 @@ from ..errors import ArtifactError
 from ..io import load_tensors, save_tensors
 from .dit import DiT, DiT_models
 
-__all__ = ["DEFAULT_MODEL_CONFIG", "ASSETS", "build_model", "load_model", "save_model_weights"]
+__all__ = ["DEFAULT_MODEL_CONFIG", "ASSETS", "build_model", "load_model", "save_model_weights", "config_from_state_dict"]
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
@@ -50,8 +50,48 @@ def _load_weights_file(path: Path) -> DiT:
     return model.eval()
 
 
+# Heads are not visible in a state dict's shapes; DiT's configs fix them by width.
+_HEADS_BY_WIDTH = {1152: 16, 1024: 16, 768: 12, 384: 6, 192: 3, 128: 2, 64: 2}
+
+
+def config_from_state_dict(sd: Dict[str, torch.Tensor], num_heads: Optional[int] = None) -> Dict[str, Any]:
+    """Infer a DiT config from official-layout weights (depth, width, patch, channels, classes, sigma)."""
+    try:
+        hidden, in_ch, patch = sd["x_embedder.proj.weight"].shape[:3]
+        tokens = sd["pos_embed"].shape[1]
+        depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+        out = sd["final_layer.linear.weight"].shape[0] // (patch * patch)
+        table = sd["y_embedder.embedding_table.weight"].shape[0]
+    except (KeyError, ValueError, IndexError) as e:
+        raise ArtifactError(f"not a DiT state dict (facebookresearch/DiT layout): missing {e}") from e
+    grid = int(round(tokens ** 0.5))
+    heads = num_heads or _HEADS_BY_WIDTH.get(int(hidden), max(1, int(hidden) // 64))
+    return dict(input_size=grid * int(patch), patch_size=int(patch), in_channels=int(in_ch), hidden_size=int(hidden),
+                depth=depth, num_heads=heads, num_classes=int(table) - 1, class_dropout_prob=0.1,
+                learn_sigma=out == 2 * in_ch)
+
+
+def _load_torch_checkpoint(path: Path, num_heads: Optional[int] = None) -> DiT:
+    """A facebookresearch/DiT ``.pt`` checkpoint: tensors only (``weights_only=True``), never pickled code."""
+    import pickle
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError) as e:
+        raise ArtifactError(f"{path} needs pickled code to load, which qc-compiler refuses to run; "
+                            f"re-save its state dict (tensors only) or convert it to safetensors ({e})".splitlines()[0]) from e
+    if isinstance(obj, dict) and "ema" in obj and isinstance(obj["ema"], dict):
+        obj = obj["ema"]  # a training checkpoint: DiT samples from the EMA weights
+    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+        raise ArtifactError(f"{path} does not hold a state dict of tensors")
+    model = build_model(config_from_state_dict(obj, num_heads))
+    model.load_state_dict(obj, strict=True)
+    return model.eval()
+
+
 def load_model(name_or_path: str, **overrides: Any) -> DiT:
-    """Load an embedded model (``"dit-mnist"``), a config name (random init), or a local weights file."""
+    """Load an embedded model (``"dit-mnist"``), a config name (random init), a local weights file
+    (``.safetensors`` written by qc-compiler), or an official DiT checkpoint (``.pt``/``.pth``)."""
     if name_or_path in EMBEDDED:
         path = EMBEDDED[name_or_path]
         if not path.is_file():
@@ -62,5 +102,7 @@ def load_model(name_or_path: str, **overrides: Any) -> DiT:
     path = Path(name_or_path)
     if path.suffix == ".safetensors" and path.is_file():
         return _load_weights_file(path)
+    if path.suffix in (".pt", ".pth") and path.is_file():
+        return _load_torch_checkpoint(path, overrides.get("num_heads"))
     known = ", ".join(sorted(EMBEDDED) + sorted(DiT_models))
-    raise ArtifactError(f"unknown model {name_or_path!r}: give one of {known}, or a .safetensors path")
+    raise ArtifactError(f"unknown model {name_or_path!r}: give one of {known}, or a .safetensors/.pt path")
