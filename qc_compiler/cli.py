@@ -3,6 +3,7 @@
     qc sample --model DiT-T/4 --input-size 16 --labels 0,1,2 --steps 20 --out grid.png
     qc compile --model dit-mnist --steps 50 --cfg 1.5 --out dit_qc/
     qc eval --model dit-mnist --n 1000 --out eval.json
+    qc bench ablation --bits w8a8,w4a8 --steps 50,100 --n 2000 --out out/ablation.json
     qc demo
 """
 from __future__ import annotations
@@ -104,6 +105,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive, default=250)
     p.add_argument("--out", type=Path, help="write the metrics as JSON here")
 
+    p = sub.add_parser("bench", help="quality and measured speed of compile variants (same seeds)", parents=[common])
+    p.add_argument("suite", choices=["quality", "ablation"], help="quality: the --variants given; ablation: the Q&C rows")
+    p.add_argument("--model", default="dit-mnist")
+    p.add_argument("--variants", help="comma-separated variant names (see qc_compiler.bench.variant_names)")
+    p.add_argument("--bits", default="w8a8", help="comma-separated: w8a8,w4a8,w4a4")
+    p.add_argument("--steps", default="50", help="comma-separated step counts")
+    p.add_argument("--cfg", type=float, default=1.5)
+    p.add_argument("--n", type=_positive, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=_positive, default=250)
+    p.add_argument("--cache", type=_positive, default=2, help="cache interval for the quant+cache rows")
+    p.add_argument("--calib-size", type=_positive, default=800)
+    p.add_argument("--pool-labels", type=_positive, default=32)
+    p.add_argument("--vc", choices=["eps", "sample"], default="eps")
+    p.add_argument("--backend", default="torch")
+    p.add_argument("--fp250", action="store_true", help="also time FP32 at 250 steps")
+    p.add_argument("--out", type=Path, help="write all rows as JSON here")
+
     p = sub.add_parser("demo", help="the main job on the embedded model: grid, report", parents=[common])
     p.add_argument("--out-dir", type=Path, default=Path("out"))
     p.add_argument("--n", type=_positive, default=200, help="samples for the quality table")
@@ -184,6 +203,29 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import ablation_rows, markdown, run_variants
+
+    if args.variants:
+        names = args.variants.split(",")
+    elif args.suite == "ablation":
+        names = ["fp32", "quant-uniform", f"cache-i{args.cache}"] + ablation_rows()
+    else:
+        names = ["fp32", "quant-uniform", "quant-tap"]
+    rows = []
+    for steps in (int(s) for s in args.steps.split(",")):
+        for bits in args.bits.split(","):
+            rows += run_variants(names, args.model, args.n, steps, args.cfg, args.seed, args.batch, bits, args.cache,
+                                 args.calib_size, args.pool_labels, args.vc, args.backend, args.fp250,
+                                 on_row=lambda r: print(json.dumps(r), flush=True))
+    print(markdown(rows, args.n, args.cfg))
+    if args.out:
+        from .io import save_json
+
+        save_json({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, args.out)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -198,7 +240,7 @@ def _check_labels(model, labels: Sequence[int]) -> None:
         raise QCError(f"labels {bad} are out of range for a model with {n} classes")
 
 
-COMMANDS = {"sample": cmd_sample, "compile": cmd_compile, "eval": cmd_eval, "demo": cmd_demo}
+COMMANDS = {"sample": cmd_sample, "compile": cmd_compile, "eval": cmd_eval, "bench": cmd_bench, "demo": cmd_demo}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

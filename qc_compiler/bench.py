@@ -1,0 +1,117 @@
+"""Quality-and-speed runs over named compile variants, shared by ``benchmarks/`` and ``qc bench``.
+
+Every variant samples the same labels from the same per-sample noise streams, at the same step
+count, and is scored with the evaluator's suite; its sampling wall time is measured in the same run
+as FP32's, so the speed column is a ratio of two measurements, never a nominal figure.
+
+Example:
+    >>> sorted(variant_names())[:3]
+    ['cache-adaptive-0.1', 'cache-adaptive-0.3', 'cache-i2']
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from .api import compile as qc_compile
+from .api import load_model
+from .diffusion import DDPM
+from .passes import (AgglomerativeCalibration, DBSCANCalibration, KMeansCalibration, Quantize, StepCache,
+                     TAPCalibration, UniformCalibration, VarianceCompensation)
+
+__all__ = ["variant_passes", "variant_names", "ablation_rows", "sample_timed", "run_variants", "markdown"]
+
+log = logging.getLogger(__name__)
+
+_SELECTORS = {"uniform": UniformCalibration, "tap": TAPCalibration, "kmeans": KMeansCalibration,
+              "dbscan": DBSCANCalibration, "agglomerative": AgglomerativeCalibration}
+
+
+def variant_passes(name: str, bits: str = "w8a8", cache: int = 2, size: int = 800, pool_labels: int = 32,
+                   vc: str = "eps", threshold: float = 0.1) -> List:
+    """Passes for a variant name: ``fp32``; ``cache-i3``; ``cache-adaptive-0.3``; ``cache-static-0.2``;
+    ``quant-<selector>``; ``qc-<selector>[-vc]`` (cache + quantization [+ VC]); ``w4a8-tap`` style names
+    override ``bits``."""
+    parts = name.split("-")
+    if parts[0] in ("w8a8", "w4a8", "w4a4"):
+        bits, parts = parts[0], ["quant"] + parts[1:]
+    if parts == ["fp32"]:
+        return []
+    if parts[0] == "cache":
+        kind = parts[1]
+        if kind.startswith("i"):
+            return [StepCache(interval=int(kind[1:]))]
+        return [StepCache(policy=kind, threshold=float(parts[2]) if len(parts) > 2 else threshold)]
+    if parts[0] in ("quant", "qc") and len(parts) >= 2 and parts[1] in _SELECTORS:
+        passes = [StepCache(interval=cache)] if parts[0] == "qc" else []
+        passes += [_SELECTORS[parts[1]](size=size, pool_labels=pool_labels), Quantize(preset=bits)]
+        if parts[-1] == "vc":
+            passes.append(VarianceCompensation(placement=vc))
+        return passes
+    raise ValueError(f"unknown variant {name!r}; known patterns: {sorted(variant_names())}")
+
+
+def variant_names() -> List[str]:
+    return ["fp32", "cache-i2", "cache-i3", "cache-adaptive-0.1", "cache-adaptive-0.3", "cache-static-0.2",
+            "quant-uniform", "quant-tap", "w4a8-uniform", "w4a8-tap"] + ablation_rows()
+
+
+def ablation_rows() -> List[str]:
+    """The Q&C ablation (METHOD.md 5-6): naive quant+cache, +VC, +TAP, +TAP+VC, other clusterings."""
+    return ["qc-uniform", "qc-uniform-vc", "qc-tap", "qc-tap-vc", "qc-kmeans", "qc-dbscan", "qc-agglomerative"]
+
+
+def sample_timed(model, sampler, labels: Sequence[int], seed: int, batch: int):
+    """Samples for ``labels`` in batches (noise streams by sample index) and the wall time."""
+    t0 = time.perf_counter()
+    images = torch.cat([sampler.sample(model, labels[i:i + batch], seed=seed, sample_offset=i)
+                        for i in range(0, len(labels), batch)])
+    return images, time.perf_counter() - t0
+
+
+def run_variants(names: Sequence[str], model_name: str = "dit-mnist", n: int = 1000, steps: int = 50,
+                 cfg: float = 1.5, seed: int = 0, batch: int = 250, bits: str = "w8a8", cache: int = 2,
+                 size: int = 800, pool_labels: int = 32, vc: str = "eps", backend: str = "torch",
+                 fp250: bool = False, on_row: Optional[Callable[[Dict], None]] = None) -> List[Dict]:
+    """Compile, sample and score each variant; rows carry metrics, times and speed ratios."""
+    from .eval import evaluate
+
+    model = load_model(model_name)
+    sampler = DDPM(steps=steps, cfg_scale=cfg)
+    labels = [i % model.num_classes for i in range(n)]
+    rows: List[Dict] = []
+    fp_seconds = fp250_seconds = None
+    if fp250:  # FP32 at 250 steps, timed on one batch and scaled per sample
+        probe = labels[: min(batch, n)]
+        _, s = sample_timed(model, DDPM(steps=250, cfg_scale=cfg), probe, seed, batch)
+        fp250_seconds = s * n / len(probe)
+    for name in names:
+        t0 = time.perf_counter()
+        compiled = qc_compile(model, passes=variant_passes(name, bits, cache, size, pool_labels, vc),
+                              sampler=sampler, seed=seed, backend=backend)
+        compile_s = time.perf_counter() - t0
+        images, seconds = sample_timed(compiled, sampler, labels, seed, batch)
+        if fp_seconds is None and name == "fp32":
+            fp_seconds = seconds
+        row = {"variant": name, "bits": bits, "steps": steps, "compile_s": compile_s, "sample_s": seconds,
+               "speed_vs_fp32": (fp_seconds / seconds) if fp_seconds else float("nan"),
+               "speed_vs_fp32_250": (fp250_seconds / seconds) if fp250_seconds else float("nan"),
+               **evaluate(images, torch.tensor(labels))}
+        rows.append(row)
+        if on_row:
+            on_row(row)
+    return rows
+
+
+def markdown(rows: List[Dict], n: int, cfg: float) -> str:
+    """A results table: quality, then measured speed against FP32 (same steps, and 250 steps)."""
+    head = (f"| variant ({n} samples, cfg {cfg}) | bits | steps | FID | sFID | IS | precision | recall | class acc "
+            "| sampling s | speed vs FP32 | vs FP32 250 steps |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+    body = "\n".join(
+        f"| {r['variant']} | {r['bits'] if r['variant'] != 'fp32' else '-'} | {r['steps']} | {r['fid']:.2f} | "
+        f"{r['sfid']:.2f} | {r['is']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['class_acc']:.3f} | "
+        f"{r['sample_s']:.0f} | {r['speed_vs_fp32']:.2f}x | {r['speed_vs_fp32_250']:.2f}x |" for r in rows)
+    return head + "\n" + body

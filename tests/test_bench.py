@@ -1,0 +1,36 @@
+import pytest
+
+from qc_compiler.bench import ablation_rows, markdown, variant_names, variant_passes
+
+
+def names(passes):
+    return [p.name for p in passes]
+
+
+def test_variant_names_map_to_pass_lists():
+    assert variant_passes("fp32") == []
+    assert names(variant_passes("cache-i3")) == ["step_cache"] and variant_passes("cache-i3")[0].interval == 3
+    adaptive = variant_passes("cache-adaptive-0.3")[0]
+    assert adaptive.policy == "adaptive" and adaptive.threshold == 0.3
+    assert names(variant_passes("quant-tap")) == ["tap_calibration", "quantize"]
+    w4 = variant_passes("w4a8-uniform")
+    assert names(w4) == ["uniform_calibration", "quantize"] and w4[1].config.default.weight_bits == 4
+    qc = variant_passes("qc-tap-vc", cache=3, vc="sample")
+    assert names(qc) == ["step_cache", "tap_calibration", "quantize", "variance_compensation"]
+    assert qc[0].interval == 3 and qc[-1].placement == "sample"
+    assert names(variant_passes("qc-kmeans")) == ["step_cache", "kmeans_calibration", "quantize"]
+
+
+def test_every_listed_variant_parses_and_unknown_ones_fail():
+    for name in variant_names():
+        variant_passes(name)
+    assert "qc-tap-vc" in ablation_rows() and "qc-uniform" in ablation_rows()
+    with pytest.raises(ValueError, match="unknown variant"):
+        variant_passes("quant-magic")
+
+
+def test_markdown_table_has_a_row_per_variant():
+    row = dict(variant="fp32", bits="w8a8", steps=50, fid=1.0, sfid=2.0, precision=0.9, recall=0.8, class_acc=0.99,
+               sample_s=10.0, speed_vs_fp32=1.0, speed_vs_fp32_250=5.0, **{"is": 9.0})
+    table = markdown([row, dict(row, variant="quant-tap", speed_vs_fp32=2.0)], n=10, cfg=1.5)
+    assert table.count("\n") == 3 and "| quant-tap | w8a8 | 50 |" in table and "2.00x" in table
