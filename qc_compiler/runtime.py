@@ -170,6 +170,12 @@ class CompiledModel(nn.Module):
                     lines.append(section)
         return "\n".join(lines)
 
+    def export_onnx(self, path, opset: int = 17):
+        """Write an INT8 QDQ ONNX graph that onnxruntime runs (see ``qc_compiler.backends.onnx``)."""
+        from .backends.onnx import export_onnx
+
+        return export_onnx(self, path, opset)
+
     # --- persistence --------------------------------------------------------------------------
     def save(self, folder) -> None:
         """Write a folder of safetensors + JSON (no pickles) from which ``load_compiled`` rebuilds it."""

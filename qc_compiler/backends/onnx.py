@@ -1,0 +1,282 @@
+"""Export a compiled model as an INT8 ONNX graph (QDQ) that onnxruntime fuses into integer kernels.
+
+onnxruntime fuses only its own QDQ shape, so the exporter writes that shape itself from **our**
+calibrated scales, never from a re-calibration:
+
+    x --QuantizeLinear(u8, s_x, z_x)--DequantizeLinear--> MatMul --> Add(bias)
+    W_int8 (K, N) initializer --DequantizeLinear(s_w per column, axis=1)--^
+
+The weight is stored pre-transposed (K, N) as int8 codes, so no Transpose sits between its
+DequantizeLinear and the MatMul (that Transpose stops the fusion). Inputs are ``x, t, y`` and an
+int64 ``step`` (the index in the compiled timestep table), which VC tables (initializers) are
+gathered by. The batch dimension is dynamic.
+
+Not exported yet, each refused with ``ExportError``: step-cache lookups (they need explicit cache
+inputs/outputs), per-step-group activation ranges (QuantizeLinear fuses only with constant scales),
+and activations below 8 bits.
+
+Example:
+    >>> compiled.export_onnx("dit_int8.onnx")                          # doctest: +SKIP
+    >>> denoiser = OrtDenoiser("dit_int8.onnx", provider="cpu")         # doctest: +SKIP
+    >>> images = qc.DDPM(steps=50).sample(denoiser, labels=[1, 2], seed=0)   # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import copy
+import io
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..errors import ExportError, StepError
+from ..io import atomic_write_bytes
+from ..quant.fake_quant import ActQuant, QuantLinear
+from ..quant.qparams import quantize
+
+__all__ = ["export_onnx", "OrtDenoiser", "PROVIDERS", "optimized_op_counts"]
+
+log = logging.getLogger(__name__)
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+_WEIGHT_SUFFIX = "qc_w_t"
+
+
+class _StepHolder:
+    """Carries the exported ``step`` input to the VC nodes during tracing (tracing follows tensors)."""
+
+    value: Optional[torch.Tensor] = None
+
+
+class _QDQLinear(nn.Module):
+    """Export stand-in for a quantized linear: Q/DQ on the input, matmul with the dequantized weight.
+    The weight buffer is swapped for int8 codes + DequantizeLinear after export."""
+
+    def __init__(self, codes: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor], a_scale: float, a_zero: int):
+        super().__init__()
+        self.codes, self.w_scale = codes.t().contiguous(), w_scale.float()  # (K, N) int8, (N,)
+        self.register_buffer(_WEIGHT_SUFFIX, self.codes.float() * self.w_scale[None, :])
+        self.register_buffer("qc_bias", bias.detach().float() if bias is not None else torch.zeros(len(w_scale)))
+        self.a_scale, self.a_zero = a_scale, a_zero
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xq = torch.fake_quantize_per_tensor_affine(x, self.a_scale, self.a_zero, 0, 255)
+        return torch.matmul(xq, getattr(self, _WEIGHT_SUFFIX)) + self.qc_bias
+
+
+class _QDQAct(nn.Module):
+    def __init__(self, scale: float, zero: int):
+        super().__init__()
+        self.scale, self.zero = scale, zero
+
+    def forward(self, x):
+        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero, 0, 255)
+
+
+class _VCExport(nn.Module):
+    """VC eps rescale with its K table as an initializer, gathered by the ``step`` input."""
+
+    def __init__(self, k: torch.Tensor, channels: int, holder: _StepHolder):
+        super().__init__()
+        self.register_buffer("qc_vc_k", k.detach().float().clone())
+        self.channels, self.holder = channels, holder
+
+    def forward(self, out):
+        k = self.qc_vc_k[self.holder.value].view(1, -1, 1, 1)  # (1, C, 1, 1)
+        eps = out[:, : self.channels]
+        mu = eps.mean(dim=(2, 3), keepdim=True)
+        return torch.cat([mu + k * (eps - mu), out[:, self.channels:]], dim=1)
+
+
+class _Wrapper(nn.Module):
+    def __init__(self, gm: nn.Module, holder: _StepHolder):
+        super().__init__()
+        self.gm, self.holder = gm, holder
+
+    def forward(self, x, t, y, step):
+        self.holder.value = step
+        return self.gm(x, t, y)
+
+
+def _activation(module) -> Tuple[float, int]:
+    if getattr(module, "num_groups", 1) > 1:
+        raise ExportError(f"{module.path}: per-step-group activation ranges cannot be exported yet "
+                          "(QuantizeLinear fuses only with constant scales); compile with act_step_groups=1")
+    if module.spec.act_bits != 8:
+        raise ExportError(f"{module.path}: {module.spec.act_bits}-bit activations cannot be expressed with "
+                          "ONNX uint8 QuantizeLinear; export W*A8 models")
+    return float(module.a_scale[-1]), int(module.a_zero[-1])
+
+
+def _stand_in(module) -> Optional[nn.Module]:
+    """The export module replacing a quantized or step-aware node, or None to keep it."""
+    from ..passes.cache import CacheLookup
+    from ..backends.torch_int8 import Int8Linear
+
+    if isinstance(module, CacheLookup):
+        raise ExportError("graphs with step-cache lookups cannot be exported yet: the cache needs explicit "
+                          "inputs and outputs; export the model compiled without StepCache")
+    if isinstance(module, QuantLinear):
+        codes = quantize(module.weight.detach(), module.weight_qparams()).to(torch.int8)
+        return _QDQLinear(codes, module.w_scale, module.bias, *_activation(module))
+    if isinstance(module, Int8Linear):
+        return _QDQLinear(module.w_int8, module.w_scale, module.bias, *_activation(module))
+    if isinstance(module, ActQuant):
+        return _QDQAct(*_activation(module))
+    return None
+
+
+def _swap_for_export(gm: nn.Module, holder: _StepHolder) -> Dict[str, _QDQLinear]:
+    from ..passes.vc import VCRescale
+
+    linears = {}
+    for name, module in list(gm.named_modules()):
+        if not name:
+            continue
+        new = _stand_in(module)
+        if new is None and isinstance(module, VCRescale):
+            new = _VCExport(module.k, module.channels, holder)
+        if new is None:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(gm.get_submodule(parent_name) if parent_name else gm, child, new)
+        if isinstance(new, _QDQLinear):
+            linears[f"gm.{name}.{_WEIGHT_SUFFIX}"] = new
+    return linears
+
+
+def _int8_weights(model, linears: Dict[str, _QDQLinear]) -> int:
+    """Replace each exported fp32 weight initializer by int8 codes + a per-column DequantizeLinear."""
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    done = 0
+    for name, layer in linears.items():
+        if name not in inits:
+            raise ExportError(f"the exporter renamed weight {name}; cannot place its int8 codes")
+        model.graph.initializer.remove(inits[name])
+        model.graph.initializer.extend([
+            numpy_helper.from_array(layer.codes.numpy().astype(np.int8), name + "_int8"),
+            numpy_helper.from_array(layer.w_scale.numpy().astype(np.float32), name + "_scale"),
+            numpy_helper.from_array(np.zeros(layer.codes.shape[1], dtype=np.int8), name + "_zero"),
+        ])
+        dq = helper.make_node("DequantizeLinear", [name + "_int8", name + "_scale", name + "_zero"], [name],
+                              name=name + "_dq", axis=1)
+        model.graph.node.insert(0, dq)
+        done += 1
+    return done
+
+
+def export_onnx(compiled, path, opset: int = 17) -> Path:
+    """Write ``compiled`` (a CompiledModel) as INT8 QDQ ONNX to ``path``, checked with the full checker."""
+    import onnx
+
+    path = Path(path)
+    info = compiled.model_info
+    holder = _StepHolder()
+    gm = copy.deepcopy(compiled.graph_module)
+    linears = _swap_for_export(gm, holder)
+    wrapper = _Wrapper(gm, holder).eval()
+    b, c, s = 2, info["in_channels"], info["input_size"]
+    example = (torch.randn(b, c, s, s), torch.full((b,), compiled.timesteps[0], dtype=torch.long),
+               torch.zeros(b, dtype=torch.long), torch.tensor(0, dtype=torch.long))
+    buf = io.BytesIO()
+    names = ["x", "t", "y", "step"]
+    try:
+        # The TorchScript exporter is the one that writes QuantizeLinear/DequantizeLinear from
+        # fake_quantize ops; its deprecation notice is for us, not the user.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(wrapper, example, buf, dynamo=False, input_names=names, output_names=["out"],
+                              dynamic_axes={"x": {0: "batch"}, "t": {0: "batch"}, "y": {0: "batch"}, "out": {0: "batch"}},
+                              opset_version=opset)
+    except Exception as e:
+        raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {e}".splitlines()[0]) from e
+    model = onnx.load_from_string(buf.getvalue())
+    n_int8 = _int8_weights(model, linears)
+    hooks = [h for h in compiled.step_hooks if hasattr(h, "k")]
+    meta = {"qc.timesteps": json.dumps(compiled.timesteps), "qc.model_info": json.dumps(_jsonable(info)),
+            "qc.sampler": json.dumps(compiled.sampler_spec), "qc.int8_linears": str(n_int8),
+            "qc.vc_sample_k": json.dumps(hooks[0].k.tolist()) if hooks else ""}
+    for k, v in meta.items():
+        model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as e:
+        raise ExportError(f"the exported graph fails onnx.checker: {e}".splitlines()[0]) from e
+    atomic_write_bytes(path, model.SerializeToString())
+    log.info("wrote %s: %d int8 linears", path, n_int8)
+    return path
+
+
+def _jsonable(info: Dict) -> Dict:
+    return {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))}
+
+
+class OrtDenoiser:
+    """An onnxruntime session that is a drop-in denoiser for our samplers: ``model(x, t, y) -> out``.
+
+    ``provider`` is ``"cpu"``, ``"cuda"`` (onnxruntime-gpu) or ``"tensorrt"``; an unavailable one is a
+    clear error. The timestep table stored in the file maps ``t`` to the ``step`` input.
+    """
+
+    def __init__(self, path, provider: str = "cpu", threads: Optional[int] = None):
+        import onnxruntime as ort
+        import onnx
+
+        if provider not in PROVIDERS:
+            raise ValueError(f"provider must be one of {sorted(PROVIDERS)}, got {provider!r}")
+        if PROVIDERS[provider] not in ort.get_available_providers():
+            raise ExportError(f"onnxruntime here has no {PROVIDERS[provider]}; install onnxruntime-gpu for cuda/tensorrt")
+        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        if "qc.timesteps" not in meta:
+            raise ExportError(f"{path} was not written by qc-compiler's exporter (no timestep table)")
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), opts, providers=[PROVIDERS[provider]])
+        self._inputs = {i.name for i in self.session.get_inputs()}  # "step" is dropped when nothing reads it
+        self.model_info = json.loads(meta["qc.model_info"])
+        self.sampler_spec = json.loads(meta["qc.sampler"])
+        self._index = {t: i for i, t in enumerate(json.loads(meta["qc.timesteps"]))}
+        self.step_hooks: List = []
+        if meta.get("qc.vc_sample_k"):
+            from ..passes.vc import apply_k
+
+            table = torch.tensor(json.loads(meta["qc.vc_sample_k"]))
+            self.step_hooks.append(lambda step, t, x: apply_k(x, table[step]))
+
+    num_classes = property(lambda self: self.model_info["num_classes"])
+    input_size = property(lambda self: self.model_info["input_size"])
+    in_channels = property(lambda self: self.model_info["in_channels"])
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        t0 = int(torch.as_tensor(t).reshape(-1)[0])
+        if t0 not in self._index:
+            raise StepError(f"timestep {t0} is not in the exported schedule")
+        feed = {"x": x.detach().float().cpu().numpy(), "t": torch.as_tensor(t).expand(x.shape[0]).long().numpy(),
+                "y": y.detach().long().cpu().numpy(), "step": np.array(self._index[t0], dtype=np.int64)}
+        feed = {k: v for k, v in feed.items() if k in self._inputs}
+        return torch.from_numpy(self.session.run(["out"], feed)[0])
+
+
+def optimized_op_counts(path, threads: int = 1) -> Dict[str, int]:
+    """Op types in onnxruntime's optimized graph: shows whether the QDQ pairs fused into INT8 kernels."""
+    import onnx
+    import onnxruntime as ort
+    import tempfile
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    out = Path(tempfile.mkdtemp()) / "optimized.onnx"
+    opts.optimized_model_filepath = str(out)
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    counts: Dict[str, int] = {}
+    for node in onnx.load(str(out)).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
