@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_positive, default=200, help="samples for the quality table")
     p.add_argument("--steps", type=_positive, default=50)
     p.add_argument("--rows", type=_positive, default=6, help="grid rows (samples of each digit)")
+    p.add_argument("--calib-size", type=_positive, default=800, help="TAP calibration-set size")
+    p.add_argument("--pool-labels", type=_positive, default=32, help="labels sampled for the calibration pool")
     p.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -229,7 +231,8 @@ def cmd_bench(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(out_dir=args.out_dir, n_eval=args.n, seed=args.seed, steps=args.steps, rows=args.rows)
+    run_demo(out_dir=args.out_dir, n_eval=args.n, seed=args.seed, steps=args.steps, rows=args.rows,
+             calib_size=min(args.calib_size, args.pool_labels * args.steps), pool_labels=args.pool_labels)
     return 0
 
 

@@ -179,6 +179,9 @@ def export_onnx(compiled, path, opset: int = 17) -> Path:
     path = Path(path)
     info = compiled.model_info
     holder = _StepHolder()
+    for m in compiled.graph_module.modules():
+        if hasattr(m, "packed"):
+            m.packed = None  # oneDNN's opaque prepacked weight cannot be copied; it is rebuilt on next use
     gm = copy.deepcopy(compiled.graph_module)
     linears = _swap_for_export(gm, holder)
     wrapper = _Wrapper(gm, holder).eval()
