@@ -43,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-bf16", action="store_true")
+    p.add_argument("--init-from", type=Path, help="start a new run from these weights (e.g. the shipped EMA), "
+                   "when there is no checkpoint to resume")
     return p.parse_args(argv)
 
 
@@ -134,6 +136,13 @@ def main(args: argparse.Namespace) -> None:
     if (args.out / "ckpt.safetensors").exists():
         state = load_checkpoint(args.out, model, ema, opt)
         print(f"resumed at step {state['step']} ({state['elapsed'] / 60:.1f} min)", flush=True)
+    elif args.init_from:
+        from qc_compiler.io import load_tensors
+
+        weights = {k: v.float() for k, v in load_tensors(args.init_from)[0].items()}
+        model.load_state_dict(weights)
+        ema.load_state_dict(weights)
+        print(f"initialised from {args.init_from}", flush=True)
     gen = torch.Generator().manual_seed(args.seed + state["step"])
     model.train()
     t_start, last_ckpt, running = time.time() - state["elapsed"], time.time(), []
