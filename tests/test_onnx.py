@@ -54,9 +54,29 @@ def test_weights_are_int8_and_onnxruntime_fuses_them(tmp_path):
     assert counts.get("MatMulIntegerToFloat", 0) >= 8  # qkv, proj, fc1, fc2 of both blocks + final linear
 
 
+@pytest.mark.parametrize("cache", [StepCache(interval=2), StepCache(policy="static", threshold=0.5)])
+def test_cached_model_exports_with_if_nodes_and_matches_torch(cache, tmp_path):
+    sampler = qc.DDPM(steps=6, cfg_scale=1.5)
+    cm = qc.compile(make_tiny(), passes=[cache, UniformCalibration(size=20, pool_labels=4), Quantize(8, 8),
+                                         VarianceCompensation(batch=4)], sampler=sampler)
+    path = cm.export_onnx(tmp_path / "m.onnx")
+    model = onnx.load(str(path))
+    assert sum(n.op_type == "If" for n in model.graph.node) == 4
+    assert {f"compute_{r}" for r in range(4)} | {f"cache_in_{r}" for r in range(4)} <= {i.name for i in model.graph.input}
+    ort = OrtDenoiser(path, threads=1)
+    a, b = sampler.sample(cm, [1, 2, 3], seed=0), sampler.sample(ort, [1, 2, 3], seed=0)
+    assert float((a - b).norm() / a.norm()) < 1e-4
+    # the fused INT8 kernels are inside the If branches too
+    assert optimized_op_counts(path).get("MatMulIntegerToFloat", 0) >= 8
+    x = torch.randn(2, 1, 16, 16)
+    ort(x, torch.full((2,), sampler.timesteps[0]), torch.tensor([1, 2]))
+    with pytest.raises(qc.StepError, match="changed inside a sampling run"):
+        ort(x, torch.full((2,), sampler.timesteps[1]), torch.tensor([1, 3]))
+
+
 @pytest.mark.parametrize("make, match", [
-    (lambda: qc.compile(make_tiny(), passes=[StepCache(interval=2), UniformCalibration(size=20, pool_labels=4),
-                                             Quantize(8, 8)], sampler=SAMPLER), "step-cache"),
+    (lambda: qc.compile(make_tiny(), passes=[StepCache(policy="adaptive"), UniformCalibration(size=20, pool_labels=4),
+                                             Quantize(8, 8)], sampler=SAMPLER), "adaptive"),
     (lambda: compiled(groups=2), "per-step-group"),
     (lambda: compiled(bits="w4a4"), "4-bit activations"),
 ])

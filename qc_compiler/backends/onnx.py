@@ -11,9 +11,19 @@ DequantizeLinear and the MatMul (that Transpose stops the fusion). Inputs are ``
 int64 ``step`` (the index in the compiled timestep table), which VC tables (initializers) are
 gathered by. The batch dimension is dynamic.
 
-Not exported yet, each refused with ``ExportError``: step-cache lookups (they need explicit cache
-inputs/outputs), per-step-group activation ranges (QuantizeLinear fuses only with constant scales),
-and activations below 8 bits.
+The step cache becomes one ONNX ``If`` per cached region, with explicit inputs and outputs:
+
+    compute_r (bool) --> If --then--> [ the region's nodes ] --> cache_out_r --> rest of the graph
+    cache_in_r ---------------else--> Identity ---------------^   (and a graph output)
+
+``If`` (rather than inputs/outputs alone) is what lets a reuse step skip the region's FLOPs:
+onnxruntime runs only the taken branch. The caller keeps the cache: ``OrtDenoiser`` stores each
+``cache_out_r`` at compute steps and feeds it back as ``cache_in_r``, deciding ``compute_r`` from the
+interval or static schedule stored in the file, exactly as the torch model does.
+
+Not exported yet, each refused with ``ExportError``: the adaptive cache policy (its decision needs
+the probe region's output mid-graph), per-step-group activation ranges (QuantizeLinear fuses only
+with constant scales), and activations below 8 bits.
 
 Example:
     >>> compiled.export_onnx("dit_int8.onnx")                          # doctest: +SKIP
@@ -48,9 +58,11 @@ _WEIGHT_SUFFIX = "qc_w_t"
 
 
 class _StepHolder:
-    """Carries the exported ``step`` input to the VC nodes during tracing (tracing follows tensors)."""
+    """Carries the exported ``step`` input to the VC nodes during tracing (tracing follows tensors),
+    and collects cache-region outputs in call order."""
 
     value: Optional[torch.Tensor] = None
+    cache_outputs: List[torch.Tensor] = []
 
 
 class _QDQLinear(nn.Module):
@@ -93,14 +105,29 @@ class _VCExport(nn.Module):
         return torch.cat([mu + k * (eps - mu), out[:, self.channels:]], dim=1)
 
 
+class _CacheExport(nn.Module):
+    """Export stand-in for a cache lookup: always runs its region and hands the output to the wrapper,
+    which makes it a graph output; the region's nodes are moved under an ``If`` afterwards."""
+
+    def __init__(self, region: nn.Module, holder: _StepHolder):
+        super().__init__()
+        self.region, self.holder = region, holder
+
+    def forward(self, *args):
+        out = self.region(*args)
+        self.holder.cache_outputs.append(out)
+        return out
+
+
 class _Wrapper(nn.Module):
     def __init__(self, gm: nn.Module, holder: _StepHolder):
         super().__init__()
         self.gm, self.holder = gm, holder
 
     def forward(self, x, t, y, step):
-        self.holder.value = step
-        return self.gm(x, t, y)
+        self.holder.value, self.holder.cache_outputs = step, []
+        out = self.gm(x, t, y)
+        return (out, *self.holder.cache_outputs) if self.holder.cache_outputs else out
 
 
 def _activation(module) -> Tuple[float, int]:
@@ -113,14 +140,16 @@ def _activation(module) -> Tuple[float, int]:
     return float(module.a_scale[-1]), int(module.a_zero[-1])
 
 
-def _stand_in(module) -> Optional[nn.Module]:
+def _stand_in(module, holder: _StepHolder) -> Optional[nn.Module]:
     """The export module replacing a quantized or step-aware node, or None to keep it."""
     from ..passes.cache import CacheLookup
     from ..backends.torch_int8 import Int8Linear
 
     if isinstance(module, CacheLookup):
-        raise ExportError("graphs with step-cache lookups cannot be exported yet: the cache needs explicit "
-                          "inputs and outputs; export the model compiled without StepCache")
+        if module.policy.kind == "adaptive":
+            raise ExportError("the adaptive cache policy cannot be exported: its decision needs the probe "
+                              "region's output mid-graph; export an interval or static schedule")
+        return _CacheExport(module.region, holder)
     if isinstance(module, QuantLinear):
         codes = quantize(module.weight.detach(), module.weight_qparams()).to(torch.int8)
         return _QDQLinear(codes, module.w_scale, module.bias, *_activation(module))
@@ -131,14 +160,16 @@ def _stand_in(module) -> Optional[nn.Module]:
     return None
 
 
-def _swap_for_export(gm: nn.Module, holder: _StepHolder) -> Dict[str, _QDQLinear]:
+def _swap_for_export(gm: nn.Module, holder: _StepHolder, prefix: str = "gm") -> Tuple[Dict[str, _QDQLinear], List[str]]:
+    """Replace quantized, cache and VC modules by export stand-ins; returns the weight initializer
+    names of the quantized linears, and the module names of the cache regions (in graph order)."""
     from ..passes.vc import VCRescale
 
-    linears = {}
+    linears, caches = {}, []
     for name, module in list(gm.named_modules()):
-        if not name:
+        if not name or any(name.startswith(c + ".") for c in caches):
             continue
-        new = _stand_in(module)
+        new = _stand_in(module, holder)
         if new is None and isinstance(module, VCRescale):
             new = _VCExport(module.k, module.channels, holder)
         if new is None:
@@ -146,8 +177,12 @@ def _swap_for_export(gm: nn.Module, holder: _StepHolder) -> Dict[str, _QDQLinear
         parent_name, _, child = name.rpartition(".")
         setattr(gm.get_submodule(parent_name) if parent_name else gm, child, new)
         if isinstance(new, _QDQLinear):
-            linears[f"gm.{name}.{_WEIGHT_SUFFIX}"] = new
-    return linears
+            linears[f"{prefix}.{name}.{_WEIGHT_SUFFIX}"] = new
+        if isinstance(new, _CacheExport):
+            caches.append(name)
+            inner, _ = _swap_for_export(new.region, holder, f"{prefix}.{name}.region")  # linears inside it
+            linears.update(inner)
+    return linears, caches
 
 
 def _int8_weights(model, linears: Dict[str, _QDQLinear]) -> int:
@@ -172,6 +207,48 @@ def _int8_weights(model, linears: Dict[str, _QDQLinear]) -> int:
     return done
 
 
+def _cache_to_if(model, caches: List[str]) -> None:
+    """Move each cache region's nodes (named by module scope) under an If on ``compute_r``."""
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    for r, name in enumerate(caches):
+        scope, out_name, param_prefix = f"/gm/{name}/", f"cache_out_{r}", f"gm.{name}."
+        # The region's nodes, and its int8 weights with their DequantizeLinear: onnxruntime fuses
+        # QDQ into integer kernels only when the weights are constants of the same (sub)graph.
+        nodes = [n for n in graph.node if n.name.startswith(scope) or n.name.startswith(param_prefix)]
+        used_outside = {i for n in graph.node if n not in nodes for i in n.input}
+        # (the exporter shares identical initializers, e.g. zero biases, between layers: those stay outside)
+        params = [i for i in graph.initializer if i.name.startswith(param_prefix) and i.name not in used_outside]
+        produced = {o for n in nodes for o in n.output}
+        if out_name not in produced:
+            raise ExportError(f"cache region {name}: its output was not found under scope {scope}")
+        outside = [n for n in graph.node if not n.name.startswith(scope)]
+        leaks = {i for n in outside for i in n.input if i in produced and i != out_name}
+        if leaks:
+            raise ExportError(f"cache region {name} shares values with the rest of the graph: {sorted(leaks)[:3]}")
+        inner_out = out_name + "__computed"
+        for n in nodes:
+            n.output[:] = [inner_out if o == out_name else o for o in n.output]
+        dims = [f"batch_{r}", f"tokens_{r}", f"width_{r}"]  # (N, T, D), symbolic
+        then_g = helper.make_graph(nodes, f"compute_{r}", [], [helper.make_tensor_value_info(inner_out, TensorProto.FLOAT, dims)],
+                                   initializer=params)
+        else_g = helper.make_graph([helper.make_node("Identity", [f"cache_in_{r}"], [out_name + "__reused"])],
+                                   f"reuse_{r}", [], [helper.make_tensor_value_info(out_name + "__reused", TensorProto.FLOAT, dims)])
+        # The If goes where the region's last node was: every outer value the region reads is made
+        # before that (unscoped constants can sit between region nodes), and its output is used after.
+        order = list(graph.node)
+        position = order.index(nodes[-1]) - (len(nodes) - 1)
+        for n in nodes:
+            graph.node.remove(n)
+        for i in params:
+            graph.initializer.remove(i)
+        graph.node.insert(position, helper.make_node("If", [f"compute_{r}"], [out_name], name=f"cache_if_{r}",
+                                                     then_branch=then_g, else_branch=else_g))
+        graph.input.extend([helper.make_tensor_value_info(f"compute_{r}", TensorProto.BOOL, []),
+                            helper.make_tensor_value_info(f"cache_in_{r}", TensorProto.FLOAT, dims)])
+
+
 def export_onnx(compiled, path, opset: int = 17) -> Path:
     """Write ``compiled`` (a CompiledModel) as INT8 QDQ ONNX to ``path``, checked with the full checker."""
     import onnx
@@ -180,10 +257,10 @@ def export_onnx(compiled, path, opset: int = 17) -> Path:
     info = compiled.model_info
     holder = _StepHolder()
     for m in compiled.graph_module.modules():
-        if hasattr(m, "packed"):
+        if getattr(m, "packed", None) is not None:
             m.packed = None  # oneDNN's opaque prepacked weight cannot be copied; it is rebuilt on next use
     gm = copy.deepcopy(compiled.graph_module)
-    linears = _swap_for_export(gm, holder)
+    linears, caches = _swap_for_export(gm, holder)
     wrapper = _Wrapper(gm, holder).eval()
     b, c, s = 2, info["in_channels"], info["input_size"]
     example = (torch.randn(b, c, s, s), torch.full((b,), compiled.timesteps[0], dtype=torch.long),
@@ -195,26 +272,40 @@ def export_onnx(compiled, path, opset: int = 17) -> Path:
         # fake_quantize ops; its deprecation notice is for us, not the user.
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(wrapper, example, buf, dynamo=False, input_names=names, output_names=["out"],
-                              dynamic_axes={"x": {0: "batch"}, "t": {0: "batch"}, "y": {0: "batch"}, "out": {0: "batch"}},
+            torch.onnx.export(wrapper, example, buf, dynamo=False, input_names=names,
+                              output_names=["out"] + [f"cache_out_{r}" for r in range(len(caches))],
+                              dynamic_axes={"x": {0: "batch"}, "t": {0: "batch"}, "y": {0: "batch"}, "out": {0: "batch"},
+                                            **{f"cache_out_{r}": {0: "batch"} for r in range(len(caches))}},
                               opset_version=opset)
     except Exception as e:
         raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {e}".splitlines()[0]) from e
     model = onnx.load_from_string(buf.getvalue())
     n_int8 = _int8_weights(model, linears)
+    _cache_to_if(model, caches)
     hooks = [h for h in compiled.step_hooks if hasattr(h, "k")]
     meta = {"qc.timesteps": json.dumps(compiled.timesteps), "qc.model_info": json.dumps(_jsonable(info)),
             "qc.sampler": json.dumps(compiled.sampler_spec), "qc.int8_linears": str(n_int8),
-            "qc.vc_sample_k": json.dumps(hooks[0].k.tolist()) if hooks else ""}
+            "qc.vc_sample_k": json.dumps(hooks[0].k.tolist()) if hooks else "",
+            "qc.cache": json.dumps(_cache_meta(compiled, len(caches)))}
     for k, v in meta.items():
         model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as e:
-        raise ExportError(f"the exported graph fails onnx.checker: {e}".splitlines()[0]) from e
+        raise ExportError(f"the exported graph fails onnx.checker: {e}".replace("\n", " ")[:400]) from e
     atomic_write_bytes(path, model.SerializeToString())
     log.info("wrote %s: %d int8 linears", path, n_int8)
     return path
+
+
+def _cache_meta(compiled, regions: int) -> Dict:
+    from ..passes.cache import CacheLookup
+
+    lookup = next((m for m in compiled.graph_module.modules() if isinstance(m, CacheLookup)), None)
+    if lookup is None:
+        return {"regions": 0}
+    p = lookup.policy
+    return {"regions": regions, "kind": p.kind, "interval": p.interval, "schedule": p.schedule}
 
 
 def _jsonable(info: Dict) -> Dict:
@@ -248,6 +339,9 @@ class OrtDenoiser:
         self.sampler_spec = json.loads(meta["qc.sampler"])
         self._index = {t: i for i, t in enumerate(json.loads(meta["qc.timesteps"]))}
         self.step_hooks: List = []
+        self.cache = json.loads(meta.get("qc.cache") or '{"regions": 0}')
+        self._store: Dict[int, np.ndarray] = {}
+        self._labels: Optional[np.ndarray] = None
         if meta.get("qc.vc_sample_k"):
             from ..passes.vc import apply_k
 
@@ -258,14 +352,33 @@ class OrtDenoiser:
     input_size = property(lambda self: self.model_info["input_size"])
     in_channels = property(lambda self: self.model_info["in_channels"])
 
+    def _computes(self, step: int, r: int) -> bool:
+        if step == 0 or r not in self._store:
+            return True
+        if self.cache["kind"] == "interval":
+            return step % self.cache["interval"] == 0
+        return bool(self.cache["schedule"][step][r])
+
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         t0 = int(torch.as_tensor(t).reshape(-1)[0])
         if t0 not in self._index:
             raise StepError(f"timestep {t0} is not in the exported schedule")
+        step, labels = self._index[t0], y.detach().long().cpu().numpy()
+        regions = self.cache["regions"]
+        if step == 0:  # a new sampling run: the cache is the caller's, and it starts empty
+            self._store, self._labels = {}, labels
+        elif regions and (self._labels is None or not np.array_equal(self._labels, labels)):
+            raise StepError(f"the batch (size or labels) changed inside a sampling run at step {step}")
         feed = {"x": x.detach().float().cpu().numpy(), "t": torch.as_tensor(t).expand(x.shape[0]).long().numpy(),
-                "y": y.detach().long().cpu().numpy(), "step": np.array(self._index[t0], dtype=np.int64)}
+                "y": labels, "step": np.array(step, dtype=np.int64)}
+        for r in range(regions):
+            feed[f"compute_{r}"] = np.array(self._computes(step, r))
+            feed[f"cache_in_{r}"] = self._store.get(r, np.zeros((1, 1, 1), dtype=np.float32))
         feed = {k: v for k, v in feed.items() if k in self._inputs}
-        return torch.from_numpy(self.session.run(["out"], feed)[0])
+        outs = self.session.run(["out"] + [f"cache_out_{r}" for r in range(regions)], feed)
+        for r in range(regions):
+            self._store[r] = outs[1 + r]
+        return torch.from_numpy(outs[0])
 
 
 def optimized_op_counts(path, threads: int = 1) -> Dict[str, int]:
@@ -280,6 +393,13 @@ def optimized_op_counts(path, threads: int = 1) -> Dict[str, int]:
     opts.optimized_model_filepath = str(out)
     ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     counts: Dict[str, int] = {}
-    for node in onnx.load(str(out)).graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+
+    def walk(graph) -> None:  # If branches (the cache regions) are subgraphs: count inside them too
+        for node in graph.node:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    walk(attr.g)
+
+    walk(onnx.load(str(out)).graph)
     return counts
