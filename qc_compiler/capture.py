@@ -33,7 +33,7 @@ from .errors import CaptureError
 
 __all__ = [
     "capture", "DiTTracer", "graph_flavour", "node_module_path", "find_linears", "LinearSite",
-    "BranchSpec", "BranchRegion", "DIT_BRANCHES", "find_branch_regions",
+    "BranchSpec", "BranchRegion", "DIT_BRANCHES", "DIFFUSERS_BRANCHES", "BLOCK_LAYOUTS", "find_branch_regions",
 ]
 
 log = logging.getLogger(__name__)
@@ -250,6 +250,10 @@ class BranchRegion:
 
 
 DIT_BRANCHES = (BranchSpec("attn", "norm1", "attn.proj"), BranchSpec("mlp", "norm2", "mlp.fc2"))
+# diffusers' DiTTransformer2DModel: AdaLayerNormZero modulates inside norm1; the MLP branch opens at norm3.
+DIFFUSERS_BRANCHES = (BranchSpec("attn", "norm1.norm", "attn1.to_out.0"), BranchSpec("mlp", "norm3", "ff.net.2"))
+# (block pattern, branches) per model family; the first that finds regions wins.
+BLOCK_LAYOUTS = ((r"^blocks\.\d+$", DIT_BRANCHES), (r"^(?:.*\.)?transformer_blocks\.\d+$", DIFFUSERS_BRANCHES))
 _NORM_OPS = (torch.ops.aten.layer_norm.default, torch.nn.functional.layer_norm)
 
 
@@ -260,13 +264,22 @@ def _is_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def find_branch_regions(
-    gm: fx.GraphModule, branches: Iterable[BranchSpec] = DIT_BRANCHES, block_pattern: str = r"^blocks\.\d+$"
+    gm: fx.GraphModule, branches: Optional[Iterable[BranchSpec]] = None, block_pattern: Optional[str] = None
 ) -> List[BranchRegion]:
     """The residual branches of every transformer block, in graph order.
 
     A branch region is every node that both depends on the branch's norm and feeds its output layer:
     norm -> modulate -> ... -> output. The adaLN modulation, gates and residual adds lie outside it.
+    Without ``branches``/``block_pattern``, the known layouts (our DiT, diffusers' DiT) are tried.
     """
+    if branches is None and block_pattern is None:
+        for pattern, layout in BLOCK_LAYOUTS:
+            regions = find_branch_regions(gm, layout, pattern)
+            if regions:
+                return regions
+        return []
+    branches = DIT_BRANCHES if branches is None else branches
+    block_pattern = BLOCK_LAYOUTS[0][0] if block_pattern is None else block_pattern
     block_re = re.compile(block_pattern)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     by_path: Dict[str, List[fx.Node]] = {}

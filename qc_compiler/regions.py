@@ -36,16 +36,27 @@ def outline_region(gm: fx.GraphModule, region: BranchRegion, name: str,
     """Move ``region``'s nodes into a submodule ``name`` (built by ``wrap(region_gm)``); return its call node."""
     inside = set(region.nodes)
     for n in region.nodes[:-1]:
+        for u in [u for u in n.users if u not in inside and _is_assertion(u)]:
+            gm.graph.erase_node(u)  # torch.export's shape/dtype checks; they would pin values outside
         outside_users = [u for u in n.users if u not in inside]
         if outside_users:
             raise PassError(pass_name, f"region {region.qualname} cannot be outlined: {n.name} is also used by "
                             f"{[u.name for u in outside_users]} outside it", node=n.name)
-    inputs = [a for a in region.inputs() if a.op != "get_attr"]
+    # Sizes read outside (torch.export's sym_size) are re-read inside from the tensor they measure:
+    # a size passed across the boundary as a plain int would be frozen by tracers (ONNX export).
+    sizes = [a for a in region.inputs() if _is_size(a)]
+    inputs = []
+    for a in region.inputs():
+        candidate = a.args[0] if a in sizes else a
+        if candidate.op != "get_attr" and candidate not in inputs:
+            inputs.append(candidate)
     sub = fx.Graph()
     env: Dict[fx.Node, fx.Node] = {}
     for a in inputs:
         env[a] = sub.placeholder(a.name)
         env[a].meta = dict(a.meta)
+    for a in sizes:
+        env[a] = sub.node_copy(a, lambda n: env[n])
 
     def lookup(a: fx.Node) -> fx.Node:
         if a not in env:  # a parameter read (export graphs): re-read it inside the submodule
@@ -69,6 +80,17 @@ def outline_region(gm: fx.GraphModule, region: BranchRegion, name: str,
     gm.delete_all_unused_submodules()
     gm.recompile()
     return call
+
+
+def _is_size(node: fx.Node) -> bool:
+    import torch
+
+    return (node.op == "call_function" and node.target is torch.ops.aten.sym_size.int
+            and isinstance(node.args[0], fx.Node))
+
+
+def _is_assertion(node: fx.Node) -> bool:
+    return node.op == "call_function" and "_assert" in str(node.target) and not node.users
 
 
 def iter_graph_modules(module: nn.Module, prefix: str = "") -> Iterator[Tuple[str, fx.GraphModule]]:

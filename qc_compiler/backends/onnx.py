@@ -130,6 +130,45 @@ class _Wrapper(nn.Module):
         return (out, *self.holder.cache_outputs) if self.holder.cache_outputs else out
 
 
+def _size(x: torch.Tensor, dim: int):
+    return x.size(dim)  # traced as a dynamic Shape op, where aten.sym_size.int would freeze a constant
+
+
+def _view(x, size):
+    return x.view(size)
+
+
+def _reshape(x, size):
+    return x.reshape(size)
+
+
+def _expand(x, size, implicit=False):
+    return x.expand(size)
+
+
+# ATen overloads that take sizes, and Tensor-method stand-ins the TorchScript tracer keeps dynamic
+_SIZED = {torch.ops.aten.sym_size.int: _size, torch.ops.aten.view.default: _view,
+          torch.ops.aten.reshape.default: _reshape, torch.ops.aten._unsafe_view.default: _view,
+          torch.ops.aten.expand.default: _expand}
+
+
+def _unfreeze_sizes(gm: nn.Module) -> None:
+    """torch.export graphs read sizes with ``aten.sym_size.int`` and pass them to ATen overloads;
+    the TorchScript tracer would bake the example's batch into the file. Use ``Tensor`` methods
+    instead, which it traces as Shape ops."""
+    import torch.fx as fx
+
+    for sub in gm.modules():
+        if not isinstance(sub, fx.GraphModule):
+            continue
+        changed = False
+        for node in sub.graph.nodes:
+            if node.op == "call_function" and node.target in _SIZED:
+                node.target, changed = _SIZED[node.target], True
+        if changed:
+            sub.recompile()
+
+
 def _activation(module) -> Tuple[float, int]:
     if getattr(module, "num_groups", 1) > 1:
         raise ExportError(f"{module.path}: per-step-group activation ranges cannot be exported yet "
@@ -192,9 +231,13 @@ def _int8_weights(model, linears: Dict[str, _QDQLinear]) -> int:
     inits = {i.name: i for i in model.graph.initializer}
     done = 0
     for name, layer in linears.items():
-        if name not in inits:
-            raise ExportError(f"the exporter renamed weight {name}; cannot place its int8 codes")
-        model.graph.initializer.remove(inits[name])
+        if name in inits:
+            model.graph.initializer.remove(inits[name])
+        else:  # the exporter shares equal tensors: this weight is an Identity of another initializer
+            alias = next((n for n in model.graph.node if n.op_type == "Identity" and list(n.output) == [name]), None)
+            if alias is None:
+                raise ExportError(f"the exporter renamed weight {name}; cannot place its int8 codes")
+            model.graph.node.remove(alias)
         model.graph.initializer.extend([
             numpy_helper.from_array(layer.codes.numpy().astype(np.int8), name + "_int8"),
             numpy_helper.from_array(layer.w_scale.numpy().astype(np.float32), name + "_scale"),
@@ -217,16 +260,23 @@ def _cache_to_if(model, caches: List[str]) -> None:
         # The region's nodes, and its int8 weights with their DequantizeLinear: onnxruntime fuses
         # QDQ into integer kernels only when the weights are constants of the same (sub)graph.
         nodes = [n for n in graph.node if n.name.startswith(scope) or n.name.startswith(param_prefix)]
-        used_outside = {i for n in graph.node if n not in nodes for i in n.input}
-        # (the exporter shares identical initializers, e.g. zero biases, between layers: those stay outside)
-        params = [i for i in graph.initializer if i.name.startswith(param_prefix) and i.name not in used_outside]
-        produced = {o for n in nodes for o in n.output}
-        if out_name not in produced:
+        if out_name not in {o for n in nodes for o in n.output}:
             raise ExportError(f"cache region {name}: its output was not found under scope {scope}")
-        outside = [n for n in graph.node if not n.name.startswith(scope)]
-        leaks = {i for n in outside for i in n.input if i in produced and i != out_name}
+        # The exporter shares equal subexpressions (constants, the batch size) between a region and
+        # the rest of the graph: such nodes stay outside (a branch can read outer-scope values).
+        while True:
+            inside = set(map(id, nodes))
+            read_outside = {i for n in graph.node if id(n) not in inside for i in n.input}
+            shared = [n for n in nodes if out_name not in n.output and set(n.output) & read_outside]
+            if not shared:
+                break
+            nodes = [n for n in nodes if n not in shared]
+        produced = {o for n in nodes for o in n.output}
+        leaks = {i for n in graph.node if id(n) not in inside for i in n.input if i in produced and i != out_name}
         if leaks:
             raise ExportError(f"cache region {name} shares values with the rest of the graph: {sorted(leaks)[:3]}")
+        # Initializers move in too, except those the exporter shares with other layers (equal tensors).
+        params = [i for i in graph.initializer if i.name.startswith(param_prefix) and i.name not in read_outside]
         inner_out = out_name + "__computed"
         for n in nodes:
             n.output[:] = [inner_out if o == out_name else o for o in n.output]
@@ -260,6 +310,7 @@ def export_onnx(compiled, path, opset: int = 17) -> Path:
         if getattr(m, "packed", None) is not None:
             m.packed = None  # oneDNN's opaque prepacked weight cannot be copied; it is rebuilt on next use
     gm = copy.deepcopy(compiled.graph_module)
+    _unfreeze_sizes(gm)
     linears, caches = _swap_for_export(gm, holder)
     wrapper = _Wrapper(gm, holder).eval()
     b, c, s = 2, info["in_channels"], info["input_size"]

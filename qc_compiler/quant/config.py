@@ -1,7 +1,7 @@
 """What to quantize and how: ``LayerQuant`` for one op, ``QuantConfig`` for a model.
 
 Defaults follow METHOD.md section 2: every linear layer in the DiT blocks (qkv, proj, fc1, fc2 and
-the adaLN modulation) and in the final layer, weights per output channel (symmetric, MSE-searched),
+the adaLN modulation) and in the final layer (diffusers' names: ``transformer_blocks.*``, ``proj_out_*``), weights per output channel (symmetric, MSE-searched),
 activations per tensor (asymmetric, min-max); norms and softmax stay in float; the two attention
 matmuls are optional. Overrides are ordered ``(pattern, LayerQuant | None)`` pairs; the last match
 wins; ``None`` keeps the op in float. A pattern is a glob over the module path
@@ -44,7 +44,7 @@ class LayerQuant:
 @dataclass(frozen=True)
 class QuantConfig:
     default: LayerQuant = field(default_factory=LayerQuant)
-    include: Tuple[str, ...] = ("blocks.*", "final_layer.*")
+    include: Tuple[str, ...] = ("blocks.*", "final_layer.*", "*transformer_blocks.*", "*proj_out_*")
     overrides: Tuple[Tuple[str, Optional[LayerQuant]], ...] = ()
     attn_matmuls: bool = False
     act_step_groups: int = 1  # >1: activation ranges per group of consecutive sampling steps
