@@ -104,6 +104,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_positive, default=1000, help="number of samples (labels cycle 0..9)")
     p.add_argument("--batch-size", type=_positive, default=250)
     p.add_argument("--out", type=Path, help="write the metrics as JSON here")
+    p.add_argument("--nproc", type=_positive, default=1, help="sample with N processes (torchrun, gloo/NCCL)")
+    p.add_argument("--shard-dir", type=Path, default=Path("out/eval_shards"), help="shard folder for --nproc")
+
+    p = sub.add_parser("sample-ddp", help="sharded sampling over processes (launch with torchrun); resumable",
+                       parents=[common])
+    _add_model_args(p)
+    _add_sampler_args(p)
+    # --num-samples: torchrun's own parser would take "--n" for an abbreviation of its options
+    p.add_argument("--num-samples", "--n", dest="n", type=_positive, default=1000,
+                   help="number of samples (labels cycle 0..classes-1)")
+    p.add_argument("--shard-size", type=_positive, default=50, help="samples per shard file (one batch)")
+    p.add_argument("--out-dir", type=Path, required=True, help="folder for shard files (a rerun resumes there)")
+    p.add_argument("--eval", action="store_true", help="rank 0 merges and computes the metric suite")
+    p.add_argument("--out", type=Path, help="with --eval: write the metrics as JSON here")
 
     p = sub.add_parser("bench", help="quality and measured speed of compile variants (same seeds)", parents=[common])
     p.add_argument("suite", choices=["quality", "ablation"], help="quality: the --variants given; ablation: the Q&C rows")
@@ -185,6 +199,8 @@ def cmd_compile(args) -> int:
 def cmd_eval(args) -> int:
     from .eval import evaluate
 
+    if args.nproc > 1:
+        return _launch_ddp_eval(args)
     model = _model(args)
     sampler = _sampler(args, model)
     labels = [i % model.num_classes for i in range(args.n)]
@@ -202,6 +218,56 @@ def cmd_eval(args) -> int:
         from .io import save_json
 
         save_json(metrics, args.out)
+    return 0
+
+
+def _launch_ddp_eval(args) -> int:
+    """``qc eval --nproc N``: the same run as ``torchrun --nproc_per_node=N -m qc_compiler sample-ddp --eval``."""
+    import subprocess
+
+    forward = ["--model", args.model, "--num-samples", str(args.n), "--shard-size", str(args.batch_size),
+               "--out-dir", str(args.shard_dir), "--eval", "--seed", str(args.seed)]
+    for flag, value in (("--ckpt", args.ckpt), ("--compiled", args.compiled), ("--steps", args.steps),
+                        ("--cfg", args.cfg), ("--sampler", args.sampler), ("--input-size", args.input_size),
+                        ("--in-channels", args.in_channels), ("--num-classes", args.num_classes),
+                        ("--out", args.out)):
+        if value is not None:
+            forward += [flag, str(value)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+           "-m", "qc_compiler", "sample-ddp", *forward]
+    return subprocess.call(cmd)
+
+
+def cmd_sample_ddp(args) -> int:
+    from .distributed import barrier, init_distributed, merge_shards, sample_shards
+
+    rank, world = init_distributed()
+    model = _model(args)
+    if torch.cuda.is_available() and world > 1:
+        model = model.to(f"cuda:{torch.cuda.current_device()}")
+    sampler = _sampler(args, model)
+    labels = [i % model.num_classes for i in range(args.n)]
+    model_id = str(args.compiled or args.ckpt or args.model)
+    written = sample_shards(model, sampler, labels, args.seed, args.out_dir, args.shard_size, rank, world,
+                            model_id, progress=rank == 0)
+    print(f"rank {rank}/{world}: wrote {len(written)} shard(s) to {args.out_dir}")
+    barrier()
+    if rank == 0:
+        images, ys = merge_shards(args.out_dir, sampler, labels, args.seed, args.shard_size, model_id)
+        from .io import save_tensors
+
+        save_tensors({"images": images, "labels": ys}, args.out_dir / "samples.safetensors")
+        print(f"merged {len(images)} samples into {args.out_dir / 'samples.safetensors'}")
+        if args.eval:
+            from .eval import evaluate
+
+            metrics = evaluate(images, ys)
+            print(json.dumps(metrics, indent=2))
+            if getattr(args, "out", None):
+                from .io import save_json
+
+                save_json(metrics, args.out)
+    barrier()
     return 0
 
 
@@ -243,7 +309,8 @@ def _check_labels(model, labels: Sequence[int]) -> None:
         raise QCError(f"labels {bad} are out of range for a model with {n} classes")
 
 
-COMMANDS = {"sample": cmd_sample, "compile": cmd_compile, "eval": cmd_eval, "bench": cmd_bench, "demo": cmd_demo}
+COMMANDS = {"sample": cmd_sample, "compile": cmd_compile, "eval": cmd_eval, "sample-ddp": cmd_sample_ddp,
+            "bench": cmd_bench, "demo": cmd_demo}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
