@@ -31,7 +31,7 @@ _SELECTORS = {"uniform": UniformCalibration, "tap": TAPCalibration, "kmeans": KM
 
 
 def variant_passes(name: str, bits: str = "w8a8", cache: int = 2, size: int = 800, pool_labels: int = 32,
-                   vc: str = "eps", threshold: float = 0.1) -> List:
+                   vc: str = "sample", threshold: float = 0.1) -> List:
     """Passes for a variant name: ``fp32``; ``cache-i3``; ``cache-adaptive-0.3``; ``cache-static-0.2``;
     ``quant-<selector>``; ``qc-<selector>[-vc]`` (cache + quantization [+ VC]); ``w4a8-tap`` style names
     override ``bits``."""
@@ -74,7 +74,7 @@ def sample_timed(model, sampler, labels: Sequence[int], seed: int, batch: int):
 
 def run_variants(names: Sequence[str], model_name: str = "dit-mnist", n: int = 1000, steps: int = 50,
                  cfg: float = 1.5, seed: int = 0, batch: int = 250, bits: str = "w8a8", cache: int = 2,
-                 size: int = 800, pool_labels: int = 32, vc: str = "eps", backend: str = "torch",
+                 size: int = 800, pool_labels: int = 32, vc: str = "sample", backend: str = "torch",
                  fp250: bool = False, on_row: Optional[Callable[[Dict], None]] = None) -> List[Dict]:
     """Compile, sample and score each variant; rows carry metrics, times and speed ratios."""
     from .eval import evaluate

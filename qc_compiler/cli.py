@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", type=_positive, default=2, help="cache interval for the quant+cache rows")
     p.add_argument("--calib-size", type=_positive, default=800)
     p.add_argument("--pool-labels", type=_positive, default=32)
-    p.add_argument("--vc", choices=["eps", "sample"], default="eps")
+    p.add_argument("--vc", choices=["eps", "sample"], default="sample")
     p.add_argument("--backend", default="torch")
     p.add_argument("--fp250", action="store_true", help="also time FP32 at 250 steps")
     p.add_argument("--out", type=Path, help="write all rows as JSON here")

@@ -13,7 +13,7 @@ from .passes import Quantize, StepCache, TAPCalibration, VarianceCompensation
 __all__ = ["qandc"]
 
 
-def qandc(bits: str = "w8a8", cache: Union[int, str, None] = 2, placement: str = "eps", clusters: int = 100,
+def qandc(bits: str = "w8a8", cache: Union[int, str, None] = 2, placement: str = "sample", clusters: int = 100,
           size: int = 800, pool_labels: int = 32, vc_batch: int = 32, threshold: float = 0.1) -> List:
     """The Q&C schedule: step cache, TAP calibration on the cached model, quantization, then VC.
 

@@ -9,10 +9,11 @@ from qc_compiler.passes.vc import VCRescale, VCSampleHook, apply_k, fit_k
 from conftest import make_tiny
 
 
-def objective(k, x_hat, x_ref, mask_eps=1e-3):
+def objective(k, x_hat, x_ref, mask_eps=0.1):
     mu = x_hat.mean(axis=(2, 3), keepdims=True)
     xt = mu + k * (x_hat - mu)
-    inv = np.where(np.abs(x_ref) >= mask_eps, 1 / x_ref, 0.0)
+    threshold = mask_eps * np.sqrt(np.mean(x_ref ** 2))  # relative to the channel's RMS, as fit_k
+    inv = np.where(np.abs(x_ref) >= threshold, 1 / x_ref, 0.0)
     return np.sum(((xt - x_ref) * inv) ** 2) + np.sum((xt - x_ref) ** 2)
 
 
@@ -96,8 +97,17 @@ def test_vc_without_calibration_set_is_an_order_error():
         qc.compile(make_tiny(), passes=[VarianceCompensation()], sampler=qc.DDPM(steps=3))
 
 
+def test_k_range_clamps_degenerate_fits():
+    torch.manual_seed(0)
+    x_ref, x_hat = torch.randn(8, 1, 6, 6), torch.randn(8, 1, 6, 6)  # unrelated: the unclamped K is near 0
+    assert abs(float(fit_k(x_hat, x_ref))) < 0.3
+    assert float(fit_k(x_hat, x_ref, k_range=(0.5, 2.0))) == 0.5
+
+
 def test_bad_options():
     with pytest.raises(ValueError, match="placement"):
         VarianceCompensation(placement="logits")
     with pytest.raises(ValueError, match="batch"):
         VarianceCompensation(batch=1)
+    with pytest.raises(ValueError, match="k_range"):
+        VarianceCompensation(k_range=(1.5, 2.0))

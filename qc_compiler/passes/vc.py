@@ -9,9 +9,12 @@ K (steps x channels) is fitted offline, training-free, from paired trajectories 
 same noise and labels: the FP graph without cache gives x', the current (quantized, cached) graph
 gives x_hat. It is fitted step by step with the earlier factors already applied, using the exact
 minimiser of rQNSR(x_tilde, x')^2 + MSE(x_tilde, x') (``form="exact"``), or the paper's printed
-form (``form="paper"``); 1/x' terms are masked where |x'| < ``mask_eps``.
+form (``form="paper"``); 1/x' terms are masked where |x'| < ``mask_eps`` x RMS(x') (choice), and K
+is clamped to ``k_range`` (default 0.5..2; choice: a safety net against degenerate fits, e.g. when
+few-step trajectories have diverged; ``None`` turns it off).
 
-Two placements:
+Two placements (choice: ``sample``, the paper's, is the default; on short trajectories that have
+drifted apart, ``eps`` fits collapse K towards 0, which wrecks the x0 prediction):
 - ``eps``: a rescale node on the model's predicted-noise channels, inside the graph (the learned-sigma
   channels are left alone), so any denoiser loop gets it:
 
@@ -49,39 +52,45 @@ def apply_k(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return mu + k.view(1, -1, 1, 1).to(x.dtype) * (x - mu)
 
 
-def fit_k(x_hat: torch.Tensor, x_ref: torch.Tensor, form: str = "exact", mask_eps: float = 1e-3) -> torch.Tensor:
+def fit_k(x_hat: torch.Tensor, x_ref: torch.Tensor, form: str = "exact", mask_eps: float = 0.1,
+          k_range: Optional[Sequence[float]] = None) -> torch.Tensor:
     """Closed-form K per channel minimising mean(((x~ - x')/x')^2) + mean((x~ - x')^2). Shapes (N, C, H, W).
 
     exact: K = [sum d (x'-mu) + sum d (x'-mu) / x'^2] / [sum d^2 + sum d^2 / x'^2],  d = x_hat - mu
     paper: the second numerator term is sum d / x' (as printed; equal to exact when mu = 0).
-    Sums run over batch and spatial positions of one channel; 1/x' terms are masked where |x'| < mask_eps.
+    Sums run over batch and spatial positions of one channel. The 1/x' terms are masked where
+    |x'| < mask_eps * RMS(x') of the channel (choice: relative, because near-zero x' give weights of
+    1/x'^2 that otherwise decide K alone). ``k_range`` clamps the result (None: no clamp).
     """
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     x_hat, x_ref = x_hat.double(), x_ref.double()
     mu = x_hat.mean(dim=(2, 3), keepdim=True)
     d, r = x_hat - mu, x_ref - mu
-    inv = torch.where(x_ref.abs() >= mask_eps, 1.0 / x_ref, torch.zeros_like(x_ref))
     dims = (0, 2, 3)
+    threshold = mask_eps * x_ref.pow(2).mean(dims, keepdim=True).sqrt()  # (1, C, 1, 1)
+    inv = torch.where(x_ref.abs() >= threshold, 1.0 / x_ref, torch.zeros_like(x_ref))
     second = (d * r * inv ** 2).sum(dims) if form == "exact" else (d * inv).sum(dims)
     num = (d * r).sum(dims) + second
     den = (d * d).sum(dims) + (d * d * inv ** 2).sum(dims)
     k = torch.where(den > 0, num / den.clamp_min(1e-30), torch.ones_like(den))
+    if k_range is not None:
+        k = k.clamp(float(k_range[0]), float(k_range[1]))
     return k.float()
 
 
 class _KTable(StepAware, nn.Module):
     """A (steps x channels) K table read at the current step; fits itself when given targets."""
 
-    def __init__(self, num_steps: int, channels: int, form: str, mask_eps: float):
+    def __init__(self, num_steps: int, channels: int, form: str, mask_eps: float, k_range=None):
         super().__init__()
         self.register_buffer("k", torch.ones(num_steps, channels))
-        self.form, self.mask_eps = form, mask_eps
+        self.form, self.mask_eps, self.k_range = form, mask_eps, k_range
         self.targets: Optional[List[torch.Tensor]] = None  # per step, while fitting
 
     def rescale(self, x: torch.Tensor, step: int) -> torch.Tensor:
         if self.targets is not None:  # fitting: K for this step from this step's (already corrected) input
-            self.k[step] = fit_k(x, self.targets[step].to(x.device), self.form, self.mask_eps)
+            self.k[step] = fit_k(x, self.targets[step].to(x.device), self.form, self.mask_eps, self.k_range)
         return apply_k(x, self.k[step])
 
     def report_section(self) -> str:
@@ -95,8 +104,8 @@ class _KTable(StepAware, nn.Module):
 class VCRescale(_KTable):
     """Graph node: rescales the predicted-noise channels of the model output at the current step."""
 
-    def __init__(self, num_steps: int, channels: int, form: str, mask_eps: float):
-        super().__init__(num_steps, channels, form, mask_eps)
+    def __init__(self, num_steps: int, channels: int, form: str, mask_eps: float, k_range=None):
+        super().__init__(num_steps, channels, form, mask_eps, k_range)
         self.channels = channels
 
     def forward(self, out: torch.Tensor) -> torch.Tensor:
@@ -122,7 +131,10 @@ class VarianceCompensation(Pass):
     requires = frozenset({"calibration_set"})
     provides = frozenset({"vc"})
 
-    def __init__(self, placement: str = "eps", form: str = "exact", batch: int = 32, mask_eps: float = 1e-3):
+    def __init__(self, placement: str = "sample", form: str = "exact", batch: int = 32, mask_eps: float = 0.1,
+                 k_range: Optional[Sequence[float]] = (0.5, 2.0)):
+        if k_range is not None and not (0 < float(k_range[0]) <= 1.0 <= float(k_range[1])):
+            raise ValueError(f"k_range must contain 1 and be positive, got {k_range}")
         if placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
         if form not in FORMS:
@@ -130,9 +142,11 @@ class VarianceCompensation(Pass):
         if batch < 2:
             raise ValueError(f"batch must be >= 2 (variances need samples), got {batch}")
         self.placement, self.form, self.batch, self.mask_eps = placement, form, int(batch), float(mask_eps)
+        self.k_range = None if k_range is None else [float(k_range[0]), float(k_range[1])]
 
     def options(self) -> Dict[str, Any]:
-        return {"placement": self.placement, "form": self.form, "batch": self.batch, "mask_eps": self.mask_eps}
+        return {"placement": self.placement, "form": self.form, "batch": self.batch, "mask_eps": self.mask_eps,
+                "k_range": self.k_range}
 
     def run(self, gm: fx.GraphModule, ctx) -> PassResult:
         if ctx.sampler is None or ctx.reference is None:
@@ -140,7 +154,8 @@ class VarianceCompensation(Pass):
         steps, channels = ctx.sampler.steps, int(ctx.model_info.get("in_channels", 0))
         if channels < 1:
             raise PassError(self.name, "the model does not say its in_channels")
-        table = (VCRescale if self.placement == "eps" else VCSampleHook)(steps, channels, self.form, self.mask_eps)
+        table = (VCRescale if self.placement == "eps" else VCSampleHook)(steps, channels, self.form, self.mask_eps,
+                                                                          self.k_range)
         if self.placement == "eps":
             _append_output_node(gm, "vc_rescale", table)
         else:
