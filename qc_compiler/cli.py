@@ -185,14 +185,18 @@ def cmd_sample(args) -> int:
 
 def cmd_compile(args) -> int:
     from .api import compile as qc_compile
+    from .distributed import barrier, init_distributed
 
+    rank, _ = init_distributed()  # under torchrun, calibration pools are gathered by all ranks
     passes = [parse_pass_spec(s) for s in args.passes]
     model = _model(args)
     sampler = _sampler(args, model)
     compiled = qc_compile(model, passes=passes, sampler=sampler, backend=args.backend, seed=args.seed)
-    compiled.save(args.out)
-    print(compiled.report())
-    print(f"saved {args.out}")
+    if rank == 0:
+        compiled.save(args.out)
+        print(compiled.report())
+        print(f"saved {args.out}")
+    barrier()
     return 0
 
 

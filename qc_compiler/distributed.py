@@ -27,7 +27,8 @@ import torch
 from .errors import ArtifactError
 from .io import load_tensors, save_tensors
 
-__all__ = ["shard_ranges", "sample_shards", "merge_shards", "init_distributed", "run_identity"]
+__all__ = ["shard_ranges", "sample_shards", "merge_shards", "init_distributed", "run_identity", "rank_world",
+           "gather_by_index"]
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,30 @@ def init_distributed() -> Tuple[int, int]:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return dist.get_rank(), dist.get_world_size()
+
+
+def rank_world() -> Tuple[int, int]:
+    """(rank, world) of an initialised process group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_by_index(local: Dict[int, object]) -> Dict[int, object]:
+    """Every rank's ``{index: item}`` merged, on every rank (items travel between our own processes)."""
+    rank, world = rank_world()
+    if world == 1:
+        return dict(local)
+    import torch.distributed as dist
+
+    parts: List[Optional[Dict[int, object]]] = [None] * world
+    dist.all_gather_object(parts, local)
+    merged: Dict[int, object] = {}
+    for part in parts:
+        merged.update(part or {})
+    return merged
 
 
 def barrier() -> None:

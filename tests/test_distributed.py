@@ -81,3 +81,15 @@ def test_eval_nproc_launches_torchrun_and_scores_once(weights, tmp_path):
     metrics = json.loads(out.read_text())
     assert {"fid", "sfid", "is", "precision", "recall", "class_acc"} <= metrics.keys()
     assert proc.stdout.count('"fid"') == 1  # computed on rank 0 only
+
+
+def test_calibration_pool_collection_shards_over_ranks(weights, tmp_path):
+    compile_args = ["compile", "--model", weights, "--steps", "3", "--cfg", "1.5", "--threads", "1",
+                    "--pass", "uniform_calibration:size=12,pool_labels=6,batch=2,num_steps=3", "--pass", "quantize"]
+    assert main([*compile_args, "--out", str(tmp_path / "one")]) == 0
+    proc = torchrun(2, [*compile_args, "--out", str(tmp_path / "two")])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    one, two = load_tensors(tmp_path / "one" / "fitted.safetensors")[0], load_tensors(tmp_path / "two" / "fitted.safetensors")[0]
+    assert one.keys() == two.keys() and "calibration.set.x" in one
+    for key in one:
+        assert torch.equal(one[key], two[key]), key  # same pool, same selection, same ranges

@@ -230,10 +230,17 @@ class CalibrationSelector(Pass):
         if num_classes < 1:
             raise CalibrationError(f"pass {self.name!r} needs a class-conditional model (num_classes in model_info)")
         labels = [i % num_classes for i in range(self.pool_labels)]
-        # one sampling run per `batch` labels bounds each run's memory; run i uses seed + i, so runs differ
-        pools = [collect_pool(ctx, gm, labels[lo:lo + self.batch], seed=self.seed + i)
-                 for i, lo in enumerate(range(0, len(labels), self.batch))]
-        return _concat(pools)
+        # One sampling run per `batch` labels bounds each run's memory; run i uses seed + i, so runs
+        # differ. Under torchrun, run i belongs to rank i % world and the runs are gathered: every rank
+        # ends with the same pool, equal to a single process's (each run is the same batch).
+        from ..distributed import gather_by_index, rank_world
+
+        rank, world = rank_world()
+        starts = list(range(0, len(labels), self.batch))
+        mine = {i: collect_pool(ctx, gm, labels[lo:lo + self.batch], seed=self.seed + i)
+                for i, lo in enumerate(starts) if i % world == rank}
+        runs = gather_by_index(mine)
+        return _concat([runs[i] for i in range(len(starts))])
 
 
 @register_pass
