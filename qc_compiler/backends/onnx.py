@@ -69,8 +69,10 @@ class _QDQLinear(nn.Module):
     """Export stand-in for a quantized linear: Q/DQ on the input, matmul with the dequantized weight.
     The weight buffer is swapped for int8 codes + DequantizeLinear after export."""
 
-    def __init__(self, codes: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor], a_scale: float, a_zero: int):
+    def __init__(self, codes: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor], a_scale: float,
+                 a_zero: int, post_op: str = "none"):
         super().__init__()
+        self.post_op = post_op  # the torch backend may have folded fc1's GELU into the linear
         self.codes, self.w_scale = codes.t().contiguous(), w_scale.float()  # (K, N) int8, (N,)
         self.register_buffer(_WEIGHT_SUFFIX, self.codes.float() * self.w_scale[None, :])
         self.register_buffer("qc_bias", bias.detach().float() if bias is not None else torch.zeros(len(w_scale)))
@@ -78,7 +80,8 @@ class _QDQLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xq = torch.fake_quantize_per_tensor_affine(x, self.a_scale, self.a_zero, 0, 255)
-        return torch.matmul(xq, getattr(self, _WEIGHT_SUFFIX)) + self.qc_bias
+        out = torch.matmul(xq, getattr(self, _WEIGHT_SUFFIX)) + self.qc_bias
+        return torch.nn.functional.gelu(out, approximate="tanh") if self.post_op == "gelu_tanh" else out
 
 
 class _QDQAct(nn.Module):
@@ -193,7 +196,7 @@ def _stand_in(module, holder: _StepHolder) -> Optional[nn.Module]:
         codes = quantize(module.weight.detach(), module.weight_qparams()).to(torch.int8)
         return _QDQLinear(codes, module.w_scale, module.bias, *_activation(module))
     if isinstance(module, Int8Linear):
-        return _QDQLinear(module.w_int8, module.w_scale, module.bias, *_activation(module))
+        return _QDQLinear(module.w_int8, module.w_scale, module.bias, *_activation(module), module.post_op)
     if isinstance(module, ActQuant):
         return _QDQAct(*_activation(module))
     return None

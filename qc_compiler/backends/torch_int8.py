@@ -2,7 +2,8 @@
 
 Each ``QuantLinear`` (fake-quant, the reference) becomes an ``Int8Linear``: int8 weights per output
 channel, the activation quantized to uint8 with its calibrated per-tensor scale and zero point (per
-step group where configured), int32 accumulation, and a fused dequantize with bias. Cache lookups,
+step group where configured), int32 accumulation, and a fused dequantize with bias. A tanh-GELU
+right after a linear (the MLP's fc1) is folded into that kernel as a post-op. Cache lookups,
 VC nodes and anything else in the graph are left as they are. ``ActQuant`` (attention-matmul
 operands) stays fake-quant: PyTorch has no INT8 batched matmul on CPU worth calling.
 
@@ -30,23 +31,30 @@ import torch.nn as nn
 
 from ..quant.fake_quant import QuantLinear, step_group
 from ..quant.qparams import quantize
+from ..regions import iter_graph_modules
 from ..runtime import StepAware
 from . import register_backend
 
 __all__ = ["Int8Linear", "lower_torch", "KERNELS", "default_kernel"]
 
 
-def _quantize_u8(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int) -> torch.Tensor:
-    """x (M, K) float -> uint8 codes, with the reference rounding (half to even) and clamping."""
-    return torch.clamp(torch.round(x / scale) + zero, 0, qmax).to(torch.uint8)
+def _quantize_u8(x: torch.Tensor, scale: float, zero: int, qmax: int) -> torch.Tensor:
+    """x (M, K) float -> uint8 codes: clamp(round(x / s) + z, 0, qmax), rounding half to even.
+
+    Exactly the reference (and onnxruntime's QuantizeLinear, which also divides): a fused
+    ``quantize_per_tensor`` is faster but multiplies by 1/s, and the odd code it rounds the other
+    way compounds over a sampling run. One temporary, then in-place passes.
+    """
+    return x.div(scale).round_().add_(zero).clamp_(0, qmax).to(torch.uint8)
 
 
 def _onednn(xq: torch.Tensor, scale: float, zero: int, layer: "Int8Linear") -> torch.Tensor:
     if layer.packed is None:  # prepack once, lazily (the packed format is oneDNN's own)
         layer.packed = torch.ops.onednn.qlinear_prepack(layer.w_int8, None)
+    post, algorithm = ("gelu", "tanh") if layer.post_op == "gelu_tanh" else ("none", "")
     return torch.ops.onednn.qlinear_pointwise(
         xq, scale, zero, layer.packed, layer.w_scale, layer.w_zero, layer.bias, 1.0, 0,
-        torch.float32, "none", [], "")
+        torch.float32, post, [], algorithm)
 
 
 def _int_mm(xq: torch.Tensor, scale: float, zero: int, layer: "Int8Linear") -> torch.Tensor:
@@ -58,7 +66,8 @@ def _int_mm(xq: torch.Tensor, scale: float, zero: int, layer: "Int8Linear") -> t
     acc = torch._int_mm(xs8, layer.w_int8.t())[:m]
     acc = acc - (zero - 128) * layer.w_sum
     out = acc.to(torch.float32) * (layer.w_scale * scale)
-    return out + layer.bias if layer.bias is not None else out
+    out = out + layer.bias if layer.bias is not None else out
+    return torch.nn.functional.gelu(out, approximate="tanh") if layer.post_op == "gelu_tanh" else out
 
 
 KERNELS: Dict[str, Callable] = {"onednn": _onednn, "int_mm": _int_mm}
@@ -95,17 +104,19 @@ class Int8Linear(StepAware, nn.Module):
         self.register_buffer("a_zero", q.a_zero.detach().clone())
         self.packed = None
         self.calib_step = None
+        self.post_op = "none"  # "gelu_tanh" when lowering folded the following GELU into the kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = step_group(self.step_state, self.calib_step, self.num_groups, self.num_steps)
         scale, zero = self.a_scale[g], self.a_zero[g]
         lead, k = x.shape[:-1], x.shape[-1]
-        xq = _quantize_u8(x.reshape(-1, k).float(), scale, zero, 2 ** self.spec.act_bits - 1)  # (M, K) uint8
+        xq = _quantize_u8(x.reshape(-1, k).float(), float(scale), int(zero), 2 ** self.spec.act_bits - 1)  # (M, K) u8
         out = KERNELS[self.kernel](xq, float(scale), int(zero), self)  # (M, N) float32
         return out.reshape(*lead, -1).to(x.dtype)
 
     def report_section(self) -> str:
-        return f"  {self.path:<30} INT8 ({self.kernel}) W{self.spec.weight_bits}A{self.spec.act_bits}"
+        fused = " + GELU" if self.post_op == "gelu_tanh" else ""
+        return f"  {self.path:<30} INT8 ({self.kernel}{fused}) W{self.spec.weight_bits}A{self.spec.act_bits}"
 
 
 @register_backend("torch")
@@ -117,7 +128,36 @@ def lower_torch(gm: fx.GraphModule, ctx, kernel: str = None) -> nn.Module:
             parent_name, _, child = name.rpartition(".")
             parent = gm.get_submodule(parent_name) if parent_name else gm
             setattr(parent, child, Int8Linear(module, kernel))
+    for _, graph_module in iter_graph_modules(gm):
+        _fuse_gelu(graph_module)
     return gm
+
+
+def _is_tanh_gelu(owner: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        mod = owner.get_submodule(node.target)
+        return isinstance(mod, nn.GELU) and mod.approximate == "tanh"
+    if node.op == "call_function" and node.target in (torch.nn.functional.gelu, torch.ops.aten.gelu.default):
+        return node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none") == "tanh"
+    return False
+
+
+def _fuse_gelu(owner: fx.GraphModule) -> None:
+    """linear -> GELU(tanh) becomes one INT8 kernel with a GELU post-op (the MLP's fc1), saving a pass
+    over the widest activation of the block."""
+    changed = False
+    for node in list(owner.graph.nodes):
+        if node.op != "call_module" or not isinstance(owner.get_submodule(node.target), Int8Linear):
+            continue
+        users = list(node.users)
+        if len(users) == 1 and _is_tanh_gelu(owner, users[0]):
+            owner.get_submodule(node.target).post_op = "gelu_tanh"
+            users[0].replace_all_uses_with(node)
+            owner.graph.erase_node(users[0])
+            changed = True
+    if changed:
+        owner.graph.lint()
+        owner.recompile()
 
 
 @register_backend("fakequant")
