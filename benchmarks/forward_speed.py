@@ -96,6 +96,18 @@ def ort_rows(model, inputs, ref, threads, repeats):
     return rows
 
 
+def ours_onnx_row(ours, model, inputs, args):
+    """Our INT8 QDQ export run by onnxruntime (its error measured at a timestep of the compiled table)."""
+    from qc_compiler.backends.onnx import OrtDenoiser
+
+    path = ours.export_onnx(Path(tempfile.mkdtemp()) / "ours.onnx")
+    ort = OrtDenoiser(path, threads=args.threads)
+    t = torch.full_like(inputs[1], ours.timesteps[0])
+    x, y = inputs[0], inputs[2]
+    ref = model(x, t, y)
+    return ("ours W8A8 ONNX INT8 (onnxruntime)", median_time(lambda: ort(x, t, y), args.repeats), rel_err(ort(x, t, y), ref))
+
+
 def main(args):
     torch.set_num_threads(args.threads)
     for name in args.models.split(","):
@@ -126,6 +138,7 @@ def main(args):
                 rows.append((f"onnxruntime rows failed: {type(e).__name__}: {str(e)[:80]}", float("nan"), float("nan")))
             rows.append(("ours W8A8 torch INT8", median_time(lambda: ours.graph_module(*inputs), args.repeats),
                          rel_err(ours.graph_module(*inputs), ref)))
+            rows.append(ours_onnx_row(ours, model, inputs, args))
         base = rows[0][1]
         ort_fp32 = next((r[1] for r in rows if r[0] == "onnxruntime FP32"), float("nan"))
         print(f"\n### {name}, per forward, batch {b}, {args.threads} threads\n")
