@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive, default=250)
     p.add_argument("--out", type=Path, help="write the metrics as JSON here")
     p.add_argument("--nproc", type=_positive, default=1, help="sample with N processes (torchrun, gloo/NCCL)")
+    p.add_argument("--inception-weights", type=Path,
+                   help="local TorchScript Inception-v3 file: also report Inception FID against held-out digits")
     p.add_argument("--shard-dir", type=Path, default=Path("out/eval_shards"), help="shard folder for --nproc")
 
     p = sub.add_parser("sample-ddp", help="sharded sampling over processes (launch with torchrun); resumable",
@@ -217,12 +219,26 @@ def cmd_eval(args) -> int:
     metrics = evaluate(images, torch.tensor(labels))
     metrics.update({"sampling_seconds": seconds, "steps": sampler.steps, "cfg": sampler.cfg_scale,
                     "sampler": sampler.name, "seed": args.seed})
+    metrics["inception_fid"] = _inception_fid(images, args.inception_weights)
     print(json.dumps(metrics, indent=2))
     if args.out:
         from .io import save_json
 
         save_json(metrics, args.out)
     return 0
+
+
+def _inception_fid(images, weights) -> Optional[float]:
+    """Inception FID against the held-out digits when local Inception weights are given; else say so."""
+    if weights is None:
+        print("note: no local Inception weights given (--inception-weights); FID is the digit-classifier FID",
+              file=sys.stderr)
+        return None
+    from .data.mnist import load_digits
+    from .eval import inception_fid
+
+    real, _ = load_digits("test")
+    return inception_fid(images, real, weights)
 
 
 def _launch_ddp_eval(args) -> int:

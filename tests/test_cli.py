@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
 from qc_compiler.cli import build_parser, main
@@ -57,3 +58,15 @@ def test_argparse_rejects_bad_numbers(capsys):
     with pytest.raises(SystemExit) as info:
         build_parser().parse_args(["sample", "--steps", "0"])
     assert info.value.code == 2 and "must be >= 1" in capsys.readouterr().err
+
+
+def test_eval_without_inception_weights_says_so(tmp_path, capsys, monkeypatch):
+    import qc_compiler.cli as cli
+
+    monkeypatch.setattr("qc_compiler.eval.evaluate", lambda images, labels: {"fid": 1.0})
+    assert cli._inception_fid(None, None) is None
+    assert "no local Inception weights" in capsys.readouterr().err
+    import qc_compiler as qc
+
+    with pytest.raises(qc.ArtifactError):
+        cli._inception_fid(torch.zeros(2, 1, 32, 32), tmp_path / "missing.pt")
