@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Seq
 
 import torch.fx as fx
 
-from .capture import find_linears
+from .capture import find_linears  # noqa: F401  (the module docstring's example uses it)
 from .errors import PassError, PassOrderError, QCError
 
 __all__ = [

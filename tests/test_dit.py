@@ -93,8 +93,6 @@ def test_bad_config_is_rejected():
 
 
 def test_official_pt_checkpoint_loads_through_load_model(tmp_path):
-    import pytest
-
     import qc_compiler as qc
 
     shapes = official_shapes(3, 384, 4, 4, 1000, 32)  # a DiT-S/4-like layout, depth 3

@@ -2,7 +2,6 @@ import pytest
 import torch
 
 from qc_compiler.diffusion import DDIM, DDPM, sample_noise
-from conftest import make_tiny
 
 
 def test_same_seed_same_samples_and_batch_split_independent(tiny):

@@ -223,7 +223,7 @@ def derive_schedule(gm: fx.GraphModule, ctx, policy: CachePolicy, threshold: flo
             for h in hooks:
                 h.remove()
         for i, outs in outputs.items():
-            last, acc = outs[0], 0.0
+            acc = 0.0
             for s in range(1, steps):
                 acc += float((outs[s] - outs[s - 1]).abs().mean() / outs[s - 1].abs().mean().clamp_min(1e-12))
                 if acc < threshold:
