@@ -1,7 +1,8 @@
 """The ``qc`` command: sample, compile, eval and demo, from the shell.
 
     qc sample --model DiT-T/4 --input-size 16 --labels 0,1,2 --steps 20 --out grid.png
-    qc compile --model dit-mnist --steps 50 --cfg 1.5 --out dit_qc/
+    qc compile --model dit-mnist --steps 50 --cfg 1.5 --pass tap_calibration --pass quantize --out dit_qc/
+    qc export --compiled dit_qc/ --out dit_int8.onnx
     qc eval --model dit-mnist --n 1000 --out eval.json
     qc bench ablation --bits w8a8,w4a8 --steps 50,100 --n 2000 --out out/ablation.json
     qc demo
@@ -97,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a registered pass with options; repeat in schedule order")
     p.add_argument("--backend", default="torch")
     p.add_argument("--out", type=Path, required=True, help="folder to write")
+
+    p = sub.add_parser("export", help="write a compiled model as INT8 ONNX (QDQ) for onnxruntime", parents=[common])
+    p.add_argument("--compiled", required=True, help="a folder written by `qc compile`")
+    p.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
+    p.add_argument("--opset", type=int, default=17)
 
     p = sub.add_parser("eval", help="sample and compute FID/sFID/IS/precision/recall/class accuracy", parents=[common])
     _add_model_args(p)
@@ -199,6 +205,14 @@ def cmd_compile(args) -> int:
         print(compiled.report())
         print(f"saved {args.out}")
     barrier()
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .api import load_compiled
+
+    path = load_compiled(args.compiled).export_onnx(args.out, opset=args.opset)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
 
 
@@ -329,7 +343,7 @@ def _check_labels(model, labels: Sequence[int]) -> None:
         raise QCError(f"labels {bad} are out of range for a model with {n} classes")
 
 
-COMMANDS = {"sample": cmd_sample, "compile": cmd_compile, "eval": cmd_eval, "sample-ddp": cmd_sample_ddp,
+COMMANDS = {"sample": cmd_sample, "compile": cmd_compile, "export": cmd_export, "eval": cmd_eval, "sample-ddp": cmd_sample_ddp,
             "bench": cmd_bench, "demo": cmd_demo}
 
 

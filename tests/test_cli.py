@@ -18,6 +18,14 @@ def test_sample_writes_a_png_grid(tmp_path):
     assert img.size == ((2 * 18 + 2) * 2, (3 * 18 + 2) * 2)
 
 
+def test_compile_with_passes_then_export_onnx(tmp_path, capsys):
+    folder = tmp_path / "w8a8"
+    assert main(["compile", *TINY, "--steps", "3", "--pass", "uniform_calibration:size=12,pool_labels=4,num_steps=3",
+                 "--pass", "quantize:preset=w8a8", "--out", str(folder)]) == 0
+    assert main(["export", "--compiled", str(folder), "--out", str(tmp_path / "m.onnx"), "--threads", "1"]) == 0
+    assert (tmp_path / "m.onnx").stat().st_size > 10_000 and "wrote" in capsys.readouterr().out
+
+
 def test_compile_zero_passes_round_trips(tmp_path, capsys):
     folder = tmp_path / "compiled"
     assert main(["compile", *TINY, "--steps", "4", "--cfg", "1.0", "--out", str(folder)]) == 0
@@ -47,7 +55,7 @@ def test_bad_arguments_get_one_line_errors(argv, needle, capsys, tmp_path):
 def test_help_is_clean_for_every_command(capsys):
     proc = subprocess.run([sys.executable, "-m", "qc_compiler", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stderr == "" and "usage: qc" in proc.stdout
-    for cmd in ("sample", "compile", "eval", "demo"):
+    for cmd in ("sample", "compile", "export", "eval", "sample-ddp", "bench", "demo"):
         with pytest.raises(SystemExit) as info:
             main([cmd, "--help"])
         out = capsys.readouterr()
