@@ -17,6 +17,7 @@ import time
 import torch
 
 import qc_compiler as qc
+from qc_compiler.bench import benchmark_model
 from qc_compiler.passes import StepCache
 from qc_compiler.passes.cache import skipped_flops_fraction
 
@@ -39,24 +40,13 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def build(name: str):
-    if name == "dit-mnist":
-        return qc.load_model(name), 1.5
-    torch.manual_seed(0)
-    model = qc.load_model(name, input_size=32, in_channels=4, num_classes=1000)
-    with torch.no_grad():  # DiT's zero-init makes blocks identities; give them weights like a trained model's
-        for pname, p in model.named_parameters():
-            if "adaLN_modulation" in pname or "final_layer.linear" in pname:
-                p.normal_(0, 0.02)
-    return model.eval(), 1.0
-
-
 def main(args) -> None:
     torch.set_num_threads(args.threads)
     print(f"| model | policy | median s / run ({args.steps} steps, batch {args.batch}) | speedup | block FLOPs skipped |")
     print("|---|---|---|---|---|")
     for name in args.models.split(","):
-        model, cfg = build(name)
+        model = benchmark_model(name)
+        cfg = 1.5 if name == "dit-mnist" else 1.0
         sampler = qc.DDPM(steps=args.steps, cfg_scale=cfg)
         labels = [i % model.num_classes for i in range(args.batch)]
         base = None

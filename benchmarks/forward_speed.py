@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 import qc_compiler as qc
+from qc_compiler.bench import benchmark_model
 from qc_compiler.passes import Quantize, StepCache, UniformCalibration
 
 
@@ -35,18 +36,6 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end sampling rows")
     return p.parse_args(argv)
-
-
-def build(name):
-    if name == "dit-mnist":
-        return qc.load_model(name)
-    torch.manual_seed(0)
-    model = qc.load_model(name, input_size=32, in_channels=4, num_classes=1000)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if "adaLN_modulation" in pname or "final_layer.linear" in pname:
-                p.normal_(0, 0.02)
-    return model.eval()
 
 
 def median_time(fn, repeats):
@@ -111,7 +100,7 @@ def ours_onnx_row(ours, model, inputs, args):
 def main(args):
     torch.set_num_threads(args.threads)
     for name in args.models.split(","):
-        model = build(name)
+        model = benchmark_model(name)
         b = args.batch
         inputs = (torch.randn(b, model.in_channels, model.input_size, model.input_size),
                   torch.full((b,), 500, dtype=torch.long), torch.arange(b) % model.num_classes)

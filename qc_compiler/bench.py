@@ -22,7 +22,8 @@ from .diffusion import DDPM
 from .passes import (AgglomerativeCalibration, DBSCANCalibration, KMeansCalibration, Quantize, StepCache,
                      TAPCalibration, UniformCalibration, VarianceCompensation)
 
-__all__ = ["variant_passes", "variant_names", "ablation_rows", "sample_timed", "run_variants", "markdown"]
+__all__ = ["variant_passes", "variant_names", "ablation_rows", "sample_timed", "run_variants", "markdown",
+           "benchmark_model"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,20 @@ def variant_names() -> List[str]:
 def ablation_rows() -> List[str]:
     """The Q&C ablation (METHOD.md 5-6): naive quant+cache, +VC, +TAP, +TAP+VC, other clusterings."""
     return ["qc-uniform", "qc-uniform-vc", "qc-tap", "qc-tap-vc", "qc-kmeans", "qc-dbscan", "qc-agglomerative"]
+
+
+def benchmark_model(name: str):
+    """The embedded model by name, or a DiT config with random weights on 4x32x32 latents and 1000
+    classes, its adaLN re-initialised so that every block matters (DiT's zero init makes them identities)."""
+    if name == "dit-mnist":
+        return load_model(name)
+    torch.manual_seed(0)
+    model = load_model(name, input_size=32, in_channels=4, num_classes=1000)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "adaLN_modulation" in pname or "final_layer.linear" in pname:
+                p.normal_(0, 0.02)
+    return model.eval()
 
 
 def sample_timed(model, sampler, labels: Sequence[int], seed: int, batch: int):

@@ -39,7 +39,7 @@ def test_good_order_runs_in_order_and_reports():
     cm = qc.compile(make_tiny(), passes=passes, sampler=qc.DDPM(steps=2))
     assert log == ["select", "quantize"]
     assert [r.name for r in cm.records] == ["select", "quantize"]
-    assert all(r.nodes_before == r.nodes_after > 10 and isinstance(r.seconds, float) for r in cm.records)
+    assert all(r.nodes_before == r.nodes_after > 10 for r in cm.records)
     assert "select" in cm.report() and "quantize" in cm.report()
 
 
