@@ -79,10 +79,10 @@ def benchmark_model(name: str):
     return model.eval()
 
 
-def sample_timed(model, sampler, labels: Sequence[int], seed: int, batch: int):
+def sample_timed(model, sampler, labels: Sequence[int], seed: int, batch: int, progress: bool = False):
     """Samples for ``labels`` in batches (noise streams by sample index) and the wall time."""
     t0 = time.perf_counter()
-    images = torch.cat([sampler.sample(model, labels[i:i + batch], seed=seed, sample_offset=i)
+    images = torch.cat([sampler.sample(model, labels[i:i + batch], seed=seed, sample_offset=i, progress=progress)
                         for i in range(0, len(labels), batch)])
     return images, time.perf_counter() - t0
 

@@ -224,12 +224,9 @@ def cmd_eval(args) -> int:
     model = _model(args)
     sampler = _sampler(args, model)
     labels = [i % model.num_classes for i in range(args.n)]
-    t0 = time.perf_counter()
-    images = torch.cat([
-        sampler.sample(model, labels[i:i + args.batch_size], seed=args.seed, sample_offset=i, progress=True)
-        for i in range(0, args.n, args.batch_size)
-    ])
-    seconds = time.perf_counter() - t0
+    from .bench import sample_timed
+
+    images, seconds = sample_timed(model, sampler, labels, args.seed, args.batch_size, progress=True)
     metrics = evaluate(images, torch.tensor(labels))
     metrics.update({"sampling_seconds": seconds, "steps": sampler.steps, "cfg": sampler.cfg_scale,
                     "sampler": sampler.name, "seed": args.seed})

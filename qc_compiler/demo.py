@@ -12,7 +12,6 @@ Example:
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Dict, List
 
@@ -20,6 +19,7 @@ import torch
 
 from .api import compile as qc_compile
 from .api import load_model
+from .bench import sample_timed
 from .diffusion import DDPM
 from .imaging import save_grid, side_by_side
 from .io import save_json
@@ -29,14 +29,7 @@ __all__ = ["run_demo", "format_table"]
 
 log = logging.getLogger(__name__)
 
-STEPS, CFG, ROWS = 50, 1.5, 6
-
-
-def _timed_samples(model, sampler, labels: List[int], seed: int, batch: int = 250):
-    t0 = time.perf_counter()
-    images = torch.cat([sampler.sample(model, labels[i:i + batch], seed=seed, sample_offset=i, progress=True)
-                        for i in range(0, len(labels), batch)])
-    return images, time.perf_counter() - t0
+STEPS, CFG, ROWS, BATCH = 50, 1.5, 6, 250
 
 
 def format_table(rows: List[Dict]) -> str:
@@ -63,9 +56,9 @@ def run_demo(out_dir="out", n_eval: int = 200, seed: int = 0, steps: int = STEPS
                 "W8A8 INT8 (TAP)": qc_compile(model, passes=quant(), sampler=sampler),
                 "W8A8 INT8 + cache i2": qc_compile(model, passes=[StepCache(interval=2)] + quant(), sampler=sampler)}
     grid_labels = [c for _ in range(rows) for c in range(model.num_classes)]
-    fp_grid, _ = _timed_samples(model, sampler, grid_labels, seed)
+    fp_grid, _ = sample_timed(model, sampler, grid_labels, seed, BATCH, progress=True)
     save_grid(fp_grid, out_dir / "grid.png", nrow=model.num_classes, col_labels=[str(c) for c in range(model.num_classes)])
-    q_grid, _ = _timed_samples(variants["W8A8 INT8 (TAP)"], sampler, grid_labels, seed)
+    q_grid, _ = sample_timed(variants["W8A8 INT8 (TAP)"], sampler, grid_labels, seed, BATCH, progress=True)
     side_by_side(fp_grid, q_grid, out_dir / "grid_fp32_vs_w8a8.png", nrow=model.num_classes)
     print(f"wrote {out_dir / 'grid.png'} ({rows} samples of each digit, DDPM {steps} steps, cfg {CFG}) and "
           f"{out_dir / 'grid_fp32_vs_w8a8.png'} (same noise: FP32 left, W8A8 INT8 right)")
@@ -75,7 +68,7 @@ def run_demo(out_dir="out", n_eval: int = 200, seed: int = 0, steps: int = STEPS
     labels = [i % model.num_classes for i in range(n_eval)]
     table, base = [], None
     for name, m in variants.items():
-        images, seconds = _timed_samples(m, sampler, labels, seed)
+        images, seconds = sample_timed(m, sampler, labels, seed, BATCH, progress=True)
         base = base or seconds
         scores = evaluate(images, torch.tensor(labels))
         table.append({"variant": name, "sec_per_sample": seconds / n_eval, "speedup": base / seconds, **scores})
