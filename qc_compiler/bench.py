@@ -22,7 +22,7 @@ from .diffusion import DDPM
 from .passes import (AgglomerativeCalibration, DBSCANCalibration, KMeansCalibration, Quantize, StepCache,
                      TAPCalibration, UniformCalibration, VarianceCompensation)
 
-__all__ = ["variant_passes", "variant_names", "ablation_rows", "sample_timed", "run_variants", "markdown",
+__all__ = ["variant_passes", "variant_names", "ablation_rows", "bits_independent", "sample_timed", "run_variants", "markdown",
            "benchmark_model"]
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,11 @@ def ablation_rows() -> List[str]:
     return ["qc-uniform", "qc-uniform-vc", "qc-tap", "qc-tap-vc", "qc-kmeans", "qc-dbscan", "qc-agglomerative"]
 
 
+def bits_independent(name: str) -> bool:
+    """True for variants without quantization (FP32, cache only): one run serves every bit width."""
+    return name == "fp32" or name.startswith("cache-")
+
+
 def benchmark_model(name: str):
     """The embedded model by name, or a DiT config with random weights on 4x32x32 latents and 1000
     classes, its adaLN re-initialised so that every block matters (DiT's zero init makes them identities)."""
@@ -90,16 +95,20 @@ def sample_timed(model, sampler, labels: Sequence[int], seed: int, batch: int, p
 def run_variants(names: Sequence[str], model_name: str = "dit-mnist", n: int = 1000, steps: int = 50,
                  cfg: float = 1.5, seed: int = 0, batch: int = 250, bits: str = "w8a8", cache: int = 2,
                  size: int = 800, pool_labels: int = 32, vc: str = "sample", backend: str = "torch",
-                 fp250: bool = False, on_row: Optional[Callable[[Dict], None]] = None) -> List[Dict]:
-    """Compile, sample and score each variant; rows carry metrics, times and speed ratios."""
+                 fp250: bool = False, on_row: Optional[Callable[[Dict], None]] = None,
+                 fp_seconds: Optional[float] = None, fp250_seconds: Optional[float] = None) -> List[Dict]:
+    """Compile, sample and score each variant; rows carry metrics, times and speed ratios.
+
+    ``fp_seconds`` / ``fp250_seconds``: FP32 times from an earlier call in the same run (same n, steps
+    and batch), so that a second bit width need not sample FP32 again.
+    """
     from .eval import evaluate
 
     model = load_model(model_name)
     sampler = DDPM(steps=steps, cfg_scale=cfg)
     labels = [i % model.num_classes for i in range(n)]
     rows: List[Dict] = []
-    fp_seconds = fp250_seconds = None
-    if fp250:  # FP32 at 250 steps, timed on one batch and scaled per sample
+    if fp250 and fp250_seconds is None:  # FP32 at 250 steps, timed on one batch and scaled per sample
         probe = labels[: min(batch, n)]
         _, s = sample_timed(model, DDPM(steps=250, cfg_scale=cfg), probe, seed, batch)
         fp250_seconds = s * n / len(probe)
@@ -111,7 +120,8 @@ def run_variants(names: Sequence[str], model_name: str = "dit-mnist", n: int = 1
         images, seconds = sample_timed(compiled, sampler, labels, seed, batch)
         if fp_seconds is None and name == "fp32":
             fp_seconds = seconds
-        row = {"variant": name, "bits": bits, "steps": steps, "compile_s": compile_s, "sample_s": seconds,
+        row = {"variant": name, "bits": "-" if bits_independent(name) else bits, "steps": steps,
+               "compile_s": compile_s, "sample_s": seconds, "fp32_sample_s": fp_seconds, "fp32_250_s": fp250_seconds,
                "speed_vs_fp32": (fp_seconds / seconds) if fp_seconds else float("nan"),
                "speed_vs_fp32_250": (fp250_seconds / seconds) if fp250_seconds else float("nan"),
                **evaluate(images, torch.tensor(labels))}
@@ -126,7 +136,7 @@ def markdown(rows: List[Dict], n: int, cfg: float) -> str:
     head = (f"| variant ({n} samples, cfg {cfg}) | bits | steps | FID | sFID | IS | precision | recall | class acc "
             "| sampling s | speed vs FP32 | vs FP32 250 steps |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     body = "\n".join(
-        f"| {r['variant']} | {r['bits'] if r['variant'] != 'fp32' else '-'} | {r['steps']} | {r['fid']:.2f} | "
+        f"| {r['variant']} | {r['bits']} | {r['steps']} | {r['fid']:.2f} | "
         f"{r['sfid']:.2f} | {r['is']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['class_acc']:.3f} | "
         f"{r['sample_s']:.0f} | {r['speed_vs_fp32']:.2f}x | {r['speed_vs_fp32_250']:.2f}x |" for r in rows)
     return head + "\n" + body

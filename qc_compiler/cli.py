@@ -303,20 +303,25 @@ def cmd_sample_ddp(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import ablation_rows, markdown, run_variants
+    from .bench import ablation_rows, bits_independent, markdown, run_variants
 
     if args.variants:
         names = args.variants.split(",")
     elif args.suite == "ablation":
-        names = ["fp32", "quant-uniform", f"cache-i{args.cache}"] + ablation_rows()
+        names = ["fp32", "quant-uniform", "quant-tap", f"cache-i{args.cache}"] + ablation_rows()
     else:
         names = ["fp32", "quant-uniform", "quant-tap"]
     rows = []
     for steps in (int(s) for s in args.steps.split(",")):
-        for bits in args.bits.split(","):
-            rows += run_variants(names, args.model, args.n, steps, args.cfg, args.seed, args.batch, bits, args.cache,
-                                 args.calib_size, args.pool_labels, args.vc, args.backend, args.fp250,
-                                 on_row=lambda r: print(json.dumps(r), flush=True))
+        fp_ref = {}  # FP32 and cache-only rows do not depend on the bit width: run them once per step count
+        for i, bits in enumerate(args.bits.split(",")):
+            todo = names if i == 0 else [n for n in names if not bits_independent(n)]
+            new = run_variants(todo, args.model, args.n, steps, args.cfg, args.seed, args.batch, bits, args.cache,
+                               args.calib_size, args.pool_labels, args.vc, args.backend, args.fp250,
+                               on_row=lambda r: print(json.dumps(r), flush=True), **fp_ref)
+            if new:
+                fp_ref = {"fp_seconds": new[0]["fp32_sample_s"], "fp250_seconds": new[0]["fp32_250_s"]}
+            rows += new
     print(markdown(rows, args.n, args.cfg))
     if args.out:
         from .io import save_json

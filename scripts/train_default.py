@@ -43,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-bf16", action="store_true")
+    p.add_argument("--min-snr-gamma", type=float, default=None,
+                   help="weight the MSE by min(SNR, gamma)/SNR (Min-SNR; 5 is the paper's choice)")
     p.add_argument("--init-from", type=Path, help="start a new run from these weights (e.g. the shipped EMA), "
                    "when there is no checkpoint to resume")
     return p.parse_args(argv)
@@ -161,7 +163,7 @@ def main(args: argparse.Namespace) -> None:
         x_t = schedule.q_sample(x0, t, noise)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16):
             out = model(x_t, t, y)
-        loss = hybrid_loss(out.float(), x0, x_t, t, noise, schedule).mean()
+        loss = hybrid_loss(out.float(), x0, x_t, t, noise, schedule, args.min_snr_gamma).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

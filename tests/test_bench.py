@@ -34,3 +34,26 @@ def test_markdown_table_has_a_row_per_variant():
                sample_s=10.0, speed_vs_fp32=1.0, speed_vs_fp32_250=5.0, **{"is": 9.0})
     table = markdown([row, dict(row, variant="quant-tap", speed_vs_fp32=2.0)], n=10, cfg=1.5)
     assert table.count("\n") == 3 and "| quant-tap | w8a8 | 50 |" in table and "2.00x" in table
+
+
+def test_ablation_runs_fp32_and_cache_rows_once_per_step_count(monkeypatch):
+    """A second bit width reuses the FP32 time and does not sample the bit-independent rows again."""
+    import qc_compiler.bench as bench
+    from qc_compiler.cli import main
+
+    calls = []
+
+    def fake_run_variants(names, *args, fp_seconds=None, fp250_seconds=None, **kwargs):
+        bits = args[6]
+        calls.append((list(names), bits, fp_seconds))
+        return [dict(variant=n, bits="-" if bench.bits_independent(n) else bits, steps=50, fid=1.0, sfid=1.0,
+                     precision=1.0, recall=1.0, class_acc=1.0, sample_s=7.0, speed_vs_fp32=1.0,
+                     speed_vs_fp32_250=float("nan"), fp32_sample_s=fp_seconds or 7.0, fp32_250_s=None,
+                     **{"is": 1.0}) for n in names]
+
+    monkeypatch.setattr(bench, "run_variants", fake_run_variants)
+    assert main(["bench", "ablation", "--bits", "w8a8,w4a8", "--steps", "50", "--n", "10"]) == 0
+    (first, bits1, ref1), (second, bits2, ref2) = calls
+    assert (bits1, bits2) == ("w8a8", "w4a8") and ref1 is None and ref2 == 7.0
+    assert "fp32" in first and "cache-i2" in first and "quant-tap" in first
+    assert "fp32" not in second and "cache-i2" not in second and "qc-tap-vc" in second

@@ -50,3 +50,21 @@ def test_learned_range_bounds():
     hi = s.learned_range_log_variance(torch.ones(1, 1, 2, 2), t)
     assert lo[0, 0, 0, 0].item() == pytest.approx(s.posterior_log_variance_clipped[3], rel=1e-6)
     assert hi[0, 0, 0, 0].item() == pytest.approx(np.log(s.betas[3]), rel=1e-6)
+
+
+def test_min_snr_weight_caps_only_the_low_noise_steps():
+    from qc_compiler.diffusion.losses import hybrid_loss, min_snr_weight
+
+    s = Schedule.linear()
+    t = torch.tensor([0, 50, 500, 999])
+    w = min_snr_weight(t, s, gamma=5.0)
+    snr = s.alphas_cumprod / (1 - s.alphas_cumprod)
+    expected = np.minimum(snr[[0, 50, 500, 999]], 5.0) / snr[[0, 50, 500, 999]]
+    assert torch.allclose(w, torch.tensor(expected, dtype=torch.float32))
+    assert w[0] < 1e-3 and w[2] == 1.0 and w[3] == 1.0  # t=0: SNR ~ 1e4; t>=500: SNR < 5
+    x0, noise = torch.rand(4, 1, 4, 4) * 2 - 1, torch.randn(4, 1, 4, 4)
+    out = torch.cat([torch.zeros_like(noise), torch.zeros_like(noise)], dim=1)
+    x_t = s.q_sample(x0, t, noise)
+    plain, weighted = hybrid_loss(out, x0, x_t, t, noise, s), hybrid_loss(out, x0, x_t, t, noise, s, 5.0)
+    mse = (noise ** 2).mean(dim=(1, 2, 3))
+    assert torch.allclose(plain - weighted, mse * (1 - w), atol=1e-5)

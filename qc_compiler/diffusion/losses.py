@@ -46,12 +46,27 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, lo
     return log_probs
 
 
+def min_snr_weight(t: torch.Tensor, schedule: Schedule, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma weight for an eps-prediction loss (Hang et al., 2023): min(SNR, gamma) / SNR.
+
+    It caps the weight of the low-noise steps, whose gradients fight those of the high-noise steps
+    that shape the digit; the paper reports about 3x faster convergence.
+    """
+    snr = torch.as_tensor(schedule.alphas_cumprod / (1.0 - schedule.alphas_cumprod), dtype=torch.float32)[t]
+    return torch.clamp(snr, max=gamma) / snr
+
+
 def hybrid_loss(model_output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
-                noise: torch.Tensor, schedule: Schedule) -> torch.Tensor:
-    """Per-sample loss = MSE(eps) + VLB(variance), as DiT trains with learned sigma. Returns (N,)."""
+                noise: torch.Tensor, schedule: Schedule, min_snr_gamma: float | None = None) -> torch.Tensor:
+    """Per-sample loss = MSE(eps) + VLB(variance), as DiT trains with learned sigma. Returns (N,).
+
+    ``min_snr_gamma`` weights the MSE term by :func:`min_snr_weight` (None: DiT's plain MSE).
+    """
     C = x0.shape[1]
     eps, var_values = model_output[:, :C], model_output[:, C:]
     mse = ((eps - noise) ** 2).mean(dim=list(range(1, x0.ndim)))
+    if min_snr_gamma is not None:
+        mse = mse * min_snr_weight(t, schedule, min_snr_gamma).to(mse.device)
     # The VLB only trains the variance: the mean enters with its gradient stopped.
     frozen = eps.detach()
     log_var = schedule.learned_range_log_variance(var_values, t)
