@@ -32,6 +32,14 @@ def test_each_int8_layer_matches_its_fake_quant_layer(kernel, bits, monkeypatch)
         ref, out = q(x), lowered(x)
         if lowered.post_op == "gelu_tanh":
             ref = torch.nn.functional.gelu(ref, approximate="tanh")
+        consumer = lowered.requant_consumer
+        if consumer is not None:  # fc1 writes fc2's uint8 codes: they are the reference's codes
+            scale, zero = consumer.act_qparams()
+            codes = ref.div(scale).round().add(zero).clamp(0, 255)
+            assert out.dtype == torch.uint8 and (out.float() - codes).abs().max() <= 1
+            assert float((out.float() != codes).float().mean()) < 1e-3
+            out = (out.float() - zero) * scale
+            ref = (codes - zero) * scale
         # Within one quantization step of the output: one activation code times the weights' row sum.
         step = float(q.a_scale[-1]) * float(q.weight.detach().abs().sum(dim=1).max())
         assert (out - ref).abs().max() <= step
@@ -46,6 +54,27 @@ def test_int8_samples_match_fake_quant_with_cache_and_vc():
     a, b = sampler.sample(fq, [1, 2, 3], seed=0), sampler.sample(i8, [1, 2, 3], seed=0)
     assert float((a - b).norm() / a.norm()) < 1e-3
     assert "INT8" in i8.report() and "+ GELU" in i8.report()  # fc1 -> GELU fused
+
+
+def test_fc1_writes_fc2_codes_on_onednn(monkeypatch):
+    """fc1 (GELU folded) hands uint8 codes in fc2's scale straight to fc2: no float tensor and no separate
+    quantization pass between them, and the samples still match the fake-quant reference."""
+    if not hasattr(torch.ops.onednn, "qlinear_pointwise"):
+        pytest.skip("this PyTorch build has no oneDNN INT8 linear")
+    monkeypatch.setenv("QC_INT8_KERNEL", "onednn")
+    model, sampler = make_tiny(), qc.DDPM(steps=3)
+    i8 = qc.compile(model, passes=PASSES(), sampler=sampler, backend="torch")
+    fq = qc.compile(model, passes=PASSES(), sampler=sampler, backend="fakequant")
+    layers = {m.path: m for m in i8.graph_module.modules() if isinstance(m, Int8Linear)}
+    fused = {p: m.requant_consumer.path for p, m in layers.items() if m.requant_consumer is not None}
+    assert fused and all(p.endswith("mlp.fc1") and c == p[:-1] + "2" for p, c in fused.items())
+    seen = []
+    fc2 = next(m for p, m in layers.items() if p.endswith("mlp.fc2"))
+    fc2.register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
+    a, b = sampler.sample(fq, [1, 2], seed=0), sampler.sample(i8, [1, 2], seed=0)
+    assert seen and set(seen) == {torch.uint8}
+    assert float((a - b).norm() / a.norm()) < 1e-3
+    assert "-> u8 for" in i8.report()
 
 
 def test_per_step_groups_pick_the_right_scale():

@@ -23,7 +23,7 @@ Example:
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict
+from typing import Callable, Dict, Tuple
 
 import torch
 import torch.fx as fx
@@ -52,9 +52,14 @@ def _onednn(xq: torch.Tensor, scale: float, zero: int, layer: "Int8Linear") -> t
     if layer.packed is None:  # prepack once, lazily (the packed format is oneDNN's own)
         layer.packed = torch.ops.onednn.qlinear_prepack(layer.w_int8, None)
     post, algorithm = ("gelu", "tanh") if layer.post_op == "gelu_tanh" else ("none", "")
+    out_scale, out_zero, out_dtype = 1.0, 0, torch.float32
+    consumer = layer.requant_consumer
+    if consumer is not None:  # write the next layer's uint8 codes directly (see _fuse_requant)
+        out_scale, out_zero = consumer.act_qparams()
+        out_dtype = torch.uint8
     return torch.ops.onednn.qlinear_pointwise(
-        xq, scale, zero, layer.packed, layer.w_scale, layer.w_zero, layer.bias, 1.0, 0,
-        torch.float32, post, [], algorithm)
+        xq, scale, zero, layer.packed, layer.w_scale, layer.w_zero, layer.bias, out_scale, out_zero,
+        out_dtype, post, [], algorithm)
 
 
 def _int_mm(xq: torch.Tensor, scale: float, zero: int, layer: "Int8Linear") -> torch.Tensor:
@@ -105,17 +110,29 @@ class Int8Linear(StepAware, nn.Module):
         self.packed = None
         self.calib_step = None
         self.post_op = "none"  # "gelu_tanh" when lowering folded the following GELU into the kernel
+        # The next Int8Linear, when this layer writes its input codes (fc1 -> fc2). Kept out of
+        # the module tree: it is a pointer to a sibling, not a child.
+        self.__dict__["requant_consumer"] = None
+
+    def act_qparams(self) -> Tuple[float, int]:
+        """This step's activation scale and zero point (per step group where calibrated so)."""
+        g = step_group(self.step_state, self.calib_step, self.num_groups, self.num_steps)
+        return float(self.a_scale[g]), int(self.a_zero[g])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = step_group(self.step_state, self.calib_step, self.num_groups, self.num_steps)
-        scale, zero = self.a_scale[g], self.a_zero[g]
+        scale, zero = self.act_qparams()
         lead, k = x.shape[:-1], x.shape[-1]
-        xq = _quantize_u8(x.reshape(-1, k).float(), float(scale), int(zero), 2 ** self.spec.act_bits - 1)  # (M, K) u8
-        out = KERNELS[self.kernel](xq, float(scale), int(zero), self)  # (M, N) float32
-        return out.reshape(*lead, -1).to(x.dtype)
+        if x.dtype == torch.uint8:  # already this layer's codes, written by the layer before
+            xq = x.reshape(-1, k)
+        else:
+            xq = _quantize_u8(x.reshape(-1, k).float(), scale, zero, 2 ** self.spec.act_bits - 1)  # (M, K) u8
+        out = KERNELS[self.kernel](xq, scale, zero, self)  # (M, N) float32, or uint8 codes for the consumer
+        out = out.reshape(*lead, -1)
+        return out if out.dtype == torch.uint8 else out.to(torch.float32 if x.dtype == torch.uint8 else x.dtype)
 
     def report_section(self) -> str:
         fused = " + GELU" if self.post_op == "gelu_tanh" else ""
+        fused += f" -> u8 for {self.requant_consumer.path}" if self.requant_consumer is not None else ""
         return f"  {self.path:<30} INT8 ({self.kernel}{fused}) W{self.spec.weight_bits}A{self.spec.act_bits}"
 
 
@@ -130,6 +147,7 @@ def lower_torch(gm: fx.GraphModule, ctx, kernel: str = None) -> nn.Module:
             setattr(parent, child, Int8Linear(module, kernel))
     for _, graph_module in iter_graph_modules(gm):
         _fuse_gelu(graph_module)
+        _fuse_requant(graph_module)
     return gm
 
 
@@ -158,6 +176,24 @@ def _fuse_gelu(owner: fx.GraphModule) -> None:
     if changed:
         owner.graph.lint()
         owner.recompile()
+
+
+def _fuse_requant(owner: fx.GraphModule) -> None:
+    """Int8Linear -> Int8Linear (fc1 -> fc2 once the GELU is folded): the first kernel writes uint8
+    codes in the second's activation scale, so the widest activation of the block is never stored in
+    float nor quantized by a separate pass. oneDNN's requantization rounds to nearest even, as the
+    reference does. Only the oneDNN kernel has an output-quantization epilogue, and it clamps to
+    0..255, so the consumer must take 8-bit activations."""
+    for node in owner.graph.nodes:
+        if node.op != "call_module" or len(node.users) != 1:
+            continue
+        producer, user = owner.get_submodule(node.target), next(iter(node.users))
+        if not isinstance(producer, Int8Linear) or producer.kernel != "onednn" or user.op != "call_module":
+            continue
+        consumer = owner.get_submodule(user.target)
+        if (isinstance(consumer, Int8Linear) and consumer.kernel == "onednn" and consumer.spec.act_bits == 8
+                and user.args[:1] == (node,)):
+            producer.__dict__["requant_consumer"] = consumer
 
 
 @register_backend("fakequant")
