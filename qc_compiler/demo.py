@@ -1,8 +1,10 @@
 """``qc demo`` (what ``make demo`` runs): the main job on the embedded model.
 
-It loads the embedded MNIST DiT, compiles it to W8A8 on INT8 kernels (TAP calibration), and with the
-step cache on top; samples a labelled grid (one column per digit) from FP32 and from W8A8 side by
-side to ``out/grid.png``; exports the W8A8 model to ``out/dit_int8.onnx``; and prints a table of
+It loads the embedded MNIST DiT and compiles it twice: W8A8 on INT8 kernels (TAP calibration), and
+the full Q&C schedule (``presets.qandc``: step cache at interval 2, TAP on the cached model, W8A8,
+variance compensation). It samples a labelled grid (one column per digit) from FP32 to
+``out/grid.png`` and FP32 beside Q&C, from the same noise, to ``out/grid_fp32_vs_qandc.png``; exports
+the Q&C model (cache and VC tables included) to ``out/dit_int8.onnx``; and prints a table of
 measured sampling speed and quality (the digit-classifier suite) for each variant, all from the
 same seeds.
 
@@ -23,21 +25,23 @@ from .bench import sample_timed
 from .diffusion import DDPM
 from .imaging import save_grid, side_by_side
 from .io import save_json
-from .passes import Quantize, StepCache, TAPCalibration
+from .passes import Quantize, TAPCalibration
+from .presets import qandc
 
 __all__ = ["run_demo", "format_table"]
 
 log = logging.getLogger(__name__)
 
 STEPS, CFG, ROWS, BATCH = 50, 1.5, 6, 250
+QANDC = "Q&C W8A8 (i2+TAP+VC)"
 
 
 def format_table(rows: List[Dict]) -> str:
     """A fixed-width table of the demo's measured rows."""
-    head = f"{'variant':<22}{'s/sample':>9}{'speed':>7}{'FID':>8}{'sFID':>8}{'IS':>6}{'prec':>6}{'rec':>6}{'acc':>7}"
+    head = f"{'variant':<24}{'s/sample':>9}{'speed':>7}{'FID':>8}{'sFID':>8}{'IS':>6}{'prec':>6}{'rec':>6}{'acc':>7}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['variant']:<22}{r['sec_per_sample']:>9.3f}{r['speedup']:>6.2f}x{r['fid']:>8.2f}"
+        lines.append(f"{r['variant']:<24}{r['sec_per_sample']:>9.3f}{r['speedup']:>6.2f}x{r['fid']:>8.2f}"
                      f"{r['sfid']:>8.2f}{r['is']:>6.2f}{r['precision']:>6.2f}{r['recall']:>6.2f}{r['class_acc']:>7.3f}")
     return "\n".join(lines)
 
@@ -50,20 +54,21 @@ def run_demo(out_dir="out", n_eval: int = 200, seed: int = 0, steps: int = STEPS
     out_dir = Path(out_dir)
     model = load_model("dit-mnist")
     sampler = DDPM(steps=steps, cfg_scale=CFG)
-    quant = lambda: [TAPCalibration(size=calib_size, pool_labels=pool_labels), Quantize(preset="w8a8")]  # noqa: E731
-    print("compiling W8A8 (TAP calibration) and W8A8 + cache ...")
+    print("compiling W8A8 (TAP calibration) and Q&C (cache i2 + TAP + W8A8 + VC) ...")
     variants = {"FP32 eager": model,
-                "W8A8 INT8 (TAP)": qc_compile(model, passes=quant(), sampler=sampler),
-                "W8A8 INT8 + cache i2": qc_compile(model, passes=[StepCache(interval=2)] + quant(), sampler=sampler)}
+                "W8A8 INT8 (TAP)": qc_compile(model, sampler=sampler, passes=[
+                    TAPCalibration(size=calib_size, pool_labels=pool_labels), Quantize(preset="w8a8")]),
+                QANDC: qc_compile(model, sampler=sampler,
+                                  passes=qandc("w8a8", cache=2, size=calib_size, pool_labels=pool_labels))}
     grid_labels = [c for _ in range(rows) for c in range(model.num_classes)]
     fp_grid, _ = sample_timed(model, sampler, grid_labels, seed, BATCH, progress=True)
     save_grid(fp_grid, out_dir / "grid.png", nrow=model.num_classes, col_labels=[str(c) for c in range(model.num_classes)])
-    q_grid, _ = sample_timed(variants["W8A8 INT8 (TAP)"], sampler, grid_labels, seed, BATCH, progress=True)
-    side_by_side(fp_grid, q_grid, out_dir / "grid_fp32_vs_w8a8.png", nrow=model.num_classes)
+    q_grid, _ = sample_timed(variants[QANDC], sampler, grid_labels, seed, BATCH, progress=True)
+    side_by_side(fp_grid, q_grid, out_dir / "grid_fp32_vs_qandc.png", nrow=model.num_classes)
     print(f"wrote {out_dir / 'grid.png'} ({rows} samples of each digit, DDPM {steps} steps, cfg {CFG}) and "
-          f"{out_dir / 'grid_fp32_vs_w8a8.png'} (same noise: FP32 left, W8A8 INT8 right)")
-    onnx_path = variants["W8A8 INT8 (TAP)"].export_onnx(out_dir / "dit_int8.onnx")
-    print(f"wrote {onnx_path} (INT8 QDQ; run it with qc_compiler.backends.onnx.OrtDenoiser)")
+          f"{out_dir / 'grid_fp32_vs_qandc.png'} (same noise: FP32 left, Q&C W8A8 right)")
+    onnx_path = variants[QANDC].export_onnx(out_dir / "dit_int8.onnx")
+    print(f"wrote {onnx_path} (INT8 QDQ with the cache and VC; run it with qc_compiler.backends.onnx.OrtDenoiser)")
 
     labels = [i % model.num_classes for i in range(n_eval)]
     table, base = [], None

@@ -10,8 +10,9 @@ def test_demo_writes_grids_onnx_and_a_measured_table(tmp_path, capsys):
     assert main(["demo", "--out-dir", str(out), "--n", "10", "--steps", "3", "--rows", "1", "--threads", "1"]) == 0
     grid = Image.open(out / "grid.png")
     assert grid.size[0] == (10 * 34 + 2) * 2  # one column per digit: 32 px + 2 px border, x2
-    assert (out / "grid_fp32_vs_w8a8.png").is_file() and (out / "dit_int8.onnx").stat().st_size > 100_000
+    assert (out / "grid_fp32_vs_qandc.png").is_file() and (out / "dit_int8.onnx").stat().st_size > 100_000
     rows = json.loads((out / "demo.json").read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["FP32 eager", "W8A8 INT8 (TAP)", "W8A8 INT8 + cache i2"]
+    assert [r["variant"] for r in rows] == ["FP32 eager", "W8A8 INT8 (TAP)", "Q&C W8A8 (i2+TAP+VC)"]
     assert all(r["sec_per_sample"] > 0 and r["fid"] == r["fid"] for r in rows)
-    assert "W8A8 INT8 (TAP)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "W8A8 INT8 (TAP)" in printed and "Q&C W8A8" in printed
