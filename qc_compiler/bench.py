@@ -108,8 +108,8 @@ def run_variants(names: Sequence[str], model_name: str = "dit-mnist", n: int = 1
     sampler = DDPM(steps=steps, cfg_scale=cfg)
     labels = [i % model.num_classes for i in range(n)]
     rows: List[Dict] = []
-    if fp250 and fp250_seconds is None:  # FP32 at 250 steps, timed on one batch and scaled per sample
-        probe = labels[: min(batch, n)]
+    if fp250 and fp250_seconds is None:  # FP32 at 250 steps, timed on up to 100 samples and scaled per sample
+        probe = labels[: min(batch, n, 100)]
         _, s = sample_timed(model, DDPM(steps=250, cfg_scale=cfg), probe, seed, batch)
         fp250_seconds = s * n / len(probe)
     for name in names:
