@@ -98,13 +98,14 @@ def write_log_md(path: Path, state: dict, args) -> None:
     rows = "\n".join(
         f"| {r['step']} | {r['elapsed'] / 60:.1f} | {r['loss']:.4f} | {r['lr']:.2e} |" for r in state["log"][::5]
     )
+    snr = f", MSE weighted by Min-SNR-{args.min_snr_gamma:g}" if args.min_snr_gamma else ""
     text = f"""# Training the embedded default model
 
 Written by `scripts/train_default.py` at each checkpoint. Command:
 
     python scripts/train_default.py --time-budget {args.time_budget:.0f}
 
-Model: `DiT-MNIST` ({json.dumps(DEFAULT_MODEL_CONFIG)}), learned sigma, hybrid loss (MSE + VLB),
+Model: `DiT-MNIST` ({json.dumps(DEFAULT_MODEL_CONFIG)}), learned sigma, hybrid loss (MSE + VLB{snr}),
 bf16 autocast on CPU, batch {args.batch_size}, AdamW lr {args.lr} with {args.warmup} warmup steps and
 cosine decay, warm-up EMA (decay = min({args.ema_decay}, (1+n)/(10+n))), +-1 px random shifts,
 4,000 training digits (400 per class; the other 1,000 are held out for the evaluator).
