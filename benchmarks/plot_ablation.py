@@ -1,10 +1,11 @@
 """FID against measured sampling speed, one point per ablation row, from ``qc bench ... --out`` JSON.
 
     pip install -e '.[bench]'   # matplotlib
-    python benchmarks/plot_ablation.py runs/ablation.json --out docs/fid_vs_speed.png
+    python benchmarks/plot_ablation.py runs/ablation.json [more.json ...] --out docs/fid_vs_speed.png
 
 Speed is the row's wall-clock sampling speed relative to FP32 at the same step count, measured in
 the same run (``speed_vs_fp32``); FP32 at 250 steps is drawn too when the run timed it (``--fp250``).
+Rows of a later file that ran without an FP32 row are set against the first file's FP32 time.
 """
 from __future__ import annotations
 
@@ -56,13 +57,17 @@ def plot(rows: List[Dict], out: Path) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("results", type=Path, help="JSON written by qc bench --out")
+    p.add_argument("results", type=Path, nargs="+", help="JSON written by qc bench --out")
     p.add_argument("--out", type=Path, default=Path("docs/fid_vs_speed.png"))
     p.add_argument("--steps", type=int, default=50, help="plot the rows at this step count")
     args = p.parse_args(argv)
-    rows = [r for r in json.loads(args.results.read_text())["rows"] if r["steps"] == args.steps]
+    rows = [r for path in args.results for r in json.loads(path.read_text())["rows"] if r["steps"] == args.steps]
     if not rows:
         raise SystemExit(f"no rows at {args.steps} steps in {args.results}")
+    fp = next((r for r in rows if r["variant"] == "fp32"), None)
+    for r in rows:
+        if fp and r["speed_vs_fp32"] != r["speed_vs_fp32"]:  # NaN: its file had no FP32 row
+            r["speed_vs_fp32"] = fp["sample_s"] / r["sample_s"]
     plot(rows, args.out)
     print(f"wrote {args.out}")
 
