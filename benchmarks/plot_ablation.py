@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 from typing import Dict, List
 
+from qc_compiler.bench import variant_label
+
 # One colour per family, so the eye finds naive -> +VC -> +TAP -> +TAP+VC.
 FAMILY_COLOURS = {"fp32": "black", "cache": "tab:gray", "quant": "tab:blue", "qc": "tab:red"}
 
@@ -35,7 +37,7 @@ def plot(rows: List[Dict], out: Path) -> None:
         x, y = r["speed_vs_fp32"], r["fid"]
         ax.scatter(x, y, color=FAMILY_COLOURS.get(family(r["variant"]), "tab:green"),
                    marker=markers.get(r["bits"], "o"))
-        label = r["variant"] if r["bits"] == "-" else f"{r['variant']} {r['bits']}"
+        label = variant_label(r) if r["bits"] == "-" else f"{variant_label(r)} {r['bits']}"
         ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     fp = next((r for r in rows if r["variant"] == "fp32"), None)
     if fp and fp.get("fp32_250_s"):

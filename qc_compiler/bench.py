@@ -121,6 +121,7 @@ def run_variants(names: Sequence[str], model_name: str = "dit-mnist", n: int = 1
         if fp_seconds is None and name == "fp32":
             fp_seconds = seconds
         row = {"variant": name, "bits": "-" if bits_independent(name) else bits, "steps": steps,
+               "cache_interval": cache if name.startswith("qc-") else None,
                "compile_s": compile_s, "sample_s": seconds, "fp32_sample_s": fp_seconds, "fp32_250_s": fp250_seconds,
                "speed_vs_fp32": (fp_seconds / seconds) if fp_seconds else float("nan"),
                "speed_vs_fp32_250": (fp250_seconds / seconds) if fp250_seconds else float("nan"),
@@ -131,12 +132,18 @@ def run_variants(names: Sequence[str], model_name: str = "dit-mnist", n: int = 1
     return rows
 
 
+def variant_label(row: Dict) -> str:
+    """The variant name, with the cache interval of quant+cache rows (``qc-tap-vc (i3)``)."""
+    interval = row.get("cache_interval")
+    return f"{row['variant']} (i{interval})" if interval else row["variant"]
+
+
 def markdown(rows: List[Dict], n: int, cfg: float) -> str:
     """A results table: quality, then measured speed against FP32 (same steps, and 250 steps)."""
     head = (f"| variant ({n} samples, cfg {cfg}) | bits | steps | FID | sFID | IS | precision | recall | class acc "
             "| sampling s | speed vs FP32 | vs FP32 250 steps |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     body = "\n".join(
-        f"| {r['variant']} | {r['bits']} | {r['steps']} | {r['fid']:.2f} | "
+        f"| {variant_label(r)} | {r['bits']} | {r['steps']} | {r['fid']:.2f} | "
         f"{r['sfid']:.2f} | {r['is']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['class_acc']:.3f} | "
         f"{r['sample_s']:.0f} | {r['speed_vs_fp32']:.2f}x | {r['speed_vs_fp32_250']:.2f}x |" for r in rows)
     return head + "\n" + body

@@ -34,6 +34,7 @@ def test_markdown_table_has_a_row_per_variant():
                sample_s=10.0, speed_vs_fp32=1.0, speed_vs_fp32_250=5.0, **{"is": 9.0})
     table = markdown([row, dict(row, variant="quant-tap", speed_vs_fp32=2.0)], n=10, cfg=1.5)
     assert table.count("\n") == 3 and "| quant-tap | w8a8 | 50 |" in table and "2.00x" in table
+    assert "| qc-tap-vc (i3) | w4a8 |" in markdown([dict(row, variant="qc-tap-vc", bits="w4a8", cache_interval=3)], 10, 1.5)
 
 
 def test_ablation_runs_fp32_and_cache_rows_once_per_step_count(monkeypatch):
