@@ -34,8 +34,8 @@ _SELECTORS = {"uniform": UniformCalibration, "tap": TAPCalibration, "kmeans": KM
 def variant_passes(name: str, bits: str = "w8a8", cache: int = 2, size: int = 800, pool_labels: int = 32,
                    vc: str = "sample", threshold: float = 0.1) -> List:
     """Passes for a variant name: ``fp32``; ``cache-i3``; ``cache-adaptive-0.3``; ``cache-static-0.2``;
-    ``quant-<selector>``; ``qc-<selector>[-vc]`` (cache + quantization [+ VC]); ``w4a8-tap`` style names
-    override ``bits``."""
+    ``quant-<selector>``; ``qc-<selector>[-vc|-vcvar]`` (cache + quantization [+ VC, least-squares or
+    variance-ratio form]); ``w4a8-tap`` style names override ``bits``."""
     parts = name.split("-")
     if parts[0] in ("w8a8", "w4a8", "w4a4"):
         bits, parts = parts[0], ["quant"] + parts[1:]
@@ -49,8 +49,8 @@ def variant_passes(name: str, bits: str = "w8a8", cache: int = 2, size: int = 80
     if parts[0] in ("quant", "qc") and len(parts) >= 2 and parts[1] in _SELECTORS:
         passes = [StepCache(interval=cache)] if parts[0] == "qc" else []
         passes += [_SELECTORS[parts[1]](size=size, pool_labels=pool_labels), Quantize(preset=bits)]
-        if parts[-1] == "vc":
-            passes.append(VarianceCompensation(placement=vc))
+        if parts[-1] in ("vc", "vcvar"):
+            passes.append(VarianceCompensation(placement=vc, form="variance" if parts[-1] == "vcvar" else "exact"))
         return passes
     raise ValueError(f"unknown variant {name!r}; known patterns: {sorted(variant_names())}")
 
@@ -62,7 +62,8 @@ def variant_names() -> List[str]:
 
 def ablation_rows() -> List[str]:
     """The Q&C ablation (METHOD.md 5-6): naive quant+cache, +VC, +TAP, +TAP+VC, other clusterings."""
-    return ["qc-uniform", "qc-uniform-vc", "qc-tap", "qc-tap-vc", "qc-kmeans", "qc-dbscan", "qc-agglomerative"]
+    return ["qc-uniform", "qc-uniform-vc", "qc-tap", "qc-tap-vc", "qc-tap-vcvar", "qc-kmeans", "qc-dbscan",
+            "qc-agglomerative"]
 
 
 def bits_independent(name: str) -> bool:

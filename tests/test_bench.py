@@ -17,7 +17,8 @@ def test_variant_names_map_to_pass_lists():
     assert names(w4) == ["uniform_calibration", "quantize"] and w4[1].config.default.weight_bits == 4
     qc = variant_passes("qc-tap-vc", cache=3, vc="sample")
     assert names(qc) == ["step_cache", "tap_calibration", "quantize", "variance_compensation"]
-    assert qc[0].interval == 3 and qc[-1].placement == "sample"
+    assert qc[0].interval == 3 and qc[-1].placement == "sample" and qc[-1].form == "exact"
+    assert variant_passes("qc-tap-vcvar")[-1].form == "variance"
     assert names(variant_passes("qc-kmeans")) == ["step_cache", "kmeans_calibration", "quantize"]
 
 

@@ -45,6 +45,20 @@ def test_known_variance_scaling_is_recovered():
     torch.testing.assert_close(apply_k(x_hat, k).var(), x_ref.var(), rtol=0.05, atol=0.0)
 
 
+def test_variance_form_matches_spread_where_least_squares_shrinks_it():
+    # x_hat = 1.5 x' + independent noise: the least-squares K is a regression slope, so the corrected
+    # variance falls to corr^2 * var(x'); the variance form restores var(x') whatever the correlation.
+    torch.manual_seed(2)
+    x_ref = torch.randn(64, 2, 8, 8)
+    x_hat = 1.5 * x_ref + torch.randn_like(x_ref)
+    centred_var = lambda x: (x - x.mean(dim=(2, 3), keepdim=True)).var()
+    exact = apply_k(x_hat, fit_k(x_hat, x_ref))
+    matched = apply_k(x_hat, fit_k(x_hat, x_ref, form="variance"))
+    assert float(centred_var(exact)) < 0.85 * float(centred_var(x_ref))
+    torch.testing.assert_close(centred_var(matched), centred_var(x_ref), rtol=1e-4, atol=0.0)
+    torch.testing.assert_close(fit_k(x_ref, x_ref, form="variance"), torch.ones(2))
+
+
 def test_paper_form_equals_exact_when_mean_is_zero():
     torch.manual_seed(1)
     x_ref = torch.randn(32, 1, 6, 6)

@@ -8,8 +8,11 @@ stays put. VC rescales around the per-sample, per-channel mean:
 K (steps x channels) is fitted offline, training-free, from paired trajectories that start from the
 same noise and labels: the FP graph without cache gives x', the current (quantized, cached) graph
 gives x_hat. It is fitted step by step with the earlier factors already applied, using the exact
-minimiser of rQNSR(x_tilde, x')^2 + MSE(x_tilde, x') (``form="exact"``), or the paper's printed
-form (``form="paper"``); 1/x' terms are masked where |x'| < ``mask_eps`` x RMS(x') (choice), and K
+minimiser of rQNSR(x_tilde, x')^2 + MSE(x_tilde, x') (``form="exact"``), the paper's printed
+form (``form="paper"``), or the plain spread ratio std(x') / std(x_hat) (``form="variance"``, ours:
+the two least-squares forms are regression slopes, so they also shrink x_tilde's variance by the
+squared correlation of x_hat with x'; when trajectories decorrelate, e.g. W4A8 with a cache, they
+over-correct, while the ratio sets the variance to FP's whatever the correlation); 1/x' terms are masked where |x'| < ``mask_eps`` x RMS(x') (choice), and K
 is clamped to ``k_range`` (default 0.5..2; choice: a safety net against degenerate fits, e.g. when
 few-step trajectories have diverged; ``None`` turns it off).
 
@@ -43,7 +46,7 @@ from ..runtime import CompiledModel, StepAware
 __all__ = ["VarianceCompensation", "VCRescale", "VCSampleHook", "fit_k", "apply_k"]
 
 PLACEMENTS = ("eps", "sample")
-FORMS = ("exact", "paper")
+FORMS = ("exact", "paper", "variance")
 
 
 def apply_k(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -58,6 +61,8 @@ def fit_k(x_hat: torch.Tensor, x_ref: torch.Tensor, form: str = "exact", mask_ep
 
     exact: K = [sum d (x'-mu) + sum d (x'-mu) / x'^2] / [sum d^2 + sum d^2 / x'^2],  d = x_hat - mu
     paper: the second numerator term is sum d / x' (as printed; equal to exact when mu = 0).
+    variance: K = sqrt(sum (x' - mu')^2 / sum d^2), mu' the per-sample, per-channel mean of x': the
+    rescaled x_hat has x''s spread (the least-squares forms return corr * that ratio).
     Sums run over batch and spatial positions of one channel. The 1/x' terms are masked where
     |x'| < mask_eps * RMS(x') of the channel (choice: relative, because near-zero x' give weights of
     1/x'^2 that otherwise decide K alone). ``k_range`` clamps the result (None: no clamp).
@@ -68,15 +73,22 @@ def fit_k(x_hat: torch.Tensor, x_ref: torch.Tensor, form: str = "exact", mask_ep
     mu = x_hat.mean(dim=(2, 3), keepdim=True)
     d, r = x_hat - mu, x_ref - mu
     dims = (0, 2, 3)
+    if form == "variance":
+        spread_ref = (x_ref - x_ref.mean(dim=(2, 3), keepdim=True)).pow(2).sum(dims)
+        spread_hat = d.pow(2).sum(dims)
+        k = torch.where(spread_hat > 0, (spread_ref / spread_hat.clamp_min(1e-30)).sqrt(), torch.ones_like(spread_hat))
+        return _clamp(k, k_range).float()
     threshold = mask_eps * x_ref.pow(2).mean(dims, keepdim=True).sqrt()  # (1, C, 1, 1)
     inv = torch.where(x_ref.abs() >= threshold, 1.0 / x_ref, torch.zeros_like(x_ref))
     second = (d * r * inv ** 2).sum(dims) if form == "exact" else (d * inv).sum(dims)
     num = (d * r).sum(dims) + second
     den = (d * d).sum(dims) + (d * d * inv ** 2).sum(dims)
     k = torch.where(den > 0, num / den.clamp_min(1e-30), torch.ones_like(den))
-    if k_range is not None:
-        k = k.clamp(float(k_range[0]), float(k_range[1]))
-    return k.float()
+    return _clamp(k, k_range).float()
+
+
+def _clamp(k: torch.Tensor, k_range: Optional[Sequence[float]]) -> torch.Tensor:
+    return k if k_range is None else k.clamp(float(k_range[0]), float(k_range[1]))
 
 
 class _KTable(StepAware, nn.Module):
