@@ -99,6 +99,7 @@ def main(args) -> dict:
         "FP32": [], "cache only": variant_passes(f"cache-i{args.cache}"),
         f"quant only ({args.bits})": variant_passes("quant-uniform", **opts),
         "quant+cache": variant_passes("qc-uniform", **opts), "quant+cache+VC": variant_passes("qc-uniform-vc", **opts),
+        "quant+cache+VC (variance form)": variant_passes("qc-uniform-vcvar", **opts),
     }
     trajs = {name: trajectory(model, passes, sampler, labels, args.seed) for name, passes in rows.items()}
     stats = {"cosine": {k: cosine_stats(trajs[k]) for k in ("FP32", "cache only")},

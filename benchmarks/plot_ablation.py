@@ -10,11 +10,10 @@ Rows of a later file that ran without an FP32 row are set against the first file
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Dict, List
 
-from qc_compiler.bench import variant_label
+from qc_compiler.bench import merge_results, variant_label
 
 # One colour per family, so the eye finds naive -> +VC -> +TAP -> +TAP+VC.
 FAMILY_COLOURS = {"fp32": "black", "cache": "tab:gray", "quant": "tab:blue", "qc": "tab:red"}
@@ -63,13 +62,9 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=Path("docs/fid_vs_speed.png"))
     p.add_argument("--steps", type=int, default=50, help="plot the rows at this step count")
     args = p.parse_args(argv)
-    rows = [r for path in args.results for r in json.loads(path.read_text())["rows"] if r["steps"] == args.steps]
+    rows = merge_results(args.results, args.steps)
     if not rows:
         raise SystemExit(f"no rows at {args.steps} steps in {args.results}")
-    fp = next((r for r in rows if r["variant"] == "fp32"), None)
-    for r in rows:
-        if fp and r["speed_vs_fp32"] != r["speed_vs_fp32"]:  # NaN: its file had no FP32 row
-            r["speed_vs_fp32"] = fp["sample_s"] / r["sample_s"]
     plot(rows, args.out)
     print(f"wrote {args.out}")
 

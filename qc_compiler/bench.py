@@ -10,8 +10,10 @@ Example:
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -23,7 +25,7 @@ from .passes import (AgglomerativeCalibration, DBSCANCalibration, KMeansCalibrat
                      TAPCalibration, UniformCalibration, VarianceCompensation)
 
 __all__ = ["variant_passes", "variant_names", "ablation_rows", "bits_independent", "sample_timed", "run_variants", "markdown",
-           "benchmark_model"]
+           "merge_results", "benchmark_model"]
 
 log = logging.getLogger(__name__)
 
@@ -140,11 +142,29 @@ def variant_label(row: Dict) -> str:
 
 
 def markdown(rows: List[Dict], n: int, cfg: float) -> str:
-    """A results table: quality, then measured speed against FP32 (same steps, and 250 steps)."""
-    head = (f"| variant ({n} samples, cfg {cfg}) | bits | steps | FID | sFID | IS | precision | recall | class acc "
-            "| sampling s | speed vs FP32 | vs FP32 250 steps |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+    """A results table: quality (FID also relative to an FP32 row, when there is one), then measured
+    speed against FP32 (same steps, and 250 steps)."""
+    fp_fid = {r["steps"]: r["fid"] for r in rows if r["variant"] == "fp32"}
+    head = (f"| variant ({n} samples, cfg {cfg}) | bits | steps | FID | FID vs FP32 | sFID | IS | precision | recall "
+            "| class acc | sampling s | speed vs FP32 | vs FP32 250 steps |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     body = "\n".join(
-        f"| {variant_label(r)} | {r['bits']} | {r['steps']} | {r['fid']:.2f} | "
+        f"| {variant_label(r)} | {r['bits']} | {r['steps']} | {r['fid']:.2f} | {_relative(r['fid'], fp_fid.get(r['steps']))} | "
         f"{r['sfid']:.2f} | {r['is']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['class_acc']:.3f} | "
         f"{r['sample_s']:.0f} | {r['speed_vs_fp32']:.2f}x | {r['speed_vs_fp32_250']:.2f}x |" for r in rows)
     return head + "\n" + body
+
+
+def _relative(value: float, reference: Optional[float]) -> str:
+    return "-" if reference is None else f"{100.0 * (value / reference - 1.0):+.1f}%"
+
+
+def merge_results(paths: Sequence[Path], steps: int) -> List[Dict]:
+    """Rows at ``steps`` from several ``qc bench --out`` files. A file that ran without an FP32 row
+    (e.g. a second bit width) has NaN speeds; they are set against the first FP32 row's time."""
+    rows = [r for path in paths for r in json.loads(Path(path).read_text())["rows"] if r["steps"] == steps]
+    fp = next((r for r in rows if r["variant"] == "fp32"), None)
+    for r in rows:
+        if fp and r["speed_vs_fp32"] != r["speed_vs_fp32"]:  # NaN: its file had no FP32 row
+            r["speed_vs_fp32"] = fp["sample_s"] / r["sample_s"]
+            r["speed_vs_fp32_250"] = fp.get("fp32_250_s", float("nan")) / r["sample_s"]
+    return rows

@@ -14,10 +14,12 @@ __all__ = ["qandc"]
 
 
 def qandc(bits: str = "w8a8", cache: Union[int, str, None] = 2, placement: str = "sample", clusters: int = 100,
-          size: int = 800, pool_labels: int = 32, vc_batch: int = 32, threshold: float = 0.1) -> List:
+          size: int = 800, pool_labels: int = 32, vc_batch: int = 32, threshold: float = 0.1,
+          vc_form: str = "exact") -> List:
     """The Q&C schedule: step cache, TAP calibration on the cached model, quantization, then VC.
 
     ``cache`` is an interval (int), ``"adaptive"`` (with ``threshold``), or None for no cache.
+    ``vc_form`` picks VC's K: ``"exact"`` (least squares, METHOD.md 5) or ``"variance"`` (spread ratio).
     """
     passes: List = []
     if isinstance(cache, int):
@@ -27,5 +29,5 @@ def qandc(bits: str = "w8a8", cache: Union[int, str, None] = 2, placement: str =
     elif cache is not None:
         raise ValueError(f"cache must be an interval, 'adaptive' or None, got {cache!r}")
     passes += [TAPCalibration(clusters=clusters, size=size, pool_labels=pool_labels), Quantize(preset=bits),
-               VarianceCompensation(placement=placement, batch=vc_batch)]
+               VarianceCompensation(placement=placement, batch=vc_batch, form=vc_form)]
     return passes

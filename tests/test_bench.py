@@ -35,7 +35,26 @@ def test_markdown_table_has_a_row_per_variant():
                sample_s=10.0, speed_vs_fp32=1.0, speed_vs_fp32_250=5.0, **{"is": 9.0})
     table = markdown([row, dict(row, variant="quant-tap", speed_vs_fp32=2.0)], n=10, cfg=1.5)
     assert table.count("\n") == 3 and "| quant-tap | w8a8 | 50 |" in table and "2.00x" in table
+    assert "| 1.00 | +0.0% |" in table
+    worse = markdown([row, dict(row, variant="quant-tap", fid=1.086)], n=10, cfg=1.5)
+    assert "| 1.09 | +8.6% |" in worse
     assert "| qc-tap-vc (i3) | w4a8 |" in markdown([dict(row, variant="qc-tap-vc", bits="w4a8", cache_interval=3)], 10, 1.5)
+
+
+def test_merge_results_sets_speed_of_a_second_file_against_the_first_fp32(tmp_path):
+    import json
+
+    from qc_compiler.bench import merge_results
+
+    nan = float("nan")
+    first = {"rows": [dict(variant="fp32", steps=50, sample_s=100.0, speed_vs_fp32=1.0, fp32_250_s=500.0),
+                      dict(variant="fp32", steps=100, sample_s=200.0, speed_vs_fp32=1.0)]}
+    second = {"rows": [dict(variant="quant-tap", steps=50, sample_s=40.0, speed_vs_fp32=nan, speed_vs_fp32_250=nan)]}
+    (tmp_path / "a.json").write_text(json.dumps(first))
+    (tmp_path / "b.json").write_text(json.dumps(second))
+    rows = merge_results([tmp_path / "a.json", tmp_path / "b.json"], steps=50)
+    assert [r["variant"] for r in rows] == ["fp32", "quant-tap"]
+    assert rows[1]["speed_vs_fp32"] == 2.5 and rows[1]["speed_vs_fp32_250"] == 12.5
 
 
 def test_ablation_runs_fp32_and_cache_rows_once_per_step_count(monkeypatch):
