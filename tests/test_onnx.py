@@ -58,6 +58,7 @@ def test_weights_are_int8_and_onnxruntime_fuses_them(tmp_path):
     assert path.stat().st_size < 0.6 * fp32.stat().st_size  # embedders stay fp32 in this tiny model
     counts = optimized_op_counts(path)
     assert counts.get("MatMulIntegerToFloat", 0) >= 8  # qkv, proj, fc1, fc2 of both blocks + final linear
+    assert counts.get("MatMulNBits", 0) == 3  # the weight-only adaLN linears: int8 weights, float input
 
 
 @pytest.mark.parametrize("cache", [StepCache(interval=2), StepCache(policy="static", threshold=0.5)])

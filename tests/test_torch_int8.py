@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import qc_compiler as qc
-from qc_compiler.backends.torch_int8 import KERNELS, Int8Linear, default_kernel
+from qc_compiler.backends.torch_int8 import KERNELS, Int8Linear, WeightOnlyLinear, default_kernel
 from qc_compiler.passes import Quantize, StepCache, UniformCalibration, VarianceCompensation
 from qc_compiler.quant import QuantConfig, QuantLinear
 from conftest import make_tiny
@@ -11,11 +11,34 @@ PASSES = lambda bits="w8a8", groups=1: [UniformCalibration(size=24, pool_labels=
                                         Quantize(config=QuantConfig.preset(bits, act_step_groups=groups))]
 
 
-def pairs(fq, i8):
+def pairs(fq, i8, lowered_type=Int8Linear):
+    """(fake-quant, lowered) layer pairs: the 9 token linears are INT8, the 3 adaLN ones weight-only."""
     a = {m.path: m for m in fq.graph_module.modules() if isinstance(m, QuantLinear)}
-    b = {m.path: m for m in i8.graph_module.modules() if isinstance(m, Int8Linear)}
+    b = {m.path: m for m in i8.graph_module.modules() if isinstance(m, (Int8Linear, WeightOnlyLinear))}
     assert a.keys() == b.keys() and len(a) == 12
-    return [(a[k], b[k]) for k in a]
+    assert sum(isinstance(m, WeightOnlyLinear) for m in b.values()) == 3
+    assert all(isinstance(b[k], WeightOnlyLinear) == ("adaLN" in k) for k in b)
+    return [(a[k], b[k]) for k in a if isinstance(b[k], lowered_type)]
+
+
+def test_conditioning_linears_lower_to_weight_only_int8_matching_the_reference():
+    model, sampler = make_tiny(), qc.DDPM(steps=3)
+    fq = qc.compile(model, passes=PASSES(), sampler=sampler, backend="fakequant")
+    i8 = qc.compile(model, passes=PASSES(), sampler=sampler, backend="torch")
+    for q, lowered in pairs(fq, i8, WeightOnlyLinear):
+        assert q.weight_only and lowered.w_int8.dtype == torch.int8 and lowered.w_int8.abs().max() <= 127
+        c = torch.randn(5, q.weight.shape[1]) * 3  # float input: no activation code to lose
+        torch.testing.assert_close(lowered(c), q(c), rtol=1e-5, atol=1e-5)
+        assert not torch.equal(lowered(c), torch.nn.functional.linear(c, q.weight, q.bias))  # weights are int8
+
+
+def test_all_w8a8_is_one_option_away():
+    full = QuantConfig.preset("w8a8", weight_only=())
+    assert full.for_op("blocks.0.adaLN_modulation.1", "linear").act_bits == 8
+    assert QuantConfig.preset("w8a8").for_op("blocks.0.adaLN_modulation.1", "linear").act_bits is None
+    cm = qc.compile(make_tiny(), passes=[UniformCalibration(size=24, pool_labels=4), Quantize(config=full)],
+                    sampler=qc.DDPM(steps=3), backend="torch")
+    assert sum(isinstance(m, Int8Linear) for m in cm.graph_module.modules()) == 12
 
 
 @pytest.mark.parametrize("kernel", sorted(KERNELS))

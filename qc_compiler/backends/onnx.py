@@ -49,7 +49,7 @@ from ..io import atomic_write_bytes
 from ..quant.fake_quant import ActQuant, QuantLinear
 from ..quant.qparams import quantize
 
-__all__ = ["export_onnx", "OrtDenoiser", "PROVIDERS", "optimized_op_counts"]
+__all__ = ["export_onnx", "OrtDenoiser", "PROVIDERS", "optimized_op_counts", "session_options"]
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +66,12 @@ class _StepHolder:
 
 
 class _QDQLinear(nn.Module):
-    """Export stand-in for a quantized linear: Q/DQ on the input, matmul with the dequantized weight.
-    The weight buffer is swapped for int8 codes + DequantizeLinear after export."""
+    """Export stand-in for a quantized linear: Q/DQ on the input (none for a weight-only layer,
+    ``a_scale=None``), matmul with the dequantized weight. The weight buffer is swapped for int8
+    codes + DequantizeLinear after export."""
 
-    def __init__(self, codes: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor], a_scale: float,
-                 a_zero: int, post_op: str = "none"):
+    def __init__(self, codes: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
+                 a_scale: Optional[float], a_zero: Optional[int], post_op: str = "none"):
         super().__init__()
         self.post_op = post_op  # the torch backend may have folded fc1's GELU into the linear
         self.codes, self.w_scale = codes.t().contiguous(), w_scale.float()  # (K, N) int8, (N,)
@@ -79,7 +80,7 @@ class _QDQLinear(nn.Module):
         self.a_scale, self.a_zero = a_scale, a_zero
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xq = torch.fake_quantize_per_tensor_affine(x, self.a_scale, self.a_zero, 0, 255)
+        xq = x if self.a_scale is None else torch.fake_quantize_per_tensor_affine(x, self.a_scale, self.a_zero, 0, 255)
         out = torch.matmul(xq, getattr(self, _WEIGHT_SUFFIX)) + self.qc_bias
         return torch.nn.functional.gelu(out, approximate="tanh") if self.post_op == "gelu_tanh" else out
 
@@ -172,7 +173,10 @@ def _unfreeze_sizes(gm: nn.Module) -> None:
             sub.recompile()
 
 
-def _activation(module) -> Tuple[float, int]:
+def _activation(module) -> Tuple[Optional[float], Optional[int]]:
+    """The constant input scale and zero point of a quantized op; (None, None) for a weight-only one."""
+    if module.spec.act_bits is None:
+        return None, None
     if getattr(module, "num_groups", 1) > 1:
         raise ExportError(f"{module.path}: per-step-group activation ranges cannot be exported yet "
                           "(QuantizeLinear fuses only with constant scales); compile with act_step_groups=1")
@@ -185,7 +189,7 @@ def _activation(module) -> Tuple[float, int]:
 def _stand_in(module, holder: _StepHolder) -> Optional[nn.Module]:
     """The export module replacing a quantized or step-aware node, or None to keep it."""
     from ..passes.cache import CacheLookup
-    from ..backends.torch_int8 import Int8Linear
+    from ..backends.torch_int8 import Int8Linear, WeightOnlyLinear
 
     if isinstance(module, CacheLookup):
         if module.policy.kind == "adaptive":
@@ -197,6 +201,8 @@ def _stand_in(module, holder: _StepHolder) -> Optional[nn.Module]:
         return _QDQLinear(codes, module.w_scale, module.bias, *_activation(module))
     if isinstance(module, Int8Linear):
         return _QDQLinear(module.w_int8, module.w_scale, module.bias, *_activation(module), module.post_op)
+    if isinstance(module, WeightOnlyLinear):
+        return _QDQLinear(module.w_int8, module.w_scale, module.bias, None, None)
     if isinstance(module, ActQuant):
         return _QDQAct(*_activation(module))
     return None
@@ -384,9 +390,7 @@ class OrtDenoiser:
         meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
         if "qc.timesteps" not in meta:
             raise ExportError(f"{path} was not written by qc-compiler's exporter (no timestep table)")
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
+        opts = session_options(threads)
         self.session = ort.InferenceSession(str(path), opts, providers=[PROVIDERS[provider]])
         self._inputs = {i.name for i in self.session.get_inputs()}  # "step" is dropped when nothing reads it
         self.model_info = json.loads(meta["qc.model_info"])
@@ -435,14 +439,26 @@ class OrtDenoiser:
         return torch.from_numpy(outs[0])
 
 
+def session_options(threads: Optional[int] = None):
+    """onnxruntime options for our files. Weight-only layers (int8 weights, float input) fuse into
+    ``MatMulNBits``, whose default accuracy level 4 quantizes the float input to int8 on the fly;
+    level 1 keeps it float, as the layer was calibrated (those layers are one row per sample)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    return opts
+
+
 def optimized_op_counts(path, threads: int = 1) -> Dict[str, int]:
     """Op types in onnxruntime's optimized graph: shows whether the QDQ pairs fused into INT8 kernels."""
     import onnx
     import onnxruntime as ort
     import tempfile
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
+    opts = session_options(threads)
     out = Path(tempfile.mkdtemp()) / "optimized.onnx"
     opts.optimized_model_filepath = str(out)
     ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

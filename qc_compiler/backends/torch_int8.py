@@ -3,7 +3,9 @@
 Each ``QuantLinear`` (fake-quant, the reference) becomes an ``Int8Linear``: int8 weights per output
 channel, the activation quantized to uint8 with its calibrated per-tensor scale and zero point (per
 step group where configured), int32 accumulation, and a fused dequantize with bias. A tanh-GELU
-right after a linear (the MLP's fc1) is folded into that kernel as a post-op. Cache lookups,
+right after a linear (the MLP's fc1) is folded into that kernel as a post-op. A weight-only
+``QuantLinear`` (``act_bits=None``: the conditioning linears, one row per sample) becomes a
+``WeightOnlyLinear``: int8 weights, dequantized for a float GEMM of those few rows. Cache lookups,
 VC nodes and anything else in the graph are left as they are. ``ActQuant`` (attention-matmul
 operands) stays fake-quant: PyTorch has no INT8 batched matmul on CPU worth calling.
 
@@ -35,7 +37,7 @@ from ..regions import iter_graph_modules
 from ..runtime import StepAware
 from . import register_backend
 
-__all__ = ["Int8Linear", "lower_torch", "KERNELS", "default_kernel"]
+__all__ = ["Int8Linear", "WeightOnlyLinear", "lower_torch", "KERNELS", "default_kernel"]
 
 
 def _quantize_u8(x: torch.Tensor, scale: float, zero: int, qmax: int) -> torch.Tensor:
@@ -136,15 +138,35 @@ class Int8Linear(StepAware, nn.Module):
         return f"  {self.path:<30} INT8 ({self.kernel}{fused}) W{self.spec.weight_bits}A{self.spec.act_bits}"
 
 
+class WeightOnlyLinear(nn.Module):
+    """A linear with int8 weights (per output channel) and a float input: the weights are dequantized
+    at each call, which costs little for layers of one row per sample, and keeps them int8 in memory."""
+
+    def __init__(self, q: QuantLinear):
+        super().__init__()
+        self.path, self.spec = q.path, q.spec
+        self.register_buffer("w_int8", quantize(q.weight.detach(), q.weight_qparams()).to(torch.int8))
+        self.register_buffer("w_scale", q.w_scale.detach().clone().float())
+        self.bias = None if q.bias is None else nn.Parameter(q.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.w_int8.to(x.dtype) * self.w_scale.to(x.dtype)[:, None]
+        return torch.nn.functional.linear(x, weight, self.bias)
+
+    def report_section(self) -> str:
+        return f"  {self.path:<30} int8 weights, float input (weight-only W{self.spec.weight_bits})"
+
+
 @register_backend("torch")
 def lower_torch(gm: fx.GraphModule, ctx, kernel: str = None) -> nn.Module:
-    """Swap every QuantLinear (in the graph and in nested region graphs) for an Int8Linear."""
+    """Swap every QuantLinear (in the graph and in nested region graphs) for an Int8Linear, or a
+    WeightOnlyLinear where its input is not quantized."""
     kernel = kernel or default_kernel(next((p.device for p in gm.parameters()), torch.device("cpu")))
     for name, module in list(gm.named_modules()):
         if isinstance(module, QuantLinear):
             parent_name, _, child = name.rpartition(".")
             parent = gm.get_submodule(parent_name) if parent_name else gm
-            setattr(parent, child, Int8Linear(module, kernel))
+            setattr(parent, child, WeightOnlyLinear(module) if module.weight_only else Int8Linear(module, kernel))
     for _, graph_module in iter_graph_modules(gm):
         _fuse_gelu(graph_module)
         _fuse_requant(graph_module)

@@ -1,7 +1,8 @@
 """Fake-quant graph modules: the float reference of what the INT8 backends compute.
 
 ``QuantLinear`` quantizes its input per tensor (asymmetric, uint) and its weight per output channel
-(symmetric, int), then runs a float linear on the dequantized values. ``ActQuant`` quantizes one
+(symmetric, int), then runs a float linear on the dequantized values; with ``act_bits=None`` (a
+weight-only layer) the input stays float. ``ActQuant`` quantizes one
 activation (the operands of the attention matmuls). Both have three modes:
 
 - ``observe``: float forward, observers record the input range (per step group if configured);
@@ -59,17 +60,25 @@ class _ActRanges(StepAware, nn.Module):
         self.path, self.spec, self.num_groups, self.num_steps = path, spec, num_groups, max(1, num_steps)
         self.mode = "observe"
         self.calib_step: Optional[int] = None
-        self.observers = [make_observer(spec.act_observer, spec.act_bits, symmetric=False) for _ in range(num_groups + 1)]
+        self.observers = [] if self.weight_only else [
+            make_observer(spec.act_observer, spec.act_bits, symmetric=False) for _ in range(num_groups + 1)]
         self.register_buffer("a_scale", torch.ones(num_groups + 1))
         self.register_buffer("a_zero", torch.zeros(num_groups + 1, dtype=torch.int32))
         self.register_buffer("a_lo", torch.zeros(num_groups + 1))
         self.register_buffer("a_hi", torch.zeros(num_groups + 1))
         self.err_sq, self.ref_sq = 0.0, 0.0
 
+    @property
+    def weight_only(self) -> bool:
+        """True when the input is not quantized (``act_bits=None``)."""
+        return self.spec.act_bits is None
+
     def group(self) -> int:
         return step_group(self.step_state, self.calib_step, self.num_groups, self.num_steps)
 
     def observe(self, x: torch.Tensor) -> None:
+        if self.weight_only:
+            return
         self.observers[self.num_groups].update(x)
         if self.num_groups > 1:
             g = self.group()
@@ -82,6 +91,8 @@ class _ActRanges(StepAware, nn.Module):
 
     def finish_activations(self) -> None:
         """Turn observations into qparams; groups that saw nothing take the all-steps range."""
+        if self.weight_only:
+            return
         overall = self.observers[self.num_groups].compute()
         for g, obs in enumerate(self.observers):
             qp = obs.compute() if obs.lo is not None else overall
@@ -148,7 +159,7 @@ class QuantLinear(_ActRanges):
             self.observe(x)
         if self.mode in ("observe", "float"):
             return F.linear(x, self.weight, self.bias)
-        out = F.linear(fake_quantize(x, self.act_qparams()), self.w_fq, self.bias)
+        out = F.linear(x if self.weight_only else fake_quantize(x, self.act_qparams()), self.w_fq, self.bias)
         if self.mode == "compare":
             ref = F.linear(x, self.weight, self.bias)
             self._track(out, ref)
@@ -157,8 +168,8 @@ class QuantLinear(_ActRanges):
 
     def report_line(self) -> str:
         g = self.num_groups
-        return (f"  {self.path:<30} W{self.spec.weight_bits}A{self.spec.act_bits}  act [{float(self.a_lo[g]):+.3g}, "
-                f"{float(self.a_hi[g]):+.3g}]  |w|max {float(self.weight.detach().abs().max()):.3g}  "
+        act = "act float" if self.weight_only else f"act [{float(self.a_lo[g]):+.3g}, {float(self.a_hi[g]):+.3g}]"
+        return (f"  {self.path:<30} W{self.spec.weight_bits}A{self.spec.act_bits or '-'}  {act}  |w|max {float(self.weight.detach().abs().max()):.3g}  "
                 f"rel.err {self.rel_error:.4f}")
 
 
