@@ -23,6 +23,7 @@ from .api import load_model
 from .diffusion import DDPM
 from .passes import (AgglomerativeCalibration, DBSCANCalibration, KMeansCalibration, Quantize, StepCache,
                      TAPCalibration, UniformCalibration, VarianceCompensation)
+from .quant import QuantConfig
 
 __all__ = ["variant_passes", "variant_names", "ablation_rows", "bits_independent", "sample_timed", "run_variants", "markdown",
            "merge_results", "benchmark_model"]
@@ -36,8 +37,9 @@ _SELECTORS = {"uniform": UniformCalibration, "tap": TAPCalibration, "kmeans": KM
 def variant_passes(name: str, bits: str = "w8a8", cache: int = 2, size: int = 800, pool_labels: int = 32,
                    vc: str = "sample", threshold: float = 0.1) -> List:
     """Passes for a variant name: ``fp32``; ``cache-i3``; ``cache-adaptive-0.3``; ``cache-static-0.2``;
-    ``quant-<selector>``; ``qc-<selector>[-vc|-vcvar]`` (cache + quantization [+ VC, least-squares or
-    variance-ratio form]); ``w4a8-tap`` style names override ``bits``."""
+    ``quant-<selector>[-condq]``; ``qc-<selector>[-condq][-vc|-vcvar]`` (cache + quantization [+ VC,
+    least-squares or variance-ratio form]). ``condq`` quantizes the conditioning linears' inputs too
+    (the paper's setting; by default they are weight-only). ``w4a8-tap`` style names override ``bits``."""
     parts = name.split("-")
     if parts[0] in ("w8a8", "w4a8", "w4a4"):
         bits, parts = parts[0], ["quant"] + parts[1:]
@@ -48,18 +50,32 @@ def variant_passes(name: str, bits: str = "w8a8", cache: int = 2, size: int = 80
         if kind.startswith("i"):
             return [StepCache(interval=int(kind[1:]))]
         return [StepCache(policy=kind, threshold=float(parts[2]) if len(parts) > 2 else threshold)]
-    if parts[0] in ("quant", "qc") and len(parts) >= 2 and parts[1] in _SELECTORS:
+    flags = parts[2:]
+    if parts[0] in ("quant", "qc") and len(parts) >= 2 and parts[1] in _SELECTORS and _known_flags(parts[0], flags):
+        config = QuantConfig.preset(bits, **({"weight_only": ()} if "condq" in flags else {}))
         passes = [StepCache(interval=cache)] if parts[0] == "qc" else []
-        passes += [_SELECTORS[parts[1]](size=size, pool_labels=pool_labels), Quantize(preset=bits)]
-        if parts[-1] in ("vc", "vcvar"):
-            passes.append(VarianceCompensation(placement=vc, form="variance" if parts[-1] == "vcvar" else "exact"))
+        passes += [_SELECTORS[parts[1]](size=size, pool_labels=pool_labels), Quantize(config=config)]
+        if flags and flags[-1] in ("vc", "vcvar"):
+            passes.append(VarianceCompensation(placement=vc, form="variance" if flags[-1] == "vcvar" else "exact"))
         return passes
     raise ValueError(f"unknown variant {name!r}; known patterns: {sorted(variant_names())}")
 
 
+def _known_flags(kind: str, flags: List[str]) -> bool:
+    allowed = [["condq"], ["vc", "vcvar"]] if kind == "qc" else [["condq"]]
+    position = 0
+    for flag in flags:  # in order, each at most once
+        while position < len(allowed) and flag not in allowed[position]:
+            position += 1
+        if position == len(allowed):
+            return False
+        position += 1
+    return True
+
+
 def variant_names() -> List[str]:
     return ["fp32", "cache-i2", "cache-i3", "cache-adaptive-0.1", "cache-adaptive-0.3", "cache-static-0.2",
-            "quant-uniform", "quant-tap", "w4a8-uniform", "w4a8-tap"] + ablation_rows()
+            "quant-uniform", "quant-tap", "quant-tap-condq", "w4a8-uniform", "w4a8-tap"] + ablation_rows()
 
 
 def ablation_rows() -> List[str]:

@@ -19,6 +19,9 @@ def test_variant_names_map_to_pass_lists():
     assert names(qc) == ["step_cache", "tap_calibration", "quantize", "variance_compensation"]
     assert qc[0].interval == 3 and qc[-1].placement == "sample" and qc[-1].form == "exact"
     assert variant_passes("qc-tap-vcvar")[-1].form == "variance"
+    assert variant_passes("quant-tap")[-1].config.weight_only  # conditioning linears weight-only by default
+    assert variant_passes("quant-tap-condq")[-1].config.weight_only == ()
+    assert variant_passes("qc-tap-condq-vc")[2].config.weight_only == ()
     assert names(variant_passes("qc-kmeans")) == ["step_cache", "kmeans_calibration", "quantize"]
 
 
@@ -26,8 +29,9 @@ def test_every_listed_variant_parses_and_unknown_ones_fail():
     for name in variant_names():
         variant_passes(name)
     assert "qc-tap-vc" in ablation_rows() and "qc-uniform" in ablation_rows()
-    with pytest.raises(ValueError, match="unknown variant"):
-        variant_passes("quant-magic")
+    for bad in ("quant-magic", "quant-tap-vc", "qc-tap-vc-condq", "qc-tap-condq-condq", "qc-tap-fast"):
+        with pytest.raises(ValueError, match="unknown variant"):
+            variant_passes(bad)
 
 
 def test_markdown_table_has_a_row_per_variant():
