@@ -90,6 +90,20 @@ def test_observer_rejects_nan():
 
 
 # --- config -----------------------------------------------------------------------------------
+def test_conditioning_linears_are_weight_only_and_old_artefacts_load_as_saved():
+    cfg = QuantConfig.preset("w8a8")
+    spec = cfg.for_op("blocks.2.adaLN_modulation.1", "linear")
+    assert spec.weight_bits == 8 and spec.act_bits is None
+    assert cfg.for_op("final_layer.adaLN_modulation.1", "linear").act_bits is None
+    assert cfg.for_op("blocks.2.attn.qkv", "linear").act_bits == 8
+    # an override still decides: quantize one block's adaLN input after all
+    assert cfg.override("blocks.2.adaLN_modulation.1", LayerQuant()).for_op("blocks.2.adaLN_modulation.1", "linear").act_bits == 8
+    old = {k: v for k, v in cfg.to_json().items() if k != "weight_only"}  # written before the option existed
+    assert QuantConfig.from_json(old).for_op("blocks.2.adaLN_modulation.1", "linear").act_bits == 8
+    with pytest.raises(ValueError, match="act_bits"):
+        LayerQuant(act_bits=16)
+
+
 def test_override_mapping_last_match_wins():
     cfg = QuantConfig.preset("w8a8")
     assert cfg.for_op("blocks.0.attn.qkv", "linear").weight_bits == 8
