@@ -166,8 +166,12 @@ def markdown(rows: List[Dict], n: int, cfg: float) -> str:
     body = "\n".join(
         f"| {variant_label(r)} | {r['bits']} | {r['steps']} | {r['fid']:.2f} | {_relative(r['fid'], fp_fid.get(r['steps']))} | "
         f"{r['sfid']:.2f} | {r['is']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['class_acc']:.3f} | "
-        f"{r['sample_s']:.0f} | {r['speed_vs_fp32']:.2f}x | {r['speed_vs_fp32_250']:.2f}x |" for r in rows)
+        f"{r['sample_s']:.0f} | {_ratio(r['speed_vs_fp32'])} | {_ratio(r['speed_vs_fp32_250'])} |" for r in rows)
     return head + "\n" + body
+
+
+def _ratio(value: float) -> str:
+    return "-" if value != value else f"{value:.2f}x"  # NaN: no FP32 time to compare with
 
 
 def _relative(value: float, reference: Optional[float]) -> str:

@@ -43,6 +43,8 @@ def test_markdown_table_has_a_row_per_variant():
     worse = markdown([row, dict(row, variant="quant-tap", fid=1.086)], n=10, cfg=1.5)
     assert "| 1.09 | +8.6% |" in worse
     assert "| qc-tap-vc (i3) | w4a8 |" in markdown([dict(row, variant="qc-tap-vc", bits="w4a8", cache_interval=3)], 10, 1.5)
+    no_fp250 = markdown([dict(row, speed_vs_fp32_250=float("nan"))], 10, 1.5)
+    assert no_fp250.rstrip().endswith("| 1.00x | - |") and "nan" not in no_fp250
 
 
 def test_merge_results_sets_speed_of_a_second_file_against_the_first_fp32(tmp_path):
