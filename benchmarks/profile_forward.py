@@ -1,0 +1,108 @@
+"""Where one forward's time goes: our W8A8 torch INT8 model against eager FP32, by kind of work.
+
+    python benchmarks/profile_forward.py --model DiT-B/2 --batch 8 --threads 2
+
+``torch.profiler`` times a few forwards of each. Our backend's two hot paths (activation quantization
+and the INT8 GEMM) are wrapped in ``record_function`` labels for the profile only, so their shares
+are measured, not guessed from op names. The last line is Amdahl's bound: the speed against eager
+FP32 if everything but the INT8 GEMMs took no time, which is what decides whether a goal such as
+"5x eager" can be met by faster GEMMs alone.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Callable, Dict, List, Tuple
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+import qc_compiler as qc
+from qc_compiler.backends import torch_int8
+from qc_compiler.bench import benchmark_model
+from qc_compiler.passes import Quantize, UniformCalibration
+
+# (label in the table, profiler event names whose inclusive time it sums)
+CATEGORIES: List[Tuple[str, Tuple[str, ...]]] = [
+    ("INT8 GEMMs (oneDNN, bias, GELU and requantization fused)", ("qc::int8_gemm",)),
+    ("activation quantization (x / s, round, + z, clamp, to uint8)", ("qc::quantize_u8",)),
+    ("float linears (FP32 model; weight-only conditioning linears in ours)", ("aten::linear",)),
+    ("attention, FP32 (scaled_dot_product_attention)", ("aten::scaled_dot_product_attention",)),
+    ("layer norms", ("aten::layer_norm",)),
+    ("GELU (unfused)", ("aten::gelu",)),
+]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="DiT-B/2")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--forwards", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    return p.parse_args(argv)
+
+
+def labelled(fn: Callable, label: str) -> Callable:
+    def wrapper(*args, **kwargs):
+        with record_function(label):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+def instrument_backend() -> None:
+    """Label our backend's quantize and GEMM calls (module globals, looked up at call time)."""
+    torch_int8._quantize_u8 = labelled(torch_int8._quantize_u8, "qc::quantize_u8")
+    for name, kernel in list(torch_int8.KERNELS.items()):
+        torch_int8.KERNELS[name] = labelled(kernel, "qc::int8_gemm")
+
+
+def profile_forward(fn: Callable, forwards: int) -> Tuple[float, Dict[str, float]]:
+    """Wall seconds per forward, and the inclusive CPU seconds per forward of every event name."""
+    fn()  # warm-up: oneDNN prepacking, allocator
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()  # inside: the profiler's own start-up is not a forward's time
+        for _ in range(forwards):
+            fn()
+        wall = (time.perf_counter() - t0) / forwards
+    # cpu_time_total is inclusive and per thread of the caller: the intra-op workers are not added twice.
+    events = {e.key: e.cpu_time_total / 1e6 / forwards for e in prof.key_averages()}
+    return wall, events
+
+
+def print_table(title: str, wall: float, events: Dict[str, float], eager_wall: float) -> None:
+    print(f"\n### {title}: {wall * 1e3:.0f} ms per forward ({eager_wall / wall:.2f}x eager FP32)\n")
+    print("| work | ms per forward | share |\n|---|---|---|")
+    covered = 0.0
+    for label, names in CATEGORIES:
+        seconds = sum(events.get(n, 0.0) for n in names)
+        if seconds > 0:
+            covered += seconds
+            print(f"| {label} | {seconds * 1e3:.0f} | {100 * seconds / wall:.0f}% |")
+    rest = max(wall - covered, 0.0)
+    print(f"| everything else (modulation, residual adds, cache and step bookkeeping, Python) | {rest * 1e3:.0f} "
+          f"| {100 * rest / wall:.0f}% |")
+
+
+def main(args) -> None:
+    torch.set_num_threads(args.threads)
+    model = benchmark_model(args.model)
+    b = args.batch
+    inputs = (torch.randn(b, model.in_channels, model.input_size, model.input_size),
+              torch.full((b,), 500, dtype=torch.long), torch.arange(b) % model.num_classes)
+    with torch.no_grad():
+        ours = qc.compile(model, passes=[UniformCalibration(size=64, pool_labels=2), Quantize(preset="w8a8")],
+                          sampler=qc.DDPM(steps=50, cfg_scale=1.0))
+        instrument_backend()
+        eager_wall, eager_events = profile_forward(lambda: model(*inputs), args.forwards)
+        ours_wall, ours_events = profile_forward(lambda: ours.graph_module(*inputs), args.forwards)
+    print(f"{args.model}, batch {b}, {args.threads} threads, {args.forwards} profiled forwards each")
+    print_table("eager FP32", eager_wall, eager_events, eager_wall)
+    print_table("ours W8A8 torch INT8", ours_wall, ours_events, eager_wall)
+    gemm = ours_events.get("qc::int8_gemm", float("nan"))
+    print(f"\nAmdahl: with everything but the INT8 GEMMs free, ours would be {eager_wall / gemm:.2f}x eager FP32;"
+          f" the INT8 GEMMs alone run {eager_events.get('aten::linear', float('nan')) / gemm:.2f}x faster than"
+          " eager's FP32 linears.")
+
+
+if __name__ == "__main__":
+    main(parse_args())
