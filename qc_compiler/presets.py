@@ -15,11 +15,12 @@ __all__ = ["qandc"]
 
 def qandc(bits: str = "w8a8", cache: Union[int, str, None] = 2, placement: str = "sample", clusters: int = 100,
           size: int = 800, pool_labels: int = 32, vc_batch: int = 32, threshold: float = 0.1,
-          vc_form: str = "exact") -> List:
+          vc_form: str = "variance") -> List:
     """The Q&C schedule: step cache, TAP calibration on the cached model, quantization, then VC.
 
     ``cache`` is an interval (int), ``"adaptive"`` (with ``threshold``), or None for no cache.
-    ``vc_form`` picks VC's K: ``"exact"`` (least squares, METHOD.md 5) or ``"variance"`` (spread ratio).
+    ``vc_form`` picks VC's K: ``"variance"`` (spread ratio, the default: it measured best, see
+    docs/RESULTS.md) or ``"exact"`` (the least-squares minimiser of METHOD.md 5).
     """
     passes: List = []
     if isinstance(cache, int):

@@ -125,3 +125,11 @@ def test_bad_options():
         VarianceCompensation(batch=1)
     with pytest.raises(ValueError, match="k_range"):
         VarianceCompensation(k_range=(1.5, 2.0))
+
+
+def test_default_form_is_the_variance_ratio_in_the_pass_and_the_qandc_preset():
+    """The measured best form (docs/RESULTS.md); the paper's least-squares forms stay selectable."""
+    from qc_compiler.presets import qandc
+
+    assert VarianceCompensation().form == "variance" and qandc()[-1].form == "variance"
+    assert qandc(vc_form="exact")[-1].form == "exact"

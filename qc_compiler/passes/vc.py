@@ -7,12 +7,14 @@ stays put. VC rescales around the per-sample, per-channel mean:
 
 K (steps x channels) is fitted offline, training-free, from paired trajectories that start from the
 same noise and labels: the FP graph without cache gives x', the current (quantized, cached) graph
-gives x_hat. It is fitted step by step with the earlier factors already applied, using the exact
-minimiser of rQNSR(x_tilde, x')^2 + MSE(x_tilde, x') (``form="exact"``), the paper's printed
-form (``form="paper"``), or the plain spread ratio std(x') / std(x_hat) (``form="variance"``, ours:
-the two least-squares forms are regression slopes, so they also shrink x_tilde's variance by the
-squared correlation of x_hat with x'; when trajectories decorrelate, e.g. W4A8 with a cache, they
-over-correct, while the ratio sets the variance to FP's whatever the correlation); 1/x' terms are masked where |x'| < ``mask_eps`` x RMS(x') (choice), and K
+gives x_hat. It is fitted step by step with the earlier factors already applied, using the spread
+ratio std(x') / std(x_hat) (``form="variance"``, the default), the exact minimiser of
+rQNSR(x_tilde, x')^2 + MSE(x_tilde, x') (``form="exact"``, METHOD.md 5), or the paper's printed
+form (``form="paper"``). Why the default departs from the paper: the two least-squares forms are
+regression slopes, so they also shrink x_tilde's variance by the squared correlation of x_hat with
+x'; when trajectories decorrelate (W4A8 with a cache) they over-correct, and measured FID got worse
+than without VC (docs/RESULTS.md), while the ratio sets the variance to FP's whatever the
+correlation. 1/x' terms are masked where |x'| < ``mask_eps`` x RMS(x') (choice), and K
 is clamped to ``k_range`` (default 0.5..2; choice: a safety net against degenerate fits, e.g. when
 few-step trajectories have diverged; ``None`` turns it off).
 
@@ -143,7 +145,7 @@ class VarianceCompensation(Pass):
     requires = frozenset({"calibration_set"})
     provides = frozenset({"vc"})
 
-    def __init__(self, placement: str = "sample", form: str = "exact", batch: int = 32, mask_eps: float = 0.1,
+    def __init__(self, placement: str = "sample", form: str = "variance", batch: int = 32, mask_eps: float = 0.1,
                  k_range: Optional[Sequence[float]] = (0.5, 2.0)):
         if k_range is not None and not (0 < float(k_range[0]) <= 1.0 <= float(k_range[1])):
             raise ValueError(f"k_range must contain 1 and be positive, got {k_range}")
