@@ -64,7 +64,7 @@ def compile(  # noqa: A001 - the verb users expect
     config = getattr(model, "config", None)
     build = {
         "model_config": {k: v for k, v in config.items() if k != "fused_attn"} if isinstance(config, dict) else None,
-        "passes": [{"name": p.name, "options": p.options()} for p in passes],
+        "passes": [{"name": p.name, "options": p.options() if hasattr(p, "options") else {}} for p in passes],
         "backend": backend,
         "seed": seed,
         "capture_mode": capture_mode,

@@ -79,9 +79,9 @@ def variant_names() -> List[str]:
 
 
 def ablation_rows() -> List[str]:
-    """The Q&C ablation (METHOD.md 5-6): naive quant+cache, +VC, +TAP, +TAP+VC, other clusterings."""
-    return ["qc-uniform", "qc-uniform-vc", "qc-tap", "qc-tap-vc", "qc-tap-vcvar", "qc-kmeans", "qc-dbscan",
-            "qc-agglomerative"]
+    """The Q&C ablation (docs/method.md 5-6): naive quant+cache, +VC, +TAP, +TAP+VC, other clusterings."""
+    return ["qc-uniform", "qc-uniform-vc", "qc-uniform-vcvar", "qc-tap", "qc-tap-vc", "qc-tap-vcvar", "qc-kmeans",
+            "qc-dbscan", "qc-agglomerative"]
 
 
 def bits_independent(name: str) -> bool:

@@ -20,7 +20,7 @@ def qandc(bits: str = "w8a8", cache: Union[int, str, None] = 2, placement: str =
 
     ``cache`` is an interval (int), ``"adaptive"`` (with ``threshold``), or None for no cache.
     ``vc_form`` picks VC's K: ``"variance"`` (spread ratio, the default: it measured best, see
-    docs/RESULTS.md) or ``"exact"`` (the least-squares minimiser of METHOD.md 5).
+    docs/RESULTS.md) or ``"exact"`` (the least-squares minimiser of docs/method.md 5).
     """
     passes: List = []
     if isinstance(cache, int):

@@ -164,10 +164,9 @@ class CompiledModel(nn.Module):
         else:
             lines.append("no passes")
         for name, module in self.graph_module.named_modules():
-            if isinstance(module, StepAware):
-                section = module.report_section()
-                if section:
-                    lines.append(section)
+            section = module.report_section() if hasattr(module, "report_section") else ""
+            if section:  # step-aware nodes, and lowered layers that describe themselves
+                lines.append(section)
         return "\n".join(lines)
 
     def export_onnx(self, path, opset: int = 17):

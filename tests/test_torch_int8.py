@@ -30,6 +30,7 @@ def test_conditioning_linears_lower_to_weight_only_int8_matching_the_reference()
         c = torch.randn(5, q.weight.shape[1]) * 3  # float input: no activation code to lose
         torch.testing.assert_close(lowered(c), q(c), rtol=1e-5, atol=1e-5)
         assert not torch.equal(lowered(c), torch.nn.functional.linear(c, q.weight, q.bias))  # weights are int8
+    assert "weight-only: W8 codes in int8" in i8.report() and "INT8 (" in i8.report()  # both kinds listed
 
 
 def test_all_w8a8_is_one_option_away():

@@ -162,7 +162,7 @@ class WeightOnlyLinear(nn.Module):
         return torch.nn.functional.linear(x, w, self.bias)
 
     def report_section(self) -> str:
-        return f"  {self.path:<30} int8 weights, float input (weight-only W{self.spec.weight_bits})"
+        return f"  {self.path:<30} weight-only: W{self.spec.weight_bits} codes in int8, float input"
 
 
 @register_backend("torch")

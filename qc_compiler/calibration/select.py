@@ -150,7 +150,7 @@ def select_agglomerative(features: np.ndarray, steps: np.ndarray, size: int, see
 def select_tap(features: np.ndarray, steps: np.ndarray, size: int, seed: int, clusters: int = 100,
                alpha: float = 0.5, rounds: int = 3, landmark_ratio: float = 1 / 20,
                embed_dim: Optional[int] = None, n_jobs: int = 3, max_landmarks: Optional[int] = None) -> np.ndarray:
-    """TAP (METHOD.md section 4): cluster with :func:`~.tap.tap_clusters`, then draw 3..10 per cluster."""
+    """TAP (docs/method.md section 4): cluster with :func:`~.tap.tap_clusters`, then draw 3..10 per cluster."""
     labels = tap_clusters(features, steps, clusters, alpha, rounds, landmark_ratio, embed_dim, seed, n_jobs,
                           max_landmarks)
     return draw_per_cluster(labels, _positive("size", size), seed)
@@ -323,7 +323,7 @@ class AgglomerativeCalibration(CalibrationSelector):
 
 @register_pass
 class TAPCalibration(CalibrationSelector):
-    """Q&C's temporal-aware parallel clustering (METHOD.md section 4), the default selector.
+    """Q&C's temporal-aware parallel clustering (docs/method.md section 4), the default selector.
 
     Example:
         >>> import qc_compiler as qc

@@ -1,4 +1,4 @@
-"""TAP: temporal-aware parallel clustering of a calibration pool (METHOD.md section 4).
+"""TAP: temporal-aware parallel clustering of a calibration pool (docs/method.md section 4).
 
 Landmark spectral clustering, run as ``rounds`` independent rounds and aggregated::
 
@@ -130,7 +130,7 @@ def tap_clusters(features: np.ndarray, steps: np.ndarray, clusters: int = 100, a
     With n = N/20 landmarks (the paper's) the affinity costs N * N/20: quadratic with a small
     constant. ``max_landmarks`` caps n, which makes the cost linear in N for large pools.
 
-    ``steps`` are step indices 0..S-1 (not raw timesteps; METHOD.md 4.1). ``clusters`` is capped at
+    ``steps`` are step indices 0..S-1 (not raw timesteps; docs/method.md 4.1). ``clusters`` is capped at
     N; ``embed_dim`` (the SVD rank k) defaults to ``clusters`` and is capped at n - 1 landmarks.
     """
     check_tap_options(clusters, alpha, rounds, landmark_ratio, embed_dim, n_jobs)

@@ -1,4 +1,4 @@
-"""``VarianceCompensation``: per-step, per-channel rescale nodes that undo variance drift (METHOD.md 5).
+"""``VarianceCompensation``: per-step, per-channel rescale nodes that undo variance drift (docs/method.md 5).
 
 Quantization plus caching widens the per-sample variance of x_t late in sampling while its mean
 stays put. VC rescales around the per-sample, per-channel mean:
@@ -9,7 +9,7 @@ K (steps x channels) is fitted offline, training-free, from paired trajectories 
 same noise and labels: the FP graph without cache gives x', the current (quantized, cached) graph
 gives x_hat. It is fitted step by step with the earlier factors already applied, using the spread
 ratio std(x') / std(x_hat) (``form="variance"``, the default), the exact minimiser of
-rQNSR(x_tilde, x')^2 + MSE(x_tilde, x') (``form="exact"``, METHOD.md 5), or the paper's printed
+rQNSR(x_tilde, x')^2 + MSE(x_tilde, x') (``form="exact"``, docs/method.md 5), or the paper's printed
 form (``form="paper"``). Why the default departs from the paper: the two least-squares forms are
 regression slopes, so they also shrink x_tilde's variance by the squared correlation of x_hat with
 x'; when trajectories decorrelate (W4A8 with a cache) they over-correct, and measured FID got worse

@@ -1,6 +1,6 @@
 """What to quantize and how: ``LayerQuant`` for one op, ``QuantConfig`` for a model.
 
-Defaults follow METHOD.md section 2: every linear layer in the DiT blocks (qkv, proj, fc1, fc2 and
+Defaults follow docs/method.md section 2: every linear layer in the DiT blocks (qkv, proj, fc1, fc2 and
 the adaLN modulation) and in the final layer (diffusers' names: ``transformer_blocks.*``,
 ``proj_out_*``), weights per output channel (symmetric, MSE-searched), activations per tensor
 (asymmetric, min-max); norms and softmax stay in float; the two attention matmuls are optional.

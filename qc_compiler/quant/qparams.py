@@ -1,6 +1,6 @@
 """Uniform affine quantization: parameters, quantize, dequantize, fake-quantize.
 
-These are the reference semantics that every backend is tested against (METHOD.md section 2):
+These are the reference semantics that every backend is tested against (docs/method.md section 2):
 
     asymmetric (activations, uint):  s = (max - min) / (2^b - 1),  z = clamp(round(-min / s), 0, 2^b - 1)
                                      q = clamp(round(x / s) + z, 0, 2^b - 1)
