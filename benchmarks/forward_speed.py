@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import qc_compiler as qc
-from qc_compiler.bench import benchmark_model
+from qc_compiler.bench import benchmark_inputs, benchmark_model
 from qc_compiler.passes import Quantize, StepCache, UniformCalibration
 
 
@@ -105,8 +105,7 @@ def main(args):
     for name in args.models.split(","):
         model = benchmark_model(name)
         b = args.batch
-        inputs = (torch.randn(b, model.in_channels, model.input_size, model.input_size),
-                  torch.full((b,), 500, dtype=torch.long), torch.arange(b) % model.num_classes)
+        inputs = benchmark_inputs(model, b)
         with torch.no_grad():
             ref = model(*inputs)
             sampler = qc.DDPM(steps=args.steps, cfg_scale=1.0)

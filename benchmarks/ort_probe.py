@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qc_compiler.bench import benchmark_model
+from qc_compiler.bench import benchmark_inputs, benchmark_model
 from forward_speed import median_time
 
 NAMES = ["x", "t", "y"]
@@ -57,8 +57,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     model = benchmark_model(args.model)
     b = args.batch
-    inputs = (torch.randn(b, model.in_channels, model.input_size, model.input_size),
-              torch.full((b,), 500, dtype=torch.long), torch.arange(b) % model.num_classes)
+    inputs = benchmark_inputs(model, b)
     feed = {n: v.numpy() for n, v in zip(NAMES, inputs)}
     with torch.no_grad():
         ref = model(*inputs).numpy()

@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import qc_compiler as qc
 from qc_compiler.backends import torch_int8
-from qc_compiler.bench import benchmark_model
+from qc_compiler.bench import benchmark_inputs, benchmark_model
 from qc_compiler.passes import Quantize, UniformCalibration
 
 # (label in the table, profiler event names whose inclusive time it sums)
@@ -87,8 +87,7 @@ def main(args) -> None:
     torch.set_num_threads(args.threads)
     model = benchmark_model(args.model)
     b = args.batch
-    inputs = (torch.randn(b, model.in_channels, model.input_size, model.input_size),
-              torch.full((b,), 500, dtype=torch.long), torch.arange(b) % model.num_classes)
+    inputs = benchmark_inputs(model, b)
     with torch.no_grad():
         ours = qc.compile(model, passes=[UniformCalibration(size=64, pool_labels=2), Quantize(preset="w8a8")],
                           sampler=qc.DDPM(steps=50, cfg_scale=1.0))

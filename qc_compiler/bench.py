@@ -26,7 +26,7 @@ from .passes import (AgglomerativeCalibration, DBSCANCalibration, KMeansCalibrat
 from .quant import QuantConfig
 
 __all__ = ["variant_passes", "variant_names", "ablation_rows", "bits_independent", "sample_timed", "run_variants", "markdown",
-           "merge_results", "benchmark_model"]
+           "merge_results", "benchmark_model", "benchmark_inputs"]
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,12 @@ def benchmark_model(name: str):
             if "adaLN_modulation" in pname or "final_layer.linear" in pname:
                 p.normal_(0, 0.02)
     return model.eval()
+
+
+def benchmark_inputs(model, batch: int):
+    """(x, t, y) for timing one forward: random latents of the model's shape, t = 500, labels 0..batch-1."""
+    return (torch.randn(batch, model.in_channels, model.input_size, model.input_size),
+            torch.full((batch,), 500, dtype=torch.long), torch.arange(batch) % model.num_classes)
 
 
 def sample_timed(model, sampler, labels: Sequence[int], seed: int, batch: int, progress: bool = False):
