@@ -7,11 +7,13 @@ Rows (each with its output error against eager FP32 on the same inputs):
 - onnxruntime FP32 on a plain FP32 ONNX export, and onnxruntime's own ``quantize_dynamic`` and
   ``quantize_static`` (QDQ, MinMax on a few inputs) applied to that export;
 - torch.ao dynamic INT8 (``quantize_dynamic`` on nn.Linear);
-- ours: W8A8 (uniform calibration, 2 sampling runs of pool) lowered to INT8 kernels, and our INT8 ONNX
-  file under onnxruntime.
+- ours: W8A8 (uniform calibration, 2 sampling runs of pool) lowered to INT8 kernels, the same with
+  bf16 attention (the opt-in ``Bf16Attention`` pass), and our INT8 ONNX file under onnxruntime.
 End-to-end: 50-step DDPM sampling (same noise) for eager FP32, onnxruntime FP32 (our exporter, no
 passes), ours torch INT8 and ONNX INT8, each without and with the cache (interval 2); the error is that
 of the final samples against eager FP32's.
+Per-forward rows are timed in interleaved rounds (one call of each row per round), so that the
+shared machine's drift hits every row alike; end-to-end rows run one after another.
 DiT-S/2 and DiT-B/2 use random weights (adaLN re-initialised so every block matters), 4x32x32.
 """
 from __future__ import annotations
@@ -27,14 +29,14 @@ import torch
 
 import qc_compiler as qc
 from qc_compiler.bench import benchmark_inputs, benchmark_model
-from qc_compiler.passes import Quantize, StepCache, UniformCalibration
+from qc_compiler.passes import Bf16Attention, Quantize, StepCache, UniformCalibration
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="DiT-S/2,DiT-B/2,dit-mnist")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds per forward row (a third of it end to end)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end sampling rows")
@@ -51,13 +53,28 @@ def median_time(fn, repeats):
     return statistics.median(times)
 
 
+def interleaved_medians(fns, repeats):
+    """Median seconds of each callable, timed in rounds (one call of each per round, after one
+    warm-up call of each), so that the shared machine's drift during the run hits every row alike."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, row_times in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            row_times.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
 def rel_err(out, ref):
     out = torch.as_tensor(np.asarray(out)) if not torch.is_tensor(out) else out
     return float((out.float() - ref).norm() / ref.norm())
 
 
-def ort_rows(model, inputs, ref, threads, repeats):
-    """onnxruntime FP32, quantize_dynamic and quantize_static on a plain FP32 export."""
+def ort_rows(model, inputs, ref, threads):
+    """(label, timed call, error) of onnxruntime FP32, quantize_dynamic and quantize_static on a plain
+    FP32 export."""
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_dynamic, quantize_static
 
@@ -83,8 +100,7 @@ def ort_rows(model, inputs, ref, threads, repeats):
     for label, f in (("onnxruntime FP32", "fp32"), ("onnxruntime quantize_dynamic", "dyn"),
                      ("onnxruntime quantize_static (QDQ)", "static")):
         sess = ort.InferenceSession(str(tmp / f"{f}.onnx"), opts, providers=["CPUExecutionProvider"])
-        out = sess.run(None, feed)[0]
-        rows.append((label, median_time(lambda: sess.run(None, feed), repeats), rel_err(out, ref)))
+        rows.append((label, lambda sess=sess: sess.run(None, feed), rel_err(sess.run(None, feed)[0], ref)))
     return rows
 
 
@@ -97,7 +113,7 @@ def ours_onnx_row(ours, model, inputs, args):
     t = torch.full_like(inputs[1], ours.timesteps[0])
     x, y = inputs[0], inputs[2]
     ref = model(x, t, y)
-    return ("ours W8A8 ONNX INT8 (onnxruntime)", median_time(lambda: ort(x, t, y), args.repeats), rel_err(ort(x, t, y), ref))
+    return ("ours W8A8 ONNX INT8 (onnxruntime)", lambda: ort(x, t, y), rel_err(ort(x, t, y), ref))
 
 
 def main(args):
@@ -109,10 +125,7 @@ def main(args):
         with torch.no_grad():
             ref = model(*inputs)
             sampler = qc.DDPM(steps=args.steps, cfg_scale=1.0)
-            ours = qc.compile(model, passes=[UniformCalibration(size=64, pool_labels=2), Quantize(preset="w8a8")],
-                              sampler=sampler)
-            ours_cache = qc.compile(model, passes=[StepCache(interval=2), UniformCalibration(size=64, pool_labels=2),
-                                                   Quantize(preset="w8a8")], sampler=sampler)
+            ours, ours_bf16 = compile_ours(model, sampler, []), compile_ours(model, sampler, [Bf16Attention()])
             dyn = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
             ours.reset()
 
@@ -120,16 +133,19 @@ def main(args):
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     return model(*inputs)
 
-            rows = [("PyTorch eager FP32", median_time(lambda: model(*inputs), args.repeats), 0.0),
-                    ("PyTorch eager bf16 autocast", median_time(bf16, args.repeats), rel_err(bf16(), ref)),
-                    ("torch.ao dynamic INT8", median_time(lambda: dyn(*inputs), args.repeats), rel_err(dyn(*inputs), ref))]
+            rows = [("PyTorch eager FP32", lambda: model(*inputs), 0.0),
+                    ("PyTorch eager bf16 autocast", bf16, rel_err(bf16(), ref)),
+                    ("torch.ao dynamic INT8", lambda: dyn(*inputs), rel_err(dyn(*inputs), ref))]
+            failed = []
             try:
-                rows += ort_rows(model, inputs, ref, args.threads, args.repeats)
+                rows += ort_rows(model, inputs, ref, args.threads)
             except Exception as e:  # report, don't hide: the row says why it is missing
-                rows.append((f"onnxruntime rows failed: {type(e).__name__}: {str(e)[:80]}", float("nan"), float("nan")))
-            rows.append(("ours W8A8 torch INT8", median_time(lambda: ours.graph_module(*inputs), args.repeats),
-                         rel_err(ours.graph_module(*inputs), ref)))
+                failed.append((f"onnxruntime rows failed: {type(e).__name__}: {str(e)[:80]}", float("nan"), float("nan")))
+            rows += [(f"ours W8A8 torch INT8{suffix}", lambda m=m: m.graph_module(*inputs), rel_err(m.graph_module(*inputs), ref))
+                     for suffix, m in (("", ours), (" + bf16 attention", ours_bf16))]
             rows.append(ours_onnx_row(ours, model, inputs, args))
+            seconds = interleaved_medians([fn for _, fn, _ in rows], args.repeats)
+            rows = [(label, sec, err) for (label, _, err), sec in zip(rows, seconds)] + failed
         base = rows[0][1]
         ort_fp32 = next((r[1] for r in rows if r[0] == "onnxruntime FP32"), float("nan"))
         print(f"\n### {name}, per forward, batch {b}, {args.threads} threads\n")
@@ -142,7 +158,7 @@ def main(args):
         print(f"\n### {name}, end to end, {args.steps} DDPM steps, batch {b}, {args.threads} threads\n")
         print("| row | s / run | vs eager FP32 | vs ORT FP32 | rel. error of the samples vs FP32 |\n|---|---|---|---|---|")
         base_e2e = ort_e2e = ref_samples = None
-        for label, make in e2e_rows(model, sampler, ours, ours_cache, args):
+        for label, make in e2e_rows(model, sampler, ours, ours_bf16, args):
             try:
                 m = make()
                 samples = sampler.sample(m, labels, seed=0)  # also warms up
@@ -157,9 +173,19 @@ def main(args):
                   flush=True)
 
 
-def e2e_rows(model, sampler, ours, ours_cache, args):
+def compile_ours(model, sampler, first_passes):
+    """Our W8A8 recipe (uniform calibration over 2 sampling runs) after ``first_passes``."""
+    passes = [*first_passes, UniformCalibration(size=64, pool_labels=2), Quantize(preset="w8a8")]
+    with torch.no_grad():
+        return qc.compile(model, passes=passes, sampler=sampler)
+
+
+def e2e_rows(model, sampler, ours, ours_bf16, args):
     """(label, factory) for the end-to-end rows; ONNX rows export and load their file when reached."""
     from qc_compiler.backends.onnx import OrtDenoiser
+
+    ours_cache = compile_ours(model, sampler, [StepCache(interval=2)])
+    ours_bf16_cache = compile_ours(model, sampler, [Bf16Attention(), StepCache(interval=2)])
 
     def ort(compiled):
         return lambda: OrtDenoiser(compiled.export_onnx(Path(tempfile.mkdtemp()) / "m.onnx"), threads=args.threads)
@@ -168,7 +194,10 @@ def e2e_rows(model, sampler, ours, ours_cache, args):
     return [("eager FP32", lambda: model), ("onnxruntime FP32", ort(fp32_graph)),
             ("ours W8A8 torch INT8", lambda: ours), ("ours W8A8 ONNX INT8", ort(ours)),
             ("ours W8A8 torch INT8 + cache interval 2", lambda: ours_cache),
-            ("ours W8A8 ONNX INT8 + cache interval 2", ort(ours_cache))]
+            ("ours W8A8 ONNX INT8 + cache interval 2", ort(ours_cache)),
+            ("ours W8A8 torch INT8 + bf16 attention", lambda: ours_bf16),
+            ("ours W8A8 torch INT8 + bf16 attention + cache interval 2", lambda: ours_bf16_cache)]
+
 
 if __name__ == "__main__":
     main(parse_args())

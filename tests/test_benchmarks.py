@@ -1,0 +1,51 @@
+"""Smoke tests: the speed benchmarks run end to end on a tiny DiT and print complete tables.
+
+They time nothing that is asserted (timings are never asserted in a test); they keep the scripts
+from rotting between the long runs that fill docs/RESULTS.md.
+"""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_gemm_peak_times_every_kernel_on_the_block_shapes(capsys):
+    gemm_peak = load("gemm_peak")
+    gemm_peak.main(gemm_peak.parse_args(["--model", "DiT-T/4", "--batch", "2", "--threads", "1", "--repeats", "1"]))
+    out = capsys.readouterr().out
+    assert "M = 2 x 64 = 128 rows" in out and "qkv 64->192" in out and "fc2 256->64" in out
+    for kernel in ("FP32 F.linear", "bf16 F.linear", "qlinear_pointwise", "torch._int_mm"):
+        assert kernel in out
+    assert "Fastest INT8 path" in out
+
+
+def test_profile_forward_labels_our_gemms_and_bf16_attention(capsys, monkeypatch):
+    profile_forward = load("profile_forward")
+    from qc_compiler.backends import torch_int8
+    monkeypatch.setattr(torch_int8, "_quantize_u8", torch_int8._quantize_u8)  # undo the instrumentation afterwards
+    monkeypatch.setattr(torch_int8, "KERNELS", dict(torch_int8.KERNELS))
+    profile_forward.main(profile_forward.parse_args(["--model", "DiT-T/4", "--batch", "2", "--threads", "1",
+                                                     "--forwards", "1", "--bf16-attention"]))
+    out = capsys.readouterr().out
+    tables = out.split("### ")[1:]
+    assert [t.split(":")[0] for t in tables] == ["eager FP32", "ours W8A8 torch INT8", "ours W8A8 torch INT8 + bf16 attention"]
+    assert "INT8 GEMMs" in tables[1] and "attention, FP32" in tables[1] and "attention, bf16" not in tables[1]
+    assert "attention, bf16" in tables[2] and "attention, FP32" not in tables[2]
+    assert "Amdahl" in out
