@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 import qc_compiler as qc
-from qc_compiler.bench import benchmark_inputs, benchmark_model
+from qc_compiler.bench import benchmark_inputs, benchmark_model, median_seconds
 from qc_compiler.passes import Bf16Attention, Quantize, StepCache, UniformCalibration
 
 
@@ -41,16 +41,6 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end sampling rows")
     return p.parse_args(argv)
-
-
-def median_time(fn, repeats):
-    fn()  # warm-up (and oneDNN prepacking)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def interleaved_medians(fns, repeats):
@@ -162,7 +152,7 @@ def main(args):
             try:
                 m = make()
                 samples = sampler.sample(m, labels, seed=0)  # also warms up
-                sec = median_time(lambda: sampler.sample(m, labels, seed=0), max(1, args.repeats // 3))
+                sec = median_seconds(lambda: sampler.sample(m, labels, seed=0), max(1, args.repeats // 3))
             except Exception as e:  # report, don't hide: the row says why it is missing
                 print(f"| {label} failed: {type(e).__name__}: {str(e)[:80]} | | | | |", flush=True)
                 continue

@@ -17,14 +17,12 @@ Kernels: FP32 ``F.linear`` (MKL), bf16 ``F.linear`` (oneDNN; AVX512-BF16 here), 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from qc_compiler.bench import benchmark_model
+from qc_compiler.bench import benchmark_model, median_seconds
 
 
 def parse_args(argv=None):
@@ -34,16 +32,6 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
     return p.parse_args(argv)
-
-
-def median_seconds(fn: Callable, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def block_linear_shapes(model) -> List[Tuple[str, int, int]]:

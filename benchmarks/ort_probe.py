@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qc_compiler.bench import benchmark_inputs, benchmark_model
-from forward_speed import median_time
+from qc_compiler.bench import benchmark_inputs, benchmark_model, median_seconds
 
 NAMES = ["x", "t", "y"]
 
@@ -75,11 +74,11 @@ def main(argv=None) -> None:
             sess = session(path, threads, parallel)
             out = sess.run(None, feed)[0]
             err = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
-            rows.append((label, median_time(lambda: sess.run(None, feed), args.repeats), err))
+            rows.append((label, median_seconds(lambda: sess.run(None, feed), args.repeats), err))
         except Exception as e:  # report, don't hide: the row says why it is missing
             rows.append((f"{label}: failed, {type(e).__name__}: {str(e)[:80]}", float("nan"), float("nan")))
     with torch.no_grad():
-        eager = median_time(lambda: model(*inputs), args.repeats)
+        eager = median_seconds(lambda: model(*inputs), args.repeats)
     print(f"\n### onnxruntime FP32, {args.model}, batch {b}, {args.threads} threads (eager FP32: {eager * 1e3:.0f} ms)\n")
     print("| export and session | median ms | vs eager FP32 | rel. error vs eager |\n|---|---|---|---|")
     for label, sec, err in rows:

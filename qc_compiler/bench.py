@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -25,7 +26,7 @@ from .passes import (AgglomerativeCalibration, DBSCANCalibration, KMeansCalibrat
                      TAPCalibration, UniformCalibration, VarianceCompensation)
 from .quant import QuantConfig
 
-__all__ = ["variant_passes", "variant_names", "ablation_rows", "bits_independent", "sample_timed", "run_variants", "markdown",
+__all__ = ["median_seconds", "variant_passes", "variant_names", "ablation_rows", "bits_independent", "sample_timed", "run_variants", "markdown",
            "merge_results", "benchmark_model", "benchmark_inputs"]
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,18 @@ def ablation_rows() -> List[str]:
 def bits_independent(name: str) -> bool:
     """True for variants without quantization (FP32, cache only): one run serves every bit width."""
     return name == "fp32" or name.startswith("cache-")
+
+
+def median_seconds(fn: Callable, repeats: int) -> float:
+    """Median wall seconds of ``repeats`` calls of ``fn``, after one untimed warm-up call (oneDNN
+    prepacking, allocator growth)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def benchmark_model(name: str):
