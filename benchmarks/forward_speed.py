@@ -7,13 +7,14 @@ Rows (each with its output error against eager FP32 on the same inputs):
 - onnxruntime FP32 on a plain FP32 ONNX export, and onnxruntime's own ``quantize_dynamic`` and
   ``quantize_static`` (QDQ, MinMax on a few inputs) applied to that export;
 - torch.ao dynamic INT8 (``quantize_dynamic`` on nn.Linear);
-- ours: W8A8 (uniform calibration, 2 sampling runs of pool) lowered to INT8 kernels, the same with
-  bf16 attention (the opt-in ``Bf16Attention`` pass), and our INT8 ONNX file under onnxruntime.
+- ours: W8A8 (uniform calibration, 2 sampling runs of pool) lowered to INT8 kernels, and our INT8 ONNX
+  file under onnxruntime.
 End-to-end: 50-step DDPM sampling (same noise) for eager FP32, onnxruntime FP32 (our exporter, no
 passes), ours torch INT8 and ONNX INT8, each without and with the cache (interval 2); the error is that
 of the final samples against eager FP32's.
-Per-forward rows are timed in interleaved rounds (one call of each row per round), so that the
-shared machine's drift hits every row alike; end-to-end rows run one after another.
+Per-forward rows are timed in interleaved rounds (one call of each row per round, 0.2 s idle before
+each call so that no row inherits another's spinning threads), so that the shared machine's drift
+hits every row alike; end-to-end rows run one after another.
 DiT-S/2 and DiT-B/2 use random weights (adaLN re-initialised so every block matters), 4x32x32.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 
 import qc_compiler as qc
 from qc_compiler.bench import benchmark_inputs, benchmark_model, median_seconds
-from qc_compiler.passes import Bf16Attention, Quantize, StepCache, UniformCalibration
+from qc_compiler.passes import Quantize, StepCache, UniformCalibration
 
 
 def parse_args(argv=None):
@@ -43,14 +44,19 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def interleaved_medians(fns, repeats):
+def interleaved_medians(fns, repeats, pause=0.2):
     """Median seconds of each callable, timed in rounds (one call of each per round, after one
-    warm-up call of each), so that the shared machine's drift during the run hits every row alike."""
+    warm-up call of each), so that the shared machine's drift during the run hits every row alike.
+
+    ``pause`` seconds of idle before each call: onnxruntime's pool threads spin for a while after a
+    run, and on 2 cores they slow whatever runs next (DiT-B/2: our torch forward 794 ms alone,
+    870 ms right after an onnxruntime call, 803 ms with the pause)."""
     for fn in fns:
         fn()
     times = [[] for _ in fns]
     for _ in range(repeats):
         for fn, row_times in zip(fns, times):
+            time.sleep(pause)
             t0 = time.perf_counter()
             fn()
             row_times.append(time.perf_counter() - t0)
@@ -115,7 +121,7 @@ def main(args):
         with torch.no_grad():
             ref = model(*inputs)
             sampler = qc.DDPM(steps=args.steps, cfg_scale=1.0)
-            ours, ours_bf16 = compile_ours(model, sampler, []), compile_ours(model, sampler, [Bf16Attention()])
+            ours = compile_ours(model, sampler, [])
             dyn = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
             ours.reset()
 
@@ -131,8 +137,7 @@ def main(args):
                 rows += ort_rows(model, inputs, ref, args.threads)
             except Exception as e:  # report, don't hide: the row says why it is missing
                 failed.append((f"onnxruntime rows failed: {type(e).__name__}: {str(e)[:80]}", float("nan"), float("nan")))
-            rows += [(f"ours W8A8 torch INT8{suffix}", lambda m=m: m.graph_module(*inputs), rel_err(m.graph_module(*inputs), ref))
-                     for suffix, m in (("", ours), (" + bf16 attention", ours_bf16))]
+            rows.append(("ours W8A8 torch INT8", lambda: ours.graph_module(*inputs), rel_err(ours.graph_module(*inputs), ref)))
             rows.append(ours_onnx_row(ours, model, inputs, args))
             seconds = interleaved_medians([fn for _, fn, _ in rows], args.repeats)
             rows = [(label, sec, err) for (label, _, err), sec in zip(rows, seconds)] + failed
@@ -148,7 +153,7 @@ def main(args):
         print(f"\n### {name}, end to end, {args.steps} DDPM steps, batch {b}, {args.threads} threads\n")
         print("| row | s / run | vs eager FP32 | vs ORT FP32 | rel. error of the samples vs FP32 |\n|---|---|---|---|---|")
         base_e2e = ort_e2e = ref_samples = None
-        for label, make in e2e_rows(model, sampler, ours, ours_bf16, args):
+        for label, make in e2e_rows(model, sampler, ours, args):
             try:
                 m = make()
                 samples = sampler.sample(m, labels, seed=0)  # also warms up
@@ -170,12 +175,11 @@ def compile_ours(model, sampler, first_passes):
         return qc.compile(model, passes=passes, sampler=sampler)
 
 
-def e2e_rows(model, sampler, ours, ours_bf16, args):
+def e2e_rows(model, sampler, ours, args):
     """(label, factory) for the end-to-end rows; ONNX rows export and load their file when reached."""
     from qc_compiler.backends.onnx import OrtDenoiser
 
     ours_cache = compile_ours(model, sampler, [StepCache(interval=2)])
-    ours_bf16_cache = compile_ours(model, sampler, [Bf16Attention(), StepCache(interval=2)])
 
     def ort(compiled):
         return lambda: OrtDenoiser(compiled.export_onnx(Path(tempfile.mkdtemp()) / "m.onnx"), threads=args.threads)
@@ -184,9 +188,7 @@ def e2e_rows(model, sampler, ours, ours_bf16, args):
     return [("eager FP32", lambda: model), ("onnxruntime FP32", ort(fp32_graph)),
             ("ours W8A8 torch INT8", lambda: ours), ("ours W8A8 ONNX INT8", ort(ours)),
             ("ours W8A8 torch INT8 + cache interval 2", lambda: ours_cache),
-            ("ours W8A8 ONNX INT8 + cache interval 2", ort(ours_cache)),
-            ("ours W8A8 torch INT8 + bf16 attention", lambda: ours_bf16),
-            ("ours W8A8 torch INT8 + bf16 attention + cache interval 2", lambda: ours_bf16_cache)]
+            ("ours W8A8 ONNX INT8 + cache interval 2", ort(ours_cache))]
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Where one forward's time goes: our W8A8 torch INT8 model against eager FP32, by kind of work.
 
-    python benchmarks/profile_forward.py --model DiT-B/2 --batch 8 --threads 2 [--bf16-attention] [--kernel int_mm]
+    python benchmarks/profile_forward.py --model DiT-B/2 --batch 8 --threads 2 [--kernel int_mm]
 
 ``torch.profiler`` times a few forwards of each. Our backend's two hot paths (activation quantization
 and the INT8 GEMM) are wrapped in ``record_function`` labels for the profile only, so their shares
@@ -21,15 +21,14 @@ from torch.profiler import ProfilerActivity, profile, record_function
 import qc_compiler as qc
 from qc_compiler.backends import torch_int8
 from qc_compiler.bench import benchmark_inputs, benchmark_model
-from qc_compiler.passes import Bf16Attention, Quantize, UniformCalibration
+from qc_compiler.passes import Quantize, UniformCalibration
 
 # (label in the table, profiler event names whose inclusive time it sums)
 CATEGORIES: List[Tuple[str, Tuple[str, ...]]] = [
-    ("INT8 GEMMs (oneDNN, bias, GELU and requantization fused)", ("qc::int8_gemm",)),
+    ("INT8 GEMMs with their epilogue (oneDNN: bias, GELU and requantization fused)", ("qc::int8_gemm",)),
     ("activation quantization (x / s, round, + z, clamp, to uint8)", ("qc::quantize_u8",)),
     ("float linears (FP32 model; weight-only conditioning linears in ours)", ("aten::linear",)),
     ("attention, FP32 (scaled_dot_product_attention)", ("aten::scaled_dot_product_attention",)),
-    ("attention, bf16 (Bf16Attention pass)", ("qc::bf16_attention",)),
     ("layer norms", ("aten::layer_norm",)),
     ("GELU (unfused)", ("aten::gelu",)),
 ]
@@ -41,7 +40,6 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--forwards", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--bf16-attention", action="store_true", help="also profile ours with the Bf16Attention pass")
     p.add_argument("--kernel", choices=sorted(torch_int8.KERNELS), help="INT8 kernel (default: the backend's choice)")
     return p.parse_args(argv)
 
@@ -94,21 +92,16 @@ def main(args) -> None:
     inputs = benchmark_inputs(model, b)
     if args.kernel:
         os.environ["QC_INT8_KERNEL"] = args.kernel  # read when the model is lowered
-    variants = [("ours W8A8 torch INT8", [])] + ([("ours W8A8 torch INT8 + bf16 attention", [Bf16Attention()])]
-                                                 if args.bf16_attention else [])
     with torch.no_grad():
-        compiled = [(label, qc.compile(model, passes=[*first, UniformCalibration(size=64, pool_labels=2),
-                                                      Quantize(preset="w8a8")], sampler=qc.DDPM(steps=50, cfg_scale=1.0)))
-                    for label, first in variants]
+        ours = qc.compile(model, passes=[UniformCalibration(size=64, pool_labels=2), Quantize(preset="w8a8")],
+                          sampler=qc.DDPM(steps=50, cfg_scale=1.0))
         instrument_backend()
         eager_wall, eager_events = profile_forward(lambda: model(*inputs), args.forwards)
-        profiles = [(label, *profile_forward(lambda: ours.graph_module(*inputs), args.forwards)) for label, ours in compiled]
+        ours_wall, ours_events = profile_forward(lambda: ours.graph_module(*inputs), args.forwards)
     kernel = os.environ.get("QC_INT8_KERNEL", "default")
     print(f"{args.model}, batch {b}, {args.threads} threads, INT8 kernel {kernel}, {args.forwards} profiled forwards each")
     print_table("eager FP32", eager_wall, eager_events, eager_wall)
-    for label, wall, events in profiles:
-        print_table(label, wall, events, eager_wall)
-    ours_events = profiles[0][2]
+    print_table("ours W8A8 torch INT8", ours_wall, ours_events, eager_wall)
     gemm = ours_events.get("qc::int8_gemm", float("nan"))
     print(f"\nAmdahl: with everything but the INT8 GEMMs free, ours would be {eager_wall / gemm:.2f}x eager FP32;"
           f" the INT8 GEMMs alone run {eager_events.get('aten::linear', float('nan')) / gemm:.2f}x faster than"

@@ -23,15 +23,13 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .attention import bf16_attention
 from .capture import BranchRegion, node_module_path
 
 __all__ = ["node_flops", "region_flops"]
 
 _MATMULS = {operator.matmul, torch.matmul, torch.bmm, torch.ops.aten.matmul.default, torch.ops.aten.bmm.default}
 _LINEARS = {torch.nn.functional.linear, torch.ops.aten.linear.default}
-_SDPA = {torch.nn.functional.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default,
-         bf16_attention}
+_SDPA = {torch.nn.functional.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default}
 
 
 def _shape(node) -> Tuple[int, ...]:

@@ -36,16 +36,17 @@ def test_gemm_peak_times_every_kernel_on_the_block_shapes(capsys):
     assert "Fastest INT8 path" in out
 
 
-def test_profile_forward_labels_our_gemms_and_bf16_attention(capsys, monkeypatch):
+def test_profile_forward_labels_our_gemms_for_either_kernel(capsys, monkeypatch):
     profile_forward = load("profile_forward")
     from qc_compiler.backends import torch_int8
     monkeypatch.setattr(torch_int8, "_quantize_u8", torch_int8._quantize_u8)  # undo the instrumentation afterwards
     monkeypatch.setattr(torch_int8, "KERNELS", dict(torch_int8.KERNELS))
-    profile_forward.main(profile_forward.parse_args(["--model", "DiT-T/4", "--batch", "2", "--threads", "1",
-                                                     "--forwards", "1", "--bf16-attention"]))
-    out = capsys.readouterr().out
-    tables = out.split("### ")[1:]
-    assert [t.split(":")[0] for t in tables] == ["eager FP32", "ours W8A8 torch INT8", "ours W8A8 torch INT8 + bf16 attention"]
-    assert "INT8 GEMMs" in tables[1] and "attention, FP32" in tables[1] and "attention, bf16" not in tables[1]
-    assert "attention, bf16" in tables[2] and "attention, FP32" not in tables[2]
-    assert "Amdahl" in out
+    monkeypatch.setenv("QC_INT8_KERNEL", "onednn")  # the script sets it; this restores it afterwards
+    for kernel in ("onednn", "int_mm"):
+        profile_forward.main(profile_forward.parse_args(["--model", "DiT-T/4", "--batch", "2", "--threads", "1",
+                                                         "--forwards", "1", "--kernel", kernel]))
+        out = capsys.readouterr().out
+        tables = out.split("### ")[1:]
+        assert f"INT8 kernel {kernel}" in out
+        assert [t.split(":")[0] for t in tables] == ["eager FP32", "ours W8A8 torch INT8"]
+        assert "INT8 GEMMs" in tables[1] and "INT8 GEMMs" not in tables[0] and "Amdahl" in out

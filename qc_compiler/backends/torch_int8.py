@@ -16,8 +16,11 @@ Kernels (one small function each, picked by :func:`default_kernel`, or ``QC_INT8
 | ``onednn`` | CPU | ``torch.ops.onednn.qlinear_pointwise``: u8 x s8 -> fp32 with bias, fused |
 | ``int_mm`` | CUDA, CPU | ``torch._int_mm`` (s8 x s8 -> s32), then a zero-point correction and the dequantize |
 
-Measured on this machine's 2-core Zen 5 (one GEMM, M=32000, K=768, N=3072, 1 thread): FP32 MKL
-5.39 s, ``_int_mm`` 2.27 s, oneDNN ``qlinear_pointwise`` 1.18 s, so oneDNN is the CPU default.
+Measured on this machine's 2 Zen 4 cores (``benchmarks/gemm_peak.py``: DiT-B/2's block linears,
+M = 2048 rows, 2 threads): FP32 MKL 160 ms, raw ``_int_mm`` 36.5 ms, oneDNN ``qlinear_pointwise``
+35.9 ms with the dequantize and bias fused. In a whole forward (``benchmarks/profile_forward.py
+--kernel int_mm``) the separate shift, zero-point, dequantize and bias passes of the ``_int_mm``
+path cost a second: 1957 ms per forward against 811 ms on oneDNN, so oneDNN is the CPU default.
 
 Example:
     >>> lower = get_backend("torch")                    # doctest: +SKIP

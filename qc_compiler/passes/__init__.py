@@ -16,6 +16,3 @@ __all__ += ["UniformCalibration", "RandomCalibration", "KMeansCalibration", "DBS
 from .vc import VarianceCompensation  # noqa: E402
 
 __all__ += ["VarianceCompensation"]
-from .attention import Bf16Attention  # noqa: E402
-
-__all__ += ["Bf16Attention"]
