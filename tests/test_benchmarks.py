@@ -50,3 +50,23 @@ def test_profile_forward_labels_our_gemms_for_either_kernel(capsys, monkeypatch)
         assert f"INT8 kernel {kernel}" in out
         assert [t.split(":")[0] for t in tables] == ["eager FP32", "ours W8A8 torch INT8"]
         assert "INT8 GEMMs" in tables[1] and "INT8 GEMMs" not in tables[0] and "Amdahl" in out
+
+
+def test_forward_speed_prints_every_row_with_its_error(capsys):
+    forward_speed = load("forward_speed")
+    forward_speed.main(forward_speed.parse_args(["--models", "DiT-T/4", "--batch", "2", "--repeats", "1",
+                                                 "--steps", "3", "--threads", "1"]))
+    out = capsys.readouterr().out
+    per_forward, e2e = out.split("end to end")
+    for row in ("PyTorch eager FP32 |", "onnxruntime FP32 |", "onnxruntime quantize_dynamic |",
+                "onnxruntime quantize_static (QDQ) |", "torch.ao dynamic INT8 |", "ours W8A8 torch INT8 |",
+                "ours W8A8 ONNX INT8 (onnxruntime) |"):
+        assert row in per_forward
+    assert "failed" not in out
+    rows = [line for line in e2e.splitlines() if line.startswith("| ") and "s / run" not in line]
+    assert [r.split(" | ")[0][2:] for r in rows] == [
+        "eager FP32", "onnxruntime FP32", "ours W8A8 torch INT8", "ours W8A8 ONNX INT8",
+        "ours W8A8 torch INT8 + cache interval 2", "ours W8A8 ONNX INT8 + cache interval 2"]
+    # Our INT8 rows carry a real, small error against FP32 (not 0: the weights are int8).
+    ours = next(line for line in per_forward.splitlines() if line.startswith("| ours W8A8 torch INT8 |"))
+    assert 0 < float(ours.rstrip(" |").split("|")[-1]) < 0.2
