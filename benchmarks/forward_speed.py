@@ -20,16 +20,14 @@ DiT-S/2 and DiT-B/2 use random weights (adaLN re-initialised so every block matt
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import qc_compiler as qc
-from qc_compiler.bench import benchmark_inputs, benchmark_model, median_seconds
+from qc_compiler.bench import benchmark_inputs, benchmark_model, interleaved_medians, median_seconds
 from qc_compiler.passes import Quantize, StepCache, UniformCalibration
 
 
@@ -42,25 +40,6 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end sampling rows")
     return p.parse_args(argv)
-
-
-def interleaved_medians(fns, repeats, pause=0.2):
-    """Median seconds of each callable, timed in rounds (one call of each per round, after one
-    warm-up call of each), so that the shared machine's drift during the run hits every row alike.
-
-    ``pause`` seconds of idle before each call: onnxruntime's pool threads spin for a while after a
-    run, and on 2 cores they slow whatever runs next (DiT-B/2: our torch forward 794 ms alone,
-    870 ms right after an onnxruntime call, 803 ms with the pause)."""
-    for fn in fns:
-        fn()
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, row_times in zip(fns, times):
-            time.sleep(pause)
-            t0 = time.perf_counter()
-            fn()
-            row_times.append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
 
 
 def rel_err(out, ref):

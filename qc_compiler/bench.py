@@ -26,7 +26,7 @@ from .passes import (AgglomerativeCalibration, DBSCANCalibration, KMeansCalibrat
                      TAPCalibration, UniformCalibration, VarianceCompensation)
 from .quant import QuantConfig
 
-__all__ = ["median_seconds", "variant_passes", "variant_names", "ablation_rows", "bits_independent", "sample_timed", "run_variants", "markdown",
+__all__ = ["median_seconds", "interleaved_medians", "variant_passes", "variant_names", "ablation_rows", "bits_independent", "sample_timed", "run_variants", "markdown",
            "merge_results", "benchmark_model", "benchmark_inputs"]
 
 log = logging.getLogger(__name__)
@@ -90,16 +90,30 @@ def bits_independent(name: str) -> bool:
     return name == "fp32" or name.startswith("cache-")
 
 
-def median_seconds(fn: Callable, repeats: int) -> float:
-    """Median wall seconds of ``repeats`` calls of ``fn``, after one untimed warm-up call (oneDNN
-    prepacking, allocator growth)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def interleaved_medians(fns: Sequence[Callable], repeats: int, pause: float = 0.2) -> List[float]:
+    """Median wall seconds of each callable, after one untimed warm-up call of each (oneDNN
+    prepacking, allocator growth), timed in rounds (one call of each per round) so that a shared
+    machine's drift during the run hits every callable alike.
+
+    ``pause`` seconds of idle before each timed call: onnxruntime's pool threads spin for a while
+    after a run, and on 2 cores they slow whatever runs next (DiT-B/2: our torch forward 794 ms
+    alone, 870 ms right after an onnxruntime call, 803 ms with the pause)."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times: List[List[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, fn_times in zip(fns, times):
+            if pause:
+                time.sleep(pause)
+            t0 = time.perf_counter()
+            fn()
+            fn_times.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def median_seconds(fn: Callable, repeats: int) -> float:
+    """Median wall seconds of ``repeats`` back-to-back calls of ``fn``, after one warm-up call."""
+    return interleaved_medians([fn], repeats, pause=0.0)[0]
 
 
 def benchmark_model(name: str):
