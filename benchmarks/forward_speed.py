@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 import qc_compiler as qc
-from qc_compiler.bench import benchmark_inputs, benchmark_model, interleaved_medians, median_seconds
-from qc_compiler.passes import Quantize, StepCache, UniformCalibration
+from qc_compiler.bench import (benchmark_inputs, benchmark_model, compile_benchmark_w8a8, interleaved_medians, median_seconds,
+                               rel_err)
+from qc_compiler.passes import StepCache
 
 
 def parse_args(argv=None):
@@ -40,11 +41,6 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end sampling rows")
     return p.parse_args(argv)
-
-
-def rel_err(out, ref):
-    out = torch.as_tensor(np.asarray(out)) if not torch.is_tensor(out) else out
-    return float((out.float() - ref).norm() / ref.norm())
 
 
 def ort_rows(model, inputs, ref, threads):
@@ -100,7 +96,7 @@ def main(args):
         with torch.no_grad():
             ref = model(*inputs)
             sampler = qc.DDPM(steps=args.steps, cfg_scale=1.0)
-            ours = compile_ours(model, sampler, [])
+            ours = compile_benchmark_w8a8(model, sampler)
             dyn = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
             ours.reset()
 
@@ -147,18 +143,11 @@ def main(args):
                   flush=True)
 
 
-def compile_ours(model, sampler, first_passes):
-    """Our W8A8 recipe (uniform calibration over 2 sampling runs) after ``first_passes``."""
-    passes = [*first_passes, UniformCalibration(size=64, pool_labels=2), Quantize(preset="w8a8")]
-    with torch.no_grad():
-        return qc.compile(model, passes=passes, sampler=sampler)
-
-
 def e2e_rows(model, sampler, ours, args):
     """(label, factory) for the end-to-end rows; ONNX rows export and load their file when reached."""
     from qc_compiler.backends.onnx import OrtDenoiser
 
-    ours_cache = compile_ours(model, sampler, [StepCache(interval=2)])
+    ours_cache = compile_benchmark_w8a8(model, sampler, [StepCache(interval=2)])
 
     def ort(compiled):
         return lambda: OrtDenoiser(compiled.export_onnx(Path(tempfile.mkdtemp()) / "m.onnx"), threads=args.threads)

@@ -20,8 +20,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import qc_compiler as qc
 from qc_compiler.backends import torch_int8
-from qc_compiler.bench import benchmark_inputs, benchmark_model
-from qc_compiler.passes import Quantize, UniformCalibration
+from qc_compiler.bench import benchmark_inputs, benchmark_model, compile_benchmark_w8a8
 
 # (label in the table, profiler event names whose inclusive time it sums)
 CATEGORIES: List[Tuple[str, Tuple[str, ...]]] = [
@@ -93,8 +92,7 @@ def main(args) -> None:
     if args.kernel:
         os.environ["QC_INT8_KERNEL"] = args.kernel  # read when the model is lowered
     with torch.no_grad():
-        ours = qc.compile(model, passes=[UniformCalibration(size=64, pool_labels=2), Quantize(preset="w8a8")],
-                          sampler=qc.DDPM(steps=50, cfg_scale=1.0))
+        ours = compile_benchmark_w8a8(model, qc.DDPM(steps=50, cfg_scale=1.0))
         instrument_backend()
         eager_wall, eager_events = profile_forward(lambda: model(*inputs), args.forwards)
         ours_wall, ours_events = profile_forward(lambda: ours.graph_module(*inputs), args.forwards)

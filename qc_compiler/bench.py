@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 
 from .api import compile as qc_compile
@@ -26,7 +27,7 @@ from .passes import (AgglomerativeCalibration, DBSCANCalibration, KMeansCalibrat
                      TAPCalibration, UniformCalibration, VarianceCompensation)
 from .quant import QuantConfig
 
-__all__ = ["median_seconds", "interleaved_medians", "variant_passes", "variant_names", "ablation_rows", "bits_independent", "sample_timed", "run_variants", "markdown",
+__all__ = ["median_seconds", "interleaved_medians", "compile_benchmark_w8a8", "rel_err", "variant_passes", "variant_names", "ablation_rows", "bits_independent", "sample_timed", "run_variants", "markdown",
            "merge_results", "benchmark_model", "benchmark_inputs"]
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,21 @@ def benchmark_model(name: str):
             if "adaLN_modulation" in pname or "final_layer.linear" in pname:
                 p.normal_(0, 0.02)
     return model.eval()
+
+
+def compile_benchmark_w8a8(model, sampler, first_passes: Sequence = (), backend: str = "torch"):
+    """The speed benchmarks' W8A8 recipe (uniform calibration over 2 sampling runs, 64 items) after
+    ``first_passes`` (e.g. a ``StepCache``), lowered with ``backend`` (the torch INT8 one by default)."""
+    passes = [*first_passes, UniformCalibration(size=64, pool_labels=2), Quantize(preset="w8a8")]
+    with torch.no_grad():
+        return qc_compile(model, passes=passes, sampler=sampler, backend=backend)
+
+
+def rel_err(out, ref) -> float:
+    """||out - ref|| / ||ref|| for tensors or arrays (onnxruntime outputs)."""
+    out = out if torch.is_tensor(out) else torch.as_tensor(np.asarray(out))
+    ref = ref if torch.is_tensor(ref) else torch.as_tensor(np.asarray(ref))
+    return float((out.float() - ref.float()).norm() / ref.float().norm())
 
 
 def benchmark_inputs(model, batch: int):

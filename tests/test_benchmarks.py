@@ -70,3 +70,14 @@ def test_forward_speed_prints_every_row_with_its_error(capsys):
     # Our INT8 rows carry a real, small error against FP32 (not 0: the weights are int8).
     ours = next(line for line in per_forward.splitlines() if line.startswith("| ours W8A8 torch INT8 |"))
     assert 0 < float(ours.rstrip(" |").split("|")[-1]) < 0.2
+
+
+def test_onnx_parity_reports_size_and_agreement(capsys):
+    onnx_parity = load("onnx_parity")
+    onnx_parity.main(onnx_parity.parse_args(["--models", "DiT-T/4", "--steps", "3", "--batch", "2", "--threads", "1"]))
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| DiT-T/4")]
+    assert [r[1] for r in rows] == ["W8A8", "W8A8 + cache interval 2"]
+    for r in rows:
+        assert 0 < float(r[4]) < 0.7  # int8 weights: the file is well under the FP32 one
+        assert float(r[-1].rstrip(" |")) < 1e-3  # onnxruntime follows the torch INT8 run
+    assert float(rows[0][5]) < 1e-3 and float(rows[0][7]) < 1e-3 and rows[1][5] == rows[1][7] == "-"
