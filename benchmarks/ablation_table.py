@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from qc_compiler.bench import markdown, merge_results
+from qc_compiler.tools.bench import markdown, merge_results
 
 
 def main(argv=None) -> None:

@@ -17,7 +17,7 @@ import time
 import torch
 
 import qc_compiler as qc
-from qc_compiler.bench import benchmark_model
+from qc_compiler.tools.bench import benchmark_model
 from qc_compiler.passes import StepCache
 from qc_compiler.passes.cache import skipped_flops_fraction
 

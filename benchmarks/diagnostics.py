@@ -7,7 +7,7 @@
     x_t for FP32, quant only, cache only, quant+cache, and quant+cache+VC, from the same noise.
 
     pip install -e '.[bench]'   # matplotlib, for the plots
-    python benchmarks/diagnostics.py --n 64 --steps 50 --bits w4a8 --cache 3 --out docs
+    python benchmarks/diagnostics.py --n 64 --steps 50 --bits w4a8 --cache interval=3 --out docs
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 import qc_compiler as qc
-from qc_compiler.bench import variant_passes
+from qc_compiler.specs import StepCacheConfig
+from qc_compiler.tools.bench import variant_passes
 from qc_compiler.io import save_json
 
 
@@ -29,7 +30,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--cfg", type=float, default=1.5)
     p.add_argument("--bits", default="w8a8")
-    p.add_argument("--cache", type=int, default=2)
+    p.add_argument("--cache", type=StepCacheConfig.parse, default="interval=2",
+                   help="the step cache, as step_cache options (interval=3, policy=adaptive,threshold=0.1, ...)")
     p.add_argument("--calib-size", type=int, default=800)
     p.add_argument("--pool-labels", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
@@ -96,7 +98,7 @@ def main(args) -> dict:
     labels = [i % model.num_classes for i in range(args.n)]
     opts = dict(bits=args.bits, cache=args.cache, size=args.calib_size, pool_labels=args.pool_labels)
     rows = {
-        "FP32": [], "cache only": variant_passes(f"cache-i{args.cache}"),
+        "FP32": [], "cache only": variant_passes("cache", **opts),
         f"quant only ({args.bits})": variant_passes("quant-uniform", **opts),
         "quant+cache": variant_passes("qc-uniform", **opts), "quant+cache+VC": variant_passes("qc-uniform-vc", **opts),
         "quant+cache+VC (variance form)": variant_passes("qc-uniform-vcvar", **opts),
@@ -104,9 +106,11 @@ def main(args) -> dict:
     trajs = {name: trajectory(model, passes, sampler, labels, args.seed) for name, passes in rows.items()}
     stats = {"cosine": {k: cosine_stats(trajs[k]) for k in ("FP32", "cache only")},
              "variance": {k: variance_bands(t) for k, t in trajs.items()},
-             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+             "settings": {k: (str(v) if isinstance(v, Path) else v.to_json() if isinstance(v, StepCacheConfig) else v)
+                          for k, v in vars(args).items()}}
     args.out.mkdir(parents=True, exist_ok=True)
-    png = args.out / f"diagnostics_{args.bits}_cache{args.cache}_{args.steps}steps.png"
+    tag = f"cache{args.cache.every}" if args.cache.policy == "interval" else f"cache-{args.cache.policy}"
+    png = args.out / f"diagnostics_{args.bits}_{tag}_{args.steps}steps.png"
     plot(stats, png)
     save_json(stats, png.with_suffix(".json"))
     late = slice(int(0.8 * args.steps), None)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 import qc_compiler as qc
-from qc_compiler.bench import (benchmark_inputs, benchmark_model, compile_benchmark_w8a8, interleaved_medians, median_seconds,
+from qc_compiler.tools.bench import (benchmark_inputs, benchmark_model, compile_benchmark_w8a8, interleaved_medians, median_seconds,
                                rel_err)
 from qc_compiler.passes import StepCache
 

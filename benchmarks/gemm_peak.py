@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 import torch.nn.functional as F
 
-from qc_compiler.bench import benchmark_model, median_seconds
+from qc_compiler.tools.bench import benchmark_model, median_seconds
 
 
 def parse_args(argv=None):

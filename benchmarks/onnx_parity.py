@@ -23,7 +23,7 @@ import torch
 
 import qc_compiler as qc
 from qc_compiler.backends.onnx import OrtDenoiser
-from qc_compiler.bench import benchmark_model, compile_benchmark_w8a8, rel_err
+from qc_compiler.tools.bench import benchmark_model, compile_benchmark_w8a8, rel_err
 from qc_compiler.passes import StepCache
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qc_compiler.bench import benchmark_inputs, benchmark_model, median_seconds
+from qc_compiler.tools.bench import benchmark_inputs, benchmark_model, median_seconds
 
 NAMES = ["x", "t", "y"]
 

@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 from typing import Dict, List
 
-from qc_compiler.bench import merge_results, variant_label
+from qc_compiler.tools.bench import merge_results, variant_label
 
 # One colour per family, so the eye finds naive -> +VC -> +TAP -> +TAP+VC.
 FAMILY_COLOURS = {"fp32": "black", "cache": "tab:gray", "quant": "tab:blue", "qc": "tab:red"}

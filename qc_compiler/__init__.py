@@ -8,18 +8,21 @@ Example:
     torch.Size([1, 1, 16, 16])
 """
 from . import backends, passes, presets  # noqa: F401  (importing them registers passes and backends)
-from .api import compile, load_compiled, load_model
-from .capture import CaptureError, capture
+from .api import compile, compile_pipeline, load_compiled, load_model
+from .capture import capture
 from .diffusion import DDIM, DDPM
-from .errors import (ArtifactError, CalibrationError, ExportError, PassError, PassOrderError, QCError,
+from .errors import (ArtifactError, CalibrationError, CaptureError, ExportError, PassError, PassOrderError, QCError,
                      StepError)
+from .models import ModelAdapter, ModelInfo, adapter_for, register_adapter
 from .pipeline import Pass, PassContext, PassManager, PassResult, graph_pass, register_pass
 from .runtime import CompiledModel
+from .step import StepTable
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "compile", "load_model", "load_compiled", "capture", "DDPM", "DDIM", "CompiledModel",
+    "compile", "compile_pipeline", "load_model", "load_compiled", "capture", "DDPM", "DDIM", "CompiledModel",
+    "StepTable", "ModelAdapter", "ModelInfo", "adapter_for", "register_adapter",
     "Pass", "PassResult", "PassContext", "PassManager", "graph_pass", "register_pass",
     "QCError", "CaptureError", "PassOrderError", "PassError", "CalibrationError", "ExportError",
     "ArtifactError", "StepError",

@@ -1,74 +1,151 @@
-"""The public entry points: ``compile``, ``load_model`` and ``load_compiled``.
+"""The public entry points: ``compile``, ``compile_pipeline``, ``load_model`` and ``load_compiled``.
+
+``compile`` does everything in one direction: validate (passes, order, backend limits), pick the
+model adapter from the model's class, capture, run the passes, lower. Nothing expensive starts until
+every option has been checked.
 
 Example:
     >>> import qc_compiler as qc
     >>> model = qc.load_model("DiT-T/4", input_size=16, in_channels=1, num_classes=10)
     >>> fast = qc.compile(model, passes=[], sampler=qc.DDPM(steps=10))
-    >>> fast.sampler_spec["steps"]
-    10
+    >>> fast.sampler_spec["steps"], fast.build["adapter"]
+    (10, 'dit')
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Optional, Sequence, Tuple, Type
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from .backends import get_backend
-from .capture import capture
-from .diffusion.samplers import DDPM, Sampler
+from .capture import CAPTURE_MODES, capture
+from .diffusion.samplers import DDPM, Sampler, sampler_from_spec
+from .errors import ArtifactError, QCError
+from .models import ModelAdapter, adapter_for, get_adapter
 from .models.zoo import load_model
-from .persist import load_compiled
-from .pipeline import Pass, PassContext, PassManager
+from .options import check_int
+from .persist import load_artifact
+from .pipeline import PASS_REGISTRY, Pass, PassContext, PassManager
 from .runtime import CompiledModel
 
-__all__ = ["compile", "load_model", "load_compiled"]
+__all__ = ["compile", "compile_pipeline", "load_model", "load_compiled"]
 
 log = logging.getLogger(__name__)
-
-_MODEL_INFO = ("input_size", "in_channels", "num_classes", "learn_sigma", "out_channels")
 
 
 def compile(  # noqa: A001 - the verb users expect
     model: nn.Module,
     passes: Sequence[Pass] = (),
     sampler: Optional[Sampler] = None,
+    *,
     backend: str = "torch",
     seed: int = 0,
     example_inputs: Optional[Tuple[torch.Tensor, ...]] = None,
-    leaf_modules: Sequence[Type[nn.Module]] = (),
     fitted: Optional[Dict[str, Any]] = None,
-    capture_mode: str = "fx",
+    capture_mode: Optional[str] = None,
+    adapter: Optional[ModelAdapter] = None,
 ) -> CompiledModel:
     """Capture ``model``, run ``passes`` over its graph, and lower it with ``backend``.
 
-    The schedule is checked before anything runs (``PassOrderError``). ``sampler`` fixes the
-    timesteps the compiled model serves (default: 50-step DDPM). ``fitted`` restores what passes
-    fitted earlier (``load_compiled`` uses it), so calibration is not repeated. ``capture_mode``
-    ``"fx"`` tries symbolic tracing and falls back to ``torch.export``; ``"export"`` goes straight
-    to ``torch.export``. The user's model is never modified.
+    The model's family is recognised from its class (``qc_compiler.models``; pass ``adapter`` to
+    choose one). Before anything runs, the pass order is checked (``PassOrderError``) and the backend
+    refuses what it cannot lower. ``sampler`` fixes the timesteps the compiled model serves (default:
+    50-step DDPM). ``fitted`` restores what passes fitted earlier (``load_compiled`` uses it), so
+    calibration is not repeated. ``capture_mode`` overrides the adapter's (``"fx"`` tries symbolic
+    tracing and falls back to ``torch.export``; ``"export"`` goes straight to it). The user's model is
+    never modified.
     """
     manager = PassManager(list(passes))
     manager.check_order()
-    lower = get_backend(backend)
+    lowering = get_backend(backend)
+    lowering.check_passes(manager.passes)
+    seed = check_int("seed", seed, lo=0)
+    if capture_mode is not None and capture_mode not in CAPTURE_MODES:
+        raise ValueError(f"capture_mode must be one of {list(CAPTURE_MODES)}, got {capture_mode!r}")
     if sampler is None:
         sampler = DDPM(steps=50)
         log.info("no sampler given: compiling for %s", sampler.spec()["name"])
-    model_info = {k: getattr(model, k) for k in _MODEL_INFO if hasattr(model, k)}
-    gm = capture(model, example_inputs=example_inputs, leaf_modules=leaf_modules, prefer=capture_mode)
-    reference = capture(model, example_inputs=example_inputs, leaf_modules=leaf_modules, prefer=capture_mode) if passes else gm
-    ctx = PassContext(sampler=sampler, reference=reference, seed=seed, fitted=dict(fitted or {}), model_info=model_info)
+    adapter = adapter if adapter is not None else adapter_for(model)
+    info = adapter.info(model)
+    wrapped = adapter.wrap(model)
+    inputs = tuple(example_inputs) if example_inputs is not None else adapter.example_inputs(info)
+    mode = capture_mode or adapter.capture_mode
+    take = lambda: capture(wrapped, example_inputs=inputs, leaf_modules=adapter.leaf_modules, prefer=mode)  # noqa: E731
+    gm = take()
+    ctx = PassContext(adapter=adapter, info=info, sampler=sampler, reference=take() if passes else gm, seed=seed,
+                      fitted=dict(fitted or {}))
     gm = manager.run(gm, ctx)
-    lowered = lower(gm, ctx)
-    config = getattr(model, "config", None)
+    lowered = lowering.lower(gm, ctx)
+    config = adapter.config(model)
     build = {
-        "model_config": {k: v for k, v in config.items() if k != "fused_attn"} if isinstance(config, dict) else None,
-        "passes": [{"name": p.name, "options": p.options() if hasattr(p, "options") else {}} for p in passes],
+        "adapter": adapter.name,
+        "model_config": config,
+        "passes": [{"name": p.name, "options": p.options()} for p in manager.passes],
+        "unsaveable": [f"pass {p.name!r} is not registered (use @register_pass), so it cannot be reloaded"
+                       for p in manager.passes if p.name not in PASS_REGISTRY],
         "backend": backend,
         "seed": seed,
-        "capture_mode": capture_mode,
+        "capture_mode": mode,
         "fitted": ctx.fitted,
-        "weights": {k: v.detach().clone() for k, v in model.state_dict().items()} if config else {},
+        "weights": {k: v.detach().clone() for k, v in adapter.source(model).state_dict().items()} if config else {},
     }
-    return CompiledModel(lowered, sampler.spec(), model_info, records=ctx.artifacts.get("pass_report", []), build=build)
+    return CompiledModel(lowered, sampler.spec(), info, records=ctx.artifacts.get("pass_report", []), build=build)
+
+
+def compile_pipeline(pipe: Any, passes: Sequence[Pass] = (), *, num_inference_steps: int, guidance_scale: float = 1.0,
+                     backend: str = "torch", seed: int = 0) -> CompiledModel:
+    """Compile ``pipe.transformer`` for the pipeline's scheduler at ``num_inference_steps`` and put it
+    back into ``pipe`` (its adapter says how). Returns the compiled model; call ``pipe(...)`` as before,
+    with the same step count."""
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is None:
+        raise QCError(f"{type(pipe).__name__} has no transformer to compile")
+    adapter = adapter_for(transformer)
+    sampler = adapter.pipeline_sampler(pipe, num_inference_steps, guidance_scale)
+    compiled = compile(transformer, passes, sampler, backend=backend, seed=seed, adapter=adapter)
+    pipe.transformer = adapter.to_pipeline(compiled, transformer)
+    return compiled
+
+
+def load_compiled(folder) -> CompiledModel:
+    """Rebuild a compiled model saved by ``CompiledModel.save``: every file is checked first
+    (``ArtifactError`` names the file), then the schedule is replayed with the fitted state restored."""
+    folder = Path(folder)
+    manifest, weights, fitted = load_artifact(folder)
+    try:
+        adapter = get_adapter(manifest["adapter"])
+        model = adapter.build(manifest["model_config"])
+        sampler = sampler_from_spec(manifest["sampler"])
+        specs = list(manifest["passes"])
+        backend, seed, capture_mode = manifest["backend"], manifest["seed"], manifest["capture_mode"]
+    except KeyError as e:
+        raise ArtifactError(f"{folder}/manifest.json has no {e} entry; recompile the model") from None
+    except (TypeError, ValueError) as e:
+        raise ArtifactError(f"{folder}/manifest.json does not describe a model this version can build: {e}") from None
+    _load_weights(model, weights, folder)
+    passes = []
+    for p in specs:
+        if p["name"] not in PASS_REGISTRY:
+            raise ArtifactError(f"{folder} uses pass {p['name']!r}, which this installation does not know")
+        try:
+            passes.append(PASS_REGISTRY[p["name"]](**p.get("options", {})))
+        except (TypeError, ValueError) as e:
+            raise ArtifactError(f"{folder}: pass {p['name']!r} refuses its saved options: {e}") from None
+    return compile(model.eval(), passes=passes, sampler=sampler, backend=backend, seed=seed, fitted=fitted,
+                   capture_mode=capture_mode, adapter=adapter)
+
+
+def _load_weights(model: nn.Module, weights: Dict[str, torch.Tensor], folder: Path) -> None:
+    """Load ``weights`` strictly, naming the first missing, unexpected or mis-shaped key."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(weights))
+    extra = sorted(set(weights) - set(own))
+    wrong = [(k, tuple(weights[k].shape), tuple(own[k].shape)) for k in own if k in weights and weights[k].shape != own[k].shape]
+    if missing or extra or wrong:
+        what = (f"missing key {missing[0]!r}" if missing else f"unexpected key {extra[0]!r}" if extra else
+                f"key {wrong[0][0]!r} has shape {wrong[0][1]}, the config gives {wrong[0][2]}")
+        raise ArtifactError(f"{folder}/weights.safetensors does not fit the model config: {what}")
+    model.load_state_dict(weights, strict=True)

@@ -4,7 +4,7 @@
     qc compile --model dit-mnist --steps 50 --cfg 1.5 --pass tap_calibration --pass quantize --out dit_qc/
     qc export --compiled dit_qc/ --out dit_int8.onnx
     qc eval --model dit-mnist --n 1000 --out eval.json
-    qc bench ablation --bits w8a8,w4a8 --steps 50,100 --n 2000 --out out/ablation.json
+    qc bench ablation --bits w8a8,w4a8 --steps 50,100 --cache interval=3 --n 2000 --out out/ablation.json
     qc demo
 """
 from __future__ import annotations
@@ -39,25 +39,29 @@ def _positive(text: str) -> int:
 
 
 def parse_pass_spec(spec: str):
-    """``"name:key=value,key=value"`` -> a registered pass instance (values parsed as JSON if they can be)."""
+    """``"name:key=value,key=value"`` -> a registered pass instance. Values are read as JSON, then the
+    pass's typed config checks them (``interval=2.7`` is refused, not rounded)."""
+    from .options import parse_options
     from .pipeline import PASS_REGISTRY
 
     name, _, rest = spec.partition(":")
     if name not in PASS_REGISTRY:
         raise QCError(f"unknown pass {name!r}; registered passes: {sorted(PASS_REGISTRY) or 'none'}")
-    options: Dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise QCError(f"pass option {item!r} must look like key=value")
-        try:
-            options[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key.strip()] = value
     try:
-        return PASS_REGISTRY[name](**options)
-    except TypeError as e:
+        return PASS_REGISTRY[name](**parse_options(rest, f"pass {name!r}"))
+    except (TypeError, ValueError) as e:
         raise QCError(f"bad options for pass {name!r}: {e}") from None
+
+
+def _cache_config(text: str):
+    """``--cache``: the step cache's options in the ``--pass step_cache:`` spelling (``interval=3``,
+    ``policy=adaptive,threshold=0.1``)."""
+    from .specs import StepCacheConfig
+
+    try:
+        return StepCacheConfig.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"bad cache options {text!r}: {e}") from None
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -130,14 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="quality and measured speed of compile variants (same seeds)", parents=[common])
     p.add_argument("suite", choices=["quality", "ablation"], help="quality: the --variants given; ablation: the Q&C rows")
     p.add_argument("--model", default="dit-mnist")
-    p.add_argument("--variants", help="comma-separated variant names (see qc_compiler.bench.variant_names)")
+    p.add_argument("--variants", help="comma-separated variant names (see qc_compiler.tools.bench.VARIANTS)")
     p.add_argument("--bits", default="w8a8", help="comma-separated: w8a8,w4a8,w4a4")
     p.add_argument("--steps", default="50", help="comma-separated step counts")
     p.add_argument("--cfg", type=float, default=1.5)
     p.add_argument("--n", type=_positive, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=_positive, default=250)
-    p.add_argument("--cache", type=_positive, default=2, help="cache interval for the quant+cache rows")
+    p.add_argument("--cache", type=_cache_config, default="interval=2",
+                   help="the step cache of the quant+cache rows, as step_cache options: interval=2 (default), "
+                        "policy=adaptive,threshold=0.1, ...")
     p.add_argument("--calib-size", type=_positive, default=800)
     p.add_argument("--pool-labels", type=_positive, default=32)
     p.add_argument("--vc", choices=["eps", "sample"], default="sample")
@@ -224,7 +230,7 @@ def cmd_eval(args) -> int:
     model = _model(args)
     sampler = _sampler(args, model)
     labels = [i % model.num_classes for i in range(args.n)]
-    from .bench import sample_timed
+    from .tools.bench import sample_timed
 
     images, seconds = sample_timed(model, sampler, labels, args.seed, args.batch_size, progress=True)
     metrics = evaluate(images, torch.tensor(labels))
@@ -303,21 +309,25 @@ def cmd_sample_ddp(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import ablation_rows, bits_independent, markdown, run_variants
+    from .tools.bench import VARIANTS, ablation_rows, markdown, run_variants
 
     if args.variants:
         names = args.variants.split(",")
     elif args.suite == "ablation":
-        names = ["fp32", "quant-uniform", "quant-tap", f"cache-i{args.cache}"] + ablation_rows()
+        names = ["fp32", "quant-uniform", "quant-tap", "cache"] + ablation_rows()
     else:
         names = ["fp32", "quant-uniform", "quant-tap"]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise QCError(f"unknown variants {unknown}; known: {', '.join(sorted(VARIANTS))}")
     rows = []
     for steps in (int(s) for s in args.steps.split(",")):
         fp_ref = {}  # FP32 and cache-only rows do not depend on the bit width: run them once per step count
         for i, bits in enumerate(args.bits.split(",")):
-            todo = names if i == 0 else [n for n in names if not bits_independent(n)]
-            new = run_variants(todo, args.model, args.n, steps, args.cfg, args.seed, args.batch, bits, args.cache,
-                               args.calib_size, args.pool_labels, args.vc, args.backend, args.fp250,
+            todo = names if i == 0 else [n for n in names if not VARIANTS[n].bits_independent]
+            new = run_variants(todo, model_name=args.model, n=args.n, steps=steps, cfg=args.cfg, seed=args.seed,
+                               batch=args.batch, bits=bits, cache=args.cache, size=args.calib_size,
+                               pool_labels=args.pool_labels, vc=args.vc, backend=args.backend, fp250=args.fp250,
                                on_row=lambda r: print(json.dumps(r), flush=True), **fp_ref)
             if new:
                 fp_ref = {"fp_seconds": new[0]["fp32_sample_s"], "fp250_seconds": new[0]["fp32_250_s"]}
@@ -331,7 +341,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .tools.demo import run_demo
 
     run_demo(out_dir=args.out_dir, n_eval=args.n, seed=args.seed, steps=args.steps, rows=args.rows,
              calib_size=min(args.calib_size, args.pool_labels * args.steps), pool_labels=args.pool_labels)

@@ -1,99 +1,146 @@
-"""Save and load compiled models as a folder of safetensors and JSON, never pickles.
+"""The artefact folder of a compiled model: safetensors and JSON, never pickles, every byte checked.
 
-A compiled model is saved as what rebuilds it: the model config and FP weights, the pass schedule
-(registered pass names and options), the sampler spec, and everything the passes fitted
-(quantization ranges, cache schedules, VC tables). Loading replays the schedule with the fitted state
-restored, so nothing is calibrated again, and the graph is the same one the compiler produced.
+A compiled model is saved as what rebuilds it: the model adapter's name and config, the source FP
+weights, the pass schedule (registered pass names and options), the sampler spec, the backend, and
+everything the passes fitted (quantization ranges, cache schedules, VC tables). ``qc.load_compiled``
+replays the schedule with the fitted state restored, so nothing is calibrated again.
 
     folder/
-      manifest.json        format version, config, passes, sampler, backend, SHA-256 of each file
-      weights.safetensors  FP32 weights of the source model
+      manifest.json        format, version, what to rebuild, SHA-256 of each file, and its own digest
+      weights.safetensors  FP weights of the source model
       fitted.safetensors   tensors the passes fitted (non-tensor fits live in the manifest)
 
+Integrity: the manifest lists the SHA-256 of every other file and carries the SHA-256 of its own
+canonical content (``digest``). Loading refuses an edited manifest, an edited, missing or added file,
+and names the file. This catches corruption and edits; it is not a signature (whoever can rewrite the
+folder can rewrite the digests), so load artefacts from places you trust.
+
 Example:
-    >>> import qc_compiler as qc, tempfile                                # doctest: +SKIP
-    >>> cm = qc.compile(qc.load_model("DiT-T/4", input_size=16), passes=[])
-    >>> cm.save(tempfile.mkdtemp() + "/m"); qc.load_compiled(...)
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> write_manifest({"format": FORMAT, "format_version": FORMAT_VERSION, "files": {}}, folder)
+    >>> read_manifest(folder)["format_version"] == FORMAT_VERSION
+    True
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 import torch
 
 from .errors import ArtifactError
 from .io import load_json, load_tensors, save_json, save_tensors, sha256_file
 
-__all__ = ["save_compiled", "load_compiled"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "save_compiled", "load_artifact", "read_manifest", "write_manifest",
+           "check_output_folder"]
 
 FORMAT = "qc-compiler/compiled"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+MANIFEST = "manifest.json"
 _FILES = ("weights.safetensors", "fitted.safetensors")
+_RECOMPILE = ("recompile it with this version (`qc compile ... --out FOLDER`, or qc.compile(...).save(FOLDER)) "
+              "from the original model")
+
+
+def _digest(manifest: Dict[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def check_output_folder(folder: Path) -> None:
+    """Refuse, before any work, a folder that cannot take an artefact: a file, or a non-empty folder
+    holding anything but an earlier artefact's files (which are replaced)."""
+    folder = Path(folder)
+    if str(folder) in ("", "."):
+        raise ArtifactError("the output folder is empty or '.'; name a new folder, e.g. --out out/model")
+    if folder.exists() and not folder.is_dir():
+        raise ArtifactError(f"{folder} exists and is not a folder; name a new folder")
+    if folder.is_dir():
+        foreign = sorted(p.name for p in folder.iterdir() if p.name not in (MANIFEST, *_FILES))
+        if foreign:
+            raise ArtifactError(f"{folder} is not empty (it holds {foreign[:3]}); name a new or empty folder")
+
+
+def write_manifest(manifest: Dict[str, Any], folder: Path) -> None:
+    """Write ``manifest`` with its digest, atomically (last, so a crash never leaves a valid folder half-written)."""
+    manifest = dict(manifest)
+    manifest["digest"] = _digest(manifest)
+    save_json(manifest, Path(folder) / MANIFEST)
+
+
+def read_manifest(folder: Path) -> Dict[str, Any]:
+    """The manifest, after checking its format, version and digest."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ArtifactError(f"{folder} is missing or not a folder")
+    manifest = load_json(folder / MANIFEST)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{folder} is not a qc-compiler compiled model (manifest format missing)")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(f"{folder} has artefact format version {version}; this qc-compiler reads version "
+                            f"{FORMAT_VERSION}: {_RECOMPILE}")
+    if manifest.get("digest") != _digest(manifest):
+        raise ArtifactError(f"{folder / MANIFEST} does not match its digest: it was edited or damaged; {_RECOMPILE}")
+    return manifest
 
 
 def save_compiled(model, folder: Path) -> None:
     """Write ``model`` (a CompiledModel) to ``folder``; the manifest is written last, atomically."""
-    from .pipeline import PASS_REGISTRY
-
     build = model.build
-    if not build.get("model_config"):
-        raise ArtifactError("only models built from a qc_compiler DiT config can be saved (no model config)")
-    for p in build.get("passes", []):
-        if p["name"] not in PASS_REGISTRY:
-            raise ArtifactError(f"pass {p['name']!r} is not registered (use @register_pass), so it cannot be reloaded")
+    if build.get("unsaveable"):
+        raise ArtifactError(f"cannot be saved: {build['unsaveable'][0]}")
+    if build.get("model_config") is None:
+        raise ArtifactError(f"the {build.get('adapter', 'model')!r} adapter gives no config to rebuild this model "
+                            "from, so it cannot be saved")
+    folder = Path(folder)
+    check_output_folder(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v for k, v in build.get("fitted", {}).items() if torch.is_tensor(v)}
-    others = {k: v for k, v in build.get("fitted", {}).items() if not torch.is_tensor(v)}
+    fitted = build.get("fitted", {})
+    tensors = {k: v for k, v in fitted.items() if torch.is_tensor(v)}
+    others = {k: v for k, v in fitted.items() if not torch.is_tensor(v)}
     save_tensors(build["weights"], folder / "weights.safetensors")
     save_tensors(tensors, folder / "fitted.safetensors")
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
+        "adapter": build["adapter"],
         "model_config": build["model_config"],
         "passes": build.get("passes", []),
         "backend": build.get("backend", "torch"),
         "seed": build.get("seed", 0),
-        "capture_mode": build.get("capture_mode", "fx"),
+        "capture_mode": build.get("capture_mode"),
         "sampler": model.sampler_spec,
         "fitted_json": others,
-        "sha256": {name: sha256_file(folder / name) for name in _FILES},
+        "files": {name: sha256_file(folder / name) for name in _FILES},
     }
-    save_json(manifest, folder / "manifest.json")
+    write_manifest(manifest, folder)
 
 
-def load_compiled(folder) -> Any:
-    """Rebuild a CompiledModel saved by ``save_compiled``; a damaged folder raises ``ArtifactError``."""
-    from .api import compile as qc_compile
-    from .diffusion.samplers import sampler_from_spec
-    from .models.zoo import build_model
-    from .pipeline import PASS_REGISTRY
+def load_artifact(folder) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor], Dict[str, Any]]:
+    """(manifest, FP weights, fitted state) of a saved compiled model, every file checked.
 
+    Raises ``ArtifactError`` naming the file for an edited manifest, an edited, truncated, missing or
+    extra file, or an older format version.
+    """
     folder = Path(folder)
-    manifest = load_json(folder / "manifest.json")
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{folder} is not a qc-compiler compiled model (manifest format missing)")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"{folder} has format version {manifest.get('format_version')}; this qc-compiler reads {FORMAT_VERSION}")
-    for name in _FILES:
+    manifest = read_manifest(folder)
+    files = manifest.get("files")
+    if not isinstance(files, dict) or set(files) != set(_FILES):
+        raise ArtifactError(f"{folder / MANIFEST} lists files {sorted(files or {})}, expected {list(_FILES)}")
+    extra = sorted(p.name for p in folder.iterdir() if p.name not in (MANIFEST, *_FILES))
+    if extra:
+        raise ArtifactError(f"{folder} holds files the manifest does not list: {extra}; remove them, or recompile")
+    for name, digest in files.items():
         path = folder / name
         if not path.is_file():
             raise ArtifactError(f"{path} is missing")
-        if sha256_file(path) != manifest["sha256"].get(name):
+        if sha256_file(path) != digest:
             raise ArtifactError(f"{path} does not match its SHA-256 in the manifest: it was truncated or modified")
     weights, _ = load_tensors(folder / "weights.safetensors")
     fitted: Dict[str, Any] = dict(load_tensors(folder / "fitted.safetensors")[0])
     fitted.update(manifest.get("fitted_json", {}))
-    model = build_model(manifest["model_config"])
-    try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as e:
-        raise ArtifactError(f"{folder}/weights.safetensors does not fit the model config: {e}") from e
-    passes = []
-    for p in manifest["passes"]:
-        if p["name"] not in PASS_REGISTRY:
-            raise ArtifactError(f"{folder} uses pass {p['name']!r}, which this installation does not know")
-        passes.append(PASS_REGISTRY[p["name"]](**p.get("options", {})))
-    return qc_compile(model.eval(), passes=passes, sampler=sampler_from_spec(manifest["sampler"]),
-                      backend=manifest["backend"], seed=manifest.get("seed", 0), fitted=fitted,
-                      capture_mode=manifest.get("capture_mode", "fx"))
+    return manifest, weights, fitted

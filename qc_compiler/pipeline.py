@@ -6,6 +6,7 @@ checks the whole schedule against those declarations before running anything, li
 every pass, and records a report through instruments.
 
 Example, a custom pass in a few lines:
+    >>> from qc_compiler.graph import find_linears
     >>> @graph_pass(name="count_linears", provides={"linear_count"})
     ... def count_linears(gm, ctx):
     ...     ctx.artifacts["linear_count"] = len(find_linears(gm))
@@ -21,8 +22,9 @@ from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Seq
 
 import torch.fx as fx
 
-from .capture import find_linears  # noqa: F401  (the module docstring's example uses it)
 from .errors import PassError, PassOrderError, QCError
+from .models.adapter import ModelAdapter, ModelInfo
+from .runtime import CompiledModel
 
 __all__ = [
     "Pass", "PassResult", "graph_pass", "PassContext", "PassManager", "PassRecord", "PassInstrument",
@@ -154,14 +156,19 @@ class ReportInstrument(PassInstrument):
 
 @dataclass
 class PassContext:
-    """What passes share: the sampler, the FP reference graph, artefacts, fitted state and seeds.
+    """What passes share: the model adapter and info, the sampler, the FP reference graph, artefacts,
+    fitted state and seeds.
 
+    ``adapter`` is the model family's :class:`~qc_compiler.models.ModelAdapter` (where the blocks are,
+    the conditioning linears, example inputs); ``info`` what samplers read off the model.
     ``artifacts`` carries values between passes (``calibration_set``, ...). ``fitted`` holds what
     passes fit offline (quantization ranges, VC tables): it is saved with a compiled model, and when
     a model is loaded it is prefilled, so passes reuse it instead of calibrating again (see
     :meth:`fit`).
     """
 
+    adapter: Optional[ModelAdapter] = None
+    info: Optional[ModelInfo] = None
     sampler: Any = None
     reference: Optional[fx.GraphModule] = None
     seed: int = 0
@@ -169,7 +176,18 @@ class PassContext:
     fitted: Dict[str, Any] = field(default_factory=dict)
     notes: Dict[str, str] = field(default_factory=dict)
     instruments: List[PassInstrument] = field(default_factory=list)
-    model_info: Dict[str, Any] = field(default_factory=dict)
+
+    def need(self, what: str, by: str) -> Any:
+        """``self.<what>``, or a ``QCError`` saying that pass ``by`` needs it."""
+        value = getattr(self, what)
+        if value is None:
+            raise QCError(f"pass {by!r} needs ctx.{what}; compile through qc.compile(model, ...), which sets it")
+        return value
+
+    def denoiser(self, gm: fx.GraphModule) -> CompiledModel:
+        """``gm`` inside a :class:`CompiledModel` for the context's sampler: step-conditional nodes
+        (cache lookups, VC rescales) behave exactly as they will after compilation."""
+        return CompiledModel(gm, self.need("sampler", "collect").spec(), self.need("info", "collect"))
 
     def fit(self, key: str, compute: Callable[[], Any]) -> Any:
         """Return ``fitted[key]``, computing and storing it first when absent (i.e. not restored)."""
@@ -179,16 +197,9 @@ class PassContext:
 
     def collect(self, gm: fx.GraphModule, labels: Sequence[int], seed: Optional[int] = None,
                 step_hooks: Sequence[Callable] = (), progress: bool = False):
-        """Run the context's sampler over the *current* graph and return its ``Trajectory``.
-
-        The graph runs inside a :class:`~qc_compiler.runtime.CompiledModel`, so step-conditional
-        nodes (cache lookups, VC rescales) behave exactly as they will after compilation.
-        """
-        from .runtime import CompiledModel  # runtime imports pipeline for reports
-
-        if self.sampler is None:
-            raise QCError("this pass needs ctx.sampler to collect data; pass sampler=... to compile()")
-        model = CompiledModel(gm, self.sampler.spec(), self.model_info)
+        """Run the context's sampler over the *current* graph (see :meth:`denoiser`) and return its
+        ``Trajectory``."""
+        model = self.denoiser(gm)
         model.step_hooks = list(model.step_hooks) + list(step_hooks)
         try:
             return self.sampler.sample(model, labels, seed=self.seed if seed is None else seed, record=True,

@@ -1,37 +1,46 @@
 import pytest
 
-from qc_compiler.bench import ablation_rows, markdown, variant_names, variant_passes
+from qc_compiler.specs import StepCacheConfig
+from qc_compiler.tools.bench import VARIANTS, Variant, ablation_rows, markdown, variant_passes
 
 
 def names(passes):
     return [p.name for p in passes]
 
 
-def test_variant_names_map_to_pass_lists():
+def test_variants_map_to_pass_lists_built_from_configs():
     assert variant_passes("fp32") == []
-    assert names(variant_passes("cache-i3")) == ["step_cache"] and variant_passes("cache-i3")[0].interval == 3
-    adaptive = variant_passes("cache-adaptive-0.3")[0]
+    assert names(variant_passes("cache-i3")) == ["step_cache"] and variant_passes("cache-i3")[0].config.interval == 3
+    adaptive = variant_passes("cache-adaptive-0.3")[0].config
     assert adaptive.policy == "adaptive" and adaptive.threshold == 0.3
     assert names(variant_passes("quant-tap")) == ["tap_calibration", "quantize"]
     w4 = variant_passes("w4a8-uniform")
     assert names(w4) == ["uniform_calibration", "quantize"] and w4[1].config.default.weight_bits == 4
-    qc = variant_passes("qc-tap-vc", cache=3, vc="sample")
+    qc = variant_passes("qc-tap-vc", cache=StepCacheConfig(interval=3), vc_placement="sample")
     assert names(qc) == ["step_cache", "tap_calibration", "quantize", "variance_compensation"]
-    assert qc[0].interval == 3 and qc[-1].placement == "sample" and qc[-1].form == "exact"
+    assert qc[0].config.interval == 3 and qc[-1].placement == "sample" and qc[-1].form == "exact"
+    # the run's cache is one config, of any policy: the same spelling as --pass step_cache
+    adaptive_run = variant_passes("qc-tap", cache=StepCacheConfig(policy="adaptive", threshold=0.2))
+    assert adaptive_run[0].config.policy == "adaptive" and variant_passes("cache", cache=StepCacheConfig(interval=5))[0].config.every == 5
     assert variant_passes("qc-tap-vcvar")[-1].form == "variance"
-    assert variant_passes("quant-tap")[-1].config.weight_only  # conditioning linears weight-only by default
+    assert variant_passes("quant-tap")[-1].config.weight_only is None  # the adapter's conditioning linears
     assert variant_passes("quant-tap-condq")[-1].config.weight_only == ()
     assert variant_passes("qc-tap-condq-vc")[2].config.weight_only == ()
     assert names(variant_passes("qc-kmeans")) == ["step_cache", "kmeans_calibration", "quantize"]
+    custom = Variant(cache=StepCacheConfig(interval=4), selector="random", vc="variance")
+    assert names(variant_passes(custom)) == ["step_cache", "random_calibration", "quantize", "variance_compensation"]
 
 
-def test_every_listed_variant_parses_and_unknown_ones_fail():
-    for name in variant_names():
+def test_every_listed_variant_builds_and_unknown_ones_fail():
+    for name in VARIANTS:
         variant_passes(name)
     assert "qc-tap-vc" in ablation_rows() and "qc-uniform" in ablation_rows()
+    assert VARIANTS["cache-i2"].bits_independent and not VARIANTS["qc-tap"].bits_independent
     for bad in ("quant-magic", "quant-tap-vc", "qc-tap-vc-condq", "qc-tap-condq-condq", "qc-tap-fast"):
         with pytest.raises(ValueError, match="unknown variant"):
             variant_passes(bad)
+    with pytest.raises(ValueError, match="selector"):
+        Variant(vc="exact")
 
 
 def test_markdown_table_has_a_row_per_variant():
@@ -42,7 +51,8 @@ def test_markdown_table_has_a_row_per_variant():
     assert "| 1.00 | +0.0% |" in table
     worse = markdown([row, dict(row, variant="quant-tap", fid=1.086)], n=10, cfg=1.5)
     assert "| 1.09 | +8.6% |" in worse
-    assert "| qc-tap-vc (i3) | w4a8 |" in markdown([dict(row, variant="qc-tap-vc", bits="w4a8", cache_interval=3)], 10, 1.5)
+    assert "| qc-tap-vc (interval 3) | w4a8 |" in markdown([dict(row, variant="qc-tap-vc", bits="w4a8", cache="interval 3")], 10, 1.5)
+    assert "| qc-tap-vc (interval 3) |" in markdown([dict(row, variant="qc-tap-vc", cache_interval=3)], 10, 1.5)  # old files
     no_fp250 = markdown([dict(row, speed_vs_fp32_250=float("nan"))], 10, 1.5)
     assert no_fp250.rstrip().endswith("| 1.00x | - |") and "nan" not in no_fp250
 
@@ -50,7 +60,7 @@ def test_markdown_table_has_a_row_per_variant():
 def test_merge_results_sets_speed_of_a_second_file_against_the_first_fp32(tmp_path):
     import json
 
-    from qc_compiler.bench import merge_results
+    from qc_compiler.tools.bench import merge_results
 
     nan = float("nan")
     first = {"rows": [dict(variant="fp32", steps=50, sample_s=100.0, speed_vs_fp32=1.0, fp32_250_s=500.0),
@@ -65,22 +75,34 @@ def test_merge_results_sets_speed_of_a_second_file_against_the_first_fp32(tmp_pa
 
 def test_ablation_runs_fp32_and_cache_rows_once_per_step_count(monkeypatch):
     """A second bit width reuses the FP32 time and does not sample the bit-independent rows again."""
-    import qc_compiler.bench as bench
+    import qc_compiler.tools.bench as bench
     from qc_compiler.cli import main
 
     calls = []
 
-    def fake_run_variants(names, *args, fp_seconds=None, fp250_seconds=None, **kwargs):
-        bits = args[6]
+    def fake_run_variants(names, *, bits, cache, fp_seconds=None, fp250_seconds=None, **kwargs):
         calls.append((list(names), bits, fp_seconds))
-        return [dict(variant=n, bits="-" if bench.bits_independent(n) else bits, steps=50, fid=1.0, sfid=1.0,
+        assert cache == StepCacheConfig(interval=3)
+        return [dict(variant=n, bits="-" if bench.VARIANTS[n].bits_independent else bits, steps=50, fid=1.0, sfid=1.0,
                      precision=1.0, recall=1.0, class_acc=1.0, sample_s=7.0, speed_vs_fp32=1.0,
                      speed_vs_fp32_250=float("nan"), fp32_sample_s=fp_seconds or 7.0, fp32_250_s=None,
                      **{"is": 1.0}) for n in names]
 
     monkeypatch.setattr(bench, "run_variants", fake_run_variants)
-    assert main(["bench", "ablation", "--bits", "w8a8,w4a8", "--steps", "50", "--n", "10"]) == 0
+    assert main(["bench", "ablation", "--bits", "w8a8,w4a8", "--steps", "50", "--n", "10", "--cache", "interval=3"]) == 0
     (first, bits1, ref1), (second, bits2, ref2) = calls
     assert (bits1, bits2) == ("w8a8", "w4a8") and ref1 is None and ref2 == 7.0
-    assert "fp32" in first and "cache-i2" in first and "quant-tap" in first
-    assert "fp32" not in second and "cache-i2" not in second and "qc-tap-vc" in second
+    assert "fp32" in first and "cache" in first and "quant-tap" in first
+    assert "fp32" not in second and "cache" not in second and "qc-tap-vc" in second
+
+
+@pytest.mark.parametrize("cache, needle", [("interval=2.7", "must be an integer"), ("interval=true", "must be an integer"),
+                                           ("policy=adaptive,interval=3", "interval is an option of the interval policy"),
+                                           ("policy=adaptive,threshold=nan", "must be a number"),
+                                           ("policy=adaptive,threshold=NaN", "finite")])
+def test_bench_cache_option_is_typed(cache, needle, capsys):
+    from qc_compiler.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["bench", "quality", "--cache", cache])
+    assert needle in capsys.readouterr().err

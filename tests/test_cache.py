@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import qc_compiler as qc
-from qc_compiler.passes import StepCache
+from qc_compiler.passes import StepCache, StepCacheConfig
 from qc_compiler.passes.cache import CacheLookup
 from conftest import make_tiny
 
@@ -44,8 +44,8 @@ def test_schedule_in_report_matches_interval_policy():
         assert f"step {step:>3}: {'CCCC' if step % 3 == 0 else '....'}" in report
     assert "block FLOPs skipped:" in report
     # 4 of 7 steps reuse both branches; skipped share = 4/7 of branch FLOPs over block FLOPs (adaLN stays)
-    info = cm.graph_module.meta["qc.cache"]
-    expected = 4 * sum(info["region_flops"]) / (7 * info["block_flops"])
+    schedule = cm.graph_module.meta["qc.cache"]
+    expected = 4 * sum(schedule.region_flops) / (7 * schedule.block_flops)
     assert f"{expected:.1%}" in report
     from qc_compiler.passes.cache import skipped_flops_fraction
 
@@ -122,3 +122,17 @@ def test_bad_options_are_rejected():
         StepCache(policy="sometimes")
     with pytest.raises(ValueError, match="interval"):
         StepCache(interval=0)
+    for bad in (2.7, True, "2"):  # typed, never coerced
+        with pytest.raises(ValueError, match="interval must be an integer"):
+            StepCache(interval=bad)
+    with pytest.raises(ValueError, match="finite"):
+        StepCache(policy="adaptive", threshold=float("nan"))
+    with pytest.raises(ValueError, match="not of 'adaptive'"):  # conflicting options raise
+        StepCache(policy="adaptive", interval=3)
+    with pytest.raises(ValueError, match="schedule is an option of the static policy"):
+        StepCache(schedule=[[1]])
+    with pytest.raises(ValueError, match="not both"):
+        StepCache(StepCacheConfig(interval=2), interval=3)
+    with pytest.raises(ValueError, match="unexpected keyword"):
+        StepCache(intervl=3)
+    assert StepCache(StepCacheConfig(interval=3)).options() == StepCache(interval=3).options()

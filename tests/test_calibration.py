@@ -5,9 +5,10 @@ from sklearn.metrics import adjusted_rand_score
 from threadpoolctl import threadpool_limits
 
 import qc_compiler as qc
-from qc_compiler.calibration import (SELECTORS, RandomCalibration, TAPCalibration, UniformCalibration,
+from qc_compiler.passes import (DBSCANCalibration, KMeansCalibration, RandomCalibration, TAPCalibration,
+                               UniformCalibration)
+from qc_compiler.calibration import (SELECTORS,
                                      draw_per_cluster, register_selector, tap_clusters)
-from qc_compiler.calibration.select import DBSCANCalibration, KMeansCalibration
 from qc_compiler.passes import StepCache
 from qc_compiler.pipeline import Pass, PassContext, PassResult, register_pass
 from conftest import make_tiny

@@ -2,16 +2,28 @@ import pytest
 import torch
 import torch.nn as nn
 
-from qc_compiler.capture import capture, find_branch_regions, find_linears, graph_flavour, node_module_path
+from qc_compiler.capture import capture
 from qc_compiler.errors import CaptureError
+from qc_compiler.graph import find_linears, graph_flavour, node_module_path
+from qc_compiler.graph import find_branch_regions as _find_branch_regions
+from qc_compiler.models.adapters.dit import DIT
 from conftest import make_tiny
+
+
+def find_branch_regions(gm):
+    return _find_branch_regions(gm, DIT.blocks)
+
+
+def take(model, prefer):
+    """Capture as qc.compile does: the adapter builds the example inputs torch.export needs."""
+    return capture(model, example_inputs=DIT.example_inputs(DIT.info(model)), prefer=prefer)
 
 
 @pytest.mark.parametrize("prefer", ["fx", "export"])
 @pytest.mark.parametrize("fused", [True, False])
 def test_graph_matches_model_bit_for_bit(prefer, fused):
     model = make_tiny(fused_attn=fused)
-    gm = capture(model, prefer=prefer)
+    gm = take(model, prefer)
     assert graph_flavour(gm) == prefer
     for batch in (1, 3, 8):  # dynamic batch under export too
         x, t, y = torch.randn(batch, 1, 16, 16), torch.full((batch,), 321), torch.arange(batch) % 11
@@ -20,7 +32,7 @@ def test_graph_matches_model_bit_for_bit(prefer, fused):
 
 @pytest.mark.parametrize("prefer", ["fx", "export"])
 def test_linears_and_branch_regions_in_both_flavours(prefer):
-    gm = capture(make_tiny(), prefer=prefer)
+    gm = take(make_tiny(), prefer)
     paths = [s.path for s in find_linears(gm)]
     # 2 timestep-MLP linears, per block adaLN + qkv + proj + fc1 + fc2, final adaLN + final linear.
     assert len(paths) == 2 + 2 * 5 + 2
@@ -77,3 +89,8 @@ def test_leaf_module_makes_it_traceable():
     x = torch.randn(2, 3)
     assert torch.equal(gm(x), model(x))
     assert any(n.op == "call_module" and n.target == "stage.1" for n in gm.graph.nodes)
+
+
+def test_export_without_example_inputs_says_what_to_pass():
+    with pytest.raises(CaptureError, match="pass example_inputs"):
+        capture(make_tiny(), prefer="export")

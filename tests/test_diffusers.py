@@ -3,14 +3,15 @@ import pytest
 import torch
 
 import qc_compiler as qc
-from qc_compiler.capture import find_branch_regions, find_linears, graph_flavour
+from qc_compiler.graph import find_branch_regions, find_linears, graph_flavour
 from qc_compiler.passes import Quantize, StepCache, TAPCalibration, VarianceCompensation
 from qc_compiler.passes.cache import CacheLookup
 from qc_compiler.quant import QuantLinear
 
 diffusers = pytest.importorskip("diffusers")
-from qc_compiler.models.diffusers_dit import (DiffusersDiT, load_diffusers_transformer, pipeline_transformer,  # noqa: E402
-                                              sampler_for_scheduler)
+from qc_compiler.models.adapters.diffusers_dit import (DIFFUSERS_DIT, DiffusersDiT,  # noqa: E402
+                                                       load_diffusers_transformer, pipeline_transformer,
+                                                       sampler_for_scheduler)
 
 
 def tiny_transformer(sample_size=8):
@@ -26,11 +27,11 @@ def tiny_transformer(sample_size=8):
 
 def test_capture_falls_back_to_export_and_finds_blocks():
     model = DiffusersDiT(tiny_transformer())
-    gm = qc.capture(model)
+    gm = qc.capture(model, example_inputs=DIFFUSERS_DIT.example_inputs(DIFFUSERS_DIT.info(model)))
     assert graph_flavour(gm) == "export"
     x, t, y = torch.randn(3, 4, 8, 8), torch.full((3,), 500), torch.tensor([1, 2, 1000])
     assert torch.equal(gm(x, t, y), model(x, t, y))
-    names = [r.qualname for r in find_branch_regions(gm)]
+    names = [r.qualname for r in find_branch_regions(gm, DIFFUSERS_DIT.blocks)]
     assert names == [f"transformer.transformer_blocks.{i}.{b}" for i in range(2) for b in ("attn", "mlp")]
     assert any(s.path.endswith("attn1.to_q") for s in find_linears(gm))
 
@@ -41,7 +42,7 @@ def test_qandc_passes_compile_a_diffusers_dit():
     exact = qc.compile(model, passes=[StepCache(interval=1)], sampler=sampler)
     assert torch.equal(sampler.sample(exact, [1, 2, 3], seed=0), ref)
     cm = qc.compile(model, passes=[StepCache(interval=2), TAPCalibration(clusters=5, size=20, pool_labels=4),
-                                   Quantize(8, 8), VarianceCompensation(batch=4)], sampler=sampler, backend="fakequant")
+                                   Quantize(weight_bits=8, act_bits=8), VarianceCompensation(batch=4)], sampler=sampler, backend="fakequant")
     assert sum(isinstance(m, CacheLookup) for m in cm.graph_module.modules()) == 4
     quantized = {m.path: m for m in cm.graph_module.modules() if isinstance(m, QuantLinear)}
     assert len(quantized) >= 16
@@ -58,7 +59,7 @@ def test_int8_onnx_export_of_a_cached_diffusers_dit(tmp_path):
 
     model, sampler = DiffusersDiT(tiny_transformer()), qc.DDPM(steps=4, cfg_scale=1.5)
     cm = qc.compile(model, passes=[StepCache(interval=2), TAPCalibration(clusters=5, size=20, pool_labels=4),
-                                   Quantize(8, 8)], sampler=sampler)
+                                   Quantize(weight_bits=8, act_bits=8)], sampler=sampler)
     path = cm.export_onnx(tmp_path / "dit.onnx")
     ort = OrtDenoiser(path, threads=1)
     a, b = sampler.sample(cm, [1, 2, 3], seed=0), sampler.sample(ort, [1, 2, 3], seed=0)  # batch 6 != traced 2

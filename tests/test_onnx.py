@@ -64,7 +64,7 @@ def test_weights_are_int8_and_onnxruntime_fuses_them(tmp_path):
 @pytest.mark.parametrize("cache", [StepCache(interval=2), StepCache(policy="static", threshold=0.5)])
 def test_cached_model_exports_with_if_nodes_and_matches_torch(cache, tmp_path):
     sampler = qc.DDPM(steps=6, cfg_scale=1.5)
-    cm = qc.compile(make_tiny(), passes=[cache, UniformCalibration(size=20, pool_labels=4), Quantize(8, 8),
+    cm = qc.compile(make_tiny(), passes=[cache, UniformCalibration(size=20, pool_labels=4), Quantize(weight_bits=8, act_bits=8),
                                          VarianceCompensation(batch=4)], sampler=sampler)
     path = cm.export_onnx(tmp_path / "m.onnx")
     model = onnx.load(str(path))
@@ -83,7 +83,7 @@ def test_cached_model_exports_with_if_nodes_and_matches_torch(cache, tmp_path):
 
 @pytest.mark.parametrize("make, match", [
     (lambda: qc.compile(make_tiny(), passes=[StepCache(policy="adaptive"), UniformCalibration(size=20, pool_labels=4),
-                                             Quantize(8, 8)], sampler=SAMPLER), "adaptive"),
+                                             Quantize(weight_bits=8, act_bits=8)], sampler=SAMPLER), "adaptive"),
     (lambda: compiled(groups=2), "per-step-group"),
     (lambda: compiled(bits="w4a4"), "4-bit activations"),
 ])

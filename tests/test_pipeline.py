@@ -103,7 +103,8 @@ def test_context_fit_reuses_restored_state():
 def test_collect_runs_sampler_over_current_graph():
     model = make_tiny()
     gm = qc.capture(model)
-    ctx = PassContext(sampler=qc.DDPM(steps=3, cfg_scale=1.5), seed=4, model_info={"input_size": 16, "in_channels": 1, "num_classes": 10})
+    adapter = qc.adapter_for(model)
+    ctx = PassContext(adapter=adapter, info=adapter.info(model), sampler=qc.DDPM(steps=3, cfg_scale=1.5), seed=4)
     traj = ctx.collect(gm, labels=[1, 2])
     assert len(traj.steps) == 3
     assert torch.equal(traj.samples, qc.DDPM(steps=3, cfg_scale=1.5).sample(model, [1, 2], seed=4))

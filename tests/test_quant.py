@@ -90,22 +90,48 @@ def test_observer_rejects_nan():
 
 
 # --- config -----------------------------------------------------------------------------------
-def test_conditioning_linears_are_weight_only_and_old_artefacts_load_as_saved():
-    cfg = QuantConfig.preset("w8a8")
+def test_conditioning_linears_are_weight_only_and_come_from_the_adapter():
+    from qc_compiler.models.adapters.dit import DIT
+
+    with pytest.raises(qc.QCError, match="resolve"):  # the family decides what is quantized
+        QuantConfig.preset("w8a8").for_op("blocks.2.attn.qkv", "linear")
+    cfg = QuantConfig.preset("w8a8").resolve(DIT)
+    assert cfg.weight_only == DIT.conditioning_linears and cfg.include == DIT.quantizable
     spec = cfg.for_op("blocks.2.adaLN_modulation.1", "linear")
     assert spec.weight_bits == 8 and spec.act_bits is None
     assert cfg.for_op("final_layer.adaLN_modulation.1", "linear").act_bits is None
     assert cfg.for_op("blocks.2.attn.qkv", "linear").act_bits == 8
     # an override still decides: quantize one block's adaLN input after all
     assert cfg.override("blocks.2.adaLN_modulation.1", LayerQuant()).for_op("blocks.2.adaLN_modulation.1", "linear").act_bits == 8
-    old = {k: v for k, v in cfg.to_json().items() if k != "weight_only"}  # written before the option existed
-    assert QuantConfig.from_json(old).for_op("blocks.2.adaLN_modulation.1", "linear").act_bits == 8
+    assert QuantConfig.preset("w8a8", weight_only=()).resolve(DIT).for_op("blocks.2.adaLN_modulation.1", "linear").act_bits == 8
+    partial = {k: v for k, v in cfg.to_json().items() if k != "weight_only"}  # a key missing is an error, not a default
+    with pytest.raises(ValueError, match="exactly the keys"):
+        QuantConfig.from_json(partial)
     with pytest.raises(ValueError, match="act_bits"):
         LayerQuant(act_bits=16)
+    with pytest.raises(ValueError, match="act_step_groups must be an integer"):
+        QuantConfig(act_step_groups=2.5)
+
+
+def test_quantize_takes_one_of_bits_preset_or_config():
+    from qc_compiler.passes import Quantize
+
+    assert Quantize().config.bits == "w8a8" and Quantize(weight_bits=4).config.bits == "w4a8"
+    assert Quantize(preset="w4a4").config.bits == "w4a4"
+    for kwargs in ({"weight_bits": 4, "preset": "w8a8"}, {"preset": "w8a8", "config": QuantConfig()},
+                   {"act_bits": 4, "config": QuantConfig()}):
+        with pytest.raises(ValueError, match="one of bits, preset or config"):
+            Quantize(**kwargs)
+    with pytest.raises(ValueError, match="unknown preset ''"):
+        Quantize(preset="")
+    with pytest.raises(TypeError):
+        Quantize(8, 8)  # keyword-only: which number is which is never guessed
 
 
 def test_override_mapping_last_match_wins():
-    cfg = QuantConfig.preset("w8a8")
+    from qc_compiler.models.adapters.dit import DIT
+
+    cfg = QuantConfig.preset("w8a8").resolve(DIT)
     assert cfg.for_op("blocks.0.attn.qkv", "linear").weight_bits == 8
     assert cfg.for_op("t_embedder.mlp.0", "linear") is None  # not included by default
     assert cfg.for_op("blocks.0.attn", "matmul") is None  # matmuls optional, off
@@ -145,7 +171,7 @@ def quant_modules(cm):
 @pytest.mark.parametrize("mode", ["fx", "export"])
 def test_insertion_counts_and_small_w8a8_error(mode):
     model, sampler = make_tiny(fused_attn=False), qc.DDPM(steps=4, cfg_scale=1.5)
-    cm = qc.compile(model, passes=[PoolAll(), Quantize(8, 8)], sampler=sampler, capture_mode=mode, backend="fakequant")
+    cm = qc.compile(model, passes=[PoolAll(), Quantize(weight_bits=8, act_bits=8)], sampler=sampler, capture_mode=mode, backend="fakequant")
     mods = quant_modules(cm)
     # per block: adaLN, qkv, proj, fc1, fc2 (x2 blocks) + final adaLN + final linear; t_embedder stays float
     assert len(mods) == 12 and all(isinstance(m, QuantLinear) for m in mods)
@@ -172,7 +198,7 @@ def test_w4_has_more_error_than_w8_and_overrides_apply():
 
 
 def test_fake_quant_module_matches_the_reference_math():
-    cm = qc.compile(make_tiny(), passes=[PoolAll(), Quantize(8, 8)], sampler=qc.DDPM(steps=3), backend="fakequant")
+    cm = qc.compile(make_tiny(), passes=[PoolAll(), Quantize(weight_bits=8, act_bits=8)], sampler=qc.DDPM(steps=3), backend="fakequant")
     m = next(m for m in quant_modules(cm) if m.path == "blocks.0.mlp.fc1")
     x = torch.randn(2, 16, 64) * 3
     aq = qparams_from_range(m.a_lo[-1], m.a_hi[-1], 8, symmetric=False)
@@ -183,7 +209,7 @@ def test_fake_quant_module_matches_the_reference_math():
 
 def test_quantize_without_selector_is_an_order_error():
     with pytest.raises(qc.PassOrderError, match="calibration_set"):
-        qc.compile(make_tiny(), passes=[Quantize(8, 8)], sampler=qc.DDPM(steps=3))
+        qc.compile(make_tiny(), passes=[Quantize(weight_bits=8, act_bits=8)], sampler=qc.DDPM(steps=3))
 
 
 def test_nan_calibration_data_is_a_clear_error():
@@ -195,7 +221,7 @@ def test_nan_calibration_data_is_a_clear_error():
                                                            torch.arange(4), null_label=10, cfg=False)
 
     with pytest.raises(qc.CalibrationError, match="NaN or inf in 1 of 4 items"):
-        qc.compile(make_tiny(), passes=[nan_pool, Quantize(8, 8)], sampler=qc.DDPM(steps=3))
+        qc.compile(make_tiny(), passes=[nan_pool, Quantize(weight_bits=8, act_bits=8)], sampler=qc.DDPM(steps=3))
 
 
 def test_quantize_inside_cache_regions_and_per_step_groups():

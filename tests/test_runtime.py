@@ -4,7 +4,7 @@ import torch.nn as nn
 
 import qc_compiler as qc
 from qc_compiler.pipeline import PassResult, register_pass, Pass
-from qc_compiler.runtime import StepAware
+from qc_compiler.step import StepAware
 from conftest import make_tiny
 
 
@@ -98,6 +98,20 @@ def test_tampered_and_truncated_files_are_refused(tmp_path):
         qc.load_compiled(tmp_path / "m")
     with pytest.raises(qc.ArtifactError, match="missing"):
         qc.load_compiled(tmp_path / "nothing")
+
+
+def test_an_older_artefact_is_refused_with_how_to_recompile(tmp_path):
+    import json
+
+    from qc_compiler.persist import write_manifest
+
+    cm = qc.compile(make_tiny(), sampler=qc.DDPM(steps=2))
+    cm.save(tmp_path / "m")
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    manifest["format_version"] = 1  # what qc-compiler 0.1 wrote
+    write_manifest({k: v for k, v in manifest.items() if k != "digest"}, tmp_path / "m")
+    with pytest.raises(qc.ArtifactError, match="format version 1; this qc-compiler reads version 2: recompile"):
+        qc.load_compiled(tmp_path / "m")
 
 
 def test_unregistered_pass_cannot_be_saved(tmp_path):

@@ -5,7 +5,9 @@ from scipy.optimize import minimize_scalar
 
 import qc_compiler as qc
 from qc_compiler.passes import StepCache, UniformCalibration, VarianceCompensation
-from qc_compiler.passes.vc import VCRescale, VCSampleHook, apply_k, fit_k
+from qc_compiler.passes.vc import VCRescale, VCSampleHook, fit_k
+from qc_compiler.specs import VCConfig, VCTable
+from qc_compiler.specs import rescale as apply_k
 from conftest import make_tiny
 
 
@@ -74,7 +76,7 @@ def test_paper_form_equals_exact_when_mean_is_zero():
 
 def test_rescale_node_indexes_by_step_and_keeps_sigma_channels():
     cm = qc.compile(make_tiny(), sampler=qc.DDPM(steps=3))
-    node = VCRescale(3, 1, "exact", 1e-3)
+    node = VCRescale(3, 1, VCConfig(form="exact", mask_eps=1e-3))
     node.k[:, 0] = torch.tensor([1.0, 2.0, 0.5])
     node.bind_step_state(cm.step_state)
     out = torch.randn(2, 2, 4, 4)
@@ -83,6 +85,7 @@ def test_rescale_node_indexes_by_step_and_keeps_sigma_channels():
         res = node(out)
         torch.testing.assert_close(res[:, :1], apply_k(out[:, :1], torch.tensor([k])))
         assert torch.equal(res[:, 1:], out[:, 1:])
+        torch.testing.assert_close(node.export_spec().apply(out, step), res)  # the spec is the same formula
 
 
 @pytest.mark.parametrize("placement", ["eps", "sample"])
@@ -125,6 +128,20 @@ def test_bad_options():
         VarianceCompensation(batch=1)
     with pytest.raises(ValueError, match="k_range"):
         VarianceCompensation(k_range=(1.5, 2.0))
+    with pytest.raises(ValueError, match="batch must be an integer"):
+        VarianceCompensation(batch=8.5)
+    with pytest.raises(ValueError, match="finite"):
+        VarianceCompensation(mask_eps=float("inf"))
+    with pytest.raises(ValueError, match="not both"):
+        VarianceCompensation(VCConfig(), form="exact")
+
+
+def test_vc_table_is_serialisable():
+    table = VCTable("eps", torch.tensor([[1.0, 2.0], [0.5, 1.0]]))
+    again = VCTable.from_json(table.to_json())
+    assert again.placement == "eps" and torch.equal(again.k, table.k)
+    with pytest.raises(ValueError, match="steps, channels"):
+        VCTable("eps", torch.ones(3))
 
 
 def test_default_form_is_the_variance_ratio_in_the_pass_and_the_qandc_preset():
@@ -132,4 +149,5 @@ def test_default_form_is_the_variance_ratio_in_the_pass_and_the_qandc_preset():
     from qc_compiler.presets import qandc
 
     assert VarianceCompensation().form == "variance" and qandc()[-1].form == "variance"
-    assert qandc(vc_form="exact")[-1].form == "exact"
+    assert qandc(vc=VCConfig(form="exact"))[-1].form == "exact"
+    assert [p.name for p in qandc(vc=None)][-1] == "quantize"  # VC off

@@ -1,4 +1,10 @@
-"""Export a compiled model as an INT8 ONNX graph (QDQ) that onnxruntime fuses into integer kernels.
+"""The ONNX backend: INT8 QDQ graphs that onnxruntime fuses into integer kernels, and their runner.
+
+Three ways in, one graph:
+- ``compiled.export_onnx(path)`` writes any compiled model (fake-quant or torch INT8) as a file;
+- ``qc.compile(model, passes, backend="onnx")`` lowers straight to an onnxruntime session and returns
+  a drop-in denoiser (what the ONNX path cannot express is refused before any pass runs);
+- :class:`OrtDenoiser` runs a file written earlier, as a drop-in denoiser for our samplers.
 
 onnxruntime fuses only its own QDQ shape, so the exporter writes that shape itself from **our**
 calibrated scales, never from a re-calibration:
@@ -7,9 +13,9 @@ calibrated scales, never from a re-calibration:
     W_int8 (K, N) initializer --DequantizeLinear(s_w per column, axis=1)--^
 
 The weight is stored pre-transposed (K, N) as int8 codes, so no Transpose sits between its
-DequantizeLinear and the MatMul (that Transpose stops the fusion). Inputs are ``x, t, y`` and an
-int64 ``step`` (the index in the compiled timestep table), which VC tables (initializers) are
-gathered by. The batch dimension is dynamic.
+DequantizeLinear and the MatMul (that Transpose stops the fusion). Inputs are the model adapter's
+(``x, t, y`` for DiT) and an int64 ``step`` (the index in the compiled timestep table), which VC
+tables (initializers) are gathered by. The batch dimension is dynamic.
 
 The step cache becomes one ONNX ``If`` per cached region, with explicit inputs and outputs:
 
@@ -17,13 +23,19 @@ The step cache becomes one ONNX ``If`` per cached region, with explicit inputs a
     cache_in_r ---------------else--> Identity ---------------^   (and a graph output)
 
 ``If`` (rather than inputs/outputs alone) is what lets a reuse step skip the region's FLOPs:
-onnxruntime runs only the taken branch. The caller keeps the cache: ``OrtDenoiser`` stores each
-``cache_out_r`` at compute steps and feeds it back as ``cache_in_r``, deciding ``compute_r`` from the
-interval or static schedule stored in the file, exactly as the torch model does.
+onnxruntime runs only the taken branch. The runner keeps the cache in the compiled model's step
+state and decides ``compute_r`` with the same :class:`~qc_compiler.specs.CacheSchedule` ``decide``
+as the torch lookups, from the schedule stored in the file.
 
-Not exported yet, each refused with ``ExportError``: the adaptive cache policy (its decision needs
-the probe region's output mid-graph), per-step-group activation ranges (QuantizeLinear fuses only
-with constant scales), and activations below 8 bits.
+What is exported is read from the modules' ``export_spec()`` (quantized linears and activations,
+cache lookups, VC tables), never from a pass's fields. Not exported, each refused with
+``ExportError``: the adaptive cache policy (its decision needs the probe region's output mid-graph),
+per-step-group activation ranges (QuantizeLinear fuses only with constant scales), and activations
+below 8 bits.
+
+The file's metadata carries the timestep table, the model info, the cache schedule, the VC table
+and ``qc.digest``, a SHA-256 of the graph, its weights and that metadata; :class:`OrtDenoiser`
+refuses a file whose digest does not match (``verify=False`` loads a file edited on purpose).
 
 Example:
     >>> compiled.export_onnx("dit_int8.onnx")                          # doctest: +SKIP
@@ -33,29 +45,86 @@ Example:
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import json
 import logging
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from ..errors import ExportError, StepError
+from ..errors import ArtifactError, ExportError, StepError
 from ..io import atomic_write_bytes
-from ..quant.fake_quant import ActQuant, QuantLinear
-from ..quant.qparams import quantize
+from ..models import ModelInfo, get_adapter
+from ..options import check_int
+from ..quant.config import QuantConfig
+from ..quant.spec import QuantizedActSpec, QuantizedLinearSpec
+from ..runtime import CompiledModel, register_exporter
+from ..specs import CacheLookupSpec, CacheSchedule, StepCacheConfig, VCTable
+from ..step import StepAware
+from . import register_backend
 
-__all__ = ["export_onnx", "OrtDenoiser", "PROVIDERS", "optimized_op_counts", "session_options"]
+__all__ = ["export_onnx", "onnx_bytes", "OrtGraph", "OrtDenoiser", "PROVIDERS", "optimized_op_counts",
+           "session_options", "check_onnx_passes", "OPSETS"]
 
 log = logging.getLogger(__name__)
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+OPSETS = (13, 20)  # per-axis DequantizeLinear needs 13; the TorchScript exporter writes up to 20
 _WEIGHT_SUFFIX = "qc_w_t"
+_DIGEST = "qc.digest"
 
+
+# --- what ONNX can express, checked before any work ----------------------------------------------
+
+def _refuse_activation(act: Optional[QuantizedActSpec], where: str) -> None:
+    if act is None:
+        return
+    if act.num_groups > 1:
+        raise ExportError(f"{where}: per-step-group activation ranges cannot be exported to ONNX "
+                          "(QuantizeLinear fuses only with constant scales); compile with act_step_groups=1")
+    if act.act_bits != 8:
+        raise ExportError(f"{where}: {act.act_bits}-bit activations cannot be expressed with ONNX uint8 "
+                          "QuantizeLinear; use W*A8 (e.g. preset w8a8 or w4a8)")
+
+
+def check_onnx_passes(passes: Sequence[Any]) -> None:
+    """Refuse, from the passes' typed configs, a schedule the ONNX backend cannot lower."""
+    for p in passes:
+        cfg = getattr(p, "config", None)
+        if isinstance(cfg, StepCacheConfig) and cfg.policy == "adaptive":
+            raise ExportError("the onnx backend cannot run the adaptive cache policy (its decision needs the probe "
+                              "region's output mid-graph); use policy interval or static")
+        if isinstance(cfg, QuantConfig):
+            if cfg.act_step_groups > 1:
+                raise ExportError("the onnx backend cannot run per-step-group activation ranges (QuantizeLinear "
+                                  "fuses only with constant scales); use act_step_groups=1")
+            specs = [cfg.default] + [s for _, s in cfg.overrides if s is not None]
+            low = sorted({s.act_bits for s in specs if s.act_bits is not None and s.act_bits != 8})
+            if low:
+                raise ExportError(f"the onnx backend cannot run {low[0]}-bit activations (ONNX QuantizeLinear is "
+                                  "uint8 here); use W*A8, e.g. preset w8a8 or w4a8")
+
+
+def check_opset(opset: int) -> int:
+    return check_int("opset", opset, lo=OPSETS[0], hi=OPSETS[1])
+
+
+def check_output_path(path) -> Path:
+    """Refuse, before the export runs, a path that cannot take the file."""
+    path = Path(path)
+    if str(path) in ("", ".") or path.is_dir():
+        raise ExportError(f"{path} is a folder; give a file path such as out/model.onnx")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ExportError(f"{path.parent} is not a folder")
+    return path
+
+
+# --- export stand-ins ------------------------------------------------------------------------------
 
 class _StepHolder:
     """Carries the exported ``step`` input to the VC nodes during tracing (tracing follows tensors),
@@ -66,29 +135,31 @@ class _StepHolder:
 
 
 class _QDQLinear(nn.Module):
-    """Export stand-in for a quantized linear: Q/DQ on the input (none for a weight-only layer,
-    ``a_scale=None``), matmul with the dequantized weight. The weight buffer is swapped for int8
-    codes + DequantizeLinear after export."""
+    """Export stand-in for a quantized linear: Q/DQ on the input (none for a weight-only layer),
+    matmul with the dequantized weight. The weight buffer is swapped for int8 codes + DequantizeLinear
+    after export."""
 
-    def __init__(self, codes: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
-                 a_scale: Optional[float], a_zero: Optional[int], post_op: str = "none"):
+    def __init__(self, spec: QuantizedLinearSpec):
         super().__init__()
-        self.post_op = post_op  # the torch backend may have folded fc1's GELU into the linear
-        self.codes, self.w_scale = codes.t().contiguous(), w_scale.float()  # (K, N) int8, (N,)
+        self.post_op = spec.post_op  # the torch backend may have folded fc1's GELU into the linear
+        self.codes, self.w_scale = spec.codes.t().contiguous().cpu(), spec.w_scale.float().cpu()  # (K, N) int8, (N,)
         self.register_buffer(_WEIGHT_SUFFIX, self.codes.float() * self.w_scale[None, :])
-        self.register_buffer("qc_bias", bias.detach().float() if bias is not None else torch.zeros(len(w_scale)))
-        self.a_scale, self.a_zero = a_scale, a_zero
+        bias = spec.bias.detach().float().cpu() if spec.bias is not None else torch.zeros(len(self.w_scale))
+        self.register_buffer("qc_bias", bias)
+        _refuse_activation(spec.act, spec.path)
+        self.act = None if spec.act is None else spec.act.act_qparams()  # the all-steps (only) range
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xq = x if self.a_scale is None else torch.fake_quantize_per_tensor_affine(x, self.a_scale, self.a_zero, 0, 255)
+        xq = x if self.act is None else torch.fake_quantize_per_tensor_affine(x, self.act[0], self.act[1], 0, 255)
         out = torch.matmul(xq, getattr(self, _WEIGHT_SUFFIX)) + self.qc_bias
         return torch.nn.functional.gelu(out, approximate="tanh") if self.post_op == "gelu_tanh" else out
 
 
 class _QDQAct(nn.Module):
-    def __init__(self, scale: float, zero: int):
+    def __init__(self, spec: QuantizedActSpec):
         super().__init__()
-        self.scale, self.zero = scale, zero
+        _refuse_activation(spec, spec.path)
+        self.scale, self.zero = spec.act_qparams()
 
     def forward(self, x):
         return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero, 0, 255)
@@ -97,16 +168,13 @@ class _QDQAct(nn.Module):
 class _VCExport(nn.Module):
     """VC eps rescale with its K table as an initializer, gathered by the ``step`` input."""
 
-    def __init__(self, k: torch.Tensor, channels: int, holder: _StepHolder):
+    def __init__(self, table: VCTable, holder: _StepHolder):
         super().__init__()
-        self.register_buffer("qc_vc_k", k.detach().float().clone())
-        self.channels, self.holder = channels, holder
+        self.register_buffer("qc_vc_k", table.k.detach().float().clone())
+        self.placement, self.holder = table.placement, holder
 
     def forward(self, out):
-        k = self.qc_vc_k[self.holder.value].view(1, -1, 1, 1)  # (1, C, 1, 1)
-        eps = out[:, : self.channels]
-        mu = eps.mean(dim=(2, 3), keepdim=True)
-        return torch.cat([mu + k * (eps - mu), out[:, self.channels:]], dim=1)
+        return VCTable(self.placement, self.qc_vc_k).apply(out, self.holder.value)  # K[step]: a Gather
 
 
 class _CacheExport(nn.Module):
@@ -128,9 +196,10 @@ class _Wrapper(nn.Module):
         super().__init__()
         self.gm, self.holder = gm, holder
 
-    def forward(self, x, t, y, step):
+    def forward(self, *args):
+        *inputs, step = args
         self.holder.value, self.holder.cache_outputs = step, []
-        out = self.gm(x, t, y)
+        out = self.gm(*inputs)
         return (out, *self.holder.cache_outputs) if self.holder.cache_outputs else out
 
 
@@ -173,53 +242,35 @@ def _unfreeze_sizes(gm: nn.Module) -> None:
             sub.recompile()
 
 
-def _activation(module) -> Tuple[Optional[float], Optional[int]]:
-    """The constant input scale and zero point of a quantized op; (None, None) for a weight-only one."""
-    if module.spec.act_bits is None:
-        return None, None
-    if getattr(module, "num_groups", 1) > 1:
-        raise ExportError(f"{module.path}: per-step-group activation ranges cannot be exported yet "
-                          "(QuantizeLinear fuses only with constant scales); compile with act_step_groups=1")
-    if module.spec.act_bits != 8:
-        raise ExportError(f"{module.path}: {module.spec.act_bits}-bit activations cannot be expressed with "
-                          "ONNX uint8 QuantizeLinear; export W*A8 models")
-    return float(module.a_scale[-1]), int(module.a_zero[-1])
 
 
-def _stand_in(module, holder: _StepHolder) -> Optional[nn.Module]:
-    """The export module replacing a quantized or step-aware node, or None to keep it."""
-    from ..passes.cache import CacheLookup
-    from ..backends.torch_int8 import Int8Linear, WeightOnlyLinear
-
-    if isinstance(module, CacheLookup):
-        if module.policy.kind == "adaptive":
+def _stand_in(spec: Any, module: nn.Module, holder: _StepHolder) -> Optional[nn.Module]:
+    """The export module replacing a module whose ``export_spec()`` is ``spec``, or None to keep it."""
+    if isinstance(spec, CacheLookupSpec):
+        if spec.schedule.policy == "adaptive":
             raise ExportError("the adaptive cache policy cannot be exported: its decision needs the probe "
                               "region's output mid-graph; export an interval or static schedule")
         return _CacheExport(module.region, holder)
-    if isinstance(module, QuantLinear):
-        codes = quantize(module.weight.detach(), module.weight_qparams()).to(torch.int8)
-        return _QDQLinear(codes, module.w_scale, module.bias, *_activation(module))
-    if isinstance(module, Int8Linear):
-        return _QDQLinear(module.w_int8, module.w_scale, module.bias, *_activation(module), module.post_op)
-    if isinstance(module, WeightOnlyLinear):
-        return _QDQLinear(module.w_int8, module.w_scale, module.bias, None, None)
-    if isinstance(module, ActQuant):
-        return _QDQAct(*_activation(module))
+    if isinstance(spec, QuantizedLinearSpec):
+        return _QDQLinear(spec)
+    if isinstance(spec, QuantizedActSpec):
+        return _QDQAct(spec)
+    if isinstance(spec, VCTable) and spec.placement == "eps":
+        return _VCExport(spec, holder)
     return None
 
 
-def _swap_for_export(gm: nn.Module, holder: _StepHolder, prefix: str = "gm") -> Tuple[Dict[str, _QDQLinear], List[str]]:
-    """Replace quantized, cache and VC modules by export stand-ins; returns the weight initializer
-    names of the quantized linears, and the module names of the cache regions (in graph order)."""
-    from ..passes.vc import VCRescale
-
-    linears, caches = {}, []
+def _swap_for_export(gm: nn.Module, holder: _StepHolder, prefix: str = "gm"
+                     ) -> Tuple[Dict[str, _QDQLinear], List[str], Optional[CacheSchedule]]:
+    """Replace every module that has an ``export_spec()`` by its export stand-in. Returns the weight
+    initializer names of the quantized linears, the module names of the cache regions (in graph
+    order), and the cache schedule."""
+    linears, caches, schedule = {}, [], None
     for name, module in list(gm.named_modules()):
-        if not name or any(name.startswith(c + ".") for c in caches):
+        if not name or any(name.startswith(c + ".") for c in caches) or not hasattr(module, "export_spec"):
             continue
-        new = _stand_in(module, holder)
-        if new is None and isinstance(module, VCRescale):
-            new = _VCExport(module.k, module.channels, holder)
+        spec = module.export_spec()
+        new = _stand_in(spec, module, holder)
         if new is None:
             continue
         parent_name, _, child = name.rpartition(".")
@@ -228,9 +279,10 @@ def _swap_for_export(gm: nn.Module, holder: _StepHolder, prefix: str = "gm") -> 
             linears[f"{prefix}.{name}.{_WEIGHT_SUFFIX}"] = new
         if isinstance(new, _CacheExport):
             caches.append(name)
-            inner, _ = _swap_for_export(new.region, holder, f"{prefix}.{name}.region")  # linears inside it
+            schedule = spec.schedule
+            inner, _, _ = _swap_for_export(new.region, holder, f"{prefix}.{name}.region")  # linears inside it
             linears.update(inner)
-    return linears, caches
+    return linears, caches, schedule
 
 
 def _int8_weights(model, linears: Dict[str, _QDQLinear]) -> int:
@@ -248,8 +300,8 @@ def _int8_weights(model, linears: Dict[str, _QDQLinear]) -> int:
                 raise ExportError(f"the exporter renamed weight {name}; cannot place its int8 codes")
             model.graph.node.remove(alias)
         model.graph.initializer.extend([
-            numpy_helper.from_array(layer.codes.numpy().astype(np.int8), name + "_int8"),
-            numpy_helper.from_array(layer.w_scale.numpy().astype(np.float32), name + "_scale"),
+            numpy_helper.from_array(layer.codes.cpu().numpy().astype(np.int8), name + "_int8"),
+            numpy_helper.from_array(layer.w_scale.cpu().numpy().astype(np.float32), name + "_scale"),
             numpy_helper.from_array(np.zeros(layer.codes.shape[1], dtype=np.int8), name + "_zero"),
         ])
         dq = helper.make_node("DequantizeLinear", [name + "_int8", name + "_scale", name + "_zero"], [name],
@@ -308,135 +360,186 @@ def _cache_to_if(model, caches: List[str]) -> None:
                             helper.make_tensor_value_info(f"cache_in_{r}", TensorProto.FLOAT, dims)])
 
 
-def export_onnx(compiled, path, opset: int = 17) -> Path:
-    """Write ``compiled`` (a CompiledModel) as INT8 QDQ ONNX to ``path``, checked with the full checker."""
+def _metadata_digest(model) -> str:
+    """SHA-256 of the graph (nodes and weights), the opsets and every qc metadata entry but the digest."""
+    h = hashlib.sha256(model.graph.SerializeToString(deterministic=True))
+    h.update(json.dumps(sorted((o.domain, o.version) for o in model.opset_import)).encode())
+    h.update(json.dumps(sorted((p.key, p.value) for p in model.metadata_props if p.key != _DIGEST)).encode())
+    return h.hexdigest()
+
+
+def onnx_bytes(gm: nn.Module, *, adapter, info: ModelInfo, sampler_spec: Dict[str, Any],
+               sample_vc: Optional[VCTable] = None, opset: int = 17) -> bytes:
+    """The INT8 QDQ ONNX file of graph ``gm`` (fake-quant or torch INT8), checked with the full checker."""
     import onnx
 
-    path = Path(path)
-    info = compiled.model_info
+    check_opset(opset)
     holder = _StepHolder()
-    for m in compiled.graph_module.modules():
+    for m in gm.modules():
         if getattr(m, "packed", None) is not None:
             m.packed = None  # oneDNN's opaque prepacked weight cannot be copied; it is rebuilt on next use
-    gm = copy.deepcopy(compiled.graph_module)
+    gm = copy.deepcopy(gm).cpu()
     _unfreeze_sizes(gm)
-    linears, caches = _swap_for_export(gm, holder)
+    linears, caches, schedule = _swap_for_export(gm, holder)
     wrapper = _Wrapper(gm, holder).eval()
-    b, c, s = 2, info["in_channels"], info["input_size"]
-    example = (torch.randn(b, c, s, s), torch.full((b,), compiled.timesteps[0], dtype=torch.long),
-               torch.zeros(b, dtype=torch.long), torch.tensor(0, dtype=torch.long))
+    names = list(adapter.inputs.names)
+    example = (*adapter.example_inputs(info, batch=2), torch.tensor(0, dtype=torch.long))
+    outputs = ["out"] + [f"cache_out_{r}" for r in range(len(caches))]
+    dynamic = {**{n: {0: "batch"} for n, x in zip(names, example) if x.dim() > 0}, **{o: {0: "batch"} for o in outputs}}
     buf = io.BytesIO()
-    names = ["x", "t", "y", "step"]
     try:
         # The TorchScript exporter is the one that writes QuantizeLinear/DequantizeLinear from
         # fake_quantize ops; its deprecation notice is for us, not the user.
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(wrapper, example, buf, dynamo=False, input_names=names,
-                              output_names=["out"] + [f"cache_out_{r}" for r in range(len(caches))],
-                              dynamic_axes={"x": {0: "batch"}, "t": {0: "batch"}, "y": {0: "batch"}, "out": {0: "batch"},
-                                            **{f"cache_out_{r}": {0: "batch"} for r in range(len(caches))}},
-                              opset_version=opset)
+            torch.onnx.export(wrapper, example, buf, dynamo=False, input_names=names + ["step"], output_names=outputs,
+                              dynamic_axes=dynamic, opset_version=opset)
     except Exception as e:
         raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {e}".splitlines()[0]) from e
     model = onnx.load_from_string(buf.getvalue())
     n_int8 = _int8_weights(model, linears)
     _cache_to_if(model, caches)
-    hooks = [h for h in compiled.step_hooks if hasattr(h, "k")]
-    meta = {"qc.timesteps": json.dumps(compiled.timesteps), "qc.model_info": json.dumps(_jsonable(info)),
-            "qc.sampler": json.dumps(compiled.sampler_spec), "qc.int8_linears": str(n_int8),
-            "qc.vc_sample_k": json.dumps(hooks[0].k.tolist()) if hooks else "",
-            "qc.cache": json.dumps(_cache_meta(compiled, len(caches)))}
+    meta = {"qc.timesteps": json.dumps(sampler_spec["timesteps"]), "qc.model_info": json.dumps(info.to_json()),
+            "qc.adapter": adapter.name, "qc.inputs": json.dumps(names), "qc.sampler": json.dumps(sampler_spec),
+            "qc.int8_linears": str(n_int8), "qc.vc": json.dumps(sample_vc.to_json()) if sample_vc is not None else "",
+            "qc.cache": json.dumps(schedule.to_json()) if schedule is not None else ""}
     for k, v in meta.items():
         model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as e:
         raise ExportError(f"the exported graph fails onnx.checker: {e}".replace("\n", " ")[:400]) from e
-    atomic_write_bytes(path, model.SerializeToString())
-    log.info("wrote %s: %d int8 linears", path, n_int8)
+    model.metadata_props.append(onnx.StringStringEntryProto(key=_DIGEST, value=_metadata_digest(model)))
+    log.info("exported %d int8 linears, %d cached regions", n_int8, len(caches))
+    return model.SerializeToString()
+
+
+def _sample_vc(hooks: Sequence[Any]) -> Optional[VCTable]:
+    tables = [h.export_spec() for h in hooks if hasattr(h, "export_spec")]
+    tables = [t for t in tables if isinstance(t, VCTable) and t.placement == "sample"]
+    if len(tables) > 1:
+        raise ExportError("more than one sample-space VC table: the ONNX runner applies one")
+    return tables[0] if tables else None
+
+
+@register_exporter("onnx")
+def export_onnx(compiled: CompiledModel, path, opset: int = 17) -> Path:
+    """Write ``compiled`` as INT8 QDQ ONNX to ``path`` (checked first, written atomically)."""
+    path = check_output_path(path)
+    check_opset(opset)
+    graph = compiled.graph_module
+    if isinstance(graph, OrtGraph):  # compiled with backend="onnx": the file exists already
+        if graph.opset != opset:
+            raise ExportError(f"this model was compiled to ONNX opset {graph.opset}; export it with opset={graph.opset}")
+        data = graph.model_bytes
+    else:
+        adapter = get_adapter(compiled.build.get("adapter", "dit"))
+        data = onnx_bytes(graph, adapter=adapter, info=compiled.info, sampler_spec=compiled.sampler_spec,
+                          sample_vc=_sample_vc(compiled.step_hooks), opset=opset)
+    atomic_write_bytes(path, data)
+    log.info("wrote %s", path)
     return path
 
 
-def _cache_meta(compiled, regions: int) -> Dict:
-    from ..passes.cache import CacheLookup
-
-    lookup = next((m for m in compiled.graph_module.modules() if isinstance(m, CacheLookup)), None)
-    if lookup is None:
-        return {"regions": 0}
-    p = lookup.policy
-    return {"regions": regions, "kind": p.kind, "interval": p.interval, "schedule": p.schedule}
-
-
-def _jsonable(info: Dict) -> Dict:
-    return {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))}
+@register_backend("onnx", check=check_onnx_passes)
+def lower_onnx(gm: nn.Module, ctx) -> nn.Module:
+    """Export the calibrated graph and run it in an onnxruntime session (CPU, all threads)."""
+    data = onnx_bytes(gm, adapter=ctx.need("adapter", "onnx"), info=ctx.need("info", "onnx"),
+                      sampler_spec=ctx.need("sampler", "onnx").spec(),
+                      sample_vc=_sample_vc(getattr(gm, "meta", {}).get("qc.sample_hooks", [])))
+    return OrtGraph(data)
 
 
-class OrtDenoiser:
-    """An onnxruntime session that is a drop-in denoiser for our samplers: ``model(x, t, y) -> out``.
+# --- running the file ------------------------------------------------------------------------------
 
-    ``provider`` is ``"cpu"``, ``"cuda"`` (onnxruntime-gpu) or ``"tensorrt"``; an unavailable one is a
-    clear error. The timestep table stored in the file maps ``t`` to the ``step`` input.
-    """
+def _read_metadata(model) -> Dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
 
-    def __init__(self, path, provider: str = "cpu", threads: Optional[int] = None):
-        import onnxruntime as ort
+
+class OrtGraph(StepAware, nn.Module):
+    """An onnxruntime session as the graph of a :class:`CompiledModel`: it reads the step from the step
+    state, keeps the cache tensors in the state's store, and decides each region with the file's
+    :class:`CacheSchedule`. The sample-space VC table runs as a sampler hook (``meta``)."""
+
+    def __init__(self, model_bytes: bytes, provider: str = "cpu", threads: Optional[int] = None, verify: bool = True,
+                 source: str = "the exported graph"):
+        super().__init__()
         import onnx
+        import onnxruntime as ort
+        from google.protobuf.message import DecodeError
 
         if provider not in PROVIDERS:
             raise ValueError(f"provider must be one of {sorted(PROVIDERS)}, got {provider!r}")
         if PROVIDERS[provider] not in ort.get_available_providers():
             raise ExportError(f"onnxruntime here has no {PROVIDERS[provider]}; install onnxruntime-gpu for cuda/tensorrt")
-        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        try:
+            model = onnx.load_from_string(model_bytes)
+        except (DecodeError, ValueError) as e:
+            raise ArtifactError(f"{source} is not a readable ONNX file (truncated or corrupt?)") from e
+        meta = _read_metadata(model)
         if "qc.timesteps" not in meta:
-            raise ExportError(f"{path} was not written by qc-compiler's exporter (no timestep table)")
-        opts = session_options(threads)
-        self.session = ort.InferenceSession(str(path), opts, providers=[PROVIDERS[provider]])
-        self._inputs = {i.name for i in self.session.get_inputs()}  # "step" is dropped when nothing reads it
-        self.model_info = json.loads(meta["qc.model_info"])
-        self.sampler_spec = json.loads(meta["qc.sampler"])
-        self._index = {t: i for i, t in enumerate(json.loads(meta["qc.timesteps"]))}
-        self.step_hooks: List = []
-        self.cache = json.loads(meta.get("qc.cache") or '{"regions": 0}')
-        self._store: Dict[int, np.ndarray] = {}
-        self._labels: Optional[np.ndarray] = None
-        if meta.get("qc.vc_sample_k"):
-            from ..passes.vc import apply_k
+            raise ArtifactError(f"{source} was not written by qc-compiler's exporter (no timestep table)")
+        if verify and meta.get(_DIGEST) != _metadata_digest(model):
+            raise ArtifactError(f"{source} does not match its qc.digest: its graph, weights or metadata were edited; "
+                                "export it again, or pass verify=False to load a file edited on purpose")
+        self.model_bytes, self.meta_props = model_bytes, meta
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+        self.session = ort.InferenceSession(model_bytes, session_options(threads), providers=[PROVIDERS[provider]])
+        self.feeds = {i.name for i in self.session.get_inputs()}  # "step" is dropped when nothing reads it
+        self.input_names = json.loads(meta["qc.inputs"])
+        self.schedule = CacheSchedule.from_json(json.loads(meta["qc.cache"])) if meta.get("qc.cache") else None
+        self.needs_stable_batch = self.schedule is not None
+        vc = VCTable.from_json(json.loads(meta["qc.vc"])) if meta.get("qc.vc") else None
+        self.meta = {"qc.sample_hooks": [lambda step, t, x, vc=vc: vc.apply(x, step)] if vc is not None else []}
 
-            table = torch.tensor(json.loads(meta["qc.vc_sample_k"]))
-            self.step_hooks.append(lambda step, t, x: apply_k(x, table[step]))
+    @property
+    def regions(self) -> int:
+        return 0 if self.schedule is None else len(self.schedule.regions)
 
-    num_classes = property(lambda self: self.model_info["num_classes"])
-    input_size = property(lambda self: self.model_info["input_size"])
-    in_channels = property(lambda self: self.model_info["in_channels"])
-
-    def _computes(self, step: int, r: int) -> bool:
-        if step == 0 or r not in self._store:
-            return True
-        if self.cache["kind"] == "interval":
-            return step % self.cache["interval"] == 0
-        return bool(self.cache["schedule"][step][r])
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        t0 = int(torch.as_tensor(t).reshape(-1)[0])
-        if t0 not in self._index:
-            raise StepError(f"timestep {t0} is not in the exported schedule")
-        step, labels = self._index[t0], y.detach().long().cpu().numpy()
-        regions = self.cache["regions"]
-        if step == 0:  # a new sampling run: the cache is the caller's, and it starts empty
-            self._store, self._labels = {}, labels
-        elif regions and (self._labels is None or not np.array_equal(self._labels, labels)):
-            raise StepError(f"the batch (size or labels) changed inside a sampling run at step {step}")
-        feed = {"x": x.detach().float().cpu().numpy(), "t": torch.as_tensor(t).expand(x.shape[0]).long().numpy(),
-                "y": labels, "step": np.array(step, dtype=np.int64)}
-        for r in range(regions):
-            feed[f"compute_{r}"] = np.array(self._computes(step, r))
-            feed[f"cache_in_{r}"] = self._store.get(r, np.zeros((1, 1, 1), dtype=np.float32))
-        feed = {k: v for k, v in feed.items() if k in self._inputs}
-        outs = self.session.run(["out"] + [f"cache_out_{r}" for r in range(regions)], feed)
-        for r in range(regions):
-            self._store[r] = outs[1 + r]
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        state = self.step_state
+        if state is None or state.step < 0:
+            raise StepError("an ONNX graph runs inside a compiled model's sampling run: call the CompiledModel")
+        store = state.store("onnx_cache")
+        feed = {name: x.detach().cpu().numpy() for name, x in zip(self.input_names, inputs)}
+        feed["step"] = np.array(state.step, dtype=np.int64)
+        for r in range(self.regions):
+            feed[f"compute_{r}"] = np.array(self.schedule.decide(state.step, r, r in store, store))
+            feed[f"cache_in_{r}"] = store.get(r, np.zeros((1, 1, 1), dtype=np.float32))
+        feed = {k: v for k, v in feed.items() if k in self.feeds}
+        outs = self.session.run(["out"] + [f"cache_out_{r}" for r in range(self.regions)], feed)
+        for r in range(self.regions):
+            store[r] = outs[1 + r]
         return torch.from_numpy(outs[0])
+
+    def report_section(self) -> str:
+        cache = f", cache {self.schedule.policy} over {self.regions} regions" if self.schedule else ""
+        return (f"onnxruntime {self.session.get_providers()[0]}: {self.meta_props.get('qc.int8_linears', 0)} INT8 "
+                f"linears{cache}")
+
+
+class OrtDenoiser(CompiledModel):
+    """An exported file in onnxruntime, as a drop-in denoiser for our samplers: ``model(x, t, y) -> out``.
+
+    ``provider`` is ``"cpu"``, ``"cuda"`` (onnxruntime-gpu) or ``"tensorrt"``; an unavailable one is a
+    clear error. The timestep table stored in the file maps ``t`` to the ``step`` input; the cache
+    and VC tables stored in it run as they did in the torch model. ``verify=False`` skips the digest
+    check (for files edited on purpose).
+    """
+
+    def __init__(self, path, provider: str = "cpu", threads: Optional[int] = None, verify: bool = True):
+        path = Path(path)
+        if not path.is_file():
+            raise ArtifactError(f"{path} is missing")
+        graph = OrtGraph(path.read_bytes(), provider=provider, threads=threads, verify=verify, source=str(path))
+        meta = graph.meta_props
+        super().__init__(graph, json.loads(meta["qc.sampler"]), ModelInfo.from_json(json.loads(meta["qc.model_info"])),
+                         build={"backend": "onnx", "adapter": meta.get("qc.adapter")})
+        self.path = path
+
+    @property
+    def session(self):
+        return self.graph_module.session
 
 
 def session_options(threads: Optional[int] = None):

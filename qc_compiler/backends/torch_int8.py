@@ -1,13 +1,14 @@
 """The PyTorch backend: lower fake-quant linears to real INT8 kernels.
 
-Each ``QuantLinear`` (fake-quant, the reference) becomes an ``Int8Linear``: int8 weights per output
+Each fake-quant linear (the reference) is lowered from its ``export_spec()`` (a
+:class:`~qc_compiler.quant.QuantizedLinearSpec`) to an ``Int8Linear``: int8 weights per output
 channel, the activation quantized to uint8 with its calibrated per-tensor scale and zero point (per
 step group where configured), int32 accumulation, and a fused dequantize with bias. A tanh-GELU
-right after a linear (the MLP's fc1) is folded into that kernel as a post-op. A weight-only
-``QuantLinear`` (``act_bits=None``: the conditioning linears, one row per sample) becomes a
-``WeightOnlyLinear``: int8 weights, dequantized for a float GEMM of those few rows. Cache lookups,
-VC nodes and anything else in the graph are left as they are. ``ActQuant`` (attention-matmul
-operands) stays fake-quant: PyTorch has no INT8 batched matmul on CPU worth calling.
+right after a linear (the MLP's fc1) is folded into that kernel as a post-op. A weight-only layer
+(``act_bits=None``: the conditioning linears, one row per sample) becomes a ``WeightOnlyLinear``:
+int8 weights, dequantized for a float GEMM of those few rows. Cache lookups, VC nodes and anything
+else in the graph are left as they are. Quantized activations alone (attention-matmul operands) stay
+fake-quant: PyTorch has no INT8 batched matmul on CPU worth calling.
 
 Kernels (one small function each, picked by :func:`default_kernel`, or ``QC_INT8_KERNEL``):
 
@@ -16,28 +17,28 @@ Kernels (one small function each, picked by :func:`default_kernel`, or ``QC_INT8
 | ``onednn`` | CPU | ``torch.ops.onednn.qlinear_pointwise``: u8 x s8 -> fp32 with bias, fused |
 | ``int_mm`` | CUDA, CPU | ``torch._int_mm`` (s8 x s8 -> s32), then a zero-point correction and the dequantize |
 
-Measured on this machine's 2 Zen 4 cores (``benchmarks/gemm_peak.py``: DiT-B/2's block linears,
-M = 2048 rows, 2 threads): FP32 MKL 160 ms, raw ``_int_mm`` 36.5 ms, oneDNN ``qlinear_pointwise``
-35.9 ms with the dequantize and bias fused. In a whole forward (``benchmarks/profile_forward.py
---kernel int_mm``) the separate shift, zero-point, dequantize and bias passes of the ``_int_mm``
-path cost a second: 1957 ms per forward against 811 ms on oneDNN, so oneDNN is the CPU default.
+oneDNN is the CPU default because the ``_int_mm`` path's separate shift, zero-point, dequantize and
+bias passes cost more than the GEMM itself in a whole forward (measured: docs/RESULTS.md, "INT8
+kernels and speed"; ``benchmarks/gemm_peak.py`` and ``benchmarks/profile_forward.py --kernel``).
 
 Example:
-    >>> lower = get_backend("torch")                    # doctest: +SKIP
+    >>> from qc_compiler.backends import get_backend
+    >>> get_backend("torch").name
+    'torch'
 """
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, Tuple
+from dataclasses import replace
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..quant.fake_quant import QuantLinear, step_group
-from ..quant.qparams import quantize
-from ..regions import iter_graph_modules
-from ..runtime import StepAware
+from ..graph import iter_graph_modules
+from ..quant.spec import QuantizedLinearSpec
+from ..step import StepAware
 from . import register_backend
 
 __all__ = ["Int8Linear", "WeightOnlyLinear", "lower_torch", "KERNELS", "default_kernel"]
@@ -96,33 +97,33 @@ def default_kernel(device: torch.device) -> str:
 
 
 class Int8Linear(StepAware, nn.Module):
-    """A linear layer on INT8 kernels, lowered from a calibrated ``QuantLinear``."""
+    """A linear layer on INT8 kernels, lowered from a :class:`QuantizedLinearSpec`."""
 
-    def __init__(self, q: QuantLinear, kernel: str):
+    def __init__(self, spec: QuantizedLinearSpec, kernel: str):
         super().__init__()
         if kernel not in KERNELS:
             raise ValueError(f"unknown INT8 kernel {kernel!r}; known: {sorted(KERNELS)}")
-        self.path, self.kernel, self.spec = q.path, kernel, q.spec
-        self.num_groups, self.num_steps = q.num_groups, q.num_steps
-        w_int8 = quantize(q.weight.detach(), q.weight_qparams()).to(torch.int8)  # (N, K), codes in +-(2^(b-1)-1)
-        self.register_buffer("w_int8", w_int8)
-        self.register_buffer("w_scale", q.w_scale.detach().clone().float())
-        self.register_buffer("w_zero", torch.zeros_like(q.w_scale, dtype=torch.long))
-        self.register_buffer("w_sum", w_int8.to(torch.int32).sum(dim=1))
-        self.bias = None if q.bias is None else nn.Parameter(q.bias.detach().clone(), requires_grad=False)
-        self.register_buffer("a_scale", q.a_scale.detach().clone())
-        self.register_buffer("a_zero", q.a_zero.detach().clone())
+        if spec.act is None:
+            raise ValueError(f"{spec.path}: a weight-only layer lowers to WeightOnlyLinear, not Int8Linear")
+        self.spec, self.path, self.kernel = spec, spec.path, kernel
+        self.act_bits = spec.act.act_bits
+        self.register_buffer("w_int8", spec.codes.to(torch.int8))  # (N, K), codes in +-(2^(b-1)-1)
+        self.register_buffer("w_scale", spec.w_scale.float())
+        self.register_buffer("w_zero", torch.zeros_like(spec.w_scale, dtype=torch.long))
+        self.register_buffer("w_sum", self.w_int8.to(torch.int32).sum(dim=1))
+        self.bias = None if spec.bias is None else nn.Parameter(spec.bias.detach().clone(), requires_grad=False)
         self.packed = None
-        self.calib_step = None
         self.post_op = "none"  # "gelu_tanh" when lowering folded the following GELU into the kernel
         # The next Int8Linear, when this layer writes its input codes (fc1 -> fc2). Kept out of
         # the module tree: it is a pointer to a sibling, not a child.
         self.__dict__["requant_consumer"] = None
 
+    def export_spec(self) -> QuantizedLinearSpec:
+        return replace(self.spec, post_op=self.post_op)
+
     def act_qparams(self) -> Tuple[float, int]:
         """This step's activation scale and zero point (per step group where calibrated so)."""
-        g = step_group(self.step_state, self.calib_step, self.num_groups, self.num_steps)
-        return float(self.a_scale[g]), int(self.a_zero[g])
+        return self.spec.act.act_qparams(self.step_state.step if self.step_state is not None else -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale, zero = self.act_qparams()
@@ -130,7 +131,7 @@ class Int8Linear(StepAware, nn.Module):
         if x.dtype == torch.uint8:  # already this layer's codes, written by the layer before
             xq = x.reshape(-1, k)
         else:
-            xq = _quantize_u8(x.reshape(-1, k).float(), scale, zero, 2 ** self.spec.act_bits - 1)  # (M, K) u8
+            xq = _quantize_u8(x.reshape(-1, k).float(), scale, zero, 2 ** self.act_bits - 1)  # (M, K) u8
         out = KERNELS[self.kernel](xq, scale, zero, self)  # (M, N) float32, or uint8 codes for the consumer
         out = out.reshape(*lead, -1)
         return out if out.dtype == torch.uint8 else out.to(torch.float32 if x.dtype == torch.uint8 else x.dtype)
@@ -138,7 +139,7 @@ class Int8Linear(StepAware, nn.Module):
     def report_section(self) -> str:
         fused = " + GELU" if self.post_op == "gelu_tanh" else ""
         fused += f" -> u8 for {self.requant_consumer.path}" if self.requant_consumer is not None else ""
-        return f"  {self.path:<30} INT8 ({self.kernel}{fused}) W{self.spec.weight_bits}A{self.spec.act_bits}"
+        return f"  {self.path:<30} INT8 ({self.kernel}{fused}) W{self.spec.weight_bits}A{self.act_bits}"
 
 
 class WeightOnlyLinear(nn.Module):
@@ -147,16 +148,18 @@ class WeightOnlyLinear(nn.Module):
     The int8 codes and scales are what the layer holds, saves and exports; for the GEMM it keeps a
     dequantized float copy, made on first use (like oneDNN's prepacked weights): these layers run on
     one row per sample, where a float GEMM is memory-bound on the weight and re-dequantizing at each
-    call costs more than the GEMM (DiT-B/2's adaLN, 16 rows, 1 thread: 5.1 ms against 3.2 ms;
-    ``torch._weight_int8pack_mm``: 49 ms)."""
+    call costs more than the GEMM (measured: docs/RESULTS.md)."""
 
-    def __init__(self, q: QuantLinear):
+    def __init__(self, spec: QuantizedLinearSpec):
         super().__init__()
-        self.path, self.spec = q.path, q.spec
-        self.register_buffer("w_int8", quantize(q.weight.detach(), q.weight_qparams()).to(torch.int8))
-        self.register_buffer("w_scale", q.w_scale.detach().clone().float())
-        self.bias = None if q.bias is None else nn.Parameter(q.bias.detach().clone(), requires_grad=False)
+        self.spec, self.path = spec, spec.path
+        self.register_buffer("w_int8", spec.codes.to(torch.int8))
+        self.register_buffer("w_scale", spec.w_scale.float())
+        self.bias = None if spec.bias is None else nn.Parameter(spec.bias.detach().clone(), requires_grad=False)
         self.dequantized = None
+
+    def export_spec(self) -> QuantizedLinearSpec:
+        return self.spec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dequantized
@@ -169,15 +172,20 @@ class WeightOnlyLinear(nn.Module):
 
 
 @register_backend("torch")
-def lower_torch(gm: fx.GraphModule, ctx, kernel: str = None) -> nn.Module:
-    """Swap every QuantLinear (in the graph and in nested region graphs) for an Int8Linear, or a
-    WeightOnlyLinear where its input is not quantized."""
+def lower_torch(gm: fx.GraphModule, ctx, kernel: Optional[str] = None) -> nn.Module:
+    """Swap every fake-quant linear (in the graph and in nested region graphs) for an Int8Linear, or a
+    WeightOnlyLinear where its input is not quantized, built from its ``export_spec()``."""
     kernel = kernel or default_kernel(next((p.device for p in gm.parameters()), torch.device("cpu")))
     for name, module in list(gm.named_modules()):
-        if isinstance(module, QuantLinear):
-            parent_name, _, child = name.rpartition(".")
-            parent = gm.get_submodule(parent_name) if parent_name else gm
-            setattr(parent, child, WeightOnlyLinear(module) if module.weight_only else Int8Linear(module, kernel))
+        if isinstance(module, (Int8Linear, WeightOnlyLinear)) or not hasattr(module, "export_spec"):
+            continue
+        spec = module.export_spec()
+        if not isinstance(spec, QuantizedLinearSpec):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = gm.get_submodule(parent_name) if parent_name else gm
+        lowered = WeightOnlyLinear(spec) if spec.weight_only else Int8Linear(spec, kernel)
+        setattr(parent, child, lowered)  # buffers are on the spec's device
     for _, graph_module in iter_graph_modules(gm):
         _fuse_gelu(graph_module)
         _fuse_requant(graph_module)
@@ -224,7 +232,7 @@ def _fuse_requant(owner: fx.GraphModule) -> None:
         if not isinstance(producer, Int8Linear) or producer.kernel != "onednn" or user.op != "call_module":
             continue
         consumer = owner.get_submodule(user.target)
-        if (isinstance(consumer, Int8Linear) and consumer.kernel == "onednn" and consumer.spec.act_bits == 8
+        if (isinstance(consumer, Int8Linear) and consumer.kernel == "onednn" and consumer.act_bits == 8
                 and user.args[:1] == (node,)):
             producer.__dict__["requant_consumer"] = consumer
 

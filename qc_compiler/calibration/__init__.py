@@ -1,19 +1,17 @@
 """Calibration data: candidate pools gathered by the sampler, and the selectors that pick from them.
 
+The passes that run a selector live in ``qc_compiler.passes.calibrate``.
+
 Example:
-    >>> from qc_compiler.calibration import SELECTORS, TAPCalibration
+    >>> from qc_compiler.calibration import SELECTORS, TAPConfig
     >>> sorted(SELECTORS)
     ['agglomerative', 'dbscan', 'kmeans', 'random', 'tap', 'uniform']
-    >>> TAPCalibration(clusters=5, size=20).name
-    'tap_calibration'
+    >>> TAPConfig(clusters=5).alpha
+    0.5
 """
 from .pool import CalibrationPool, collect_pool
-from .select import (SELECTORS, AgglomerativeCalibration, CalibrationSelector, DBSCANCalibration,
-                     KMeansCalibration, RandomCalibration, TAPCalibration, UniformCalibration, register_selector)
-from .tap import draw_per_cluster, tap_clusters
+from .selectors import SELECTORS, register_selector
+from .tap import TAPConfig, draw_per_cluster, tap_clusters
 
-__all__ = [
-    "CalibrationPool", "collect_pool", "SELECTORS", "register_selector", "CalibrationSelector",
-    "UniformCalibration", "RandomCalibration", "KMeansCalibration", "DBSCANCalibration",
-    "AgglomerativeCalibration", "TAPCalibration", "tap_clusters", "draw_per_cluster",
-]
+__all__ = ["CalibrationPool", "collect_pool", "SELECTORS", "register_selector", "TAPConfig", "tap_clusters",
+           "draw_per_cluster"]

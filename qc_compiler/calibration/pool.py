@@ -91,7 +91,9 @@ def collect_pool(ctx, gm, labels: Sequence[int], seed: Optional[int] = None, pro
     t = torch.cat([torch.full((n,), r.t, dtype=torch.long) for r in traj.steps])
     step = torch.cat([torch.full((n,), r.step, dtype=torch.long) for r in traj.steps])
     y = torch.cat([r.y for r in traj.steps])
-    pool = CalibrationPool(x, t, step, y, null_label=int(ctx.model_info.get("num_classes", 0)),
-                           cfg=ctx.sampler.cfg_scale != 1.0)
+    null_label = ctx.info.null_label
+    if null_label is None:
+        raise CalibrationError("a calibration pool needs a class-conditional model (its null label for CFG)")
+    pool = CalibrationPool(x, t, step, y, null_label=int(null_label), cfg=ctx.sampler.cfg_scale != 1.0)
     pool.check_finite()
     return pool

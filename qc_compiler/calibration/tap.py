@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import heapq
 import logging
-from typing import Optional
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, Optional
 
 import numpy as np
 from joblib import Parallel, delayed
@@ -36,9 +37,10 @@ from sklearn.cluster import KMeans
 from sklearn.utils.extmath import randomized_svd
 
 from ..errors import CalibrationError
+from ..options import check_float, check_int
 
-__all__ = ["tap_clusters", "tap_embedding", "tap_affinity", "l2_normalize", "draw_per_cluster",
-           "check_features", "check_tap_options"]
+__all__ = ["TAPConfig", "tap_clusters", "tap_embedding", "tap_affinity", "l2_normalize", "draw_per_cluster",
+           "check_features"]
 
 log = logging.getLogger(__name__)
 
@@ -62,21 +64,39 @@ def check_features(features: np.ndarray, steps: np.ndarray) -> np.ndarray:
     return x
 
 
-def check_tap_options(clusters: int, alpha: float, rounds: int, landmark_ratio: float,
-                      embed_dim: Optional[int], n_jobs: int) -> None:
-    """Raise ``ValueError`` naming the first bad TAP option."""
-    if int(clusters) < 1:
-        raise ValueError(f"clusters must be >= 1, got {clusters}")
-    if not 0.0 <= float(alpha) <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if int(rounds) < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
-    if not 0.0 < float(landmark_ratio) <= 1.0:
-        raise ValueError(f"landmark_ratio must be in (0, 1], got {landmark_ratio}")
-    if embed_dim is not None and int(embed_dim) < 1:
-        raise ValueError(f"embed_dim must be >= 1 or None, got {embed_dim}")
-    if int(n_jobs) == 0:
-        raise ValueError("n_jobs must be >= 1 (or negative, joblib style), got 0")
+@dataclass(frozen=True)
+class TAPConfig:
+    """TAP's options (docs/method.md 4), checked when built.
+
+    ``clusters`` k-means clusters; ``alpha`` the weight of feature cosine against step distance;
+    ``rounds`` parallel landmark rounds; ``landmark_ratio`` landmarks per item (the paper's 1/20);
+    ``embed_dim`` the SVD rank (None: ``clusters``); ``n_jobs`` threads for the rounds (negative:
+    joblib style); ``max_landmarks`` caps the landmarks (None: no cap), which makes TAP linear in N.
+    """
+
+    clusters: int = 100
+    alpha: float = 0.5
+    rounds: int = 3
+    landmark_ratio: float = 1 / 20
+    embed_dim: Optional[int] = None
+    n_jobs: int = 3
+    max_landmarks: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "clusters", check_int("clusters", self.clusters, lo=1))
+        object.__setattr__(self, "alpha", check_float("alpha", self.alpha, lo=0.0, hi=1.0))
+        object.__setattr__(self, "rounds", check_int("rounds", self.rounds, lo=1))
+        object.__setattr__(self, "landmark_ratio", check_float("landmark_ratio", self.landmark_ratio, lo=0.0, hi=1.0,
+                                                               lo_open=True))
+        if self.embed_dim is not None:
+            object.__setattr__(self, "embed_dim", check_int("embed_dim", self.embed_dim, lo=1))
+        if check_int("n_jobs", self.n_jobs) == 0:
+            raise ValueError("n_jobs must be >= 1 (or negative, joblib style), got 0")
+        if self.max_landmarks is not None:
+            object.__setattr__(self, "max_landmarks", check_int("max_landmarks", self.max_landmarks, lo=2))
+
+    def to_json(self) -> Dict[str, Any]:
+        return asdict(self)
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -122,10 +142,11 @@ def tap_embedding(xn: np.ndarray, s: np.ndarray, alpha: float, n_landmarks: int,
     return l2_normalize(u.astype(np.float32))
 
 
-def tap_clusters(features: np.ndarray, steps: np.ndarray, clusters: int = 100, alpha: float = 0.5,
-                 rounds: int = 3, landmark_ratio: float = 1 / 20, embed_dim: Optional[int] = None,
-                 seed: int = 0, n_jobs: int = 3, max_landmarks: Optional[int] = None) -> np.ndarray:
+def tap_clusters(features: np.ndarray, steps: np.ndarray, config: Optional[TAPConfig] = None, *, seed: int = 0,
+                 **options: Any) -> np.ndarray:
     """Cluster labels (N,) from TAP's parallel landmark spectral rounds and one final k-means.
+
+    Options come as a :class:`TAPConfig` or as its fields by keyword (``clusters=10``), not both.
 
     With n = N/20 landmarks (the paper's) the affinity costs N * N/20: quadratic with a small
     constant. ``max_landmarks`` caps n, which makes the cost linear in N for large pools.
@@ -133,7 +154,11 @@ def tap_clusters(features: np.ndarray, steps: np.ndarray, clusters: int = 100, a
     ``steps`` are step indices 0..S-1 (not raw timesteps; docs/method.md 4.1). ``clusters`` is capped at
     N; ``embed_dim`` (the SVD rank k) defaults to ``clusters`` and is capped at n - 1 landmarks.
     """
-    check_tap_options(clusters, alpha, rounds, landmark_ratio, embed_dim, n_jobs)
+    if config is not None and options:
+        raise ValueError(f"give TAP options as a TAPConfig or as keywords, not both (got {sorted(options)})")
+    cfg = config if config is not None else TAPConfig(**options)
+    clusters, alpha, rounds, embed_dim, n_jobs = cfg.clusters, cfg.alpha, cfg.rounds, cfg.embed_dim, cfg.n_jobs
+    landmark_ratio, max_landmarks = cfg.landmark_ratio, cfg.max_landmarks
     x = check_features(features, steps)
     n_items = len(x)
     clusters = min(int(clusters), n_items)

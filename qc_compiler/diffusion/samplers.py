@@ -4,6 +4,11 @@ A sampler calls any denoiser ``model(x, t, y) -> out`` with **original** (1000-s
 does, where ``out`` has C channels of predicted noise and, for a learned-sigma model, C more channels
 of variance interpolation values. Compiled models are drop-in denoisers.
 
+Two indices, never confused: ``step`` counts the calls of a run (0 is the first, noisiest call, as
+everywhere in qc-compiler), and ``t_index`` is the position in the respaced schedule's arrays
+(counting down: the last call has ``t_index`` 0). Hooks and records carry ``step``; the update
+formulas take ``t_index``.
+
 Noise is drawn from one generator per sample, seeded by (seed, sample index), so a sample does not
 depend on the batch it was drawn in: the same seed gives the same digits in any batch split, in any
 variant, on any number of processes.
@@ -65,7 +70,7 @@ def sample_noise(seed: int, n: int, shape: Sequence[int], offset: int = 0) -> to
 
 
 class Sampler:
-    """Base of the respaced samplers. Subclasses implement ``update(x, step, out) -> x_prev``."""
+    """Base of the respaced samplers. Subclasses implement ``update(x, t_index, out, noise) -> x_prev``."""
 
     name = "sampler"
 
@@ -105,10 +110,10 @@ class Sampler:
         eps = uncond[:, :c] + self.cfg_scale * (cond[:, :c] - uncond[:, :c])
         return torch.cat([eps, cond[:, c:]], dim=1)  # variance channels from the cond half, as DiT
 
-    def predict(self, x: torch.Tensor, step: int, out: torch.Tensor):
-        """(pred_x0, eps, log_variance) from a model output at respaced ``step``."""
+    def predict(self, x: torch.Tensor, t_index: int, out: torch.Tensor):
+        """(pred_x0, eps, log_variance) from a model output at schedule position ``t_index``."""
         c = x.shape[1]
-        t = torch.full((x.shape[0],), step, dtype=torch.long, device=x.device)
+        t = torch.full((x.shape[0],), t_index, dtype=torch.long, device=x.device)
         eps = out[:, :c]
         if out.shape[1] == 2 * c:
             log_var = self.schedule.learned_range_log_variance(out[:, c:], t)
@@ -116,7 +121,7 @@ class Sampler:
             log_var = extract(self.schedule.posterior_log_variance_clipped, t, x).expand_as(x)
         return self.schedule.predict_xstart(x, t, eps), eps, log_var
 
-    def update(self, x: torch.Tensor, step: int, out: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def update(self, x: torch.Tensor, t_index: int, out: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     # --- the loop -------------------------------------------------------------------------------
@@ -152,16 +157,16 @@ class Sampler:
         x, y = x.to(device), y.to(device)
         hooks = list(getattr(model, "step_hooks", []) or []) + ([callback] if callback else [])
         traj = Trajectory()
-        order = range(self.steps - 1, -1, -1)
-        for i, step in enumerate(tqdm(order, desc=self.name, disable=not progress, leave=False)):
-            t = int(self.schedule.timestep_map[step])
+        t_indices = range(self.steps - 1, -1, -1)  # schedule positions, noisiest first
+        for step, t_index in enumerate(tqdm(t_indices, desc=self.name, disable=not progress, leave=False)):
+            t = int(self.schedule.timestep_map[t_index])
             out = self.guided_output(model, x, t, y, null_label)
             if record:
-                traj.steps.append(StepRecord(i, t, x.detach().cpu(), y.detach().cpu(), out.detach().cpu()))
+                traj.steps.append(StepRecord(step, t, x.detach().cpu(), y.detach().cpu(), out.detach().cpu()))
             step_noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
-            x = self.update(x, step, out, step_noise)
+            x = self.update(x, t_index, out, step_noise)
             for hook in hooks:
-                replaced = hook(i, t, x)
+                replaced = hook(step, t, x)
                 if replaced is not None:
                     x = replaced
         if record:
@@ -180,11 +185,11 @@ class DDPM(Sampler):
 
     name = "ddpm"
 
-    def update(self, x, step, out, noise):
-        pred_x0, _, log_var = self.predict(x, step, out)
-        t = torch.full((x.shape[0],), step, dtype=torch.long, device=x.device)
+    def update(self, x, t_index, out, noise):
+        pred_x0, _, log_var = self.predict(x, t_index, out)
+        t = torch.full((x.shape[0],), t_index, dtype=torch.long, device=x.device)
         mean = self.schedule.posterior_mean(pred_x0, x, t)
-        if step == 0:  # no noise at the last step
+        if t_index == 0:  # no noise at the last call
             return mean
         return mean + torch.exp(0.5 * log_var) * noise
 
@@ -208,14 +213,14 @@ class DDIM(Sampler):
     def spec(self) -> dict:
         return {**super().spec(), "eta": self.eta}
 
-    def update(self, x, step, out, noise):
-        pred_x0, eps, _ = self.predict(x, step, out)
-        t = torch.full((x.shape[0],), step, dtype=torch.long, device=x.device)
+    def update(self, x, t_index, out, noise):
+        pred_x0, eps, _ = self.predict(x, t_index, out)
+        t = torch.full((x.shape[0],), t_index, dtype=torch.long, device=x.device)
         ab = extract(self.schedule.alphas_cumprod, t, x)
         ab_prev = extract(self.schedule.alphas_cumprod_prev, t, x)
         sigma = self.eta * torch.sqrt((1 - ab_prev) / (1 - ab)) * torch.sqrt(1 - ab / ab_prev)
         mean = pred_x0 * torch.sqrt(ab_prev) + torch.sqrt(1 - ab_prev - sigma ** 2) * eps
-        if step == 0:
+        if t_index == 0:
             return mean
         return mean + sigma * noise
 
@@ -234,9 +239,12 @@ def sampler_from_spec(spec: dict) -> Sampler:
 
 
 def _model_sample_shape(model) -> tuple:
+    shape = getattr(model, "sample_shape", None)
+    if shape is not None:  # compiled models say it
+        return tuple(shape)
     size, channels = getattr(model, "input_size", None), getattr(model, "in_channels", None)
     if size is None or channels is None:
-        raise ValueError("the model has no input_size/in_channels; pass shape=(C, H, W) to sample()")
+        raise ValueError("the model has no sample_shape or input_size/in_channels; pass shape=(C, H, W) to sample()")
     return (channels, size, size)
 
 

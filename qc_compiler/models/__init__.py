@@ -1,0 +1,13 @@
+"""Models and their adapters: the reference DiT, the zoo, and one adapter per family.
+
+Example:
+    >>> from qc_compiler.models import ADAPTERS
+    >>> sorted(ADAPTERS)
+    ['diffusers-dit', 'dit']
+"""
+from . import adapters  # noqa: F401  (registers every family)
+from .adapter import (ADAPTERS, ForwardInputs, ModelAdapter, ModelInfo, adapter_for, get_adapter, known_classes,
+                      register_adapter)
+
+__all__ = ["ADAPTERS", "ForwardInputs", "ModelAdapter", "ModelInfo", "adapter_for", "get_adapter", "known_classes",
+           "register_adapter"]

@@ -1,18 +1,21 @@
-"""Graph passes, one per file. Each registers itself with ``@register_pass`` on import."""
+"""Graph passes, one per file. Each registers itself with ``@register_pass`` on import.
+
+Example:
+    >>> from qc_compiler.passes import PASS_REGISTRY
+    >>> sorted(PASS_REGISTRY)[:3]
+    ['agglomerative_calibration', 'dbscan_calibration', 'kmeans_calibration']
+"""
+from ..calibration import TAPConfig
 from ..pipeline import PASS_REGISTRY, Pass, PassResult, graph_pass, register_pass
+from ..specs import StepCacheConfig, VCConfig
+from .cache import StepCache
+from .calibrate import (AgglomerativeCalibration, DBSCANCalibration, KMeansCalibration, RandomCalibration,
+                        TAPCalibration, UniformCalibration)
+from .quantize import Quantize
+from .vc import VarianceCompensation
 
-__all__ = ["PASS_REGISTRY", "Pass", "PassResult", "graph_pass", "register_pass"]
-from .cache import StepCache  # noqa: E402
-
-__all__ += ["StepCache"]
-from .quantize import Quantize  # noqa: E402
-
-__all__ += ["Quantize"]
-from ..calibration.select import (AgglomerativeCalibration, DBSCANCalibration, KMeansCalibration,  # noqa: E402
-                                  RandomCalibration, TAPCalibration, UniformCalibration)
-
-__all__ += ["UniformCalibration", "RandomCalibration", "KMeansCalibration", "DBSCANCalibration",
-            "AgglomerativeCalibration", "TAPCalibration"]
-from .vc import VarianceCompensation  # noqa: E402
-
-__all__ += ["VarianceCompensation"]
+__all__ = [
+    "PASS_REGISTRY", "Pass", "PassResult", "graph_pass", "register_pass", "StepCache", "StepCacheConfig",
+    "UniformCalibration", "RandomCalibration", "KMeansCalibration", "DBSCANCalibration", "AgglomerativeCalibration",
+    "TAPCalibration", "TAPConfig", "Quantize", "VarianceCompensation", "VCConfig",
+]

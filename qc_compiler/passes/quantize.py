@@ -1,14 +1,15 @@
 """``Quantize``: fake-quant nodes for linear layers (and optionally the attention matmuls), calibrated.
 
-Decide, then emit: the pass first annotates every linear (and matmul) node with what the
-``QuantConfig`` says (``node.meta["qc.quant"]``), then replaces the annotated ops with fake-quant
-modules, calibrates their observers on the context's ``calibration_set``, and measures how much
-error each layer adds on its own (relative L2 against float), so sensitive layers can be found.
+Decide, then emit. The pass first walks every graph (nested cache regions included) and annotates
+each linear and matmul node with what the ``QuantConfig`` (resolved against the model adapter) says,
+as a :class:`QuantAnnotation` in ``node.meta["qc.quant"]``. Only then does it emit: every annotated
+node is replaced by reading its annotation, never by deciding again. Then it calibrates the
+observers on the context's ``calibration_set`` (each batch at its own step, set through the step
+state), and measures how much error each layer adds on its own (relative L2 against float), so
+sensitive layers can be found.
 
     x --> linear(W, b) -->            becomes        x --> QuantLinear[ Q/DQ(x) @ Q/DQ(W)^T + b ] -->
     a, b --> matmul -->               becomes        a --> ActQuant --> matmul <-- ActQuant <-- b
-
-It walks nested graphs too, so linears inside cache regions are quantized where they are.
 
 Example:
     >>> import qc_compiler as qc
@@ -20,17 +21,18 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.fx as fx
 
-from ..capture import find_linears, node_module_path
 from ..errors import PassError
+from ..graph import LinearSite, find_linears, iter_graph_modules, node_module_path
+from ..options import check_int
 from ..pipeline import Pass, PassResult, register_pass
 from ..quant.config import LayerQuant, QuantConfig
 from ..quant.fake_quant import ActQuant, QuantLinear, set_mode
-from ..regions import iter_graph_modules
+from ..step import StepState, StepTable, bind_step_state
 
 __all__ = ["Quantize", "QuantAnnotation"]
 
@@ -39,7 +41,8 @@ _MATMULS = {operator.matmul, torch.matmul, torch.bmm, torch.ops.aten.matmul.defa
 
 @dataclass(frozen=True)
 class QuantAnnotation:
-    """What the pass decided for one node (stored as ``node.meta["qc.quant"]``)."""
+    """What the pass decided for one node (``node.meta["qc.quant"]``): the op's module path, its kind
+    (``"linear"`` or ``"matmul"``) and how it is quantized."""
 
     path: str
     op: str
@@ -48,29 +51,46 @@ class QuantAnnotation:
 
 @register_pass
 class Quantize(Pass):
-    """Insert calibrated fake-quant modules. ``preset`` ("w8a8", "w4a8", "w4a4") or bits, or a full config."""
+    """Insert calibrated fake-quant modules.
+
+    Give at most one of: bits (``weight_bits``/``act_bits``), a ``preset`` ("w8a8", "w4a8", "w4a4"),
+    or a full ``config`` (a :class:`QuantConfig`). With none, W8A8.
+    """
 
     name = "quantize"
     requires = frozenset({"calibration_set"})
     provides = frozenset({"quantized"})
 
-    def __init__(self, weight_bits: int = 8, act_bits: int = 8, preset: Optional[str] = None,
-                 config: Union[QuantConfig, Dict[str, Any], None] = None, batch_size: int = 64,
-                 compare_batches: int = 6):
+    def __init__(self, *, weight_bits: Optional[int] = None, act_bits: Optional[int] = None,
+                 preset: Optional[str] = None, config: Union[QuantConfig, Dict[str, Any], None] = None,
+                 batch_size: int = 64, compare_batches: int = 6):
+        given = [name for name, v in (("bits", weight_bits if weight_bits is not None else act_bits),
+                                      ("preset", preset), ("config", config)) if v is not None]
+        if len(given) > 1:
+            raise ValueError(f"Quantize takes one of bits, preset or config; got {' and '.join(given)}")
         if isinstance(config, dict):
             config = QuantConfig.from_json(config)
+        elif config is not None and not isinstance(config, QuantConfig):
+            raise ValueError(f"config must be a QuantConfig, got {type(config).__name__}")
+        elif preset is not None:
+            config = QuantConfig.preset(preset)
         elif config is None:
-            config = QuantConfig.preset(preset) if preset else QuantConfig(default=LayerQuant(weight_bits, act_bits))
-        self.config, self.batch_size, self.compare_batches = config, int(batch_size), int(compare_batches)
+            config = QuantConfig(default=LayerQuant(8 if weight_bits is None else weight_bits,
+                                                    8 if act_bits is None else act_bits))
+        self.config = config
+        self.batch_size = check_int("batch_size", batch_size, lo=1)
+        self.compare_batches = check_int("compare_batches", compare_batches, lo=1)
 
     def options(self) -> Dict[str, Any]:
         return {"config": self.config.to_json(), "batch_size": self.batch_size, "compare_batches": self.compare_batches}
 
     def run(self, gm: fx.GraphModule, ctx) -> PassResult:
-        num_steps = ctx.sampler.steps if ctx.sampler else 1
-        modules = self._insert(gm, num_steps)
-        if not modules:
+        config = self.config.resolve(ctx.need("adapter", self.name))
+        sampler = ctx.need("sampler", self.name)
+        annotated = self._annotate(gm, config)
+        if not annotated:
             raise PassError(self.name, "the config selects no layer to quantize (check include/overrides)")
+        modules = self._emit(annotated, config.act_step_groups, sampler.steps)
         keys = {m.path: {k: f"quant.{m.path}.{k}" for k in m.fitted_state()} for m in modules}
         if all(key in ctx.fitted for ks in keys.values() for key in ks.values()):
             for m in modules:
@@ -83,49 +103,58 @@ class Quantize(Pass):
         worst = max(modules, key=lambda m: m.rel_error if m.rel_error == m.rel_error else -1)
         ctx.artifacts["quantized"] = [{"path": m.path, "rel_error": m.rel_error} for m in modules]
         linears = sum(isinstance(m, QuantLinear) for m in modules)
-        d = self.config.default
-        note = (f"{linears} linears W{d.weight_bits}A{d.act_bits}, {len(modules) - linears} matmul operands; "
+        note = (f"{linears} linears {config.bits.upper()}, {len(modules) - linears} matmul operands; "
                 f"largest error {worst.path} ({worst.rel_error:.4f})")
         return PassResult(gm, modified=True, notes=note)
 
-    # --- annotate and insert --------------------------------------------------------------------
-    def _insert(self, gm: fx.GraphModule, num_steps: int) -> List[Any]:
-        groups = self.config.act_step_groups
-        modules = []
+    # --- decide ---------------------------------------------------------------------------------
+    @staticmethod
+    def _annotate(gm: fx.GraphModule, config: QuantConfig) -> List[Tuple[fx.GraphModule, fx.Node, Optional[LinearSite]]]:
+        """Annotate every node the config quantizes; nothing is changed yet."""
+        out = []
         for _, owner in list(iter_graph_modules(gm)):
             for site in find_linears(owner):
-                spec = self.config.for_op(site.path, "linear")
-                if spec is None:
-                    continue
-                site.node.meta["qc.quant"] = QuantAnnotation(site.path, "linear", spec)
-                module = QuantLinear(site.weight, site.bias, site.path, spec, groups, num_steps)
-                self._replace(owner, site.node, module, "q_" + site.path, (site.node.args[0],))
+                spec = config.for_op(site.path, "linear")
+                if spec is not None:
+                    site.node.meta["qc.quant"] = QuantAnnotation(site.path, "linear", spec)
+                    out.append((owner, site.node, site))
+            for node in owner.graph.nodes:
+                if node.op == "call_function" and node.target in _MATMULS:
+                    path = node_module_path(node)
+                    spec = config.for_op(path, "matmul")
+                    if spec is not None:
+                        node.meta["qc.quant"] = QuantAnnotation(path, "matmul", spec)
+                        out.append((owner, node, None))
+        return out
+
+    # --- emit -----------------------------------------------------------------------------------
+    def _emit(self, annotated, groups: int, num_steps: int) -> List[Any]:
+        """Replace each annotated node by the fake-quant module its annotation describes."""
+        modules, owners, matmul_index = [], [], {}
+        for owner, node, site in annotated:
+            note: QuantAnnotation = node.meta["qc.quant"]
+            if note.op == "linear":
+                module = QuantLinear(site.weight, site.bias, note.path, note.spec, groups, num_steps)
+                self._replace(owner, node, module, "q_" + note.path, (node.args[0],))
                 modules.append(module)
-            if self.config.attn_matmuls:
-                modules += self._insert_matmul_operands(owner, groups, num_steps)
+            else:
+                i = matmul_index.setdefault((id(owner), note.path), [0])
+                for k, operand in enumerate(node.args[:2]):
+                    module = ActQuant(f"{note.path}.matmul{i[0]}.in{k}", note.spec, groups, num_steps)
+                    name = _unique(owner, f"q_{note.path}_matmul{i[0]}_in{k}")
+                    owner.add_submodule(name, module)
+                    with owner.graph.inserting_before(node):
+                        q = owner.graph.call_module(name, (operand,))
+                    node.replace_input_with(operand, q)
+                    modules.append(module)
+                i[0] += 1
+            if owner not in owners:
+                owners.append(owner)
+        for owner in owners:
             owner.graph.eliminate_dead_code()
             owner.delete_all_unused_submodules()
             owner.recompile()
         return modules
-
-    def _insert_matmul_operands(self, owner: fx.GraphModule, groups: int, num_steps: int) -> List[ActQuant]:
-        out = []
-        matmuls = [n for n in owner.graph.nodes if n.op == "call_function" and n.target in _MATMULS]
-        for i, node in enumerate(matmuls):
-            path = node_module_path(node)
-            spec = self.config.for_op(path, "matmul")
-            if spec is None:
-                continue
-            node.meta["qc.quant"] = QuantAnnotation(path, "matmul", spec)
-            for k, operand in enumerate(node.args[:2]):
-                module = ActQuant(f"{path}.matmul{i}.in{k}", spec, groups, num_steps)
-                name = _unique(owner, f"q_{path}_matmul{i}_in{k}")
-                owner.add_submodule(name, module)
-                with owner.graph.inserting_before(node):
-                    q = owner.graph.call_module(name, (operand,))
-                node.replace_input_with(operand, q)
-                out.append(module)
-        return out
 
     @staticmethod
     def _replace(owner: fx.GraphModule, node: fx.Node, module, name: str, args: tuple) -> None:
@@ -139,26 +168,25 @@ class Quantize(Pass):
 
     # --- calibrate ------------------------------------------------------------------------------
     def _calibrate(self, gm: fx.GraphModule, modules: List[Any], ctx) -> None:
+        """Observe every batch at its own step (the one step table, through the one step state)."""
         pool = ctx.artifacts["calibration_set"]
-        step_of = {t: i for i, t in enumerate(ctx.sampler.timesteps)} if ctx.sampler else {}
+        table = StepTable(ctx.sampler.timesteps)
+        state = StepState(num_steps=len(table))
+        bind_step_state(gm, state)
         set_mode(modules, "observe")
         with torch.no_grad():
-            batches = list(pool.batches(self.batch_size))
-            for x, t, y in batches:
-                for m in modules:
-                    m.calib_step = step_of.get(int(t[0]))
-                gm(x, t, y)
+            batches = [(table.index(int(t[0])), (x, t, y)) for x, t, y in pool.batches(self.batch_size)]
+            for step, inputs in batches:
+                with state.calibrating(step):
+                    gm(*inputs)
             for m in modules:
                 m.finish_calibration()
             # Per-layer sensitivity: each op quantized alone, on batches spread over the steps.
             set_mode(modules, "compare")
-            stride = max(1, len(batches) // max(1, self.compare_batches))
-            for x, t, y in batches[::stride][: self.compare_batches]:
-                for m in modules:
-                    m.calib_step = step_of.get(int(t[0]))
-                gm(x, t, y)
-        for m in modules:
-            m.calib_step = None
+            stride = max(1, len(batches) // self.compare_batches)
+            for step, inputs in batches[::stride][: self.compare_batches]:
+                with state.calibrating(step):
+                    gm(*inputs)
 
 
 def _unique(owner: fx.GraphModule, name: str) -> str:

@@ -28,6 +28,10 @@ drifted apart, ``eps`` fits collapse K towards 0, which wrecks the x0 prediction
 - ``sample`` (the paper's): a step hook on x_t after each sampler update, carried by the compiled
   model in ``step_hooks`` (our samplers run them).
 
+The rescale itself is :func:`qc_compiler.specs.rescale`, through the :class:`~qc_compiler.specs.VCTable`
+that both nodes give as their ``export_spec()``: the torch graph, the ONNX graph and the onnxruntime
+runner apply the one formula.
+
 Example:
     >>> import qc_compiler as qc                                               # doctest: +SKIP
     >>> passes = [qc.passes.StepCache(interval=2), qc.passes.TAPCalibration(), qc.passes.Quantize(),
@@ -43,18 +47,10 @@ import torch.nn as nn
 
 from ..errors import CalibrationError, PassError
 from ..pipeline import Pass, PassResult, register_pass
-from ..runtime import CompiledModel, StepAware
+from ..specs import VC_FORMS, VCConfig, VCTable
+from ..step import StepAware
 
-__all__ = ["VarianceCompensation", "VCRescale", "VCSampleHook", "fit_k", "apply_k"]
-
-PLACEMENTS = ("eps", "sample")
-FORMS = ("exact", "paper", "variance")
-
-
-def apply_k(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """mu + K (x - mu) per sample and channel. x: (N, C, H, W), k: (C,)."""
-    mu = x.mean(dim=(2, 3), keepdim=True)
-    return mu + k.view(1, -1, 1, 1).to(x.dtype) * (x - mu)
+__all__ = ["VarianceCompensation", "VCRescale", "VCSampleHook", "fit_k"]
 
 
 def fit_k(x_hat: torch.Tensor, x_ref: torch.Tensor, form: str = "exact", mask_eps: float = 0.1,
@@ -69,14 +65,15 @@ def fit_k(x_hat: torch.Tensor, x_ref: torch.Tensor, form: str = "exact", mask_ep
     |x'| < mask_eps * RMS(x') of the channel (choice: relative, because near-zero x' give weights of
     1/x'^2 that otherwise decide K alone). ``k_range`` clamps the result (None: no clamp).
     """
-    if form not in FORMS:
-        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    if form not in VC_FORMS:
+        raise ValueError(f"form must be one of {list(VC_FORMS)}, got {form!r}")
     x_hat, x_ref = x_hat.double(), x_ref.double()
-    mu = x_hat.mean(dim=(2, 3), keepdim=True)
+    spatial = tuple(range(2, x_hat.dim()))
+    dims = (0, *spatial)
+    mu = x_hat.mean(dim=spatial, keepdim=True)
     d, r = x_hat - mu, x_ref - mu
-    dims = (0, 2, 3)
     if form == "variance":
-        spread_ref = (x_ref - x_ref.mean(dim=(2, 3), keepdim=True)).pow(2).sum(dims)
+        spread_ref = (x_ref - x_ref.mean(dim=spatial, keepdim=True)).pow(2).sum(dims)
         spread_hat = d.pow(2).sum(dims)
         k = torch.where(spread_hat > 0, (spread_ref / spread_hat.clamp_min(1e-30)).sqrt(), torch.ones_like(spread_hat))
         return _clamp(k, k_range).float()
@@ -96,16 +93,24 @@ def _clamp(k: torch.Tensor, k_range: Optional[Sequence[float]]) -> torch.Tensor:
 class _KTable(StepAware, nn.Module):
     """A (steps x channels) K table read at the current step; fits itself when given targets."""
 
-    def __init__(self, num_steps: int, channels: int, form: str, mask_eps: float, k_range=None):
+    placement = "sample"
+
+    def __init__(self, num_steps: int, channels: int, config: VCConfig):
         super().__init__()
         self.register_buffer("k", torch.ones(num_steps, channels))
-        self.form, self.mask_eps, self.k_range = form, mask_eps, k_range
+        self.config = config
+        self.channels = channels
         self.targets: Optional[List[torch.Tensor]] = None  # per step, while fitting
 
-    def rescale(self, x: torch.Tensor, step: int) -> torch.Tensor:
+    def export_spec(self) -> VCTable:
+        return VCTable(self.placement, self.k.detach().clone())
+
+    def correct(self, x: torch.Tensor, step: int) -> torch.Tensor:
         if self.targets is not None:  # fitting: K for this step from this step's (already corrected) input
-            self.k[step] = fit_k(x, self.targets[step].to(x.device), self.form, self.mask_eps, self.k_range)
-        return apply_k(x, self.k[step])
+            cfg = self.config
+            self.k[step] = fit_k(x[:, : self.channels], self.targets[step].to(x.device), cfg.form, cfg.mask_eps,
+                                 cfg.k_range)
+        return VCTable(self.placement, self.k).apply(x, step)
 
     def report_section(self) -> str:
         dev = (self.k - 1).abs().mean(dim=1)
@@ -118,64 +123,68 @@ class _KTable(StepAware, nn.Module):
 class VCRescale(_KTable):
     """Graph node: rescales the predicted-noise channels of the model output at the current step."""
 
-    def __init__(self, num_steps: int, channels: int, form: str, mask_eps: float, k_range=None):
-        super().__init__(num_steps, channels, form, mask_eps, k_range)
-        self.channels = channels
+    placement = "eps"
 
     def forward(self, out: torch.Tensor) -> torch.Tensor:
         state = self.step_state
         if state is None or state.step < 0:
             return out
-        eps = self.rescale(out[:, : self.channels], state.step)
-        return torch.cat([eps, out[:, self.channels:]], dim=1)  # learned-sigma channels untouched
+        return self.correct(out, state.step)  # learned-sigma channels untouched
 
 
 class VCSampleHook(_KTable):
     """Sampler step hook: rescales x_t after the update of step ``step`` (the paper's placement)."""
 
+    placement = "sample"
+
     def __call__(self, step: int, t: int, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return self.rescale(x, step)
+        return self.correct(x, step)
 
 
 @register_pass
 class VarianceCompensation(Pass):
-    """Fit K from paired FP / current trajectories and insert the rescale (see module docstring)."""
+    """Fit K from paired FP / current trajectories and insert the rescale (see module docstring).
+
+    Options come as ``config=VCConfig(...)`` or as its fields by keyword, not both.
+    """
 
     name = "variance_compensation"
     requires = frozenset({"calibration_set"})
     provides = frozenset({"vc"})
 
-    def __init__(self, placement: str = "sample", form: str = "variance", batch: int = 32, mask_eps: float = 0.1,
-                 k_range: Optional[Sequence[float]] = (0.5, 2.0)):
-        if k_range is not None and not (0 < float(k_range[0]) <= 1.0 <= float(k_range[1])):
-            raise ValueError(f"k_range must contain 1 and be positive, got {k_range}")
-        if placement not in PLACEMENTS:
-            raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
-        if form not in FORMS:
-            raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-        if batch < 2:
-            raise ValueError(f"batch must be >= 2 (variances need samples), got {batch}")
-        self.placement, self.form, self.batch, self.mask_eps = placement, form, int(batch), float(mask_eps)
-        self.k_range = None if k_range is None else [float(k_range[0]), float(k_range[1])]
+    def __init__(self, config: Optional[VCConfig] = None, **options: Any):
+        if config is not None and options:
+            raise ValueError(f"give VC options as config=VCConfig(...) or as keywords, not both ({sorted(options)})")
+        if config is not None and not isinstance(config, VCConfig):
+            raise ValueError(f"config must be a VCConfig, got {type(config).__name__}")
+        try:
+            self.config = config if config is not None else VCConfig(**options)
+        except TypeError as e:  # an unknown keyword
+            raise ValueError(f"variance_compensation: {e}") from None
+
+    @property
+    def placement(self) -> str:
+        return self.config.placement
+
+    @property
+    def form(self) -> str:
+        return self.config.form
 
     def options(self) -> Dict[str, Any]:
-        return {"placement": self.placement, "form": self.form, "batch": self.batch, "mask_eps": self.mask_eps,
-                "k_range": self.k_range}
+        return self.config.to_json()
 
     def run(self, gm: fx.GraphModule, ctx) -> PassResult:
-        if ctx.sampler is None or ctx.reference is None:
-            raise PassError(self.name, "needs ctx.sampler and the FP reference graph for paired trajectories")
-        steps, channels = ctx.sampler.steps, int(ctx.model_info.get("in_channels", 0))
-        if channels < 1:
-            raise PassError(self.name, "the model does not say its in_channels")
-        table = (VCRescale if self.placement == "eps" else VCSampleHook)(steps, channels, self.form, self.mask_eps,
-                                                                          self.k_range)
-        if self.placement == "eps":
+        sampler, info = ctx.need("sampler", self.name), ctx.need("info", self.name)
+        if ctx.reference is None:
+            raise PassError(self.name, "needs the FP reference graph for paired trajectories")
+        cfg = self.config
+        table = (VCRescale if cfg.placement == "eps" else VCSampleHook)(sampler.steps, info.in_channels, cfg)
+        if cfg.placement == "eps":
             _append_output_node(gm, "vc_rescale", table)
         else:
             gm.add_submodule("vc_sample_hook", table)  # for the report and the state dict
             gm.meta.setdefault("qc.sample_hooks", []).append(table)  # what CompiledModel runs
-        key = f"vc.{self.placement}.K"
+        key = f"vc.{cfg.placement}.K"
         if key in ctx.fitted:
             table.k.copy_(ctx.fitted[key])
         else:
@@ -185,9 +194,9 @@ class VarianceCompensation(Pass):
             finally:
                 table.targets = None
             ctx.fitted[key] = table.k.detach().clone()
-        ctx.artifacts["vc"] = {"placement": self.placement, "form": self.form}
+        ctx.artifacts["vc"] = table.export_spec()
         dev = float((table.k - 1).abs().mean())
-        return PassResult(gm, modified=True, notes=f"{self.placement} placement, {self.form} form, mean |K-1| {dev:.4f}")
+        return PassResult(gm, modified=True, notes=f"{cfg.placement} placement, {cfg.form} form, mean |K-1| {dev:.4f}")
 
     # --- paired trajectories ----------------------------------------------------------------------
     def _labels(self, ctx) -> List[int]:
@@ -195,25 +204,25 @@ class VarianceCompensation(Pass):
         if pool is None or len(pool) == 0:
             raise CalibrationError("variance compensation needs a non-empty calibration_set for its labels")
         labels = pool.y.tolist()
-        return [labels[i % len(labels)] for i in range(self.batch)]
+        return [labels[i % len(labels)] for i in range(self.config.batch)]
 
     def _reference_targets(self, ctx) -> List[torch.Tensor]:
         """Per step: the FP model's raw output on its own trajectory (eps), or x_t after the update (sample)."""
-        reference = CompiledModel(ctx.reference, ctx.sampler.spec(), ctx.model_info)
+        reference = ctx.denoiser(ctx.reference)
         outputs: List[torch.Tensor] = []
         handle = reference.register_forward_hook(lambda m, a, o: outputs.append(o.detach()))
         try:
             traj = ctx.sampler.sample(reference, self._labels(ctx), seed=ctx.seed, record=True)
         finally:
             handle.remove()
-        if self.placement == "eps":
-            return [o[:, : int(ctx.model_info["in_channels"])] for o in outputs]
-        after = [r.x_t for r in traj.steps[1:]] + [traj.samples]
-        return after
+            reference.reset()
+        if self.config.placement == "eps":
+            return [o[:, : ctx.info.in_channels] for o in outputs]
+        return [r.x_t for r in traj.steps[1:]] + [traj.samples]
 
     def _run_current(self, gm: fx.GraphModule, ctx, table: _KTable) -> None:
         """One pass of the current graph; each step fits its K on inputs already corrected before it."""
-        current = CompiledModel(gm, ctx.sampler.spec(), ctx.model_info)  # carries the sample hook, if any
+        current = ctx.denoiser(gm)  # carries the sample hook, if any
         try:
             ctx.sampler.sample(current, self._labels(ctx), seed=ctx.seed)
         finally:

@@ -1,23 +1,29 @@
 """What to quantize and how: ``LayerQuant`` for one op, ``QuantConfig`` for a model.
 
-Defaults follow docs/method.md section 2: every linear layer in the DiT blocks (qkv, proj, fc1, fc2 and
-the adaLN modulation) and in the final layer (diffusers' names: ``transformer_blocks.*``,
-``proj_out_*``), weights per output channel (symmetric, MSE-searched), activations per tensor
-(asymmetric, min-max); norms and softmax stay in float; the two attention matmuls are optional.
+Defaults follow docs/method.md section 2: every linear layer the model adapter lists as quantizable
+(for DiT: qkv, proj, fc1, fc2 and the adaLN modulation in the blocks, and the final layer), weights
+per output channel (symmetric, MSE-searched), activations per tensor (asymmetric, min-max); norms
+and softmax stay in float; the two attention matmuls are optional.
 
-One departure, ours: the conditioning linears (``weight_only`` patterns: the adaLN modulation and
-diffusers' equivalents) keep int8 weights but take their input in float (``act_bits=None``). They
-run on one row per sample, not per token (under 1% of the FLOPs), so INT8 activations buy no speed
+One departure, ours: the conditioning linears (the adapter's ``conditioning_linears``: DiT's adaLN
+modulation and diffusers' equivalents) keep int8 weights but take their input in float
+(``act_bits=None``). They run on one row per sample, not per token, so INT8 activations buy no speed
 there, yet their per-tensor input range must span every timestep's embedding, and their outputs
-(shift, scale, gate) move every token at once: on the embedded model they caused about half of the
-W8A8 sampling error (docs/RESULTS.md). ``weight_only=()`` restores the paper's all-W8A8 setting. Overrides are ordered ``(pattern, LayerQuant | None)`` pairs; the last match
-wins; ``None`` keeps the op in float. A pattern is a glob over the module path
-(``"blocks.*.mlp.fc2"``) or an op type (``"op:linear"``, ``"op:matmul"``).
+(shift, scale, gate) move every token at once (measured in docs/RESULTS.md). ``weight_only=()``
+restores the paper's all-W8A8 setting.
+
+``include=None`` and ``weight_only=None`` mean "the model adapter's": :meth:`QuantConfig.resolve`
+fills them in (the ``Quantize`` pass does, from its context). Overrides are ordered
+``(pattern, LayerQuant | None)`` pairs; the last match wins; ``None`` keeps the op in float. A pattern
+is a glob over the module path (``"blocks.*.mlp.fc2"``) or an op type (``"op:linear"``, ``"op:matmul"``).
 
 Example:
-    >>> cfg = QuantConfig.preset("w8a8").override("final_layer.*", None).override("*.fc2", weight_bits=4)
+    >>> cfg = QuantConfig.preset("w8a8", include=("blocks.*", "final_layer.*"), weight_only=("*adaLN*",))
+    >>> cfg = cfg.override("final_layer.*", None).override("*.fc2", weight_bits=4)
     >>> cfg.for_op("blocks.3.mlp.fc2", "linear").weight_bits, cfg.for_op("final_layer.linear", "linear")
     (4, None)
+    >>> cfg.for_op("blocks.3.adaLN_modulation.1", "linear").act_bits is None
+    True
 """
 from __future__ import annotations
 
@@ -25,6 +31,8 @@ import fnmatch
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, Optional, Tuple
 
+from ..errors import QCError
+from ..options import check_bool, check_int
 from .observers import OBSERVERS
 from .qparams import check_bits
 
@@ -49,31 +57,51 @@ class LayerQuant:
                 raise ValueError(f"unknown observer {name!r}; known: {sorted(OBSERVERS)}")
 
 
-# The linears that map the conditioning embedding (one row per sample) to modulation parameters:
-# ours and facebookresearch/DiT's adaLN, diffusers' AdaLayerNormZero (norm1.linear, and the
-# timestep/label embedder inside it) and its final-layer proj_out_1.
-CONDITIONING_LINEARS = ("*adaLN_modulation*", "*.norm1.linear", "*.norm1.emb.*", "*proj_out_1")
+def _globs(name: str, value: Any) -> Optional[Tuple[str, ...]]:
+    if value is None:
+        return None
+    if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{name} must be a list of glob patterns, got {value!r}")
+    return tuple(value)
 
 
 @dataclass(frozen=True)
 class QuantConfig:
     default: LayerQuant = field(default_factory=LayerQuant)
-    include: Tuple[str, ...] = ("blocks.*", "final_layer.*", "*transformer_blocks.*", "*proj_out_*")
+    include: Optional[Tuple[str, ...]] = None  # None: the model adapter's quantizable linears
     overrides: Tuple[Tuple[str, Optional[LayerQuant]], ...] = ()
     attn_matmuls: bool = False
     act_step_groups: int = 1  # >1: activation ranges per group of consecutive sampling steps
-    weight_only: Tuple[str, ...] = CONDITIONING_LINEARS  # selected layers here get act_bits=None
+    weight_only: Optional[Tuple[str, ...]] = None  # None: the adapter's conditioning linears; act_bits=None
 
     def __post_init__(self) -> None:
-        if self.act_step_groups < 1:
-            raise ValueError(f"act_step_groups must be >= 1, got {self.act_step_groups}")
+        if not isinstance(self.default, LayerQuant):
+            raise ValueError(f"default must be a LayerQuant, got {type(self.default).__name__}")
+        object.__setattr__(self, "include", _globs("include", self.include))
+        object.__setattr__(self, "weight_only", _globs("weight_only", self.weight_only))
+        check_bool("attn_matmuls", self.attn_matmuls)
+        check_int("act_step_groups", self.act_step_groups, lo=1)
+        for item in self.overrides:
+            if len(item) != 2 or not isinstance(item[0], str) or not (item[1] is None or isinstance(item[1], LayerQuant)):
+                raise ValueError(f"overrides must be (pattern, LayerQuant or None) pairs, got {item!r}")
+        object.__setattr__(self, "overrides", tuple(tuple(o) for o in self.overrides))
+
+    def resolve(self, adapter: Any) -> "QuantConfig":
+        """This config with ``include``/``weight_only`` left at None taken from a model adapter."""
+        return replace(self, include=adapter.quantizable if self.include is None else self.include,
+                       weight_only=adapter.conditioning_linears if self.weight_only is None else self.weight_only)
+
+    @property
+    def bits(self) -> str:
+        """The default bit widths as a preset-style name (``"w8a8"``; ``"w8"`` when weight-only)."""
+        d = self.default
+        return f"w{d.weight_bits}" + (f"a{d.act_bits}" if d.act_bits is not None else "")
 
     @classmethod
     def preset(cls, name: str, **kwargs: Any) -> "QuantConfig":
-        key = name.lower()
-        if key not in PRESETS:
+        if not isinstance(name, str) or name.lower() not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
-        w, a = PRESETS[key]
+        w, a = PRESETS[name.lower()]
         return cls(default=LayerQuant(weight_bits=w, act_bits=a), **kwargs)
 
     def override(self, pattern: str, spec: Optional[LayerQuant] = ..., **changes: Any) -> "QuantConfig":
@@ -84,6 +112,8 @@ class QuantConfig:
 
     def for_op(self, path: str, op: str) -> Optional[LayerQuant]:
         """The LayerQuant for the op at ``path`` of type ``op`` ("linear" or "matmul"), or None (float)."""
+        if self.include is None or self.weight_only is None:
+            raise QCError("this QuantConfig leaves include/weight_only to the model adapter: resolve(adapter) it first")
         if op == "matmul" and not self.attn_matmuls:
             chosen: Optional[LayerQuant] = None
         else:
@@ -103,10 +133,14 @@ class QuantConfig:
 
     @classmethod
     def from_json(cls, d: Dict[str, Any]) -> "QuantConfig":
-        return cls(default=LayerQuant(**d["default"]), include=tuple(d["include"]),
+        """The config ``to_json`` wrote; an unknown or missing key is an error, not a default."""
+        keys = {"default", "include", "overrides", "attn_matmuls", "act_step_groups", "weight_only"}
+        if not isinstance(d, dict) or set(d) != keys:
+            raise ValueError(f"a QuantConfig needs exactly the keys {sorted(keys)}, got "
+                             f"{sorted(d) if isinstance(d, dict) else type(d).__name__}")
+        return cls(default=LayerQuant(**d["default"]), include=d["include"],
                    overrides=tuple((p, LayerQuant(**s) if s is not None else None) for p, s in d["overrides"]),
-                   attn_matmuls=d["attn_matmuls"], act_step_groups=d["act_step_groups"],
-                   weight_only=tuple(d.get("weight_only", ())))  # older artefacts quantized them fully
+                   attn_matmuls=d["attn_matmuls"], act_step_groups=d["act_step_groups"], weight_only=d["weight_only"])
 
 
 PRESETS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4)}

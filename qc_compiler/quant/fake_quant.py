@@ -11,8 +11,8 @@ activation (the operands of the attention matmuls). Both have three modes:
   op adds, for the per-layer sensitivity report.
 
 Activation ranges may differ per group of sampling steps; the group comes from the step context
-(``step_state.step``), or from ``calib_step`` while calibrating. With no step known, the range
-fitted over all steps is used.
+(``step_state.step``, which calibration sets too, see ``StepState.calibrating``). With no step
+known, the range fitted over all steps is used. What backends lower is ``export_spec()``.
 
 Example:
     >>> lin = torch.nn.Linear(4, 3)
@@ -29,27 +29,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..runtime import StepAware
+from ..step import StepAware
 from .config import LayerQuant
 from .observers import make_observer
-from .qparams import QParams, fake_quantize
+from .qparams import QParams, fake_quantize, quantize
+from .spec import QuantizedActSpec, QuantizedLinearSpec, step_group
 
-__all__ = ["QuantLinear", "ActQuant", "FAKE_QUANT_MODULES", "step_group"]
+__all__ = ["QuantLinear", "ActQuant", "set_mode"]
 
 MODES = ("observe", "quant", "compare", "float")
-
-
-def step_group(step_state, calib_step: Optional[int], num_groups: int, num_steps: int) -> int:
-    """Which activation-range slot to use: the step's group, or the all-steps slot (``num_groups``)
-    when no step is known (outside a compiled model's sampling run)."""
-    step = calib_step
-    if step is None and step_state is not None and step_state.step >= 0:
-        step = step_state.step
-    if step is None:
-        return num_groups
-    if num_groups == 1:
-        return 0
-    return min(num_groups - 1, step * num_groups // max(1, num_steps))
 
 
 class _ActRanges(StepAware, nn.Module):
@@ -59,7 +47,6 @@ class _ActRanges(StepAware, nn.Module):
         super().__init__()
         self.path, self.spec, self.num_groups, self.num_steps = path, spec, num_groups, max(1, num_steps)
         self.mode = "observe"
-        self.calib_step: Optional[int] = None
         self.observers = [] if self.weight_only else [
             make_observer(spec.act_observer, spec.act_bits, symmetric=False) for _ in range(num_groups + 1)]
         self.register_buffer("a_scale", torch.ones(num_groups + 1))
@@ -74,7 +61,15 @@ class _ActRanges(StepAware, nn.Module):
         return self.spec.act_bits is None
 
     def group(self) -> int:
-        return step_group(self.step_state, self.calib_step, self.num_groups, self.num_steps)
+        step = self.step_state.step if self.step_state is not None else -1
+        return step_group(step, self.num_groups, self.num_steps)
+
+    def act_spec(self) -> Optional[QuantizedActSpec]:
+        """The activation quantization as backends see it (None for a weight-only layer)."""
+        if self.weight_only:
+            return None
+        return QuantizedActSpec(self.path, self.spec.act_bits, self.a_scale.detach().clone(),
+                                self.a_zero.detach().clone(), self.num_steps)
 
     def observe(self, x: torch.Tensor) -> None:
         if self.weight_only:
@@ -150,6 +145,12 @@ class QuantLinear(_ActRanges):
     def fitted_state(self) -> Dict[str, torch.Tensor]:
         return {**super().fitted_state(), "w_scale": self.w_scale}
 
+    def export_spec(self) -> QuantizedLinearSpec:
+        codes = quantize(self.weight.detach(), self.weight_qparams()).to(torch.int8)  # (N, K)
+        bias = None if self.bias is None else self.bias.detach().clone()
+        return QuantizedLinearSpec(self.path, self.spec.weight_bits, codes, self.w_scale.detach().clone().float(),
+                                   bias, self.act_spec())
+
     def load_fitted(self, state: Dict[str, torch.Tensor]) -> None:
         super().load_fitted(state)
         self._cache_weight()
@@ -190,13 +191,14 @@ class ActQuant(_ActRanges):
     def finish_calibration(self) -> None:
         self.finish_activations()
 
+    def export_spec(self) -> QuantizedActSpec:
+        return self.act_spec()
+
     def report_line(self) -> str:
         g = self.num_groups
         return (f"  {self.path:<30} A{self.spec.act_bits}    act [{float(self.a_lo[g]):+.3g}, {float(self.a_hi[g]):+.3g}]"
                 f"  rel.err {self.rel_error:.4f}")
 
-
-FAKE_QUANT_MODULES = (QuantLinear, ActQuant)
 
 
 def set_mode(modules: List[_ActRanges], mode: str) -> None:

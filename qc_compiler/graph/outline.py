@@ -11,24 +11,29 @@ Parameters are shared, not copied: the region's ``call_module``/``get_attr`` tar
 original qualified names inside the submodule.
 
 Example:
-    >>> from qc_compiler.capture import capture, find_branch_regions
+    >>> from qc_compiler.capture import capture
+    >>> from qc_compiler.graph import find_branch_regions
+    >>> from qc_compiler.models import adapter_for
     >>> from qc_compiler.models.dit import DiT_models
-    >>> gm = capture(DiT_models["DiT-T/4"](input_size=16, in_channels=1, num_classes=10))
-    >>> node = outline_region(gm, find_branch_regions(gm)[0], "attn0", wrap=lambda sub: sub)
+    >>> model = DiT_models["DiT-T/4"](input_size=16, in_channels=1, num_classes=10)
+    >>> gm = capture(model)
+    >>> region = find_branch_regions(gm, adapter_for(model).blocks)[0]
+    >>> node = outline_region(gm, region, "attn0", wrap=lambda sub: sub)
     >>> node.op, node.target
     ('call_module', 'attn0')
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterator, Tuple
+from typing import Callable, Dict
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .capture import BranchRegion
-from .errors import PassError
+from ..errors import PassError
+from .finders import BranchRegion
 
-__all__ = ["outline_region", "iter_graph_modules"]
+__all__ = ["outline_region"]
 
 
 def outline_region(gm: fx.GraphModule, region: BranchRegion, name: str,
@@ -83,18 +88,9 @@ def outline_region(gm: fx.GraphModule, region: BranchRegion, name: str,
 
 
 def _is_size(node: fx.Node) -> bool:
-    import torch
-
     return (node.op == "call_function" and node.target is torch.ops.aten.sym_size.int
             and isinstance(node.args[0], fx.Node))
 
 
 def _is_assertion(node: fx.Node) -> bool:
     return node.op == "call_function" and "_assert" in str(node.target) and not node.users
-
-
-def iter_graph_modules(module: nn.Module, prefix: str = "") -> Iterator[Tuple[str, fx.GraphModule]]:
-    """``(qualified name, GraphModule)`` for ``module`` and every GraphModule nested in it."""
-    for name, sub in module.named_modules(prefix=prefix):
-        if isinstance(sub, fx.GraphModule):
-            yield name, sub

@@ -1,37 +1,42 @@
 """diffusers' ``DiTTransformer2DModel`` and ``DiTPipeline``, in and out of qc-compiler.
 
-In: :class:`DiffusersDiT` gives a diffusers transformer our denoiser signature ``(x, t, y) -> out``
-and the attributes our samplers read, so ``qc.compile`` captures it (through ``torch.export``:
-symbolic tracing fails on its PatchEmbed and attention processors) and every pass finds its blocks.
+In: ``qc.compile`` takes the raw transformer; the :data:`DIFFUSERS_DIT` adapter wraps it in
+:class:`DiffusersDiT`, which gives it our denoiser signature ``(x, t, y) -> out`` and the attributes
+our samplers read, and captures it through ``torch.export`` (symbolic tracing fails on its PatchEmbed
+and attention processors).
 
-Out: :func:`pipeline_transformer` wraps a compiled model so it plugs back into a ``DiTPipeline``
-(same call signature and output type), and :func:`sampler_for_scheduler` builds the sampler whose
-timestep table is the pipeline scheduler's, so the compiled step context follows the pipeline.
+Out: :func:`pipeline_transformer` (the adapter's ``to_pipeline``) wraps a compiled model so it plugs
+back into a ``DiTPipeline`` (same call signature and output type), and :func:`sampler_for_scheduler`
+builds the sampler whose timestep table is the pipeline scheduler's, so the compiled step context
+follows the pipeline.
 
 Loading is local only: :func:`load_diffusers_transformer` reads ``config.json`` and the weights
-(safetensors) from a folder; nothing is fetched.
+(safetensors) from a folder; nothing is fetched. diffusers itself is imported only when needed.
 
 Example:
     >>> from diffusers import DiTTransformer2DModel                         # doctest: +SKIP
-    >>> model = DiffusersDiT(DiTTransformer2DModel(sample_size=16, num_layers=2))  # doctest: +SKIP
-    >>> fast = qc.compile(model, passes=[...], sampler=sampler_for_scheduler(pipe.scheduler, 25, 4.0))
+    >>> transformer = DiTTransformer2DModel(sample_size=16, num_layers=2)   # doctest: +SKIP
+    >>> fast = qc.compile(transformer, passes=[...], sampler=sampler_for_scheduler(pipe.scheduler, 25, 4.0))
     >>> pipe.transformer = pipeline_transformer(fast, pipe.transformer)      # doctest: +SKIP
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Dict
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from ..diffusion.samplers import DDPM
-from ..diffusion.schedule import Schedule
-from ..errors import ArtifactError
+from ...diffusion.samplers import DDPM
+from ...diffusion.schedule import Schedule
+from ...errors import ArtifactError
+from ...graph import BlockLayout, BranchSpec
+from ..adapter import ModelAdapter, ModelInfo, register_adapter
 
-__all__ = ["DiffusersDiT", "pipeline_transformer", "sampler_for_scheduler", "load_diffusers_transformer"]
+__all__ = ["DiffusersDiT", "DiffusersDiTAdapter", "DIFFUSERS_DIT", "pipeline_transformer", "sampler_for_scheduler",
+           "load_diffusers_transformer"]
 
 
 class DiffusersDiT(nn.Module):
@@ -48,6 +53,52 @@ class DiffusersDiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.transformer(x, timestep=t, class_labels=y, return_dict=False)[0]
+
+
+def _transformer(model: nn.Module) -> nn.Module:
+    return model.transformer if isinstance(model, DiffusersDiT) else model
+
+
+class DiffusersDiTAdapter(ModelAdapter):
+    """diffusers' DiT: the raw ``DiTTransformer2DModel`` or our :class:`DiffusersDiT` around it."""
+
+    def info(self, model: nn.Module) -> ModelInfo:
+        cfg = _transformer(model).config
+        return ModelInfo(input_size=int(cfg.sample_size), in_channels=int(cfg.in_channels),
+                         out_channels=int(cfg.out_channels or cfg.in_channels), num_classes=int(cfg.num_embeds_ada_norm))
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return model if isinstance(model, DiffusersDiT) else DiffusersDiT(model)
+
+    def source(self, model: nn.Module) -> nn.Module:
+        return _transformer(model)
+
+    def config(self, model: nn.Module) -> Dict[str, Any]:
+        return {k: v for k, v in dict(_transformer(model).config).items() if not k.startswith("_")}
+
+    def build(self, config: Dict[str, Any]) -> nn.Module:
+        from diffusers import DiTTransformer2DModel
+
+        return DiTTransformer2DModel.from_config(config)
+
+    def to_pipeline(self, compiled: nn.Module, original: nn.Module) -> nn.Module:
+        return pipeline_transformer(compiled, _transformer(original))
+
+    def pipeline_sampler(self, pipe: Any, num_inference_steps: int, guidance_scale: float) -> DDPM:
+        return sampler_for_scheduler(pipe.scheduler, num_inference_steps, guidance_scale)
+
+
+DIFFUSERS_DIT = register_adapter(DiffusersDiTAdapter(
+    name="diffusers-dit",
+    classes=("DiTTransformer2DModel", "DiffusersDiT"),
+    # BasicTransformerBlock with AdaLayerNormZero: norm1 modulates inside, the MLP branch opens at norm3.
+    blocks=BlockLayout(r"^(?:.*\.)?transformer_blocks\.\d+$",
+                       (BranchSpec("attn", "norm1.norm", "attn1.to_out.0"), BranchSpec("mlp", "norm3", "ff.net.2"))),
+    quantizable=("*transformer_blocks.*", "*proj_out_*"),
+    # AdaLayerNormZero's linear and its timestep/label embedder, and the final layer's proj_out_1.
+    conditioning_linears=("*.norm1.linear", "*.norm1.emb.*", "*proj_out_1"),
+    capture_mode="export",
+))
 
 
 class _PipelineTransformer(nn.Module):

@@ -1,12 +1,18 @@
-"""Quality-and-speed runs over named compile variants, shared by ``benchmarks/`` and ``qc bench``.
+"""Quality-and-speed runs over compile variants, shared by ``benchmarks/`` and ``qc bench``.
 
 Every variant samples the same labels from the same per-sample noise streams, at the same step
 count, and is scored with the evaluator's suite; its sampling wall time is measured in the same run
 as FP32's, so the speed column is a ratio of two measurements, never a nominal figure.
 
+A variant is built from configs (:class:`Variant`): a cache (a ``StepCacheConfig``, or the run's
+own), a calibration selector, whether to quantize (and whether the conditioning linears' inputs
+too), and a VC form. Its name is a label in :data:`VARIANTS`, never parsed.
+
 Example:
-    >>> sorted(variant_names())[:3]
-    ['cache-adaptive-0.1', 'cache-adaptive-0.3', 'cache-i2']
+    >>> sorted(VARIANTS)[:3]
+    ['cache', 'cache-adaptive-0.1', 'cache-adaptive-0.3']
+    >>> [p.name for p in variant_passes("qc-tap-vc", cache=StepCacheConfig(interval=3))]
+    ['step_cache', 'tap_calibration', 'quantize', 'variance_compensation']
 """
 from __future__ import annotations
 
@@ -14,81 +20,106 @@ import json
 import logging
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from .api import compile as qc_compile
-from .api import load_model
-from .diffusion import DDPM
-from .passes import (AgglomerativeCalibration, DBSCANCalibration, KMeansCalibration, Quantize, StepCache,
-                     TAPCalibration, UniformCalibration, VarianceCompensation)
-from .quant import QuantConfig
+from ..api import compile as qc_compile
+from ..api import load_model
+from ..diffusion import DDPM
+from ..models import adapter_for
+from ..passes import (AgglomerativeCalibration, DBSCANCalibration, KMeansCalibration, Quantize, RandomCalibration,
+                      StepCache, TAPCalibration, UniformCalibration, VarianceCompensation)
+from ..quant import QuantConfig
+from ..specs import StepCacheConfig, VCConfig
 
-__all__ = ["median_seconds", "interleaved_medians", "compile_benchmark_w8a8", "rel_err", "variant_passes", "variant_names", "ablation_rows", "bits_independent", "sample_timed", "run_variants", "markdown",
-           "merge_results", "benchmark_model", "benchmark_inputs"]
+__all__ = ["Variant", "VARIANTS", "RUN_CACHE", "median_seconds", "interleaved_medians", "compile_benchmark_w8a8",
+           "rel_err", "variant_passes", "ablation_rows", "sample_timed", "run_variants", "markdown", "merge_results",
+           "benchmark_model", "benchmark_inputs", "variant_label"]
 
 log = logging.getLogger(__name__)
 
-_SELECTORS = {"uniform": UniformCalibration, "tap": TAPCalibration, "kmeans": KMeansCalibration,
-              "dbscan": DBSCANCalibration, "agglomerative": AgglomerativeCalibration}
+SELECTORS = {"uniform": UniformCalibration, "random": RandomCalibration, "tap": TAPCalibration,
+             "kmeans": KMeansCalibration, "dbscan": DBSCANCalibration, "agglomerative": AgglomerativeCalibration}
+RUN_CACHE = "run"  # a variant whose cache is the run's (``qc bench --cache``)
 
 
-def variant_passes(name: str, bits: str = "w8a8", cache: int = 2, size: int = 800, pool_labels: int = 32,
-                   vc: str = "sample", threshold: float = 0.1) -> List:
-    """Passes for a variant name: ``fp32``; ``cache-i3``; ``cache-adaptive-0.3``; ``cache-static-0.2``;
-    ``quant-<selector>[-condq]``; ``qc-<selector>[-condq][-vc|-vcvar]`` (cache + quantization [+ VC,
-    least-squares or variance-ratio form]). ``condq`` quantizes the conditioning linears' inputs too
-    (the paper's setting; by default they are weight-only). ``w4a8-tap`` style names override ``bits``."""
-    parts = name.split("-")
-    if parts[0] in ("w8a8", "w4a8", "w4a4"):
-        bits, parts = parts[0], ["quant"] + parts[1:]
-    if parts == ["fp32"]:
-        return []
-    if parts[0] == "cache":
-        kind = parts[1]
-        if kind.startswith("i"):
-            return [StepCache(interval=int(kind[1:]))]
-        return [StepCache(policy=kind, threshold=float(parts[2]) if len(parts) > 2 else threshold)]
-    flags = parts[2:]
-    if parts[0] in ("quant", "qc") and len(parts) >= 2 and parts[1] in _SELECTORS and _known_flags(parts[0], flags):
-        config = QuantConfig.preset(bits, **({"weight_only": ()} if "condq" in flags else {}))
-        passes = [StepCache(interval=cache)] if parts[0] == "qc" else []
-        passes += [_SELECTORS[parts[1]](size=size, pool_labels=pool_labels), Quantize(config=config)]
-        if flags and flags[-1] in ("vc", "vcvar"):
-            passes.append(VarianceCompensation(placement=vc, form="variance" if flags[-1] == "vcvar" else "exact"))
-        return passes
-    raise ValueError(f"unknown variant {name!r}; known patterns: {sorted(variant_names())}")
+@dataclass(frozen=True)
+class Variant:
+    """One row of a quality-and-speed run, as configs.
+
+    ``cache``: a StepCacheConfig, ``RUN_CACHE`` for the run's, or None. ``selector``: the calibration
+    selector (None: no quantization). ``bits``: fixed bit widths, or None for the run's.
+    ``condq``: quantize the conditioning linears' inputs too (the paper's setting). ``vc``: a VC
+    form, or None."""
+
+    cache: Union[StepCacheConfig, str, None] = None
+    selector: Optional[str] = None
+    bits: Optional[str] = None
+    condq: bool = False
+    vc: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.selector is not None and self.selector not in SELECTORS:
+            raise ValueError(f"selector must be one of {sorted(SELECTORS)}, got {self.selector!r}")
+        if self.selector is None and (self.bits or self.condq or self.vc):
+            raise ValueError("bits, condq and vc need a calibration selector (a quantized variant)")
+
+    @property
+    def bits_independent(self) -> bool:
+        """No quantization (FP32, cache only): one run serves every bit width."""
+        return self.selector is None
 
 
-def _known_flags(kind: str, flags: List[str]) -> bool:
-    allowed = [["condq"], ["vc", "vcvar"]] if kind == "qc" else [["condq"]]
-    position = 0
-    for flag in flags:  # in order, each at most once
-        while position < len(allowed) and flag not in allowed[position]:
-            position += 1
-        if position == len(allowed):
-            return False
-        position += 1
-    return True
+def _table() -> Dict[str, Variant]:
+    table: Dict[str, Variant] = {"fp32": Variant(), "cache": Variant(cache=RUN_CACHE)}
+    table.update({f"cache-i{i}": Variant(cache=StepCacheConfig(interval=i)) for i in (2, 3)})
+    table.update({f"cache-adaptive-{t}": Variant(cache=StepCacheConfig(policy="adaptive", threshold=t)) for t in (0.1, 0.3)})
+    table["cache-static-0.2"] = Variant(cache=StepCacheConfig(policy="static", threshold=0.2))
+    for sel in SELECTORS:
+        table[f"quant-{sel}"] = Variant(selector=sel)
+        table[f"quant-{sel}-condq"] = Variant(selector=sel, condq=True)
+        for bits in ("w4a8", "w4a4"):
+            table[f"{bits}-{sel}"] = Variant(selector=sel, bits=bits)
+        table[f"qc-{sel}"] = Variant(cache=RUN_CACHE, selector=sel)
+        for condq in (False, True):
+            for tag, form in (("vc", "exact"), ("vcvar", "variance")):
+                name = f"qc-{sel}" + ("-condq" if condq else "") + f"-{tag}"
+                table[name] = Variant(cache=RUN_CACHE, selector=sel, condq=condq, vc=form)
+        table[f"qc-{sel}-condq"] = Variant(cache=RUN_CACHE, selector=sel, condq=True)
+    return table
 
 
-def variant_names() -> List[str]:
-    return ["fp32", "cache-i2", "cache-i3", "cache-adaptive-0.1", "cache-adaptive-0.3", "cache-static-0.2",
-            "quant-uniform", "quant-tap", "quant-tap-condq", "w4a8-uniform", "w4a8-tap"] + ablation_rows()
+VARIANTS: Dict[str, Variant] = _table()
+
+
+def variant_passes(variant: Union[str, Variant], *, bits: str = "w8a8",
+                   cache: StepCacheConfig = StepCacheConfig(interval=2), size: int = 800, pool_labels: int = 32,
+                   vc_placement: str = "sample") -> List:
+    """The passes of a variant (a :data:`VARIANTS` name or a :class:`Variant`); ``cache`` is the run's."""
+    if isinstance(variant, str):
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; known: {sorted(VARIANTS)}")
+        variant = VARIANTS[variant]
+    passes: List = []
+    chosen = cache if variant.cache == RUN_CACHE else variant.cache
+    if chosen is not None:
+        passes.append(StepCache(chosen))
+    if variant.selector is not None:
+        config = QuantConfig.preset(variant.bits or bits, **({"weight_only": ()} if variant.condq else {}))
+        passes += [SELECTORS[variant.selector](size=size, pool_labels=pool_labels), Quantize(config=config)]
+    if variant.vc is not None:
+        passes.append(VarianceCompensation(VCConfig(placement=vc_placement, form=variant.vc)))
+    return passes
 
 
 def ablation_rows() -> List[str]:
     """The Q&C ablation (docs/method.md 5-6): naive quant+cache, +VC, +TAP, +TAP+VC, other clusterings."""
     return ["qc-uniform", "qc-uniform-vc", "qc-uniform-vcvar", "qc-tap", "qc-tap-vc", "qc-tap-vcvar", "qc-kmeans",
             "qc-dbscan", "qc-agglomerative"]
-
-
-def bits_independent(name: str) -> bool:
-    """True for variants without quantization (FP32, cache only): one run serves every bit width."""
-    return name == "fp32" or name.startswith("cache-")
 
 
 def interleaved_medians(fns: Sequence[Callable], repeats: int, pause: float = 0.2) -> List[float]:
@@ -147,9 +178,11 @@ def rel_err(out, ref) -> float:
 
 
 def benchmark_inputs(model, batch: int):
-    """(x, t, y) for timing one forward: random latents of the model's shape, t = 500, labels 0..batch-1."""
-    return (torch.randn(batch, model.in_channels, model.input_size, model.input_size),
-            torch.full((batch,), 500, dtype=torch.long), torch.arange(batch) % model.num_classes)
+    """(x, t, y) for timing one forward: the model adapter's example inputs, with labels 0..batch-1."""
+    adapter = adapter_for(model)
+    info = adapter.info(model)
+    x, t, _ = adapter.example_inputs(info, batch=batch)
+    return x, t, torch.arange(batch) % info.num_classes
 
 
 def sample_timed(model, sampler, labels: Sequence[int], seed: int, batch: int, progress: bool = False):
@@ -160,18 +193,22 @@ def sample_timed(model, sampler, labels: Sequence[int], seed: int, batch: int, p
     return images, time.perf_counter() - t0
 
 
-def run_variants(names: Sequence[str], model_name: str = "dit-mnist", n: int = 1000, steps: int = 50,
-                 cfg: float = 1.5, seed: int = 0, batch: int = 250, bits: str = "w8a8", cache: int = 2,
-                 size: int = 800, pool_labels: int = 32, vc: str = "sample", backend: str = "torch",
-                 fp250: bool = False, on_row: Optional[Callable[[Dict], None]] = None,
-                 fp_seconds: Optional[float] = None, fp250_seconds: Optional[float] = None) -> List[Dict]:
+def run_variants(names: Sequence[str], *, model_name: str = "dit-mnist", n: int = 1000, steps: int = 50,
+                 cfg: float = 1.5, seed: int = 0, batch: int = 250, bits: str = "w8a8",
+                 cache: StepCacheConfig = StepCacheConfig(interval=2), size: int = 800, pool_labels: int = 32,
+                 vc: str = "sample", backend: str = "torch", fp250: bool = False,
+                 on_row: Optional[Callable[[Dict], None]] = None, fp_seconds: Optional[float] = None,
+                 fp250_seconds: Optional[float] = None) -> List[Dict]:
     """Compile, sample and score each variant; rows carry metrics, times and speed ratios.
 
     ``fp_seconds`` / ``fp250_seconds``: FP32 times from an earlier call in the same run (same n, steps
     and batch), so that a second bit width need not sample FP32 again.
     """
-    from .eval import evaluate
+    from ..eval import evaluate
 
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
     model = load_model(model_name)
     sampler = DDPM(steps=steps, cfg_scale=cfg)
     labels = [i % model.num_classes for i in range(n)]
@@ -182,14 +219,15 @@ def run_variants(names: Sequence[str], model_name: str = "dit-mnist", n: int = 1
         fp250_seconds = s * n / len(probe)
     for name in names:
         t0 = time.perf_counter()
-        compiled = qc_compile(model, passes=variant_passes(name, bits, cache, size, pool_labels, vc),
-                              sampler=sampler, seed=seed, backend=backend)
+        passes = variant_passes(name, bits=bits, cache=cache, size=size, pool_labels=pool_labels, vc_placement=vc)
+        compiled = qc_compile(model, passes=passes, sampler=sampler, seed=seed, backend=backend)
         compile_s = time.perf_counter() - t0
         images, seconds = sample_timed(compiled, sampler, labels, seed, batch)
         if fp_seconds is None and name == "fp32":
             fp_seconds = seconds
-        row = {"variant": name, "bits": "-" if bits_independent(name) else bits, "steps": steps,
-               "cache_interval": cache if name.startswith("qc-") else None,
+        variant = VARIANTS[name]
+        row = {"variant": name, "bits": "-" if variant.bits_independent else (variant.bits or bits), "steps": steps,
+               "cache": cache.describe() if variant.cache == RUN_CACHE else None,
                "compile_s": compile_s, "sample_s": seconds, "fp32_sample_s": fp_seconds, "fp32_250_s": fp250_seconds,
                "speed_vs_fp32": (fp_seconds / seconds) if fp_seconds else float("nan"),
                "speed_vs_fp32_250": (fp250_seconds / seconds) if fp250_seconds else float("nan"),
@@ -201,9 +239,9 @@ def run_variants(names: Sequence[str], model_name: str = "dit-mnist", n: int = 1
 
 
 def variant_label(row: Dict) -> str:
-    """The variant name, with the cache interval of quant+cache rows (``qc-tap-vc (i3)``)."""
-    interval = row.get("cache_interval")
-    return f"{row['variant']} (i{interval})" if interval else row["variant"]
+    """The variant name, with the run's cache where the row used it (``qc-tap-vc (interval 3)``)."""
+    cache = row.get("cache") or (f"interval {row['cache_interval']}" if row.get("cache_interval") else None)
+    return f"{row['variant']} ({cache})" if cache else row["variant"]
 
 
 def markdown(rows: List[Dict], n: int, cfg: float) -> str:

@@ -4,11 +4,14 @@ Only the ops that dominate a DiT are counted: linear layers, matmuls and fused a
 count is per sample (batch 1), which is what the cache report needs for "fraction of FLOPs skipped".
 
 Example:
-    >>> from qc_compiler.capture import capture, find_branch_regions
+    >>> from qc_compiler.capture import capture
+    >>> from qc_compiler.graph import find_branch_regions
+    >>> from qc_compiler.models import adapter_for
     >>> from qc_compiler.models.dit import DiT_models
     >>> m = DiT_models["DiT-T/4"](input_size=16, in_channels=1, num_classes=10)
-    >>> gm = capture(m)
-    >>> per_region, blocks = region_flops(gm, find_branch_regions(gm), {"input_size": 16, "in_channels": 1})
+    >>> adapter, gm = adapter_for(m), capture(m)
+    >>> inputs = adapter.example_inputs(adapter.info(m), batch=1)
+    >>> per_region, blocks = region_flops(gm, find_branch_regions(gm, adapter.blocks), inputs, adapter.blocks.pattern)
     >>> per_region[1] == 2 * 16 * (64 * 256 + 256 * 64)   # MLP branch: 16 tokens, fc1 + fc2
     True
 """
@@ -16,14 +19,14 @@ from __future__ import annotations
 
 import operator
 import re
-from typing import Dict, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .capture import BranchRegion, node_module_path
+from .finders import BranchRegion, block_of, node_module_path
 
 __all__ = ["node_flops", "region_flops"]
 
@@ -62,14 +65,13 @@ def node_flops(gm: fx.GraphModule, node: fx.Node) -> int:
     return 0
 
 
-def region_flops(gm: fx.GraphModule, regions: Sequence[BranchRegion], model_info: Dict,
-                 block_pattern: str = r"^blocks\.\d+(\.|$)") -> Tuple[List[int], int]:
-    """(FLOPs of each region, FLOPs of all transformer blocks) for one sample."""
-    size, channels = model_info.get("input_size"), model_info.get("in_channels")
-    if size is None or channels is None:
-        return [0] * len(regions), 0
-    ShapeProp(gm).propagate(torch.randn(1, channels, size, size), torch.tensor([1]), torch.tensor([0]))
+def region_flops(gm: fx.GraphModule, regions: Sequence[BranchRegion], example_inputs: Sequence[torch.Tensor],
+                 block_pattern: str) -> Tuple[List[int], int]:
+    """(FLOPs of each region, FLOPs of all blocks matching ``block_pattern``) for one sample.
+
+    ``example_inputs`` are a batch-1 forward's inputs (the model adapter builds them)."""
+    ShapeProp(gm).propagate(*example_inputs)
     per_region = [sum(node_flops(gm, n) for n in r.nodes) for r in regions]
     block_re = re.compile(block_pattern)
-    blocks = sum(node_flops(gm, n) for n in gm.graph.nodes if block_re.match(node_module_path(n)))
+    blocks = sum(node_flops(gm, n) for n in gm.graph.nodes if block_of(node_module_path(n), block_re) is not None)
     return per_region, blocks

@@ -19,14 +19,15 @@ from typing import Dict, List
 
 import torch
 
-from .api import compile as qc_compile
-from .api import load_model
+from ..api import compile as qc_compile
+from ..api import load_model
+from ..diffusion import DDPM
+from ..imaging import save_grid, side_by_side
+from ..io import save_json
+from ..passes import Quantize, TAPCalibration
+from ..presets import qandc
+from ..specs import StepCacheConfig
 from .bench import sample_timed
-from .diffusion import DDPM
-from .imaging import save_grid, side_by_side
-from .io import save_json
-from .passes import Quantize, TAPCalibration
-from .presets import qandc
 
 __all__ = ["run_demo", "format_table"]
 
@@ -46,10 +47,10 @@ def format_table(rows: List[Dict]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out_dir="out", n_eval: int = 200, seed: int = 0, steps: int = STEPS, rows: int = ROWS,
+def run_demo(out_dir="out", *, n_eval: int = 200, seed: int = 0, steps: int = STEPS, rows: int = ROWS,
              calib_size: int = 800, pool_labels: int = 32) -> List[Dict]:
     """Grid to ``out_dir/grid.png``, metrics to ``out_dir/demo.json``; returns the table rows."""
-    from .eval import evaluate
+    from ..eval import evaluate
 
     out_dir = Path(out_dir)
     model = load_model("dit-mnist")
@@ -59,7 +60,8 @@ def run_demo(out_dir="out", n_eval: int = 200, seed: int = 0, steps: int = STEPS
                 "W8A8 INT8 (TAP)": qc_compile(model, sampler=sampler, passes=[
                     TAPCalibration(size=calib_size, pool_labels=pool_labels), Quantize(preset="w8a8")]),
                 QANDC: qc_compile(model, sampler=sampler,
-                                  passes=qandc("w8a8", cache=2, size=calib_size, pool_labels=pool_labels))}
+                                  passes=qandc(bits="w8a8", cache=StepCacheConfig(interval=2), size=calib_size,
+                                               pool_labels=pool_labels))}
     grid_labels = [c for _ in range(rows) for c in range(model.num_classes)]
     fp_grid, _ = sample_timed(model, sampler, grid_labels, seed, BATCH, progress=True)
     save_grid(fp_grid, out_dir / "grid.png", nrow=model.num_classes, col_labels=[str(c) for c in range(model.num_classes)])

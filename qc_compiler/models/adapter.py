@@ -1,0 +1,202 @@
+"""Model adapters: everything qc-compiler knows about one model family, in one frozen object.
+
+A family (our DiT, diffusers' DiT, ...) is described once, by a :class:`ModelAdapter` registered under
+the class names it serves. ``qc.compile(model)`` picks the adapter from the model's class; passes,
+backends and the runtime ask the adapter (through the pass context) and never name a family. An
+adapter says:
+
+- the forward's inputs (:class:`ForwardInputs`) and, in :meth:`ModelAdapter.example_inputs`, the one
+  place where example inputs are built;
+- what samplers and passes read off the model (:class:`ModelInfo`, with the null condition for CFG);
+- where the blocks and their branches are (:class:`~qc_compiler.graph.BlockLayout`);
+- which linears quantization covers, and which are conditioning linears (weight-only by default);
+- how to capture (``"fx"`` or ``"export"``), and the module to capture (:meth:`ModelAdapter.wrap`);
+- how to save and rebuild the model (:meth:`ModelAdapter.config`, :meth:`ModelAdapter.build`);
+- how the compiled model goes back into its pipeline (:meth:`ModelAdapter.to_pipeline`).
+
+Adding a family is one file that subclasses :class:`ModelAdapter` and calls :func:`register_adapter`.
+
+Example:
+    >>> from qc_compiler.models.dit import DiT_models
+    >>> model = DiT_models["DiT-T/4"](input_size=16, in_channels=1, num_classes=10)
+    >>> adapter = adapter_for(model)
+    >>> adapter.name, adapter.info(model).null_label, [x.shape[0] for x in adapter.example_inputs(adapter.info(model))]
+    ('dit', 10, [2, 2, 2])
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Optional, Tuple, Type
+
+import torch
+import torch.nn as nn
+
+from ..capture import CAPTURE_MODES
+from ..errors import ArtifactError, QCError
+from ..graph import BlockLayout
+from ..options import check_int
+
+__all__ = ["ModelInfo", "ForwardInputs", "ModelAdapter", "ADAPTERS", "register_adapter", "adapter_for", "get_adapter",
+           "known_classes"]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What samplers and passes read off a denoiser. ``num_classes`` is None for a model without
+    class labels; the null (unconditional) label of a class-conditional one is ``num_classes``."""
+
+    input_size: int
+    in_channels: int
+    out_channels: int
+    num_classes: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        for name in ("input_size", "in_channels", "out_channels"):
+            object.__setattr__(self, name, check_int(name, getattr(self, name), lo=1))
+        if self.num_classes is not None:
+            object.__setattr__(self, "num_classes", check_int("num_classes", self.num_classes, lo=1))
+
+    @property
+    def learn_sigma(self) -> bool:
+        """The output carries variance channels after the predicted noise (DiT's learned sigma)."""
+        return self.out_channels == 2 * self.in_channels
+
+    @property
+    def null_label(self) -> Optional[int]:
+        return self.num_classes
+
+    @property
+    def sample_shape(self) -> Tuple[int, int, int]:
+        return (self.in_channels, self.input_size, self.input_size)
+
+    def to_json(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: Dict[str, Any]) -> "ModelInfo":
+        try:
+            return cls(**{k: d[k] for k in ("input_size", "in_channels", "out_channels", "num_classes")})
+        except KeyError as e:
+            raise ArtifactError(f"model info is missing {e}; the file was not written by this qc-compiler") from None
+
+
+@dataclass(frozen=True)
+class ForwardInputs:
+    """Names of the captured forward's inputs: latent, timestep, condition, then extra keyword inputs
+    (text states, pooled projections, image/text ids, guidance) for families that have them."""
+
+    latent: str = "x"
+    timestep: str = "t"
+    condition: str = "y"
+    extra: Tuple[str, ...] = ()
+
+    @property
+    def names(self) -> Tuple[str, ...]:
+        return (self.latent, self.timestep, self.condition, *self.extra)
+
+
+@dataclass(frozen=True)
+class ModelAdapter:
+    """One model family. Data fields describe it; methods (overridden per family) act on its models.
+
+    ``classes`` are the class names it serves, matched against a model's class and its bases.
+    ``quantizable`` and ``conditioning_linears`` are globs over module paths in the captured graph.
+    """
+
+    name: str
+    classes: Tuple[str, ...]
+    blocks: BlockLayout
+    quantizable: Tuple[str, ...]
+    conditioning_linears: Tuple[str, ...] = ()
+    inputs: ForwardInputs = ForwardInputs()
+    capture_mode: str = "fx"
+    leaf_modules: Tuple[Type[nn.Module], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.capture_mode not in CAPTURE_MODES:
+            raise ValueError(f"capture_mode must be one of {list(CAPTURE_MODES)}, got {self.capture_mode!r}")
+        for name in ("classes", "quantizable", "conditioning_linears", "leaf_modules"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+
+    # --- what a family overrides -------------------------------------------------------------------
+    def info(self, model: nn.Module) -> ModelInfo:
+        """Read the model's :class:`ModelInfo` (default: ``input_size``, ``in_channels``, ... attributes)."""
+        try:
+            return ModelInfo(input_size=model.input_size, in_channels=model.in_channels,
+                             out_channels=getattr(model, "out_channels", model.in_channels),
+                             num_classes=getattr(model, "num_classes", None))
+        except AttributeError as e:
+            raise QCError(f"adapter {self.name!r}: {type(model).__name__} does not say {e}; override info()") from None
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The module to capture, with the forward ``inputs`` names (default: the model itself)."""
+        return model
+
+    def source(self, model: nn.Module) -> nn.Module:
+        """The module whose config and weights are saved (undoes :meth:`wrap`; default: the model)."""
+        return model
+
+    def example_inputs(self, info: ModelInfo, batch: int = 2) -> Tuple[torch.Tensor, ...]:
+        """Inputs of one forward, in ``inputs`` order. This is the only place they are built: capture,
+        FLOP counts, ONNX export and benchmarks all ask here. Batch 2 keeps export's batch dynamic."""
+        return (torch.randn(batch, *info.sample_shape), torch.full((batch,), 500, dtype=torch.long),
+                torch.zeros(batch, dtype=torch.long))
+
+    def null_condition(self, info: ModelInfo) -> Optional[int]:
+        """The condition CFG's unconditional half uses (the null class label)."""
+        return info.null_label
+
+    def config(self, model: nn.Module) -> Optional[Dict[str, Any]]:
+        """A JSON config that :meth:`build` turns back into this model (None: cannot be saved)."""
+        return None
+
+    def build(self, config: Dict[str, Any]) -> nn.Module:
+        """A model from :meth:`config`'s output, with random weights (the saved ones are loaded next)."""
+        raise ArtifactError(f"the {self.name!r} adapter cannot rebuild models from a saved config")
+
+    def to_pipeline(self, compiled: nn.Module, original: nn.Module) -> nn.Module:
+        """What goes back into the family's pipeline in place of ``original`` (default: ``compiled``)."""
+        return compiled
+
+    def pipeline_sampler(self, pipe: Any, num_inference_steps: int, guidance_scale: float) -> Any:
+        """The sampler whose step table follows ``pipe``'s scheduler call for call."""
+        raise QCError(f"the {self.name!r} adapter does not know this family's pipelines; compile the transformer "
+                      "with a sampler and set pipe.transformer yourself")
+
+
+ADAPTERS: Dict[str, ModelAdapter] = {}
+_BY_CLASS: Dict[str, str] = {}
+
+
+def register_adapter(adapter: ModelAdapter) -> ModelAdapter:
+    """Make ``adapter`` the one ``qc.compile`` uses for models of its ``classes``."""
+    if not isinstance(adapter, ModelAdapter):
+        raise TypeError(f"register_adapter takes a ModelAdapter, got {type(adapter).__name__}")
+    ADAPTERS[adapter.name] = adapter
+    for cls in adapter.classes:
+        _BY_CLASS[cls] = adapter.name
+    return adapter
+
+
+def adapter_for(model: nn.Module) -> ModelAdapter:
+    """The adapter for ``model``'s class (or the nearest base class that has one)."""
+    for cls in type(model).__mro__:
+        name = _BY_CLASS.get(cls.__name__)
+        if name is not None:
+            return ADAPTERS[name]
+    known = ", ".join(sorted(_BY_CLASS)) or "none"
+    raise QCError(
+        f"no model adapter knows {type(model).__name__}; known classes: {known}. To compile another family, "
+        "register one: qc_compiler.models.register_adapter(MyAdapter(name=..., classes=('MyModel',), blocks=..., "
+        "quantizable=...)); see docs/adapters.md"
+    )
+
+
+def get_adapter(name: str) -> ModelAdapter:
+    if name not in ADAPTERS:
+        raise ArtifactError(f"no model adapter named {name!r} is registered here; known: {sorted(ADAPTERS)}")
+    return ADAPTERS[name]
+
+
+def known_classes() -> List[str]:
+    return sorted(_BY_CLASS)

@@ -1,0 +1,283 @@
+"""Step-dependent behaviours as frozen, serialisable specs, each with one decide/apply function.
+
+Two behaviours change with the step index (``qc_compiler.step``), and each is written down once here:
+
+- :class:`CacheSchedule` says which cached regions compute at which step (interval, static table,
+  or the adaptive policy's run-time decision). ``decide`` is the one function the torch cache
+  lookups and the onnxruntime runner both call.
+- :class:`VCTable` holds variance compensation's per-step, per-channel K. ``apply`` (through
+  :func:`rescale`) is the one formula the torch nodes, the sampler hooks, the ONNX graph and the
+  onnxruntime runner all use.
+
+Their options are frozen configs too (:class:`StepCacheConfig`, :class:`VCConfig`), checked once when
+built, so that a backend can refuse what it cannot run by reading them, before any pass runs.
+
+Example:
+    >>> s = CacheSchedule(policy="interval", regions=("b0.attn", "b0.mlp"), interval=3)
+    >>> [s.decide(step, 0, have=True, memory={}) for step in range(5)]
+    [True, False, False, True, False]
+    >>> CacheSchedule.from_json(s.to_json()) == s
+    True
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+
+from .errors import StepError
+from .options import check_choice, check_float, check_int, parse_options
+
+__all__ = ["CACHE_POLICIES", "StepCacheConfig", "CacheSchedule", "CacheLookupSpec", "VC_PLACEMENTS", "VC_FORMS",
+           "VCConfig", "VCTable", "rescale"]
+
+CACHE_POLICIES = ("interval", "static", "adaptive")
+VC_PLACEMENTS = ("eps", "sample")
+VC_FORMS = ("exact", "paper", "variance")
+
+
+def _table(rows: Optional[Sequence[Sequence[int]]]) -> Optional[Tuple[Tuple[int, ...], ...]]:
+    if rows is None:
+        return None
+    out = []
+    for i, row in enumerate(rows):
+        values = tuple(check_int(f"schedule[{i}]", v, lo=0, hi=1) for v in row)
+        out.append(values)
+    return tuple(out)
+
+
+# --- the step cache ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StepCacheConfig:
+    """Options of the step cache, checked when built. Conflicting options raise.
+
+    - ``policy="interval"``: compute every ``interval`` steps (default 2);
+    - ``policy="static"``: a 0/1 ``schedule`` (steps x regions), or one derived from the measured
+      change of each region's output, reusing below ``threshold`` (default 0.1);
+    - ``policy="adaptive"``: the first region decides at run time from its accumulated relative
+      change against ``threshold`` (default 0.1).
+
+    ``interval`` only goes with the interval policy, ``threshold`` with the other two, and
+    ``schedule`` with the static one.
+
+    Example:
+        >>> StepCacheConfig(interval=3).interval
+        3
+        >>> StepCacheConfig(policy="adaptive", interval=3)
+        Traceback (most recent call last):
+        ...
+        ValueError: interval is an option of the interval policy, not of 'adaptive'
+    """
+
+    policy: str = "interval"
+    interval: Optional[int] = None
+    threshold: Optional[float] = None
+    schedule: Optional[Tuple[Tuple[int, ...], ...]] = None
+    calibration_labels: int = 4
+    branches: Tuple[str, ...] = ("attn", "mlp")
+
+    def __post_init__(self) -> None:
+        check_choice("policy", self.policy, CACHE_POLICIES)
+        if self.interval is not None:
+            if self.policy != "interval":
+                raise ValueError(f"interval is an option of the interval policy, not of {self.policy!r}")
+            object.__setattr__(self, "interval", check_int("interval", self.interval, lo=1))
+        if self.threshold is not None:
+            if self.policy == "interval":
+                raise ValueError("threshold is an option of the static and adaptive policies, not of 'interval'")
+            object.__setattr__(self, "threshold", check_float("threshold", self.threshold, lo=0.0))
+        if self.schedule is not None and self.policy != "static":
+            raise ValueError(f"schedule is an option of the static policy, not of {self.policy!r}")
+        object.__setattr__(self, "schedule", _table(self.schedule))
+        object.__setattr__(self, "calibration_labels", check_int("calibration_labels", self.calibration_labels, lo=1))
+        if isinstance(self.branches, str) or not self.branches or not all(isinstance(b, str) for b in self.branches):
+            raise ValueError(f"branches must be a non-empty list of branch names, got {self.branches!r}")
+        object.__setattr__(self, "branches", tuple(self.branches))
+
+    @classmethod
+    def parse(cls, text: str) -> "StepCacheConfig":
+        """The shell spelling, the same as ``--pass step_cache:...``: ``"interval=3"``,
+        ``"policy=adaptive,threshold=0.1"``.
+
+        Example:
+            >>> StepCacheConfig.parse("policy=static,threshold=0.2").describe()
+            'static (threshold 0.2)'
+        """
+        try:
+            return cls(**parse_options(text, "cache"))
+        except TypeError as e:  # an unknown key
+            raise ValueError(f"cache: {e}") from None
+
+    @property
+    def every(self) -> int:
+        """The interval in effect (2 unless given)."""
+        return 2 if self.interval is None else self.interval
+
+    @property
+    def level(self) -> float:
+        """The threshold in effect (0.1 unless given)."""
+        return 0.1 if self.threshold is None else self.threshold
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"policy": self.policy, "interval": self.interval, "threshold": self.threshold,
+                "schedule": None if self.schedule is None else [list(r) for r in self.schedule],
+                "calibration_labels": self.calibration_labels, "branches": list(self.branches)}
+
+    def describe(self) -> str:
+        if self.policy == "interval":
+            return f"interval {self.every}"
+        return f"{self.policy} (threshold {self.level})" if self.schedule is None else "static (given schedule)"
+
+
+@dataclass(frozen=True)
+class CacheSchedule:
+    """Which cached regions compute at which step. ``regions`` are in graph order; region 0 is the
+    adaptive policy's probe. ``table`` (static) is steps x regions, 1 = compute."""
+
+    policy: str
+    regions: Tuple[str, ...]
+    interval: int = 1
+    table: Optional[Tuple[Tuple[int, ...], ...]] = None
+    threshold: float = 0.1
+    region_flops: Tuple[int, ...] = ()
+    block_flops: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice("policy", self.policy, CACHE_POLICIES)
+        object.__setattr__(self, "regions", tuple(self.regions))
+        object.__setattr__(self, "region_flops", tuple(int(f) for f in self.region_flops))
+        object.__setattr__(self, "table", _table(self.table))
+        check_int("interval", self.interval, lo=1)
+        check_float("threshold", self.threshold, lo=0.0)
+        if self.policy == "static":
+            if self.table is None:
+                raise ValueError("a static cache schedule needs its table")
+            if any(len(row) != len(self.regions) for row in self.table):
+                raise ValueError(f"every row of the static schedule must have {len(self.regions)} entries")
+
+    def decide(self, step: int, region: int, have: bool, memory: Dict[str, Any]) -> bool:
+        """True when ``region`` computes at ``step``. ``have``: a stored output exists; ``memory``: the
+        run's store, where the adaptive policy keeps its decisions."""
+        if step == 0 or not have:
+            return True
+        if self.policy == "interval":
+            return step % self.interval == 0
+        if self.policy == "static":
+            if step >= len(self.table):
+                raise StepError(f"the static cache schedule has {len(self.table)} steps; step {step} is past it")
+            return bool(self.table[step][region])
+        # adaptive: region 0 is the probe and always runs; the others follow this step's decision
+        return region == 0 or memory.get("decision", {}).get(step, True)
+
+    def observe(self, step: int, region: int, output: torch.Tensor, memory: Dict[str, Any]) -> None:
+        """Adaptive only: after the probe region runs, decide for the rest of this step."""
+        if self.policy != "adaptive" or region != 0:
+            return
+        prev = memory.get("probe")
+        decision = memory.setdefault("decision", {})
+        if prev is None or step == 0:
+            memory["acc"], decision[step] = 0.0, True
+        else:
+            rel = float((output - prev).abs().mean() / prev.abs().mean().clamp_min(1e-12))
+            memory["acc"] = memory.get("acc", 0.0) + rel
+            decision[step] = memory["acc"] >= self.threshold
+            if decision[step]:
+                memory["acc"] = 0.0
+        memory["probe"] = output
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"policy": self.policy, "regions": list(self.regions), "interval": self.interval,
+                "table": None if self.table is None else [list(r) for r in self.table], "threshold": self.threshold,
+                "region_flops": list(self.region_flops), "block_flops": self.block_flops}
+
+    @classmethod
+    def from_json(cls, d: Dict[str, Any]) -> "CacheSchedule":
+        return cls(policy=d["policy"], regions=tuple(d["regions"]), interval=d["interval"], table=d["table"],
+                   threshold=d["threshold"], region_flops=tuple(d.get("region_flops", ())),
+                   block_flops=d.get("block_flops", 0))
+
+
+@dataclass(frozen=True)
+class CacheLookupSpec:
+    """What a cache-lookup node is, for an exporter: region ``index`` of ``schedule``."""
+
+    schedule: CacheSchedule
+    index: int
+
+
+# --- variance compensation -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class VCConfig:
+    """Options of variance compensation (docs/method.md 5), checked when built.
+
+    ``placement``: ``"sample"`` (x_t after each sampler update, the paper's) or ``"eps"`` (the model's
+    predicted noise, inside the graph). ``form``: ``"variance"`` (spread ratio, the default),
+    ``"exact"`` (least squares) or ``"paper"`` (as printed). ``batch``: paired trajectories fitted on.
+    ``mask_eps``: 1/x' terms are masked where |x'| < mask_eps x RMS(x'). ``k_range``: K is clamped to
+    it (None: no clamp).
+    """
+
+    placement: str = "sample"
+    form: str = "variance"
+    batch: int = 32
+    mask_eps: float = 0.1
+    k_range: Optional[Tuple[float, float]] = (0.5, 2.0)
+
+    def __post_init__(self) -> None:
+        check_choice("placement", self.placement, VC_PLACEMENTS)
+        check_choice("form", self.form, VC_FORMS)
+        object.__setattr__(self, "batch", check_int("batch", self.batch, lo=2))
+        object.__setattr__(self, "mask_eps", check_float("mask_eps", self.mask_eps, lo=0.0))
+        if self.k_range is not None:
+            if isinstance(self.k_range, str) or len(self.k_range) != 2:
+                raise ValueError(f"k_range must be [low, high] or None, got {self.k_range!r}")
+            lo, hi = (check_float("k_range", v, lo=0.0, lo_open=True) for v in self.k_range)
+            if not lo <= 1.0 <= hi:
+                raise ValueError(f"k_range must contain 1 and be positive, got {list(self.k_range)}")
+            object.__setattr__(self, "k_range", (lo, hi))
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"placement": self.placement, "form": self.form, "batch": self.batch, "mask_eps": self.mask_eps,
+                "k_range": None if self.k_range is None else list(self.k_range)}
+
+
+def rescale(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """mu + K (x - mu) per sample and channel: x (N, C, *spatial), k (C,); mu is the spatial mean."""
+    dims = tuple(range(2, x.dim()))
+    mu = x.mean(dim=dims, keepdim=True)
+    return mu + k.to(x.dtype).view(1, -1, *([1] * len(dims))) * (x - mu)
+
+
+@dataclass(frozen=True)
+class VCTable:
+    """K (steps x channels) and where it applies: to the first ``k.shape[1]`` channels of the model
+    output (``eps``; learned-sigma channels are left alone) or to x_t after an update (``sample``)."""
+
+    placement: str
+    k: torch.Tensor = field(compare=False)
+
+    def __post_init__(self) -> None:
+        check_choice("placement", self.placement, VC_PLACEMENTS)
+        if self.k.dim() != 2:
+            raise ValueError(f"a VC table is (steps, channels), got shape {tuple(self.k.shape)}")
+
+    @property
+    def channels(self) -> int:
+        return int(self.k.shape[1])
+
+    def apply(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        """The corrected tensor at ``step`` (a model output for ``eps``, x_t for ``sample``)."""
+        if self.placement == "sample":
+            return rescale(x, self.k[step])
+        c = self.k.shape[1]  # no int(): under ONNX tracing this stays a traced size
+        return torch.cat([rescale(x[:, :c], self.k[step]), x[:, c:]], dim=1)
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"placement": self.placement, "k": self.k.tolist()}
+
+    @classmethod
+    def from_json(cls, d: Dict[str, Any]) -> "VCTable":
+        return cls(d["placement"], torch.tensor(d["k"], dtype=torch.float32))

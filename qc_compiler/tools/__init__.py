@@ -1,0 +1,2 @@
+"""Tools on top of the API: the quality-and-speed runs (``bench``) and the demo (``demo``), used by the
+``qc`` command and ``benchmarks/``."""
