@@ -60,7 +60,8 @@ class StepCacheConfig:
       change against ``threshold`` (default 0.1).
 
     ``interval`` only goes with the interval policy, ``threshold`` with the other two, and
-    ``schedule`` with the static one.
+    ``schedule`` with the static one. ``branches`` names the block branches to cache (None: every
+    branch the model adapter lists).
 
     Example:
         >>> StepCacheConfig(interval=3).interval
@@ -76,7 +77,7 @@ class StepCacheConfig:
     threshold: Optional[float] = None
     schedule: Optional[Tuple[Tuple[int, ...], ...]] = None
     calibration_labels: int = 4
-    branches: Tuple[str, ...] = ("attn", "mlp")
+    branches: Optional[Tuple[str, ...]] = None
 
     def __post_init__(self) -> None:
         check_choice("policy", self.policy, CACHE_POLICIES)
@@ -92,9 +93,10 @@ class StepCacheConfig:
             raise ValueError(f"schedule is an option of the static policy, not of {self.policy!r}")
         object.__setattr__(self, "schedule", _table(self.schedule))
         object.__setattr__(self, "calibration_labels", check_int("calibration_labels", self.calibration_labels, lo=1))
-        if isinstance(self.branches, str) or not self.branches or not all(isinstance(b, str) for b in self.branches):
-            raise ValueError(f"branches must be a non-empty list of branch names, got {self.branches!r}")
-        object.__setattr__(self, "branches", tuple(self.branches))
+        if self.branches is not None:
+            if isinstance(self.branches, str) or not self.branches or not all(isinstance(b, str) for b in self.branches):
+                raise ValueError(f"branches must be a non-empty list of branch names, got {self.branches!r}")
+            object.__setattr__(self, "branches", tuple(self.branches))
 
     @classmethod
     def parse(cls, text: str) -> "StepCacheConfig":
@@ -123,7 +125,8 @@ class StepCacheConfig:
     def to_json(self) -> Dict[str, Any]:
         return {"policy": self.policy, "interval": self.interval, "threshold": self.threshold,
                 "schedule": None if self.schedule is None else [list(r) for r in self.schedule],
-                "calibration_labels": self.calibration_labels, "branches": list(self.branches)}
+                "calibration_labels": self.calibration_labels,
+                "branches": None if self.branches is None else list(self.branches)}
 
     def describe(self) -> str:
         if self.policy == "interval":

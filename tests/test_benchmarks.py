@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # whole-program runs
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 

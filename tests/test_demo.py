@@ -1,8 +1,11 @@
 import json
 
+import pytest
 from PIL import Image
 
 from qc_compiler.cli import main
+
+pytestmark = pytest.mark.slow  # whole-program runs
 
 
 def test_demo_writes_grids_onnx_and_a_measured_table(tmp_path, capsys):

@@ -103,3 +103,30 @@ def test_local_folder_loading(tmp_path):
     assert torch.equal(loaded(x, ts, y), DiffusersDiT(t)(x, ts, y))
     with pytest.raises(qc.ArtifactError, match="not a diffusers transformer folder"):
         load_diffusers_transformer(tmp_path)
+
+
+def test_a_raw_diffusers_dit_compiles_saves_and_reloads_without_a_wrapper(tmp_path):
+    transformer, sampler = tiny_transformer(), qc.DDPM(steps=4, cfg_scale=1.5)
+    assert qc.adapter_for(transformer) is DIFFUSERS_DIT
+    exact = qc.compile(transformer, passes=[StepCache(interval=1)], sampler=sampler)
+    ref = sampler.sample(DiffusersDiT(transformer), [1, 2], seed=0)
+    assert torch.equal(sampler.sample(exact, [1, 2], seed=0), ref)
+    cm = qc.compile(transformer, passes=[StepCache(interval=2), TAPCalibration(clusters=4, size=12, pool_labels=4),
+                                         Quantize(preset="w8a8")], sampler=sampler)
+    assert cm.build["adapter"] == "diffusers-dit" and cm.build["model_config"]["num_layers"] == 2
+    cm.save(tmp_path / "m")
+    again = qc.load_compiled(tmp_path / "m")
+    assert torch.equal(sampler.sample(again, [3], seed=1), sampler.sample(cm, [3], seed=1))
+    # the cache report counts the diffusers blocks' FLOPs (the block pattern is the adapter's)
+    from qc_compiler.passes.cache import skipped_flops_fraction
+
+    sampler.sample(cm, [3], seed=1)
+    assert 0.3 < skipped_flops_fraction(cm) < 0.5 and "block FLOPs skipped: " in cm.report()
+
+
+def test_compile_pipeline_puts_the_compiled_transformer_back():
+    pipe = tiny_pipeline()
+    ref = run(pipe)
+    compiled = qc.compile_pipeline(pipe, passes=[StepCache(interval=1)], num_inference_steps=5, guidance_scale=2.0)
+    np.testing.assert_array_equal(run(pipe), ref)
+    assert compiled.step_state.step == 4 and pipe.transformer.compiled is compiled

@@ -41,6 +41,7 @@ def merged(out_dir):
     return load_tensors(out_dir / "samples.safetensors")[0]
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_equal_one_process_bit_for_bit(weights, tmp_path):
     assert main(args(weights, tmp_path / "one")) == 0
     proc = torchrun(2, args(weights, tmp_path / "two"))
@@ -71,6 +72,7 @@ def test_a_rerun_resumes_without_losing_or_duplicating(weights, tmp_path, capsys
     assert "wrote 4 shard(s)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_eval_nproc_launches_torchrun_and_scores_once(weights, tmp_path):
     out = tmp_path / "metrics.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -83,6 +85,7 @@ def test_eval_nproc_launches_torchrun_and_scores_once(weights, tmp_path):
     assert proc.stdout.count('"fid"') == 1  # computed on rank 0 only
 
 
+@pytest.mark.slow
 def test_calibration_pool_collection_shards_over_ranks(weights, tmp_path):
     compile_args = ["compile", "--model", weights, "--steps", "3", "--cfg", "1.5", "--threads", "1",
                     "--pass", "uniform_calibration:size=12,pool_labels=6,batch=2,num_steps=3", "--pass", "quantize"]

@@ -102,3 +102,74 @@ def test_provider_errors(tmp_path):
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         with pytest.raises(qc.ExportError, match="onnxruntime-gpu"):
             OrtDenoiser(path, provider="cuda")
+
+
+def test_onnx_is_a_backend_that_returns_a_drop_in_denoiser(tmp_path):
+    sampler = qc.DDPM(steps=6, cfg_scale=1.5)
+    passes = lambda: [StepCache(interval=2), UniformCalibration(size=20, pool_labels=4),  # noqa: E731
+                      Quantize(weight_bits=8, act_bits=8), VarianceCompensation(batch=4)]
+    cm = qc.compile(make_tiny(), passes=passes(), sampler=sampler, backend="onnx")
+    fake = qc.compile(make_tiny(), passes=passes(), sampler=sampler, backend="fakequant")
+    a, b = sampler.sample(fake, [1, 2, 3], seed=0), sampler.sample(cm, [1, 2, 3], seed=0)
+    assert float((a - b).norm() / a.norm()) < 1e-4
+    assert "onnxruntime CPUExecutionProvider" in cm.report()
+    assert cm.step_state.store("onnx_cache").keys() == {0, 1, 2, 3}  # the cache lives in the step state
+    with pytest.raises(qc.StepError, match="not in the compiled schedule"):
+        cm(torch.randn(2, 1, 16, 16), torch.tensor([500, 500]), torch.tensor([1, 2]))
+    cm.save(tmp_path / "m")  # saved and reloaded like any compiled model
+    again = qc.load_compiled(tmp_path / "m")
+    assert again.build["backend"] == "onnx" and torch.equal(sampler.sample(again, [1, 2], seed=1),
+                                                              sampler.sample(cm, [1, 2], seed=1))
+    path = cm.export_onnx(tmp_path / "m.onnx")  # the file it runs
+    assert torch.equal(sampler.sample(OrtDenoiser(path, threads=1), [1, 2], seed=1), sampler.sample(cm, [1, 2], seed=1))
+
+
+@pytest.mark.parametrize("passes, match", [
+    (lambda: [StepCache(policy="adaptive")], "adaptive"),
+    (lambda: [Quantize(config=QuantConfig.preset("w8a8", act_step_groups=2))], "per-step-group"),
+    (lambda: [Quantize(preset="w4a4")], "4-bit activations"),
+])
+def test_the_onnx_backend_refuses_before_any_pass_runs(passes, match):
+    ran = []
+
+    @qc.graph_pass(name="spy", provides={"calibration_set"})
+    def spy(gm, ctx):
+        ran.append(1)
+        ctx.artifacts["calibration_set"] = None
+
+    with pytest.raises(qc.ExportError, match=match):
+        qc.compile(make_tiny(), passes=[spy, *passes()], sampler=SAMPLER, backend="onnx")
+    assert ran == []
+
+
+def test_onnx_files_carry_a_digest_that_the_runner_checks(tmp_path):
+    path = compiled().export_onnx(tmp_path / "m.onnx")
+    model = onnx.load(str(path))
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert len(meta["qc.digest"]) == 64 and meta["qc.adapter"] == "dit"
+    # flip one weight code: the file still loads in onnxruntime, but not in ours
+    init = next(i for i in model.graph.initializer if i.name.endswith("_int8"))
+    data = bytearray(init.raw_data)
+    data[0] = (data[0] + 1) % 256
+    init.raw_data = bytes(data)
+    (tmp_path / "edited.onnx").write_bytes(model.SerializeToString())
+    with pytest.raises(qc.ArtifactError, match="does not match its qc.digest"):
+        OrtDenoiser(tmp_path / "edited.onnx")
+    OrtDenoiser(tmp_path / "edited.onnx", verify=False)  # edited on purpose: opt out
+    meta_edit = onnx.load(str(path))
+    next(p for p in meta_edit.metadata_props if p.key == "qc.timesteps").value = "[999, 0]"
+    (tmp_path / "meta.onnx").write_bytes(meta_edit.SerializeToString())
+    with pytest.raises(qc.ArtifactError, match="qc.digest"):
+        OrtDenoiser(tmp_path / "meta.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"\x08\x07garbage" * 10)
+    with pytest.raises(qc.ArtifactError, match="not a readable ONNX file|not written by qc-compiler"):
+        OrtDenoiser(tmp_path / "junk.onnx")
+
+
+@pytest.mark.parametrize("opset", [9, 12, 21])
+def test_unsupported_opsets_and_bad_paths_are_refused_before_exporting(opset, tmp_path):
+    cm = compiled()
+    with pytest.raises(ValueError, match="opset must be in 13..20"):
+        cm.export_onnx(tmp_path / "m.onnx", opset=opset)
+    with pytest.raises(qc.ExportError, match="is a folder"):
+        cm.export_onnx(tmp_path)

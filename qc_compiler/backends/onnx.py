@@ -66,7 +66,7 @@ from ..quant.spec import QuantizedActSpec, QuantizedLinearSpec
 from ..runtime import CompiledModel, register_exporter
 from ..specs import CacheLookupSpec, CacheSchedule, StepCacheConfig, VCTable
 from ..step import StepAware
-from . import register_backend
+from .registry import register_backend
 
 __all__ = ["export_onnx", "onnx_bytes", "OrtGraph", "OrtDenoiser", "PROVIDERS", "optimized_op_counts",
            "session_options", "check_onnx_passes", "OPSETS"]

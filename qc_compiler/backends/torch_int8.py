@@ -39,7 +39,7 @@ import torch.nn as nn
 from ..graph import iter_graph_modules
 from ..quant.spec import QuantizedLinearSpec
 from ..step import StepAware
-from . import register_backend
+from .registry import register_backend
 
 __all__ = ["Int8Linear", "WeightOnlyLinear", "lower_torch", "KERNELS", "default_kernel"]
 

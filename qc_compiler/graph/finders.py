@@ -14,7 +14,7 @@ Example:
     >>> gm = capture(DiT_models["DiT-T/4"](input_size=16, in_channels=1, num_classes=10))
     >>> layout = BlockLayout(r"^blocks\\.\\d+$", (BranchSpec("attn", "norm1", "attn.proj"),))
     >>> graph_flavour(gm), len(find_linears(gm)), len(find_branch_regions(gm, layout))
-    ('fx', 15, 2)
+    ('fx', 14, 2)
 """
 from __future__ import annotations
 

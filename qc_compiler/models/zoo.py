@@ -2,7 +2,7 @@
 
 Example:
     >>> model = load_model("DiT-T/4", input_size=16, num_classes=10)   # random init, by config name
-    >>> model = load_model("dit-mnist")                                 # doctest: +SKIP (embedded weights)
+    >>> model = load_model("dit-mnist")                                 # the embedded, trained weights
 """
 from __future__ import annotations
 

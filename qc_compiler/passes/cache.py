@@ -147,9 +147,14 @@ class StepCache(Pass):
     def run(self, gm: fx.GraphModule, ctx) -> PassResult:
         cfg = self.config
         adapter, info = ctx.need("adapter", self.name), ctx.need("info", self.name)
-        regions = [r for r in find_branch_regions(gm, adapter.blocks) if r.name in cfg.branches]
+        known = [b.name for b in adapter.blocks.branches]
+        wanted = known if cfg.branches is None else list(cfg.branches)
+        if set(wanted) - set(known):
+            raise PassError(self.name, f"branches {sorted(set(wanted) - set(known))} are not {adapter.name!r} branches; "
+                                       f"known: {known}")
+        regions = [r for r in find_branch_regions(gm, adapter.blocks) if r.name in wanted]
         if not regions:
-            raise PassError(self.name, f"found no {list(cfg.branches)} branch regions in the {adapter.name!r} blocks "
+            raise PassError(self.name, f"found no {wanted} branch regions in the {adapter.name!r} blocks "
                                        f"({adapter.blocks.pattern}) to cache")
         flops, block_flops = region_flops(gm, regions, adapter.example_inputs(info, batch=1), adapter.blocks.pattern)
         names = tuple(r.qualname for r in regions)

@@ -33,9 +33,13 @@ that both nodes give as their ``export_spec()``: the torch graph, the ONNX graph
 runner apply the one formula.
 
 Example:
-    >>> import qc_compiler as qc                                               # doctest: +SKIP
-    >>> passes = [qc.passes.StepCache(interval=2), qc.passes.TAPCalibration(), qc.passes.Quantize(),
-    ...           qc.passes.VarianceCompensation(placement="sample")]
+    >>> import qc_compiler as qc
+    >>> from qc_compiler.passes import StepCache, UniformCalibration
+    >>> model = qc.load_model("DiT-T/4", input_size=16, in_channels=1, num_classes=10)
+    >>> passes = [StepCache(interval=2), UniformCalibration(size=16, pool_labels=4), VarianceCompensation(batch=4)]
+    >>> fast = qc.compile(model, passes=passes, sampler=qc.DDPM(steps=4))
+    >>> fast.step_hooks[0].export_spec().k.shape     # (steps, channels)
+    torch.Size([4, 1])
 """
 from __future__ import annotations
 

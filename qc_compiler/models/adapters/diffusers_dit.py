@@ -13,11 +13,11 @@ follows the pipeline.
 Loading is local only: :func:`load_diffusers_transformer` reads ``config.json`` and the weights
 (safetensors) from a folder; nothing is fetched. diffusers itself is imported only when needed.
 
-Example:
-    >>> from diffusers import DiTTransformer2DModel                         # doctest: +SKIP
-    >>> transformer = DiTTransformer2DModel(sample_size=16, num_layers=2)   # doctest: +SKIP
-    >>> fast = qc.compile(transformer, passes=[...], sampler=sampler_for_scheduler(pipe.scheduler, 25, 4.0))
-    >>> pipe.transformer = pipeline_transformer(fast, pipe.transformer)      # doctest: +SKIP
+Example (``pipe`` a local ``DiTPipeline``; ``qc.compile_pipeline`` does the last three lines):
+    >>> import qc_compiler as qc                                                          # doctest: +SKIP
+    >>> sampler = sampler_for_scheduler(pipe.scheduler, 25, 4.0)                          # doctest: +SKIP
+    >>> fast = qc.compile(pipe.transformer, passes=qc.presets.qandc(), sampler=sampler)   # doctest: +SKIP
+    >>> pipe.transformer = pipeline_transformer(fast, pipe.transformer)                   # doctest: +SKIP
 """
 from __future__ import annotations
 
