@@ -43,10 +43,10 @@ def per_step_errors(sampler, compiled, ort, reference, labels):
     null = compiled.num_classes
     worst_rel = worst_abs = worst_ref = 0.0
     for rec in run.steps:
-        out = sampler.guided_output(ort, rec.x_t, rec.t, rec.y, null)
+        out = sampler.guided_output(ort, rec.x_t, rec.t, rec.y, null_label=null)
         worst_rel = max(worst_rel, rel_err(out, rec.model_output))
         worst_abs = max(worst_abs, float((out - rec.model_output).abs().max()))
-        worst_ref = max(worst_ref, rel_err(sampler.guided_output(reference, rec.x_t, rec.t, rec.y, null), rec.model_output))
+        worst_ref = max(worst_ref, rel_err(sampler.guided_output(reference, rec.x_t, rec.t, rec.y, null_label=null), rec.model_output))
     return worst_rel, worst_abs, worst_ref
 
 

@@ -232,7 +232,7 @@ def cmd_eval(args) -> int:
     labels = [i % model.num_classes for i in range(args.n)]
     from .tools.bench import sample_timed
 
-    images, seconds = sample_timed(model, sampler, labels, args.seed, args.batch_size, progress=True)
+    images, seconds = sample_timed(model, sampler, labels, seed=args.seed, batch=args.batch_size, progress=True)
     metrics = evaluate(images, torch.tensor(labels))
     metrics.update({"sampling_seconds": seconds, "steps": sampler.steps, "cfg": sampler.cfg_scale,
                     "sampler": sampler.name, "seed": args.seed})
@@ -285,12 +285,14 @@ def cmd_sample_ddp(args) -> int:
     sampler = _sampler(args, model)
     labels = [i % model.num_classes for i in range(args.n)]
     model_id = str(args.compiled or args.ckpt or args.model)
-    written = sample_shards(model, sampler, labels, args.seed, args.out_dir, args.shard_size, rank, world,
-                            model_id, progress=rank == 0)
+    written = sample_shards(model, sampler, labels, seed=args.seed, out_dir=args.out_dir, shard_size=args.shard_size,
+                            rank=rank, world=world,
+                            model_id=model_id, progress=rank == 0)
     print(f"rank {rank}/{world}: wrote {len(written)} shard(s) to {args.out_dir}")
     barrier()
     if rank == 0:
-        images, ys = merge_shards(args.out_dir, sampler, labels, args.seed, args.shard_size, model_id)
+        images, ys = merge_shards(args.out_dir, sampler, labels, seed=args.seed, shard_size=args.shard_size,
+                                  model_id=model_id)
         from .io import save_tensors
 
         save_tensors({"images": images, "labels": ys}, args.out_dir / "samples.safetensors")

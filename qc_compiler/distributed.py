@@ -40,7 +40,7 @@ def shard_ranges(n: int, shard_size: int) -> List[Tuple[int, int]]:
     return [(s, min(n, s + shard_size)) for s in range(0, n, shard_size)]
 
 
-def run_identity(sampler, seed: int, labels: Sequence[int], shard_size: int, model_id: str) -> str:
+def run_identity(sampler, labels: Sequence[int], *, seed: int, shard_size: int, model_id: str) -> str:
     """A string that every shard of one run carries; a shard from another run is not reused."""
     return json.dumps({"sampler": sampler.spec(), "seed": seed, "n": len(labels), "shard_size": shard_size,
                        "labels_sum": int(sum(labels)), "model": model_id}, sort_keys=True)
@@ -61,12 +61,12 @@ def _valid_shard(path: Path, identity: str, start: int, stop: int) -> bool:
     return meta.get("run") == identity and tensors["images"].shape[0] == stop - start
 
 
-def sample_shards(model, sampler, labels: Sequence[int], seed: int, out_dir, shard_size: int = 64,
+def sample_shards(model, sampler, labels: Sequence[int], *, seed: int, out_dir, shard_size: int = 64,
                   rank: int = 0, world: int = 1, model_id: str = "", progress: bool = False) -> List[int]:
     """Sample this rank's shards that are not on disk yet; returns the shard indices it wrote."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    identity = run_identity(sampler, seed, labels, shard_size, model_id)
+    identity = run_identity(sampler, labels, seed=seed, shard_size=shard_size, model_id=model_id)
     written = []
     for i, (start, stop) in enumerate(shard_ranges(len(labels), shard_size)):
         if i % world != rank or _valid_shard(_shard_path(out_dir, i), identity, start, stop):
@@ -78,11 +78,11 @@ def sample_shards(model, sampler, labels: Sequence[int], seed: int, out_dir, sha
     return written
 
 
-def merge_shards(out_dir, sampler, labels: Sequence[int], seed: int, shard_size: int,
+def merge_shards(out_dir, sampler, labels: Sequence[int], *, seed: int, shard_size: int,
                  model_id: str = "") -> Tuple[torch.Tensor, torch.Tensor]:
     """All shards of the run, in sample order: (images (N, C, H, W), labels (N,))."""
     out_dir = Path(out_dir)
-    identity = run_identity(sampler, seed, labels, shard_size, model_id)
+    identity = run_identity(sampler, labels, seed=seed, shard_size=shard_size, model_id=model_id)
     images, ys = [], []
     for i, (start, stop) in enumerate(shard_ranges(len(labels), shard_size)):
         path = _shard_path(out_dir, i)

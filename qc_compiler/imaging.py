@@ -55,14 +55,14 @@ def _write_png(img: Image.Image, path) -> None:
     atomic_write_bytes(Path(path), buf.getvalue())
 
 
-def save_grid(images: torch.Tensor, path, nrow: int = 10, scale: int = 2,
+def save_grid(images: torch.Tensor, path, *, nrow: int = 10, scale: int = 2,
               col_labels: Optional[Sequence[str]] = None) -> None:
     """Write a PNG grid of ``images`` atomically, optionally with a label over each column."""
     img = make_grid(images, nrow=nrow, scale=scale)
     _write_png(add_column_labels(img, col_labels, nrow) if col_labels else img, path)
 
 
-def side_by_side(left: torch.Tensor, right: torch.Tensor, path, nrow: int = 10, gap: int = 16,
+def side_by_side(left: torch.Tensor, right: torch.Tensor, path, *, nrow: int = 10, gap: int = 16,
                  scale: int = 2, titles: Optional[tuple] = None) -> None:
     """Two grids next to each other (e.g. FP32 and compiled samples from the same noise)."""
     a, b = make_grid(left, nrow, scale=scale), make_grid(right, nrow, scale=scale)

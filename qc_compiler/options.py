@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence
 __all__ = ["check_int", "check_float", "check_choice", "check_bool", "parse_options"]
 
 
-def check_int(name: str, value: Any, lo: Optional[int] = None, hi: Optional[int] = None) -> int:
+def check_int(name: str, value: Any, *, lo: Optional[int] = None, hi: Optional[int] = None) -> int:
     """An integer in ``lo..hi`` (inclusive); bools and floats are refused, even 2.0."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -36,7 +36,7 @@ def check_int(name: str, value: Any, lo: Optional[int] = None, hi: Optional[int]
     return value
 
 
-def check_float(name: str, value: Any, lo: Optional[float] = None, hi: Optional[float] = None,
+def check_float(name: str, value: Any, *, lo: Optional[float] = None, hi: Optional[float] = None,
                 lo_open: bool = False) -> float:
     """A finite number in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``); bools and NaN/inf are refused."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):

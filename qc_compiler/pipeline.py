@@ -195,7 +195,7 @@ class PassContext:
             self.fitted[key] = compute()
         return self.fitted[key]
 
-    def collect(self, gm: fx.GraphModule, labels: Sequence[int], seed: Optional[int] = None,
+    def collect(self, gm: fx.GraphModule, labels: Sequence[int], *, seed: Optional[int] = None,
                 step_hooks: Sequence[Callable] = (), progress: bool = False):
         """Run the context's sampler over the *current* graph (see :meth:`denoiser`) and return its
         ``Trajectory``."""

@@ -59,7 +59,7 @@ class CompiledModel(nn.Module):
     """
 
     def __init__(self, graph_module: nn.Module, sampler_spec: Dict[str, Any], info: ModelInfo,
-                 records: Sequence[Any] = (), build: Optional[Dict[str, Any]] = None):
+                 *, records: Sequence[Any] = (), build: Optional[Dict[str, Any]] = None):
         super().__init__()
         if not isinstance(info, ModelInfo):
             raise TypeError(f"info must be a ModelInfo, got {type(info).__name__}")

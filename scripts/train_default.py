@@ -164,7 +164,8 @@ def main(args: argparse.Namespace) -> None:
         x_t = schedule.q_sample(x0, t, noise)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16):
             out = model(x_t, t, y)
-        loss = hybrid_loss(out.float(), x0, x_t, t, noise, schedule, args.min_snr_gamma).mean()
+        loss = hybrid_loss(out.float(), x0, x_t, t, noise=noise, schedule=schedule,
+                           min_snr_gamma=args.min_snr_gamma).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

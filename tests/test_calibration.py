@@ -69,7 +69,7 @@ def test_tap_with_capped_landmarks_still_recovers_clusters(monkeypatch):
 
     seen = []
     real = tap.tap_embedding
-    monkeypatch.setattr(tap, "tap_embedding", lambda xn, s, a, n, *rest: seen.append(n) or real(xn, s, a, n, *rest))
+    monkeypatch.setattr(tap, "tap_embedding", lambda xn, s, **kw: seen.append(kw["n_landmarks"]) or real(xn, s, **kw))
     x, steps, truth = clustered_pool()
     labels = tap_clusters(x, steps, clusters=10, seed=0, max_landmarks=30)
     assert set(seen) == {30}  # N/20 = 100 landmarks, capped at 30

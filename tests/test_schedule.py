@@ -65,6 +65,7 @@ def test_min_snr_weight_caps_only_the_low_noise_steps():
     x0, noise = torch.rand(4, 1, 4, 4) * 2 - 1, torch.randn(4, 1, 4, 4)
     out = torch.cat([torch.zeros_like(noise), torch.zeros_like(noise)], dim=1)
     x_t = s.q_sample(x0, t, noise)
-    plain, weighted = hybrid_loss(out, x0, x_t, t, noise, s), hybrid_loss(out, x0, x_t, t, noise, s, 5.0)
+    plain = hybrid_loss(out, x0, x_t, t, noise=noise, schedule=s)
+    weighted = hybrid_loss(out, x0, x_t, t, noise=noise, schedule=s, min_snr_gamma=5.0)
     mse = (noise ** 2).mean(dim=(1, 2, 3))
     assert torch.allclose(plain - weighted, mse * (1 - w), atol=1e-5)

@@ -461,7 +461,7 @@ class OrtGraph(StepAware, nn.Module):
     state, keeps the cache tensors in the state's store, and decides each region with the file's
     :class:`CacheSchedule`. The sample-space VC table runs as a sampler hook (``meta``)."""
 
-    def __init__(self, model_bytes: bytes, provider: str = "cpu", threads: Optional[int] = None, verify: bool = True,
+    def __init__(self, model_bytes: bytes, *, provider: str = "cpu", threads: Optional[int] = None, verify: bool = True,
                  source: str = "the exported graph"):
         super().__init__()
         import onnx
@@ -527,7 +527,7 @@ class OrtDenoiser(CompiledModel):
     check (for files edited on purpose).
     """
 
-    def __init__(self, path, provider: str = "cpu", threads: Optional[int] = None, verify: bool = True):
+    def __init__(self, path, *, provider: str = "cpu", threads: Optional[int] = None, verify: bool = True):
         path = Path(path)
         if not path.is_file():
             raise ArtifactError(f"{path} is missing")

@@ -52,7 +52,7 @@ def _positive(name: str, value: Any) -> int:
 # --- selectors ------------------------------------------------------------------------------------
 
 @register_selector("uniform")
-def select_uniform(features: np.ndarray, steps: np.ndarray, size: int, seed: int, num_steps: int = 25) -> np.ndarray:
+def select_uniform(features: np.ndarray, steps: np.ndarray, size: int, seed: int, *, num_steps: int = 25) -> np.ndarray:
     """PTQ4DiT: ``num_steps`` evenly spaced steps (among those present) x a seeded draw per step."""
     check_features(features, steps)
     steps = np.asarray(steps)
@@ -79,7 +79,7 @@ def select_random(features: np.ndarray, steps: np.ndarray, size: int, seed: int)
 
 
 @register_selector("kmeans")
-def select_kmeans(features: np.ndarray, steps: np.ndarray, size: int, seed: int, clusters: int = 100) -> np.ndarray:
+def select_kmeans(features: np.ndarray, steps: np.ndarray, size: int, seed: int, *, clusters: int = 100) -> np.ndarray:
     """Plain k-means on the features, then 3..10 items per cluster in proportion to its size."""
     x = check_features(features, steps)
     k = min(_positive("clusters", clusters), len(x))
@@ -88,7 +88,7 @@ def select_kmeans(features: np.ndarray, steps: np.ndarray, size: int, seed: int,
 
 
 @register_selector("dbscan")
-def select_dbscan(features: np.ndarray, steps: np.ndarray, size: int, seed: int, eps: Optional[float] = None,
+def select_dbscan(features: np.ndarray, steps: np.ndarray, size: int, seed: int, *, eps: Optional[float] = None,
                   min_samples: int = 5, eps_quantile: float = 0.9) -> np.ndarray:
     """DBSCAN on the features; ``eps`` defaults to the ``eps_quantile`` of the distances to each
     item's ``min_samples``-th neighbour. Noise points form one group of their own."""
@@ -115,7 +115,7 @@ def _kdistance_eps(x: np.ndarray, k: int, quantile: float, seed: int, max_querie
 
 
 @register_selector("agglomerative")
-def select_agglomerative(features: np.ndarray, steps: np.ndarray, size: int, seed: int, clusters: int = 100,
+def select_agglomerative(features: np.ndarray, steps: np.ndarray, size: int, seed: int, *, clusters: int = 100,
                          max_fit: int = 5000) -> np.ndarray:
     """Ward clustering of a seeded subsample of at most ``max_fit`` items (Ward is O(n^2) in memory);
     the other items join the cluster with the nearest centroid."""

@@ -105,7 +105,7 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, np.finfo(np.float32).tiny)
 
 
-def tap_affinity(xa: np.ndarray, sa: np.ndarray, xb: np.ndarray, sb: np.ndarray, alpha: float,
+def tap_affinity(xa: np.ndarray, sa: np.ndarray, xb: np.ndarray, sb: np.ndarray, *, alpha: float,
                  chunk_rows: int = _CHUNK_ROWS) -> np.ndarray:
     """A (len(xa), len(xb)) = alpha*max(0, cos) + (1-alpha)*exp(-|s_a - s_b|), float32, in row chunks.
 
@@ -126,13 +126,13 @@ def _int_seed(seq: np.random.SeedSequence) -> int:
     return int(seq.generate_state(1, np.uint32)[0])
 
 
-def tap_embedding(xn: np.ndarray, s: np.ndarray, alpha: float, n_landmarks: int, k: int,
+def tap_embedding(xn: np.ndarray, s: np.ndarray, *, alpha: float, n_landmarks: int, k: int,
                   seq: np.random.SeedSequence) -> np.ndarray:
     """One round: landmarks, N x n affinity, bipartite normalization, top-k left singular vectors,
     row-normalized (N, k). ``xn`` is L2-normalized; ``seq`` fixes the landmarks and the SVD."""
     land_seq, svd_seq = seq.spawn(2)
     landmarks = np.sort(np.random.default_rng(land_seq).choice(len(xn), n_landmarks, replace=False))
-    a = tap_affinity(xn, s, xn[landmarks], s[landmarks], alpha)  # (N, n)
+    a = tap_affinity(xn, s, xn[landmarks], s[landmarks], alpha=alpha)  # (N, n)
     eps = np.finfo(np.float32).tiny  # exp(-|ds|) can underflow to 0 for alpha=1 or huge step gaps
     d_r = np.maximum(a.sum(axis=1), eps)  # (N,)
     d_c = np.maximum(a.sum(axis=0), eps)  # (n,)
@@ -172,7 +172,8 @@ def tap_clusters(features: np.ndarray, steps: np.ndarray, config: Optional[TAPCo
     xn, s = l2_normalize(x), np.asarray(steps)
     round_seqs = np.random.SeedSequence(seed).spawn(int(rounds) + 1)
     embeddings = Parallel(n_jobs=min(int(n_jobs), int(rounds)) if n_jobs > 0 else n_jobs, prefer="threads")(
-        delayed(tap_embedding)(xn, s, float(alpha), n_landmarks, k, seq) for seq in round_seqs[:-1])
+        delayed(tap_embedding)(xn, s, alpha=float(alpha), n_landmarks=n_landmarks, k=k, seq=seq)
+        for seq in round_seqs[:-1])
     joined = np.concatenate(embeddings, axis=1)  # (N, rounds * k), in round order: deterministic
     log.debug("tap: %d items, %d rounds x %d landmarks, embedding %d, %d clusters",
               n_items, rounds, n_landmarks, k, clusters)
@@ -196,7 +197,7 @@ def _apportion(sizes: np.ndarray, total: int, lo: np.ndarray, hi: np.ndarray) ->
     return quota
 
 
-def draw_per_cluster(labels: np.ndarray, size: int, seed: int = 0, min_per: int = 3,
+def draw_per_cluster(labels: np.ndarray, size: int, seed: int = 0, *, min_per: int = 3,
                      max_per: int = 10) -> np.ndarray:
     """Sorted unique indices: ``min_per``..``max_per`` items per cluster, in proportion to cluster size,
     ``min(size, N)`` in total; a cluster smaller than ``min_per`` gives all its items.

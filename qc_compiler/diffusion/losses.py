@@ -7,7 +7,7 @@ Example:
     >>> sched = Schedule.linear()
     >>> x0 = torch.zeros(2, 1, 4, 4); t = torch.tensor([5, 500]); noise = torch.randn_like(x0)
     >>> out = torch.zeros(2, 2, 4, 4)
-    >>> hybrid_loss(out, x0, sched.q_sample(x0, t, noise), t, noise, sched).shape
+    >>> hybrid_loss(out, x0, sched.q_sample(x0, t, noise), t, noise=noise, schedule=sched).shape
     torch.Size([2])
 """
 from __future__ import annotations
@@ -56,7 +56,7 @@ def min_snr_weight(t: torch.Tensor, schedule: Schedule, gamma: float) -> torch.T
     return torch.clamp(snr, max=gamma) / snr
 
 
-def hybrid_loss(model_output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+def hybrid_loss(model_output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, *,
                 noise: torch.Tensor, schedule: Schedule, min_snr_gamma: float | None = None) -> torch.Tensor:
     """Per-sample loss = MSE(eps) + VLB(variance), as DiT trains with learned sigma. Returns (N,).
 

@@ -98,7 +98,7 @@ class Sampler:
                 "base_timesteps": self.base_timesteps, "timesteps": self.timesteps}
 
     # --- one step -------------------------------------------------------------------------------
-    def guided_output(self, model: Callable, x: torch.Tensor, t: int, y: torch.Tensor, null_label: int) -> torch.Tensor:
+    def guided_output(self, model: Callable, x: torch.Tensor, t: int, y: torch.Tensor, *, null_label: int) -> torch.Tensor:
         """Call the model once (a doubled cond/uncond batch under CFG) and combine the noise halves."""
         n, c = x.shape[0], x.shape[1]
         if self.cfg_scale == 1.0:
@@ -130,6 +130,7 @@ class Sampler:
         self,
         model: Callable,
         labels: Union[Sequence[int], torch.Tensor],
+        *,
         seed: int = 0,
         callback: Optional[StepHook] = None,
         record: bool = False,
@@ -160,7 +161,7 @@ class Sampler:
         t_indices = range(self.steps - 1, -1, -1)  # schedule positions, noisiest first
         for step, t_index in enumerate(tqdm(t_indices, desc=self.name, disable=not progress, leave=False)):
             t = int(self.schedule.timestep_map[t_index])
-            out = self.guided_output(model, x, t, y, null_label)
+            out = self.guided_output(model, x, t, y, null_label=null_label)
             if record:
                 traj.steps.append(StepRecord(step, t, x.detach().cpu(), y.detach().cpu(), out.detach().cpu()))
             step_noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)

@@ -230,7 +230,7 @@ def _score(feats: Dict[str, np.ndarray], labels, reference: Reference, k: int, i
 def evaluate(
     images: ImageBatch,
     labels: Optional[Union[torch.Tensor, np.ndarray]] = None,
-    classifier: Optional[DigitClassifier] = None,
+    *, classifier: Optional[DigitClassifier] = None,
     reference: Optional[Union[str, Path, Reference]] = None,
     batch_size: int = 256,
     k: int = 3,

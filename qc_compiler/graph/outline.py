@@ -37,7 +37,7 @@ __all__ = ["outline_region"]
 
 
 def outline_region(gm: fx.GraphModule, region: BranchRegion, name: str,
-                   wrap: Callable[[fx.GraphModule], nn.Module], pass_name: str = "outline") -> fx.Node:
+                   wrap: Callable[[fx.GraphModule], nn.Module], *, pass_name: str = "outline") -> fx.Node:
     """Move ``region``'s nodes into a submodule ``name`` (built by ``wrap(region_gm)``); return its call node."""
     inside = set(region.nodes)
     for n in region.nodes[:-1]:

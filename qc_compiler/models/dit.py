@@ -181,6 +181,7 @@ class DiT(nn.Module):
 
     def __init__(
         self,
+        *,
         input_size: int = 32,
         patch_size: int = 2,
         in_channels: int = 4,

@@ -162,10 +162,12 @@ class StepCache(Pass):
         lookups = []
         for i, r in enumerate(regions):
             name = "cache_" + r.qualname.replace(".", "_")
-            outline_region(gm, r, name, lambda sub, i=i, r=r: CacheLookup(sub, r.qualname, i, schedule), self.name)
+            outline_region(gm, r, name, lambda sub, i=i, r=r: CacheLookup(sub, r.qualname, i, schedule),
+                           pass_name=self.name)
             lookups.append(gm.get_submodule(name))
         if cfg.policy == "static" and cfg.schedule is None:
-            table = ctx.fit("cache.schedule", lambda: derive_schedule(gm, ctx, lookups, cfg.level, cfg.calibration_labels))
+            table = ctx.fit("cache.schedule", lambda: derive_schedule(gm, ctx, lookups, threshold=cfg.level,
+                                                                       n_labels=cfg.calibration_labels))
             schedule = CacheSchedule("static", names, table=table, threshold=cfg.level, region_flops=flops,
                                      block_flops=block_flops)
             for lookup in lookups:
@@ -189,7 +191,7 @@ class StepCache(Pass):
         return CacheSchedule("static", table=[[1] * len(names)] * steps, **common)
 
 
-def derive_schedule(gm: fx.GraphModule, ctx, lookups: List[CacheLookup], threshold: float,
+def derive_schedule(gm: fx.GraphModule, ctx, lookups: List[CacheLookup], *, threshold: float,
                     n_labels: int) -> List[List[int]]:
     """Training-free static schedule: run the FP graph (computing everything) on a few labels, and
     let a region reuse at a step when its output changed by less than ``threshold`` (relative L1,

@@ -134,7 +134,8 @@ class Quantize(Pass):
         for owner, node, site in annotated:
             note: QuantAnnotation = node.meta["qc.quant"]
             if note.op == "linear":
-                module = QuantLinear(site.weight, site.bias, note.path, note.spec, groups, num_steps)
+                module = QuantLinear(site.weight, site.bias, note.path, note.spec, num_groups=groups,
+                                     num_steps=num_steps)
                 self._replace(owner, node, module, "q_" + note.path, (node.args[0],))
                 modules.append(module)
             else:

@@ -57,7 +57,7 @@ from ..step import StepAware
 __all__ = ["VarianceCompensation", "VCRescale", "VCSampleHook", "fit_k"]
 
 
-def fit_k(x_hat: torch.Tensor, x_ref: torch.Tensor, form: str = "exact", mask_eps: float = 0.1,
+def fit_k(x_hat: torch.Tensor, x_ref: torch.Tensor, form: str = "exact", *, mask_eps: float = 0.1,
           k_range: Optional[Sequence[float]] = None) -> torch.Tensor:
     """Closed-form K per channel minimising mean(((x~ - x')/x')^2) + mean((x~ - x')^2). Shapes (N, C, H, W).
 
@@ -112,8 +112,8 @@ class _KTable(StepAware, nn.Module):
     def correct(self, x: torch.Tensor, step: int) -> torch.Tensor:
         if self.targets is not None:  # fitting: K for this step from this step's (already corrected) input
             cfg = self.config
-            self.k[step] = fit_k(x[:, : self.channels], self.targets[step].to(x.device), cfg.form, cfg.mask_eps,
-                                 cfg.k_range)
+            self.k[step] = fit_k(x[:, : self.channels], self.targets[step].to(x.device), cfg.form,
+                                 mask_eps=cfg.mask_eps, k_range=cfg.k_range)
         return VCTable(self.placement, self.k).apply(x, step)
 
     def report_section(self) -> str:

@@ -120,7 +120,7 @@ class QuantLinear(_ActRanges):
     """A linear layer with fake-quantized input (per tensor) and weight (per output channel)."""
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], path: str, spec: LayerQuant,
-                 num_groups: int, num_steps: int):
+                 *, num_groups: int, num_steps: int):
         super().__init__(path, spec, num_groups, num_steps)
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
         self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)

@@ -77,7 +77,7 @@ class Observer:
 
     def compute(self) -> QParams:
         self._require_data()
-        return qparams_from_range(self.lo, self.hi, self.bits, self.symmetric, self.axis)
+        return qparams_from_range(self.lo, self.hi, self.bits, self.symmetric, axis=self.axis)
 
 
 @register_observer("minmax")
@@ -115,7 +115,7 @@ class _SamplingObserver(Observer):
 class PercentileObserver(_SamplingObserver):
     """Clips the range to the ``percentile``-th quantile of each tail (per tensor)."""
 
-    def __init__(self, bits, symmetric, axis=None, percentile: float = 99.99, max_samples: int = 1 << 20):
+    def __init__(self, bits, symmetric, axis=None, *, percentile: float = 99.99, max_samples: int = 1 << 20):
         if not 50.0 < percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {percentile}")
         super().__init__(bits, symmetric, axis, max_samples)
@@ -131,14 +131,14 @@ class PercentileObserver(_SamplingObserver):
             v = self._values()
             lo = torch.quantile(v, 1 - self.percentile / 100)
             hi = torch.quantile(v, self.percentile / 100)
-        return qparams_from_range(lo, hi, self.bits, self.symmetric, self.axis)
+        return qparams_from_range(lo, hi, self.bits, self.symmetric, axis=self.axis)
 
 
 @register_observer("mse")
 class MSEObserver(_SamplingObserver):
     """Searches ``ratios`` of the min-max range (clipping both ends alike) for the least fake-quant MSE."""
 
-    def __init__(self, bits, symmetric, axis=None, grid: int = 100, min_ratio: float = 0.01, max_samples: int = 1 << 20):
+    def __init__(self, bits, symmetric, axis=None, *, grid: int = 100, min_ratio: float = 0.01, max_samples: int = 1 << 20):
         if grid < 1 or not 0 < min_ratio <= 1:
             raise ValueError("grid must be >= 1 and min_ratio in (0, 1]")
         super().__init__(bits, symmetric, axis, max_samples)
@@ -149,7 +149,7 @@ class MSEObserver(_SamplingObserver):
         values = self._values()
         best_err, best_qp = None, None
         for r in self.ratios:
-            qp = qparams_from_range(self.lo * r, self.hi * r, self.bits, self.symmetric, self.axis)
+            qp = qparams_from_range(self.lo * r, self.hi * r, self.bits, self.symmetric, axis=self.axis)
             err = (fake_quantize(values, qp) - values) ** 2
             err = err.mean() if self.axis is None else self._channels_last(err).mean(dim=0)
             if best_err is None:

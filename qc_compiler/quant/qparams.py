@@ -80,7 +80,7 @@ _EPS = 1e-12
 
 
 def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool,
-                       axis: Optional[int] = None) -> QParams:
+                       *, axis: Optional[int] = None) -> QParams:
     """QParams covering [lo, hi] (tensors of equal shape: 0-d, or one value per channel)."""
     qmin, qmax = qrange(bits, symmetric)
     lo = torch.minimum(lo.float(), torch.zeros_like(lo, dtype=torch.float32))

@@ -185,7 +185,7 @@ def benchmark_inputs(model, batch: int):
     return x, t, torch.arange(batch) % info.num_classes
 
 
-def sample_timed(model, sampler, labels: Sequence[int], seed: int, batch: int, progress: bool = False):
+def sample_timed(model, sampler, labels: Sequence[int], *, seed: int, batch: int, progress: bool = False):
     """Samples for ``labels`` in batches (noise streams by sample index) and the wall time."""
     t0 = time.perf_counter()
     images = torch.cat([sampler.sample(model, labels[i:i + batch], seed=seed, sample_offset=i, progress=progress)
@@ -215,14 +215,14 @@ def run_variants(names: Sequence[str], *, model_name: str = "dit-mnist", n: int 
     rows: List[Dict] = []
     if fp250 and fp250_seconds is None:  # FP32 at 250 steps, timed on up to 100 samples and scaled per sample
         probe = labels[: min(batch, n, 100)]
-        _, s = sample_timed(model, DDPM(steps=250, cfg_scale=cfg), probe, seed, batch)
+        _, s = sample_timed(model, DDPM(steps=250, cfg_scale=cfg), probe, seed=seed, batch=batch)
         fp250_seconds = s * n / len(probe)
     for name in names:
         t0 = time.perf_counter()
         passes = variant_passes(name, bits=bits, cache=cache, size=size, pool_labels=pool_labels, vc_placement=vc)
         compiled = qc_compile(model, passes=passes, sampler=sampler, seed=seed, backend=backend)
         compile_s = time.perf_counter() - t0
-        images, seconds = sample_timed(compiled, sampler, labels, seed, batch)
+        images, seconds = sample_timed(compiled, sampler, labels, seed=seed, batch=batch)
         if fp_seconds is None and name == "fp32":
             fp_seconds = seconds
         variant = VARIANTS[name]

@@ -63,9 +63,9 @@ def run_demo(out_dir="out", *, n_eval: int = 200, seed: int = 0, steps: int = ST
                                   passes=qandc(bits="w8a8", cache=StepCacheConfig(interval=2), size=calib_size,
                                                pool_labels=pool_labels))}
     grid_labels = [c for _ in range(rows) for c in range(model.num_classes)]
-    fp_grid, _ = sample_timed(model, sampler, grid_labels, seed, BATCH, progress=True)
+    fp_grid, _ = sample_timed(model, sampler, grid_labels, seed=seed, batch=BATCH, progress=True)
     save_grid(fp_grid, out_dir / "grid.png", nrow=model.num_classes, col_labels=[str(c) for c in range(model.num_classes)])
-    q_grid, _ = sample_timed(variants[QANDC], sampler, grid_labels, seed, BATCH, progress=True)
+    q_grid, _ = sample_timed(variants[QANDC], sampler, grid_labels, seed=seed, batch=BATCH, progress=True)
     side_by_side(fp_grid, q_grid, out_dir / "grid_fp32_vs_qandc.png", nrow=model.num_classes)
     print(f"wrote {out_dir / 'grid.png'} ({rows} samples of each digit, DDPM {steps} steps, cfg {CFG}) and "
           f"{out_dir / 'grid_fp32_vs_qandc.png'} (same noise: FP32 left, Q&C W8A8 right)")
@@ -75,7 +75,7 @@ def run_demo(out_dir="out", *, n_eval: int = 200, seed: int = 0, steps: int = ST
     labels = [i % model.num_classes for i in range(n_eval)]
     table, base = [], None
     for name, m in variants.items():
-        images, seconds = sample_timed(m, sampler, labels, seed, BATCH, progress=True)
+        images, seconds = sample_timed(m, sampler, labels, seed=seed, batch=BATCH, progress=True)
         base = base or seconds
         scores = evaluate(images, torch.tensor(labels))
         table.append({"variant": name, "sec_per_sample": seconds / n_eval, "speedup": base / seconds, **scores})
