@@ -82,6 +82,26 @@ def main(args) -> None:
     best = min((k for k in total if k.startswith("INT8")), key=total.get)
     print(f"\nFastest INT8 path: {best}, {fp32 / total[best]:.2f}x the FP32 GEMMs: the most W8A8 can speed up a "
           f"forward on this machine, even if attention, norms and elementwise work sped up as much.")
+    weight_only_table(model, args)
+
+
+def weight_only_table(model, args) -> None:
+    """The conditioning (adaLN) linear on its few rows, one per sample and CFG half: why the torch
+    backend's WeightOnlyLinear keeps a dequantized float copy of its int8 weights."""
+    lin = model.blocks[0].adaLN_modulation[-1]
+    k, n, m = lin.in_features, lin.out_features, 2 * args.batch
+    x, w = torch.randn(m, k), lin.weight.detach().clone()
+    scale = w.abs().amax(dim=1) / 127
+    codes = torch.round(w / scale[:, None]).to(torch.int8)
+    dequantized = codes.float() * scale[:, None]
+    rows = {"float GEMM on the cached dequantized copy (ours)": lambda: F.linear(x, dequantized),
+            "dequantize at every call, then float GEMM": lambda: F.linear(x, codes.float() * scale[:, None])}
+    if hasattr(torch, "_weight_int8pack_mm"):
+        rows["torch._weight_int8pack_mm"] = lambda: torch._weight_int8pack_mm(x, codes, scale)
+    print(f"\n### Weight-only conditioning linear ({k}->{n}, {m} rows), {args.threads} threads\n")
+    print("| kernel | ms |\n|---|---|")
+    for name, fn in rows.items():
+        print(f"| {name} | {median_seconds(fn, args.repeats) * 1e3:.3f} |")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ def test_gemm_peak_times_every_kernel_on_the_block_shapes(capsys):
     for kernel in ("FP32 F.linear", "bf16 F.linear", "qlinear_pointwise", "torch._int_mm"):
         assert kernel in out
     assert "Fastest INT8 path" in out
+    assert "Weight-only conditioning linear (64->384, 4 rows)" in out and "cached dequantized copy" in out
 
 
 def test_profile_forward_labels_our_gemms_for_either_kernel(capsys, monkeypatch):

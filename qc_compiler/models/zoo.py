@@ -21,7 +21,8 @@ __all__ = ["DEFAULT_MODEL_CONFIG", "ASSETS", "build_model", "load_model", "save_
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 # The embedded default: 32x32 digits, patch 4 (64 tokens), depth 6, width 128, 2 heads, learned sigma.
-# Width 128 (not 192) because it trains at 2.4 steps/s here against 1.3, and steps matter more in a 2-hour CPU budget.
+# Width 128 (not 192): it trains about twice as fast on 2 CPU cores, and steps matter more in a 2-hour
+# CPU budget (docs/training.md).
 DEFAULT_MODEL_CONFIG: Dict[str, Any] = dict(
     input_size=32, patch_size=4, in_channels=1, hidden_size=128, depth=6, num_heads=2,
     mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=10, learn_sigma=True,

@@ -128,8 +128,8 @@ def interleaved_medians(fns: Sequence[Callable], repeats: int, pause: float = 0.
     machine's drift during the run hits every callable alike.
 
     ``pause`` seconds of idle before each timed call: onnxruntime's pool threads spin for a while
-    after a run, and on 2 cores they slow whatever runs next (DiT-B/2: our torch forward 794 ms
-    alone, 870 ms right after an onnxruntime call, 803 ms with the pause)."""
+    after a run, and on 2 cores they slow whatever runs next (measured: docs/RESULTS.md, "INT8
+    kernels and speed")."""
     for fn in fns:
         fn()
     times: List[List[float]] = [[] for _ in fns]
