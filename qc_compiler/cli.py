@@ -100,13 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampler_args(p)
     p.add_argument("--pass", dest="passes", action="append", default=[], metavar="NAME[:k=v,...]",
                    help="a registered pass with options; repeat in schedule order")
-    p.add_argument("--backend", default="torch")
+    p.add_argument("--backend", default="torch", help="torch (INT8 kernels), onnx (onnxruntime) or fakequant")
     p.add_argument("--out", type=Path, required=True, help="folder to write")
 
     p = sub.add_parser("export", help="write a compiled model as INT8 ONNX (QDQ) for onnxruntime", parents=[common])
     p.add_argument("--compiled", required=True, help="a folder written by `qc compile`")
     p.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset, 13..20")
 
     p = sub.add_parser("eval", help="sample and compute FID/sFID/IS/precision/recall/class accuracy", parents=[common])
     _add_model_args(p)
@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-size", type=_positive, default=800)
     p.add_argument("--pool-labels", type=_positive, default=32)
     p.add_argument("--vc", choices=["eps", "sample"], default="sample")
-    p.add_argument("--backend", default="torch")
+    p.add_argument("--backend", default="torch", help="torch (INT8 kernels), onnx (onnxruntime) or fakequant")
     p.add_argument("--fp250", action="store_true", help="also time FP32 at 250 steps")
     p.add_argument("--out", type=Path, help="write all rows as JSON here")
 
@@ -200,7 +200,9 @@ def cmd_sample(args) -> int:
 def cmd_compile(args) -> int:
     from .api import compile as qc_compile
     from .distributed import barrier, init_distributed
+    from .persist import check_output_folder
 
+    check_output_folder(args.out)  # before the minutes of calibration, not after
     rank, _ = init_distributed()  # under torchrun, calibration pools are gathered by all ranks
     passes = [parse_pass_spec(s) for s in args.passes]
     model = _model(args)
@@ -216,7 +218,10 @@ def cmd_compile(args) -> int:
 
 def cmd_export(args) -> int:
     from .api import load_compiled
+    from .backends.onnx import check_opset, check_output_path
 
+    check_output_path(args.out)
+    check_opset(args.opset)
     path = load_compiled(args.compiled).export_onnx(args.out, opset=args.opset)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
@@ -368,7 +373,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         return COMMANDS[args.command](args)
-    except (QCError, ValueError, FileNotFoundError) as e:
+    except (QCError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         # One line, no traceback: these are the user's inputs, not our bugs.
         print(f"qc {args.command}: error: {e}".splitlines()[0], file=sys.stderr)
         return 2

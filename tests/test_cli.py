@@ -78,3 +78,32 @@ def test_eval_without_inception_weights_says_so(tmp_path, capsys, monkeypatch):
 
     with pytest.raises(qc.ArtifactError):
         cli._inception_fid(torch.zeros(2, 1, 32, 32), tmp_path / "missing.pt")
+
+
+def test_bad_outputs_and_options_fail_before_any_work(tmp_path, capsys, monkeypatch):
+    """One line, exit 2, and nothing compiled: the checks run before the expensive part."""
+    import qc_compiler.api as api
+
+    monkeypatch.setattr(api, "capture", lambda *a, **k: (_ for _ in ()).throw(AssertionError("compiled anyway")))
+    a_file = tmp_path / "taken.txt"
+    a_file.write_text("x")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.md").write_text("mine")
+    cases = [
+        (["compile", *TINY, "--out", str(a_file)], "is not a folder"),
+        (["compile", *TINY, "--out", str(tmp_path / "busy")], "is not empty"),
+        (["compile", *TINY, "--pass", "step_cache:interval=2.7", "--out", str(tmp_path / "n")], "interval must be an integer"),
+        (["compile", *TINY, "--pass", "quantize:preset=", "--out", str(tmp_path / "n")], "unknown preset ''"),
+        (["compile", *TINY, "--pass", "quantize:preset=w8a8,weight_bits=4", "--out", str(tmp_path / "n")],
+         "one of bits, preset or config"),
+        (["compile", *TINY, "--backend", "onnx", "--pass", "step_cache:policy=adaptive", "--out", str(tmp_path / "n")],
+         "adaptive cache policy"),
+        (["export", "--compiled", str(tmp_path / "nothing"), "--out", str(tmp_path), "--threads", "1"], "is a folder"),
+        (["export", "--compiled", str(tmp_path / "nothing"), "--out", str(tmp_path / "m.onnx"), "--opset", "9"],
+         "opset must be in 13..20"),
+    ]
+    for argv, needle in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and needle in err and "Traceback" not in err, (argv, err)
+    assert not (tmp_path / "n").exists()
