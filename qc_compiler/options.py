@@ -23,7 +23,7 @@ import math
 import numbers
 from typing import Any, Dict, List, Optional, Sequence
 
-__all__ = ["check_int", "check_float", "check_choice", "check_bool", "parse_options"]
+__all__ = ["check_int", "check_float", "check_choice", "check_bool", "parse_options", "config_or_keywords"]
 
 
 def check_int(name: str, value: Any, *, lo: Optional[int] = None, hi: Optional[int] = None) -> int:
@@ -109,3 +109,19 @@ def _split_top_level(text: str) -> List[str]:
             current.append(ch)
     items.append("".join(current))
     return [i for i in items if i.strip()]
+
+
+def config_or_keywords(what: str, config_type: type, config: Any, options: Dict[str, Any]) -> Any:
+    """The one way a pass takes its options: a frozen ``config_type`` instance, or its fields as
+    keywords, never both; an unknown keyword is a ``ValueError`` naming ``what``."""
+    if config is not None and options:
+        raise ValueError(f"{what}: give options as config={config_type.__name__}(...) or as keywords, not both "
+                         f"(got {sorted(options)})")
+    if config is not None:
+        if not isinstance(config, config_type):
+            raise ValueError(f"{what}: config must be a {config_type.__name__}, got {type(config).__name__}")
+        return config
+    try:
+        return config_type(**options)
+    except TypeError as e:  # an unknown keyword
+        raise ValueError(f"{what}: {e}") from None

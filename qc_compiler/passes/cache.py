@@ -39,6 +39,7 @@ import torch.nn as nn
 
 from ..errors import PassError, StepError
 from ..graph import find_branch_regions, outline_region, region_flops
+from ..options import config_or_keywords
 from ..pipeline import Pass, PassResult, register_pass
 from ..specs import CacheLookupSpec, CacheSchedule, StepCacheConfig
 from ..step import StepAware
@@ -131,15 +132,7 @@ class StepCache(Pass):
     provides = frozenset({"cache"})
 
     def __init__(self, config: Optional[StepCacheConfig] = None, **options: Any):
-        if config is not None and options:
-            raise ValueError(f"give StepCache options as config=StepCacheConfig(...) or as keywords, not both "
-                             f"({sorted(options)})")
-        if config is not None and not isinstance(config, StepCacheConfig):
-            raise ValueError(f"config must be a StepCacheConfig, got {type(config).__name__}")
-        try:
-            self.config = config if config is not None else StepCacheConfig(**options)
-        except TypeError as e:  # an unknown keyword
-            raise ValueError(f"step_cache: {e}") from None
+        self.config = config_or_keywords(self.name, StepCacheConfig, config, options)
 
     def options(self) -> Dict[str, Any]:
         return self.config.to_json()

@@ -25,7 +25,7 @@ import torch.fx as fx
 from ..calibration import SELECTORS, CalibrationPool, TAPConfig, collect_pool
 from ..distributed import gather_by_index, rank_world
 from ..errors import CalibrationError
-from ..options import check_float, check_int
+from ..options import check_float, check_int, config_or_keywords
 from ..pipeline import Pass, PassResult, register_pass
 
 __all__ = ["CalibrationSelector", "UniformCalibration", "RandomCalibration", "KMeansCalibration", "DBSCANCalibration",
@@ -214,14 +214,7 @@ class TAPCalibration(CalibrationSelector):
     def __init__(self, *, size: int = 800, pool_labels: int = 32, seed: int = 0, batch: int = 32,
                  config: Optional[TAPConfig] = None, **tap_options: Any):
         super().__init__(size=size, pool_labels=pool_labels, seed=seed, batch=batch)
-        if config is not None and tap_options:
-            raise ValueError(f"give TAP options as config=TAPConfig(...) or as keywords, not both ({sorted(tap_options)})")
-        if config is not None and not isinstance(config, TAPConfig):
-            raise ValueError(f"config must be a TAPConfig, got {type(config).__name__}")
-        try:
-            self.config = config if config is not None else TAPConfig(**tap_options)
-        except TypeError as e:  # an unknown keyword
-            raise ValueError(f"tap_calibration: {e}") from None
+        self.config = config_or_keywords(self.name, TAPConfig, config, tap_options)
 
     def selector_options(self):
         return self.config.to_json()

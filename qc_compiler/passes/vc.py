@@ -50,6 +50,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import CalibrationError, PassError
+from ..options import config_or_keywords
 from ..pipeline import Pass, PassResult, register_pass
 from ..specs import VC_FORMS, VCConfig, VCTable
 from ..step import StepAware
@@ -157,14 +158,7 @@ class VarianceCompensation(Pass):
     provides = frozenset({"vc"})
 
     def __init__(self, config: Optional[VCConfig] = None, **options: Any):
-        if config is not None and options:
-            raise ValueError(f"give VC options as config=VCConfig(...) or as keywords, not both ({sorted(options)})")
-        if config is not None and not isinstance(config, VCConfig):
-            raise ValueError(f"config must be a VCConfig, got {type(config).__name__}")
-        try:
-            self.config = config if config is not None else VCConfig(**options)
-        except TypeError as e:  # an unknown keyword
-            raise ValueError(f"variance_compensation: {e}") from None
+        self.config = config_or_keywords(self.name, VCConfig, config, options)
 
     @property
     def placement(self) -> str:
