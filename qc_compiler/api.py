@@ -13,6 +13,8 @@ Example:
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -24,11 +26,12 @@ from .backends import get_backend
 from .capture import CAPTURE_MODES, capture
 from .diffusion.samplers import DDPM, Sampler, sampler_from_spec
 from .errors import ArtifactError, QCError
+from .io import check_finite, tensor_digest
 from .models import ModelAdapter, adapter_for, get_adapter
-from .models.zoo import load_model
+from .models.zoo import load_model, load_state_strict
 from .options import check_int
 from .persist import load_artifact
-from .pipeline import PASS_REGISTRY, Pass, PassContext, PassManager
+from .pipeline import PASS_REGISTRY, Pass, PassContext, PassManager, ProgressInstrument
 from .runtime import CompiledModel
 
 __all__ = ["compile", "compile_pipeline", "load_model", "load_compiled"]
@@ -47,6 +50,7 @@ def compile(  # noqa: A001 - the verb users expect
     fitted: Optional[Dict[str, Any]] = None,
     capture_mode: Optional[str] = None,
     adapter: Optional[ModelAdapter] = None,
+    progress: bool = False,
 ) -> CompiledModel:
     """Capture ``model``, run ``passes`` over its graph, and lower it with ``backend``.
 
@@ -54,9 +58,11 @@ def compile(  # noqa: A001 - the verb users expect
     choose one). Before anything runs, the pass order is checked (``PassOrderError``) and the backend
     refuses what it cannot lower. ``sampler`` fixes the timesteps the compiled model serves (default:
     50-step DDPM). ``fitted`` restores what passes fitted earlier (``load_compiled`` uses it), so
-    calibration is not repeated. ``capture_mode`` overrides the adapter's (``"fx"`` tries symbolic
-    tracing and falls back to ``torch.export``; ``"export"`` goes straight to it). The user's model is
-    never modified.
+    calibration is not repeated; it must come from the same schedule, sampler, seed and weights (its
+    ``schedule.digest`` says which), or it is refused. ``capture_mode`` overrides the adapter's
+    (``"fx"`` tries symbolic tracing and falls back to ``torch.export``; ``"export"`` goes straight to
+    it). ``progress`` reports each pass and draws a bar for calibration runs (on stderr). The user's
+    model is never modified; non-finite weights are refused.
     """
     manager = PassManager(list(passes))
     manager.check_order()
@@ -70,29 +76,49 @@ def compile(  # noqa: A001 - the verb users expect
         log.info("no sampler given: compiling for %s", sampler.spec()["name"])
     adapter = adapter if adapter is not None else adapter_for(model)
     info = adapter.info(model)
+    weights = {k: v.detach() for k, v in adapter.source(model).state_dict().items()}
+    check_finite(weights, f"{type(model).__name__} weights")
+    specs = [{"name": p.name, "options": p.options()} for p in manager.passes]
+    schedule = _schedule_digest(specs, sampler.spec(), seed, weights)
+    fitted = dict(fitted or {})
+    if fitted and fitted.get(SCHEDULE_KEY) != schedule:
+        raise ArtifactError("the fitted state given to compile() was fitted with other passes, options, sampler, seed "
+                            "or weights (its schedule.digest differs), so it cannot be reused; compile without it")
+    fitted[SCHEDULE_KEY] = schedule
     wrapped = adapter.wrap(model)
     inputs = tuple(example_inputs) if example_inputs is not None else adapter.example_inputs(info)
     mode = capture_mode or adapter.capture_mode
     take = lambda: capture(wrapped, example_inputs=inputs, leaf_modules=adapter.leaf_modules, prefer=mode)  # noqa: E731
     gm = take()
     ctx = PassContext(adapter=adapter, info=info, sampler=sampler, reference=take() if passes else gm, seed=seed,
-                      fitted=dict(fitted or {}))
+                      fitted=fitted, progress=progress)
+    if progress:
+        ctx.instruments.append(ProgressInstrument(len(manager.passes)))
     gm = manager.run(gm, ctx)
     lowered = lowering.lower(gm, ctx)
     config = adapter.config(model)
     build = {
         "adapter": adapter.name,
         "model_config": config,
-        "passes": [{"name": p.name, "options": p.options()} for p in manager.passes],
+        "passes": specs,
         "unsaveable": [f"pass {p.name!r} is not registered (use @register_pass), so it cannot be reloaded"
                        for p in manager.passes if p.name not in PASS_REGISTRY],
         "backend": backend,
         "seed": seed,
         "capture_mode": mode,
         "fitted": ctx.fitted,
-        "weights": {k: v.detach().clone() for k, v in adapter.source(model).state_dict().items()} if config else {},
+        "weights": {k: v.clone() for k, v in weights.items()} if config else {},
     }
     return CompiledModel(lowered, sampler.spec(), info, records=ctx.artifacts.get("pass_report", []), build=build)
+
+
+SCHEDULE_KEY = "schedule.digest"
+
+
+def _schedule_digest(specs, sampler_spec: Dict[str, Any], seed: int, weights: Dict[str, torch.Tensor]) -> str:
+    """What fitted state depends on: the passes and their options, the sampler, the seed, the weights."""
+    body = json.dumps({"passes": specs, "sampler": sampler_spec, "seed": seed}, sort_keys=True)
+    return hashlib.sha256((body + tensor_digest(weights)).encode()).hexdigest()
 
 
 def compile_pipeline(pipe: Any, passes: Sequence[Pass] = (), *, num_inference_steps: int, guidance_scale: float = 1.0,
@@ -125,7 +151,7 @@ def load_compiled(folder) -> CompiledModel:
         raise ArtifactError(f"{folder}/manifest.json has no {e} entry; recompile the model") from None
     except (TypeError, ValueError) as e:
         raise ArtifactError(f"{folder}/manifest.json does not describe a model this version can build: {e}") from None
-    _load_weights(model, weights, folder)
+    load_state_strict(model, weights, f"{folder}/weights.safetensors")
     passes = []
     for p in specs:
         if p["name"] not in PASS_REGISTRY:
@@ -138,14 +164,3 @@ def load_compiled(folder) -> CompiledModel:
                    capture_mode=capture_mode, adapter=adapter)
 
 
-def _load_weights(model: nn.Module, weights: Dict[str, torch.Tensor], folder: Path) -> None:
-    """Load ``weights`` strictly, naming the first missing, unexpected or mis-shaped key."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(weights))
-    extra = sorted(set(weights) - set(own))
-    wrong = [(k, tuple(weights[k].shape), tuple(own[k].shape)) for k in own if k in weights and weights[k].shape != own[k].shape]
-    if missing or extra or wrong:
-        what = (f"missing key {missing[0]!r}" if missing else f"unexpected key {extra[0]!r}" if extra else
-                f"key {wrong[0][0]!r} has shape {wrong[0][1]}, the config gives {wrong[0][2]}")
-        raise ArtifactError(f"{folder}/weights.safetensors does not fit the model config: {what}")
-    model.load_state_dict(weights, strict=True)

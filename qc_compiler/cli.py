@@ -32,9 +32,32 @@ def _labels(text: str) -> List[int]:
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     return value
 
 
@@ -77,13 +100,41 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", choices=["ddpm", "ddim"], help="default ddpm, or a compiled model's own")
     p.add_argument("--steps", type=_positive, help="sampling steps (default 50, or a compiled model's own)")
-    p.add_argument("--cfg", type=float, help="classifier-free guidance scale, 1 = off (default 1.5)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cfg", type=_finite, help="classifier-free guidance scale, 1 = off (default 1.5)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the per-sample noise streams (default 0)")
+
+
+def _pass_help() -> str:
+    """The registered passes and their options, for ``qc compile --help``."""
+    import inspect
+
+    from .pipeline import PASS_REGISTRY
+
+    lines = []
+    for name, cls in sorted(PASS_REGISTRY.items()):
+        params = inspect.signature(cls.__init__).parameters.values()
+        keys = [q.name for q in params if q.name != "self" and q.kind is not q.VAR_KEYWORD]
+        if any(q.kind is q.VAR_KEYWORD for q in params):  # the fields of its config, as keywords
+            try:
+                keys += [k for k in cls().options() if k not in keys]
+            except Exception:
+                keys.append("...")
+        lines.append(f"{name}[:{','.join(keys)}]" if keys else name)
+    return ("a registered pass and its options, NAME:key=value,key=value; repeat in schedule order. Passes: "
+            + "; ".join(lines))
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the message and how to get help, not the whole usage block."""
+
+    def error(self, message: str):  # noqa: D401
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qc", description="Compile Diffusion Transformers (quantization + cache + VC).")
-    common = argparse.ArgumentParser(add_help=False)
+    parser = _Parser(prog="qc", description="Compile Diffusion Transformers (quantization + cache + VC).")
+    common = _Parser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="log what the compiler does")
     common.add_argument("--threads", type=_positive, help="torch intra-op threads")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,26 +144,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampler_args(p)
     p.add_argument("--labels", type=_labels, default=list(range(10)), help="comma-separated class labels")
     p.add_argument("--per-label", type=_positive, default=1, help="samples per label (one grid row each)")
-    p.add_argument("--out", type=Path, default=Path("out/grid.png"))
+    p.add_argument("--out", type=Path, default=Path("out/grid.png"), help="the PNG to write (default out/grid.png)")
 
     p = sub.add_parser("compile", help="compile a model with passes and save it", parents=[common])
     _add_model_args(p)
     _add_sampler_args(p)
     p.add_argument("--pass", dest="passes", action="append", default=[], metavar="NAME[:k=v,...]",
-                   help="a registered pass with options; repeat in schedule order")
+                   help=_pass_help())
     p.add_argument("--backend", default="torch", help="torch (INT8 kernels), onnx (onnxruntime) or fakequant")
     p.add_argument("--out", type=Path, required=True, help="folder to write")
 
     p = sub.add_parser("export", help="write a compiled model as INT8 ONNX (QDQ) for onnxruntime", parents=[common])
     p.add_argument("--compiled", required=True, help="a folder written by `qc compile`")
     p.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset, 13..20")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset, 13..20 (default 17)")
 
     p = sub.add_parser("eval", help="sample and compute FID/sFID/IS/precision/recall/class accuracy", parents=[common])
     _add_model_args(p)
     _add_sampler_args(p)
     p.add_argument("--n", type=_positive, default=1000, help="number of samples (labels cycle 0..9)")
-    p.add_argument("--batch-size", type=_positive, default=250)
+    p.add_argument("--batch-size", type=_positive, default=250, help="samples per sampling batch (default 250)")
     p.add_argument("--out", type=Path, help="write the metrics as JSON here")
     p.add_argument("--nproc", type=_positive, default=1, help="sample with N processes (torchrun, gloo/NCCL)")
     p.add_argument("--inception-weights", type=Path,
@@ -133,32 +184,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="quality and measured speed of compile variants (same seeds)", parents=[common])
     p.add_argument("suite", choices=["quality", "ablation"], help="quality: the --variants given; ablation: the Q&C rows")
-    p.add_argument("--model", default="dit-mnist")
+    p.add_argument("--model", default="dit-mnist", help="the model every variant compiles (default dit-mnist)")
     p.add_argument("--variants", help="comma-separated variant names (see qc_compiler.tools.bench.VARIANTS)")
     p.add_argument("--bits", default="w8a8", help="comma-separated: w8a8,w4a8,w4a4")
     p.add_argument("--steps", default="50", help="comma-separated step counts")
-    p.add_argument("--cfg", type=float, default=1.5)
-    p.add_argument("--n", type=_positive, default=1000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=_positive, default=250)
+    p.add_argument("--cfg", type=_finite, default=1.5, help="classifier-free guidance scale (default 1.5)")
+    p.add_argument("--n", type=_positive, default=1000, help="samples per variant (default 1000)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the per-sample noise streams (default 0)")
+    p.add_argument("--batch", type=_positive, default=250, help="samples per sampling batch (default 250)")
     p.add_argument("--cache", type=_cache_config, default="interval=2",
                    help="the step cache of the quant+cache rows, as step_cache options: interval=2 (default), "
                         "policy=adaptive,threshold=0.1, ...")
-    p.add_argument("--calib-size", type=_positive, default=800)
-    p.add_argument("--pool-labels", type=_positive, default=32)
-    p.add_argument("--vc", choices=["eps", "sample"], default="sample")
+    p.add_argument("--calib-size", type=_positive, default=800, help="calibration-set size (default 800)")
+    p.add_argument("--pool-labels", type=_positive, default=32, help="labels sampled for the calibration pool (default 32)")
+    p.add_argument("--vc", choices=["eps", "sample"], default="sample", help="VC placement of the +VC rows (default sample)")
     p.add_argument("--backend", default="torch", help="torch (INT8 kernels), onnx (onnxruntime) or fakequant")
     p.add_argument("--fp250", action="store_true", help="also time FP32 at 250 steps")
     p.add_argument("--out", type=Path, help="write all rows as JSON here")
 
     p = sub.add_parser("demo", help="the main job on the embedded model: grid, report", parents=[common])
-    p.add_argument("--out-dir", type=Path, default=Path("out"))
+    p.add_argument("--out-dir", type=Path, default=Path("out"), help="folder for the grids, ONNX file and JSON (default out)")
     p.add_argument("--n", type=_positive, default=200, help="samples for the quality table")
-    p.add_argument("--steps", type=_positive, default=50)
+    p.add_argument("--steps", type=_positive, default=50, help="DDPM steps (default 50)")
     p.add_argument("--rows", type=_positive, default=6, help="grid rows (samples of each digit)")
     p.add_argument("--calib-size", type=_positive, default=800, help="TAP calibration-set size")
     p.add_argument("--pool-labels", type=_positive, default=32, help="labels sampled for the calibration pool")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the per-sample noise streams (default 0)")
     return parser
 
 
@@ -185,7 +236,9 @@ def _model(args):
 
 def cmd_sample(args) -> int:
     from .imaging import save_grid
+    from .io import check_output_file
 
+    check_output_file(args.out, "grid")
     model = _model(args)
     sampler = _sampler(args, model)
     labels = [label for label in args.labels for _ in range(args.per_label)]
@@ -207,7 +260,8 @@ def cmd_compile(args) -> int:
     passes = [parse_pass_spec(s) for s in args.passes]
     model = _model(args)
     sampler = _sampler(args, model)
-    compiled = qc_compile(model, passes=passes, sampler=sampler, backend=args.backend, seed=args.seed)
+    compiled = qc_compile(model, passes=passes, sampler=sampler, backend=args.backend, seed=args.seed,
+                          progress=rank == 0)
     if rank == 0:
         compiled.save(args.out)
         print(compiled.report())
@@ -230,6 +284,10 @@ def cmd_export(args) -> int:
 def cmd_eval(args) -> int:
     from .eval import evaluate
 
+    from .io import check_output_file
+
+    if args.out is not None:
+        check_output_file(args.out, "metrics")
     if args.nproc > 1:
         return _launch_ddp_eval(args)
     model = _model(args)
@@ -283,13 +341,20 @@ def _launch_ddp_eval(args) -> int:
 def cmd_sample_ddp(args) -> int:
     from .distributed import barrier, init_distributed, merge_shards, sample_shards
 
+    from .io import check_output_file, tensor_digest
+
+    if args.out is not None:
+        check_output_file(args.out, "metrics")
+    if args.out_dir.exists() and not args.out_dir.is_dir():
+        raise QCError(f"{args.out_dir} is a file; --out-dir names a folder for the shards")
     rank, world = init_distributed()
     model = _model(args)
     if torch.cuda.is_available() and world > 1:
         model = model.to(f"cuda:{torch.cuda.current_device()}")
     sampler = _sampler(args, model)
     labels = [i % model.num_classes for i in range(args.n)]
-    model_id = str(args.compiled or args.ckpt or args.model)
+    # shards belong to the model's content, not its path: a recompile at the same path starts over
+    model_id = model.content_digest() if hasattr(model, "content_digest") else tensor_digest(model.state_dict())
     written = sample_shards(model, sampler, labels, seed=args.seed, out_dir=args.out_dir, shard_size=args.shard_size,
                             rank=rank, world=world,
                             model_id=model_id, progress=rank == 0)
@@ -327,6 +392,10 @@ def cmd_bench(args) -> int:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise QCError(f"unknown variants {unknown}; known: {', '.join(sorted(VARIANTS))}")
+    if args.out is not None:
+        from .io import check_output_file
+
+        check_output_file(args.out, "results")
     rows = []
     for steps in (int(s) for s in args.steps.split(",")):
         fp_ref = {}  # FP32 and cache-only rows do not depend on the bit width: run them once per step count
@@ -350,6 +419,9 @@ def cmd_bench(args) -> int:
 def cmd_demo(args) -> int:
     from .tools.demo import run_demo
 
+    if args.out_dir.exists() and not args.out_dir.is_dir():
+        raise QCError(f"{args.out_dir} is a file; --out-dir names a folder")
+
     run_demo(out_dir=args.out_dir, n_eval=args.n, seed=args.seed, steps=args.steps, rows=args.rows,
              calib_size=min(args.calib_size, args.pool_labels * args.steps), pool_labels=args.pool_labels)
     return 0
@@ -367,7 +439,12 @@ COMMANDS = {"sample": cmd_sample, "compile": cmd_compile, "export": cmd_export, 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse: --help exits 0 (let it), a bad argument 2 (one line, already printed)
+        if e.code in (0, None):
+            raise
+        return int(e.code)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)

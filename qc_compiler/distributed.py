@@ -16,6 +16,7 @@ Example (2 processes on CPU):
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -41,9 +42,14 @@ def shard_ranges(n: int, shard_size: int) -> List[Tuple[int, int]]:
 
 
 def run_identity(sampler, labels: Sequence[int], *, seed: int, shard_size: int, model_id: str) -> str:
-    """A string that every shard of one run carries; a shard from another run is not reused."""
+    """A string that every shard of one run carries; a shard from another run is not reused.
+
+    ``model_id`` should be a content digest of the model (``io.tensor_digest`` of its state dict),
+    so that a recompile at the same path does not reuse the old model's shards; the labels enter as
+    a digest of the whole list, in order."""
+    labels_digest = hashlib.sha256(json.dumps([int(v) for v in labels]).encode()).hexdigest()
     return json.dumps({"sampler": sampler.spec(), "seed": seed, "n": len(labels), "shard_size": shard_size,
-                       "labels_sum": int(sum(labels)), "model": model_id}, sort_keys=True)
+                       "labels": labels_digest, "model": model_id}, sort_keys=True)
 
 
 def _shard_path(out_dir: Path, i: int) -> Path:

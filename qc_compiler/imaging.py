@@ -20,7 +20,9 @@ __all__ = ["to_uint8", "make_grid", "save_grid", "side_by_side", "add_column_lab
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8."""
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8; NaN or inf is an error, never a black image."""
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError("the samples hold NaN or inf (a diverged model or sampler); no image was written")
     x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
 

@@ -25,7 +25,8 @@ from safetensors.torch import save_file
 
 from .errors import ArtifactError
 
-__all__ = ["sha256_file", "atomic_write_bytes", "save_json", "load_json", "save_tensors", "load_tensors"]
+__all__ = ["sha256_file", "atomic_write_bytes", "save_json", "load_json", "save_tensors", "load_tensors",
+           "tensor_digest", "check_output_file", "check_finite"]
 
 
 def sha256_file(path: Path) -> str:
@@ -35,6 +36,42 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def tensor_digest(tensors: Dict[str, torch.Tensor]) -> str:
+    """SHA-256 of named tensors (names, dtypes, shapes and bytes, in name order): a content identity
+    that does not depend on where the tensors came from."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def check_finite(tensors: Dict[str, torch.Tensor], what: str) -> None:
+    """``ArtifactError`` naming the first tensor that holds NaN or inf."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ArtifactError(f"{what}: {name} holds NaN or inf; a model with non-finite weights samples garbage")
+
+
+def check_output_file(path, what: str = "output") -> Path:
+    """Refuse, before any work, a file path that cannot be written: empty, a folder, under a file, or
+    in a folder that is not writable. Missing parent folders are fine (they are created)."""
+    if path is None or str(path).strip() in ("", "."):
+        raise ArtifactError(f"the {what} path is empty; give a file path")
+    path = Path(path)
+    if path.is_dir():
+        raise ArtifactError(f"{path} is a folder; give a file path for the {what}")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ArtifactError(f"{parent} is a file, so {path} cannot be written")
+    if not os.access(parent, os.W_OK):
+        raise ArtifactError(f"{parent} is not writable, so {path} cannot be written")
+    return path
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

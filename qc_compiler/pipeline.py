@@ -16,6 +16,7 @@ Example, a custom pass in a few lines:
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence
@@ -28,7 +29,7 @@ from .runtime import CompiledModel
 
 __all__ = [
     "Pass", "PassResult", "graph_pass", "PassContext", "PassManager", "PassRecord", "PassInstrument",
-    "register_pass", "PASS_REGISTRY",
+    "register_pass", "PASS_REGISTRY", "ProgressInstrument",
 ]
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,23 @@ class PassInstrument:
         pass
 
 
+class ProgressInstrument(PassInstrument):
+    """Says which pass runs (``[2/4] tap_calibration ...``) and how long it took, on stderr."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self._t0 = total, 0, 0.0
+
+    def before_pass(self, p, gm, ctx):
+        self.done += 1
+        self._t0 = time.perf_counter()
+        print(f"[{self.done}/{self.total}] {p.name} ...", file=sys.stderr, flush=True)
+
+    def after_pass(self, p, gm, ctx):
+        note = ctx.notes.get(p.name, "")
+        print(f"[{self.done}/{self.total}] {p.name} done in {time.perf_counter() - self._t0:.1f} s"
+              + (f": {note}" if note else ""), file=sys.stderr, flush=True)
+
+
 class ReportInstrument(PassInstrument):
     """Times each pass and counts nodes before and after; the manager always installs one."""
 
@@ -176,6 +194,7 @@ class PassContext:
     fitted: Dict[str, Any] = field(default_factory=dict)
     notes: Dict[str, str] = field(default_factory=dict)
     instruments: List[PassInstrument] = field(default_factory=list)
+    progress: bool = False  # calibration runs draw a bar
 
     def need(self, what: str, by: str) -> Any:
         """``self.<what>``, or a ``QCError`` saying that pass ``by`` needs it."""
@@ -196,14 +215,14 @@ class PassContext:
         return self.fitted[key]
 
     def collect(self, gm: fx.GraphModule, labels: Sequence[int], *, seed: Optional[int] = None,
-                step_hooks: Sequence[Callable] = (), progress: bool = False):
+                step_hooks: Sequence[Callable] = (), progress: Optional[bool] = None):
         """Run the context's sampler over the *current* graph (see :meth:`denoiser`) and return its
         ``Trajectory``."""
         model = self.denoiser(gm)
         model.step_hooks = list(model.step_hooks) + list(step_hooks)
         try:
             return self.sampler.sample(model, labels, seed=self.seed if seed is None else seed, record=True,
-                                       progress=progress)
+                                       progress=self.progress if progress is None else progress)
         finally:
             model.reset()  # leave no cached tensors or step index behind in the graph's modules
 

@@ -21,6 +21,8 @@ Example:
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -28,7 +30,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .errors import ExportError, StepError
+from .errors import ExportError, QCError, StepError
+from .io import tensor_digest
 from .models.adapter import ModelInfo
 from .persist import save_compiled
 from .step import StepState, StepTable, bind_step_state
@@ -102,6 +105,9 @@ class CompiledModel(nn.Module):
         return self.table.index(t)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if not bool(torch.isfinite(x).all()):
+            # An FP32 model would return NaN; INT8 kernels would clamp NaN to a finite code and hide it.
+            raise QCError("the input x holds NaN or inf; a compiled model refuses it rather than return finite garbage")
         t = torch.as_tensor(t)
         flat = t.reshape(-1)
         t0 = flat[0].item()
@@ -150,6 +156,20 @@ class CompiledModel(nn.Module):
             if section:  # step-aware nodes, and lowered layers that describe themselves
                 lines.append(section)
         return "\n".join(lines)
+
+    def content_digest(self) -> str:
+        """SHA-256 of what decides this model's outputs: every tensor it holds (weights, int8 codes,
+        scales, VC tables), its graph's code, its schedule and sampler, and a runtime's own bytes (an
+        ONNX session's model). Keys distributed sample shards."""
+        h = hashlib.sha256(tensor_digest(self.state_dict()).encode())
+        for _, sub in self.named_modules():
+            code = getattr(sub, "code", None)
+            if isinstance(code, str):  # fx GraphModules, nested ones included
+                h.update(code.encode())
+        h.update(json.dumps({"sampler": self.sampler_spec, "passes": self.build.get("passes"),
+                             "backend": self.build.get("backend")}, sort_keys=True, default=str).encode())
+        h.update(getattr(self.graph_module, "model_bytes", b""))
+        return h.hexdigest()
 
     # --- formats --------------------------------------------------------------------------------
     def export_onnx(self, path, opset: int = 17) -> Path:

@@ -223,7 +223,15 @@ def test_a_set_fitted_by_another_selector_is_not_reused():
     first = qc.compile(make_tiny(), passes=[RandomCalibration(size=6, pool_labels=3)], sampler=sampler)
     fitted = first.build["fitted"]
     assert fitted["calibration.set.info"] == {"selector": "random_calibration", "pool_size": 12}
-    qc.compile(make_tiny(), passes=[UniformCalibration(size=4, pool_labels=3, num_steps=4), RecordCalibrationSet()],
-               sampler=sampler, fitted=fitted)
-    (chosen, _), = SEEN
-    assert len(chosen) == 4 and sorted(chosen.step.tolist()) == [0, 1, 2, 3]
+    # fits are tied to the schedule they were fitted with: another selector, other options, another
+    # sampler, seed or weights cannot reuse them
+    for passes, sampler_, model, seed in [
+            ([UniformCalibration(size=4, pool_labels=3, num_steps=4)], sampler, make_tiny(), 0),
+            ([RandomCalibration(size=5, pool_labels=3)], sampler, make_tiny(), 0),
+            ([RandomCalibration(size=6, pool_labels=3)], qc.DDPM(steps=5), make_tiny(), 0),
+            ([RandomCalibration(size=6, pool_labels=3)], sampler, make_tiny(seed=1), 0),
+            ([RandomCalibration(size=6, pool_labels=3)], sampler, make_tiny(), 1)]:
+        with pytest.raises(qc.ArtifactError, match="schedule.digest"):
+            qc.compile(model, passes=passes, sampler=sampler_, fitted=fitted, seed=seed)
+    again = qc.compile(make_tiny(), passes=[RandomCalibration(size=6, pool_labels=3)], sampler=sampler, fitted=fitted)
+    assert "(restored)" in again.report()

@@ -81,7 +81,8 @@ class CalibrationPool:
                 f"{prefix}.meta": torch.tensor([self.null_label, int(self.cfg)])}
 
 
-def collect_pool(ctx, gm, labels: Sequence[int], *, seed: Optional[int] = None, progress: bool = False) -> CalibrationPool:
+def collect_pool(ctx, gm, labels: Sequence[int], *, seed: Optional[int] = None,
+                 progress: Optional[bool] = None) -> CalibrationPool:
     """Run ``ctx.sampler`` over the current graph for ``labels`` and keep every (x_t, t, y) it saw."""
     if len(labels) == 0:
         raise CalibrationError("a calibration pool needs at least one label")

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..options import check_float, check_int
 from .schedule import Schedule, extract
 
 __all__ = ["Sampler", "DDPM", "DDIM", "StepRecord", "Trajectory", "sample_noise", "StepHook"]
@@ -75,13 +76,10 @@ class Sampler:
     name = "sampler"
 
     def __init__(self, steps: int = 50, cfg_scale: float = 1.0, base_timesteps: int = 1000):
-        if int(steps) < 1 or int(steps) > base_timesteps:
-            raise ValueError(f"steps must be in 1..{base_timesteps}, got {steps}")
-        if cfg_scale < 1.0:
-            raise ValueError(f"cfg_scale must be >= 1 (1 disables guidance), got {cfg_scale}")
-        self.steps = int(steps)
-        self.cfg_scale = float(cfg_scale)
-        self.base_timesteps = base_timesteps
+        self.base_timesteps = check_int("base_timesteps", base_timesteps, lo=1)
+        self.steps = check_int("steps", steps, lo=1, hi=self.base_timesteps)
+        # 1 disables guidance; NaN or inf would sample black images with exit code 0
+        self.cfg_scale = check_float("cfg_scale", cfg_scale, lo=1.0)
         self.schedule = self._make_schedule()
 
     def _make_schedule(self) -> Schedule:
@@ -146,11 +144,18 @@ class Sampler:
         they run after each update, before ``callback``. ``sample_offset`` selects which per-sample
         noise streams of ``seed`` to use, so shards of a large run reproduce the whole run.
         """
-        y = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        y = torch.as_tensor(labels).reshape(-1)
         n = y.shape[0]
         if n == 0:
             raise ValueError("labels is empty")
+        if y.is_floating_point() or y.dtype == torch.bool:
+            raise ValueError(f"labels must be integers, got {y.dtype}")
+        y = y.long()
         null_label = int(null_label if null_label is not None else getattr(model, "num_classes"))
+        bad = y[(y < 0) | (y >= null_label)]
+        if bad.numel():  # label num_classes is the null (unconditional) class: never a user's label
+            raise ValueError(f"labels {sorted(set(bad.tolist()))[:5]} are out of range for a model with "
+                             f"{null_label} classes (0..{null_label - 1})")
         shape = tuple(shape or _model_sample_shape(model))
         gens = _generators(seed, n, sample_offset)
         x = noise if noise is not None else torch.stack([torch.randn(shape, generator=g) for g in gens])
@@ -206,9 +211,7 @@ class DDIM(Sampler):
     name = "ddim"
 
     def __init__(self, steps: int = 50, cfg_scale: float = 1.0, eta: float = 0.0, base_timesteps: int = 1000):
-        if eta < 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
-        self.eta = float(eta)
+        self.eta = check_float("eta", eta, lo=0.0)
         super().__init__(steps, cfg_scale, base_timesteps)
 
     def spec(self) -> dict:

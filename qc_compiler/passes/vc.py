@@ -210,7 +210,7 @@ class VarianceCompensation(Pass):
         outputs: List[torch.Tensor] = []
         handle = reference.register_forward_hook(lambda m, a, o: outputs.append(o.detach()))
         try:
-            traj = ctx.sampler.sample(reference, self._labels(ctx), seed=ctx.seed, record=True)
+            traj = ctx.sampler.sample(reference, self._labels(ctx), seed=ctx.seed, record=True, progress=ctx.progress)
         finally:
             handle.remove()
             reference.reset()
@@ -222,7 +222,7 @@ class VarianceCompensation(Pass):
         """One pass of the current graph; each step fits its K on inputs already corrected before it."""
         current = ctx.denoiser(gm)  # carries the sample hook, if any
         try:
-            ctx.sampler.sample(current, self._labels(ctx), seed=ctx.seed)
+            ctx.sampler.sample(current, self._labels(ctx), seed=ctx.seed, progress=ctx.progress)
         finally:
             current.reset()
 
