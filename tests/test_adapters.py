@@ -88,7 +88,7 @@ def test_a_new_family_is_one_adapter_compiled_with_qandc_to_int8_and_onnx(tmp_pa
     assert sum(isinstance(m, WeightOnlyLinear) for m in modules) == 2  # the conditioning linears
     ref = sampler.sample(model, [0, 1, 2, 3], seed=0, shape=(1, 6, 6), null_label=4)
     out = sampler.sample(cm, [0, 1, 2, 3], seed=0)
-    assert float((out - ref).norm() / ref.norm()) < 0.1  # quantized and cached, still the same samples
+    assert 0.01 < float((out - ref).norm() / ref.norm()) < 0.1  # measured 0.053: quantized and cached, same samples
     fake = qc.compile(model, passes=passes(), sampler=sampler, backend="fakequant")
     ort = OrtDenoiser(cm.export_onnx(tmp_path / "toy.onnx"), threads=1)
     a, b = sampler.sample(fake, [0, 1, 2, 3], seed=0), sampler.sample(ort, [0, 1, 2, 3], seed=0)

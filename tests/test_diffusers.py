@@ -51,7 +51,7 @@ def test_qandc_passes_compile_a_diffusers_dit():
     assert any(p.endswith("proj_out_1") for p in conditioning)
     assert conditioning and all(quantized[p].weight_only == (p in conditioning) for p in quantized)
     out = sampler.sample(cm, [1, 2, 3], seed=0)
-    assert float((out - ref).norm() / ref.norm()) < 0.2
+    assert 0.002 < float((out - ref).norm() / ref.norm()) < 0.016  # measured 0.0079; 2x margin
 
 
 def test_int8_onnx_export_of_a_cached_diffusers_dit(tmp_path):

@@ -178,7 +178,7 @@ def test_insertion_counts_and_small_w8a8_error(mode):
     assert {m.path for m in mods} >= {"blocks.0.attn.qkv", "blocks.1.mlp.fc2", "final_layer.linear"}
     ref, out = sampler.sample(model, [1, 2], seed=0), sampler.sample(cm, [1, 2], seed=0)
     rel = float((out - ref).norm() / ref.norm())
-    assert 0 < rel < 0.05
+    assert 0.001 < rel < 0.01  # measured 0.0048 (both flavours); 2x margin
     assert "rel.err" in cm.report() and "12 linears W8A8" in cm.report()
 
 

@@ -193,13 +193,16 @@ def sample_timed(model, sampler, labels: Sequence[int], *, seed: int, batch: int
     return images, time.perf_counter() - t0
 
 
-def run_variants(names: Sequence[str], *, model_name: str = "dit-mnist", n: int = 1000, steps: int = 50,
+def run_variants(names: Sequence[str], *, model_name: str = "dit-mnist", model=None, n: int = 1000, steps: int = 50,
                  cfg: float = 1.5, seed: int = 0, batch: int = 250, bits: str = "w8a8",
                  cache: StepCacheConfig = StepCacheConfig(interval=2), size: int = 800, pool_labels: int = 32,
                  vc: str = "sample", backend: str = "torch", fp250: bool = False,
                  on_row: Optional[Callable[[Dict], None]] = None, fp_seconds: Optional[float] = None,
                  fp250_seconds: Optional[float] = None) -> List[Dict]:
     """Compile, sample and score each variant; rows carry metrics, times and speed ratios.
+
+    ``model`` (a module) replaces ``model_name`` when given; it must sample (N, 1, 32, 32) images for
+    the metric suite.
 
     ``fp_seconds`` / ``fp250_seconds``: FP32 times from an earlier call in the same run (same n, steps
     and batch), so that a second bit width need not sample FP32 again.
@@ -209,7 +212,7 @@ def run_variants(names: Sequence[str], *, model_name: str = "dit-mnist", n: int 
     unknown = [name for name in names if name not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
-    model = load_model(model_name)
+    model = load_model(model_name) if model is None else model
     sampler = DDPM(steps=steps, cfg_scale=cfg)
     labels = [i % model.num_classes for i in range(n)]
     rows: List[Dict] = []
