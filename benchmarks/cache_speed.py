@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 import qc_compiler as qc
-from qc_compiler.tools.bench import benchmark_model
+from qc_compiler.tools.bench import benchmark_model, machine_line, write_results
 from qc_compiler.passes import StepCache
 from qc_compiler.passes.cache import skipped_flops_fraction
 
@@ -35,13 +36,18 @@ def parse_args(argv=None):
     p.add_argument("--models", default="dit-mnist,DiT-B/2")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per row (the median is reported; at least 3)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", type=Path, help="also write every row, with the machine, as JSON here")
     return p.parse_args(argv)
 
 
 def main(args) -> None:
+    if args.repeats < 3:
+        raise SystemExit("--repeats must be at least 3: one timed run is not a measurement")
     torch.set_num_threads(args.threads)
+    print(machine_line())
+    results = []
     print(f"| model | policy | median s / run ({args.steps} steps, batch {args.batch}) | speedup | block FLOPs skipped |")
     print("|---|---|---|---|---|")
     for name in args.models.split(","):
@@ -52,7 +58,7 @@ def main(args) -> None:
         base = None
         for policy, passes in POLICIES.items():
             compiled = qc.compile(model, passes=passes, sampler=sampler)
-            sampler.sample(compiled, labels[:1], seed=0)  # warm-up
+            sampler.sample(compiled, labels, seed=0)  # warm-up at the timed batch size (allocator, prepacking)
             times = []
             for r in range(args.repeats):
                 t0 = time.perf_counter()
@@ -60,7 +66,11 @@ def main(args) -> None:
                 times.append(time.perf_counter() - t0)
             med = statistics.median(times)
             base = base or med
-            print(f"| {name} | {policy} | {med:.2f} | {base / med:.2f}x | {skipped_flops_fraction(compiled):.1%} |", flush=True)
+            skipped = skipped_flops_fraction(compiled)
+            print(f"| {name} | {policy} | {med:.2f} | {base / med:.2f}x | {skipped:.1%} |", flush=True)
+            results.append({"model": name, "policy": policy, "median_s": med, "times_s": times, "speedup": base / med,
+                            "block_flops_skipped": skipped})
+    write_results(args.json, "cache_speed", vars(args), results)
 
 
 if __name__ == "__main__":

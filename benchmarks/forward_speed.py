@@ -4,8 +4,10 @@
 
 Rows (each with its output error against eager FP32 on the same inputs):
 - PyTorch eager FP32, and eager bf16 autocast (this CPU has AVX512-BF16: the best float path);
-- onnxruntime FP32 on a plain FP32 ONNX export, and onnxruntime's own ``quantize_dynamic`` and
-  ``quantize_static`` (QDQ, MinMax on a few inputs) applied to that export;
+- onnxruntime FP32 on a plain FP32 ONNX export, and onnxruntime's own ``quantize_dynamic`` (per
+  tensor and per channel) and ``quantize_static`` (QDQ, MinMax, per-channel weights) applied to that
+  export; ``quantize_static`` is calibrated on exactly the trajectory inputs our W8A8 row calibrates on
+  (its calibration set: the same items, in the same CFG pairs and batches);
 - torch.ao dynamic INT8 (``quantize_dynamic`` on nn.Linear);
 - ours: W8A8 (uniform calibration, 2 sampling runs of pool) lowered to INT8 kernels, and our INT8 ONNX
   file under onnxruntime.
@@ -27,8 +29,8 @@ import numpy as np
 import torch
 
 import qc_compiler as qc
-from qc_compiler.tools.bench import (benchmark_inputs, benchmark_model, compile_benchmark_w8a8, interleaved_medians, median_seconds,
-                               rel_err)
+from qc_compiler.tools.bench import (benchmark_inputs, benchmark_model, compile_benchmark_w8a8, interleaved_medians,
+                                     machine_line, median_seconds, rel_err, write_results)
 from qc_compiler.passes import StepCache
 
 
@@ -40,12 +42,13 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end sampling rows")
+    p.add_argument("--json", type=Path, help="also write every row, with the machine, as JSON here")
     return p.parse_args(argv)
 
 
-def ort_rows(model, inputs, ref, threads):
+def ort_rows(model, inputs, ref, threads, calibration):
     """(label, timed call, error) of onnxruntime FP32, quantize_dynamic and quantize_static on a plain
-    FP32 export."""
+    FP32 export; ``calibration`` is the list of (x, t, y) batches ours calibrated on."""
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_dynamic, quantize_static
 
@@ -57,22 +60,34 @@ def ort_rows(model, inputs, ref, threads):
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.items = iter([feed, {**feed, "x": np.random.randn(*feed["x"].shape).astype(np.float32)}])
+            self.items = iter([{n: v.numpy() for n, v in zip(names, batch)} for batch in calibration])
 
         def get_next(self):
             return next(self.items, None)
 
     quantize_dynamic(tmp / "fp32.onnx", tmp / "dyn.onnx", weight_type=QuantType.QInt8)
+    quantize_dynamic(tmp / "fp32.onnx", tmp / "dyn_pc.onnx", weight_type=QuantType.QInt8, per_channel=True)
     quantize_static(tmp / "fp32.onnx", tmp / "static.onnx", Reader(), weight_type=QuantType.QInt8,
                     activation_type=QuantType.QUInt8, per_channel=True)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     rows = []
     for label, f in (("onnxruntime FP32", "fp32"), ("onnxruntime quantize_dynamic", "dyn"),
+                     ("onnxruntime quantize_dynamic per-channel", "dyn_pc"),
                      ("onnxruntime quantize_static (QDQ)", "static")):
         sess = ort.InferenceSession(str(tmp / f"{f}.onnx"), opts, providers=["CPUExecutionProvider"])
         rows.append((label, lambda sess=sess: sess.run(None, feed), rel_err(sess.run(None, feed)[0], ref)))
     return rows
+
+
+def calibration_batches(ours, batch):
+    """The (x, t, y) batches our W8A8 row was calibrated on (restored from its fitted state)."""
+    from qc_compiler.calibration import CalibrationPool
+
+    fitted = ours.build["fitted"]
+    x, t, step, y, meta = (fitted[f"calibration.set.{k}"] for k in ("x", "t", "step", "y", "meta"))
+    pool = CalibrationPool(x, t.long(), step.long(), y.long(), null_label=int(meta[0]), cfg=bool(meta[1]))
+    return pool.batches(batch)
 
 
 def ours_onnx_row(ours, model, inputs, args):
@@ -89,6 +104,8 @@ def ours_onnx_row(ours, model, inputs, args):
 
 def main(args):
     torch.set_num_threads(args.threads)
+    print(machine_line())
+    results = []
     for name in args.models.split(","):
         model = benchmark_model(name)
         b = args.batch
@@ -108,8 +125,9 @@ def main(args):
                     ("PyTorch eager bf16 autocast", bf16, rel_err(bf16(), ref)),
                     ("torch.ao dynamic INT8", lambda: dyn(*inputs), rel_err(dyn(*inputs), ref))]
             failed = []
+            calibration = list(calibration_batches(ours, args.batch))
             try:
-                rows += ort_rows(model, inputs, ref, args.threads)
+                rows += ort_rows(model, inputs, ref, args.threads, calibration)
             except Exception as e:  # report, don't hide: the row says why it is missing
                 failed.append((f"onnxruntime rows failed: {type(e).__name__}: {str(e)[:80]}", float("nan"), float("nan")))
             rows.append(("ours W8A8 torch INT8", lambda: ours.graph_module(*inputs), rel_err(ours.graph_module(*inputs), ref)))
@@ -122,6 +140,8 @@ def main(args):
         print("| row | median ms | vs eager FP32 | vs ORT FP32 | rel. error vs FP32 |\n|---|---|---|---|---|")
         for label, sec, err in rows:
             print(f"| {label} | {sec * 1e3:.1f} | {base / sec:.2f}x | {ort_fp32 / sec:.2f}x | {err:.4f} |", flush=True)
+            results.append({"model": name, "kind": "per forward", "row": label, "ms": sec * 1e3,
+                            "vs_eager_fp32": base / sec, "rel_err": err})
         if args.no_e2e:
             continue
         labels = list(range(b))
@@ -141,6 +161,9 @@ def main(args):
             ort_ratio = f"{ort_e2e / sec:.2f}x" if ort_e2e else "-"
             print(f"| {label} | {sec:.2f} | {base_e2e / sec:.2f}x | {ort_ratio} | {rel_err(samples, ref_samples):.4f} |",
                   flush=True)
+            results.append({"model": name, "kind": f"end to end, {args.steps} steps", "row": label, "s": sec,
+                            "vs_eager_fp32": base_e2e / sec, "rel_err": rel_err(samples, ref_samples)})
+    write_results(args.json, "forward_speed", vars(args), results)
 
 
 def e2e_rows(model, sampler, ours, args):

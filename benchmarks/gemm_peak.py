@@ -17,12 +17,13 @@ Kernels: FP32 ``F.linear`` (MKL), bf16 ``F.linear`` (oneDNN; AVX512-BF16 here), 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from qc_compiler.tools.bench import benchmark_model, median_seconds
+from qc_compiler.tools.bench import benchmark_model, machine_line, median_seconds, write_results
 
 
 def parse_args(argv=None):
@@ -31,6 +32,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--json", type=Path, help="also write every row, with the machine, as JSON here")
     return p.parse_args(argv)
 
 
@@ -54,14 +56,15 @@ def kernels(m: int, k: int, n: int) -> Dict[str, Callable]:
     return {
         "FP32 F.linear (MKL)": lambda: F.linear(x, w),
         "bf16 F.linear (oneDNN)": lambda: F.linear(xb, wb),
-        "INT8 oneDNN qlinear_pointwise (ours)": lambda: torch.ops.onednn.qlinear_pointwise(
+        "INT8 oneDNN qlinear_pointwise, u8 x s8 -> f32, dequantize fused (ours)": lambda: torch.ops.onednn.qlinear_pointwise(
             x_u8, 0.05, 128, packed, w_scale, w_zero, None, 1.0, 0, torch.float32, "none", [], ""),
-        "INT8 torch._int_mm": lambda: torch._int_mm(x_s8, w_s8_t),
+        "INT8 torch._int_mm, s8 x s8 -> s32, no dequantize": lambda: torch._int_mm(x_s8, w_s8_t),
     }
 
 
 def main(args) -> None:
     torch.set_num_threads(args.threads)
+    print(machine_line())
     model = benchmark_model(args.model)
     tokens = model.grid_size ** 2
     m = args.batch * tokens
@@ -82,10 +85,14 @@ def main(args) -> None:
     best = min((k for k in total if k.startswith("INT8")), key=total.get)
     print(f"\nFastest INT8 path: {best}, {fp32 / total[best]:.2f}x the FP32 GEMMs: the most W8A8 can speed up a "
           f"forward on this machine, even if attention, norms and elementwise work sped up as much.")
-    weight_only_table(model, args)
+    results = [{"table": "block linears", "kernel": k, "ms_per_shape": [x * 1e3 for x in per_shape],
+                "block_ms": total[k] * 1e3, "gops": ops / total[k] / 1e9, "vs_fp32": fp32 / total[k]}
+               for k, per_shape in seconds.items()]
+    results += weight_only_table(model, args)
+    write_results(args.json, "gemm_peak", vars(args), results)
 
 
-def weight_only_table(model, args) -> None:
+def weight_only_table(model, args) -> List[Dict]:
     """The conditioning (adaLN) linear on its few rows, one per sample and CFG half: why the torch
     backend's WeightOnlyLinear keeps a dequantized float copy of its int8 weights."""
     lin = model.blocks[0].adaLN_modulation[-1]
@@ -100,8 +107,12 @@ def weight_only_table(model, args) -> None:
         rows["torch._weight_int8pack_mm"] = lambda: torch._weight_int8pack_mm(x, codes, scale)
     print(f"\n### Weight-only conditioning linear ({k}->{n}, {m} rows), {args.threads} threads\n")
     print("| kernel | ms |\n|---|---|")
+    out = []
     for name, fn in rows.items():
-        print(f"| {name} | {median_seconds(fn, args.repeats) * 1e3:.3f} |")
+        ms = median_seconds(fn, args.repeats) * 1e3
+        print(f"| {name} | {ms:.3f} |")
+        out.append({"table": "weight-only conditioning linear", "kernel": name, "ms": ms})
+    return out
 
 
 if __name__ == "__main__":

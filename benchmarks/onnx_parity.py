@@ -23,7 +23,7 @@ import torch
 
 import qc_compiler as qc
 from qc_compiler.backends.onnx import OrtDenoiser
-from qc_compiler.tools.bench import benchmark_model, compile_benchmark_w8a8, rel_err
+from qc_compiler.tools.bench import machine_line, benchmark_model, compile_benchmark_w8a8, rel_err
 from qc_compiler.passes import StepCache
 
 
@@ -52,6 +52,7 @@ def per_step_errors(sampler, compiled, ort, reference, labels):
 
 def main(args) -> None:
     torch.set_num_threads(args.threads)
+    print(machine_line())
     tmp = Path(tempfile.mkdtemp())
     print("| model | variant | INT8 file MB | FP32 file MB | ratio | per-step rel. error (worst) "
           "| per-step abs. diff (worst) | fake-quant vs torch INT8, per step (worst) | final samples rel. error |"

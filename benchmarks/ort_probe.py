@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qc_compiler.tools.bench import benchmark_inputs, benchmark_model, median_seconds
+from qc_compiler.tools.bench import benchmark_inputs, benchmark_model, machine_line, median_seconds
 
 NAMES = ["x", "t", "y"]
 
@@ -54,6 +54,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    print(machine_line())
     model = benchmark_model(args.model)
     b = args.batch
     inputs = benchmark_inputs(model, b)

@@ -20,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import qc_compiler as qc
 from qc_compiler.backends import torch_int8
-from qc_compiler.tools.bench import benchmark_inputs, benchmark_model, compile_benchmark_w8a8
+from qc_compiler.tools.bench import machine_line, benchmark_inputs, benchmark_model, compile_benchmark_w8a8
 
 # (label in the table, profiler event names whose inclusive time it sums)
 CATEGORIES: List[Tuple[str, Tuple[str, ...]]] = [
@@ -86,6 +86,7 @@ def print_table(title: str, wall: float, events: Dict[str, float], eager_wall: f
 
 def main(args) -> None:
     torch.set_num_threads(args.threads)
+    print(machine_line())
     model = benchmark_model(args.model)
     b = args.batch
     inputs = benchmark_inputs(model, b)

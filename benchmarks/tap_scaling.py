@@ -152,6 +152,9 @@ def main(args: Optional[Sequence[str]] = None) -> int:
         for row in rows:
             row["exact"] = run_exact(int(row["n"]), ns)
             log.info("exact N=%d: %s", row["n"], row["exact"])
+    from qc_compiler.tools.bench import machine_line
+
+    print(machine_line())
     print(f"TAP scaling: dim {ns.dim}, {ns.clusters} clusters, {ns.true_clusters} true clusters, "
           f"{ns.threads} threads, landmarks N/20 capped at {ns.max_landmarks}, size {ns.size}\n")
     print(table(rows))

@@ -381,7 +381,7 @@ def cmd_sample_ddp(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .tools.bench import VARIANTS, ablation_rows, markdown, run_variants
+    from .tools.bench import VARIANTS, ablation_rows, machine, machine_line, markdown, run_variants
 
     if args.variants:
         names = args.variants.split(",")
@@ -396,6 +396,7 @@ def cmd_bench(args) -> int:
         from .io import check_output_file
 
         check_output_file(args.out, "results")
+    print(machine_line(), flush=True)
     rows = []
     for steps in (int(s) for s in args.steps.split(",")):
         fp_ref = {}  # FP32 and cache-only rows do not depend on the bit width: run them once per step count
@@ -412,7 +413,7 @@ def cmd_bench(args) -> int:
     if args.out:
         from .io import save_json
 
-        save_json({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, args.out)
+        save_json({"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine(), "rows": rows}, args.out)
     return 0
 
 

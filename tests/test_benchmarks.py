@@ -28,10 +28,16 @@ def keep_threads():
     torch.set_num_threads(threads)
 
 
-def test_gemm_peak_times_every_kernel_on_the_block_shapes(capsys):
+def test_gemm_peak_times_every_kernel_on_the_block_shapes(capsys, tmp_path):
+    import json
+
     gemm_peak = load("gemm_peak")
-    gemm_peak.main(gemm_peak.parse_args(["--model", "DiT-T/4", "--batch", "2", "--threads", "1", "--repeats", "1"]))
+    gemm_peak.main(gemm_peak.parse_args(["--model", "DiT-T/4", "--batch", "2", "--threads", "1", "--repeats", "1",
+                                         "--json", str(tmp_path / "g.json")]))
     out = capsys.readouterr().out
+    assert out.startswith("machine: ") and "ISA " in out.splitlines()[0]  # every table says where it ran
+    saved = json.loads((tmp_path / "g.json").read_text())
+    assert saved["benchmark"] == "gemm_peak" and saved["machine"]["cpu"] and len(saved["rows"]) >= 6
     assert "M = 2 x 64 = 128 rows" in out and "qkv 64->192" in out and "fc2 256->64" in out
     for kernel in ("FP32 F.linear", "bf16 F.linear", "qlinear_pointwise", "torch._int_mm"):
         assert kernel in out
@@ -62,6 +68,7 @@ def test_forward_speed_prints_every_row_with_its_error(capsys):
     out = capsys.readouterr().out
     per_forward, e2e = out.split("end to end")
     for row in ("PyTorch eager FP32 |", "onnxruntime FP32 |", "onnxruntime quantize_dynamic |",
+                "onnxruntime quantize_dynamic per-channel |",
                 "onnxruntime quantize_static (QDQ) |", "torch.ao dynamic INT8 |", "ours W8A8 torch INT8 |",
                 "ours W8A8 ONNX INT8 (onnxruntime) |"):
         assert row in per_forward

@@ -226,6 +226,7 @@ def test_sample_and_eval_check_their_outputs_first(tmp_path, capsys, monkeypatch
     (tmp_path / "file").write_text("x")
     tiny = ["--model", "DiT-T/4", "--steps", "2"]
     assert "is a folder" in one_line_error(["sample", *tiny, "--out", str(tmp_path)], capsys)
+    assert "path is empty" in one_line_error(["sample", *tiny, "--out", ""], capsys)
     assert "is a file" in one_line_error(["sample", *tiny, "--out", str(tmp_path / "file" / "g.png")], capsys)
     assert "is a folder" in one_line_error(["eval", *tiny, "--out", str(tmp_path)], capsys)
     assert "is a folder" in one_line_error(["bench", "quality", "--variants", "fp32", "--out", str(tmp_path)], capsys)
@@ -239,3 +240,12 @@ def test_compile_shows_progress(tmp_path, capsys):
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "[1/2] uniform_calibration ..." in err and "[2/2] quantize done in" in err
+
+
+def test_asking_for_more_calibration_items_than_the_pool_holds_warns_once(caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="qc_compiler.passes.calibrate"):
+        qc.compile(make_tiny(), passes=[UniformCalibration(size=800, pool_labels=4)], sampler=SAMPLER)
+    warnings = [r.getMessage() for r in caplog.records if "calibration items" in r.getMessage()]
+    assert len(warnings) == 1 and "asked for 800" in warnings[0] and "holds 16" in warnings[0]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from ..passes import (AgglomerativeCalibration, DBSCANCalibration, KMeansCalibra
 from ..quant import QuantConfig
 from ..specs import StepCacheConfig, VCConfig
 
-__all__ = ["Variant", "VARIANTS", "RUN_CACHE", "median_seconds", "interleaved_medians", "compile_benchmark_w8a8",
+__all__ = ["Variant", "VARIANTS", "RUN_CACHE", "machine", "machine_line", "write_results", "median_seconds", "interleaved_medians", "compile_benchmark_w8a8",
            "rel_err", "variant_passes", "ablation_rows", "sample_timed", "run_variants", "markdown", "merge_results",
            "benchmark_model", "benchmark_inputs", "variant_label"]
 
@@ -120,6 +121,54 @@ def ablation_rows() -> List[str]:
     """The Q&C ablation (docs/method.md 5-6): naive quant+cache, +VC, +TAP, +TAP+VC, other clusterings."""
     return ["qc-uniform", "qc-uniform-vc", "qc-uniform-vcvar", "qc-tap", "qc-tap-vc", "qc-tap-vcvar", "qc-kmeans",
             "qc-dbscan", "qc-agglomerative"]
+
+
+_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16", "amx_tile")
+
+
+def machine() -> Dict[str, object]:
+    """What a benchmark ran on: the CPU (model, vendor, family/model), the ISA extensions that INT8
+    and bf16 kernels use, the ISA ATen dispatches to, oneDNN's version, torch, threads, and a GPU."""
+    info: Dict[str, object] = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                               "aten_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        first = text.split("\n\n")[0]
+        fields = dict(line.split(":", 1) for line in first.splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        info["cpu"] = fields.get("model name", "?")
+        info["vendor"] = fields.get("vendor_id", "?")
+        info["family_model"] = f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}"
+        flags = set(fields.get("flags", "").split())
+        info["isa"] = [f for f in _ISA_FLAGS if f in flags]
+    except OSError:  # not Linux
+        import platform
+
+        info["cpu"], info["isa"] = platform.processor() or "?", []
+    version = re.search(r"(?:MKL-DNN|oneDNN) (v[\d.]+)", torch.__config__.show())
+    info["onednn"] = f"oneDNN {version.group(1)}" if version else "oneDNN ?"
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def machine_line() -> str:
+    """One line for the top of every benchmark's output: compare only within one machine."""
+    m = machine()
+    gpu = f", GPU {m['gpu']}" if "gpu" in m else ""
+    return (f"machine: {m['cpu']} ({m.get('vendor', '?')}, family/model {m.get('family_model', '?')}), "
+            f"ISA {'+'.join(m['isa']) or '?'}, ATen {m['aten_cpu_capability']}, {m['onednn']}, "
+            f"torch {m['torch']}, {m['threads']} threads{gpu}")
+
+
+def write_results(path: Optional[Path], benchmark: str, args: Dict, rows: List[Dict]) -> None:
+    """Save a benchmark's rows as JSON (atomically), with the machine and the arguments that made them."""
+    if path is None:
+        return
+    from ..io import save_json
+
+    save_json({"benchmark": benchmark, "machine": machine(), "args": {k: str(v) for k, v in args.items()},
+               "rows": rows}, Path(path))
 
 
 def interleaved_medians(fns: Sequence[Callable], repeats: int, pause: float = 0.2) -> List[float]:

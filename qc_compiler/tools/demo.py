@@ -27,7 +27,7 @@ from ..io import save_json
 from ..passes import Quantize, TAPCalibration
 from ..presets import qandc
 from ..specs import StepCacheConfig
-from .bench import sample_timed
+from .bench import machine, machine_line, sample_timed
 
 __all__ = ["run_demo", "format_table"]
 
@@ -80,7 +80,8 @@ def run_demo(out_dir="out", *, n_eval: int = 200, seed: int = 0, steps: int = ST
         scores = evaluate(images, torch.tensor(labels))
         table.append({"variant": name, "sec_per_sample": seconds / n_eval, "speedup": base / seconds, **scores})
     print(f"\n{n_eval} samples per variant, same seeds; speed is measured wall clock against FP32 eager "
-          f"({torch.get_num_threads()} threads):")
+          f"({torch.get_num_threads()} threads):\n{machine_line()}")
     print(format_table(table))
-    save_json({"steps": steps, "cfg": CFG, "n": n_eval, "seed": seed, "rows": table}, out_dir / "demo.json")
+    save_json({"steps": steps, "cfg": CFG, "n": n_eval, "seed": seed, "machine": machine(), "rows": table},
+              out_dir / "demo.json")
     return table

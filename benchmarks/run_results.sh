@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Regenerate the figures of docs/RESULTS.md, each into benchmarks/results/ (JSON with the machine, and
+# the printed table beside it). Long: the quality runs at 2,000 samples take hours on 2 CPU cores.
+#
+#   benchmarks/run_results.sh             # everything
+#   benchmarks/run_results.sh speed       # the speed tables only (tens of minutes)
+#   benchmarks/run_results.sh quality     # the quality and ablation tables only (hours)
+#
+# Compare figures only within one run, on one machine: every output starts with the machine line.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+QC=${QC:-.venv/bin/qc}
+OUT=benchmarks/results
+mkdir -p "$OUT"
+export OMP_WAIT_POLICY=PASSIVE  # onnxruntime's spinning threads otherwise slow the next row on 2 cores
+what=${1:-all}
+
+run() {  # run NAME COMMAND...: the table to NAME.md, the JSON the command writes to NAME.json
+    local name=$1; shift
+    echo ">> $name: $*"
+    "$@" | tee "$OUT/$name.md"
+}
+
+if [[ $what == all || $what == speed ]]; then
+    run gemm_peak_DiT-B-2 $PY benchmarks/gemm_peak.py --model DiT-B/2 --threads 2 --json "$OUT/gemm_peak_DiT-B-2.json"
+    run gemm_peak_DiT-S-2 $PY benchmarks/gemm_peak.py --model DiT-S/2 --threads 2 --json "$OUT/gemm_peak_DiT-S-2.json"
+    run cache_speed $PY benchmarks/cache_speed.py --models dit-mnist,DiT-B/2 --repeats 3 --threads 2 \
+        --json "$OUT/cache_speed.json"
+    run forward_speed $PY benchmarks/forward_speed.py --models DiT-B/2,DiT-S/2,dit-mnist --batch 8 --repeats 9 \
+        --threads 2 --json "$OUT/forward_speed.json"
+    run onnx_parity $PY benchmarks/onnx_parity.py --models dit-mnist,DiT-S/2,DiT-B/2 --steps 50 --batch 8 --threads 2
+    run profile_DiT-B-2 $PY benchmarks/profile_forward.py --model DiT-B/2 --batch 8 --threads 2
+    run profile_DiT-B-2_int_mm $PY benchmarks/profile_forward.py --model DiT-B/2 --batch 8 --threads 2 --kernel int_mm
+    run ort_probe $PY benchmarks/ort_probe.py --model DiT-B/2 --threads 2
+    run tap_scaling $PY benchmarks/tap_scaling.py --sizes 5000,20000,50000 --exact-limit 5000 --threads 2
+    run tap_scaling_capped $PY benchmarks/tap_scaling.py --sizes 5000,20000,50000 --exact-limit 0 \
+        --max-landmarks 1000 --threads 2
+fi
+
+if [[ $what == all || $what == quality ]]; then
+    run eval_fp32 $QC eval --model dit-mnist --n 1000 --steps 50 --cfg 1.5 --seed 0 --batch-size 250 --threads 2 \
+        --out "$OUT/eval_fp32.json"
+    run w8a8_50 $QC bench quality --variants fp32,quant-uniform,quant-tap,cache-i2,qc-uniform,qc-uniform-vc,qc-uniform-vcvar,qc-tap,qc-tap-vc,qc-tap-vcvar,qc-kmeans,qc-dbscan,qc-agglomerative \
+        --bits w8a8 --steps 50 --n 2000 --fp250 --threads 2 --out "$OUT/w8a8_50.json"
+    run w4a8_50 $QC bench quality --variants quant-uniform,quant-tap,cache-i3,qc-uniform,qc-uniform-vc,qc-uniform-vcvar,qc-tap,qc-tap-vc,qc-tap-vcvar \
+        --bits w4a8 --cache interval=3 --steps 50 --n 2000 --threads 2 --out "$OUT/w4a8_50.json"
+    run w8a8_100 $QC bench quality --variants fp32,quant-uniform,cache-i2,qc-uniform,qc-tap,qc-tap-vc,qc-tap-vcvar \
+        --bits w8a8 --steps 100 --n 2000 --fp250 --threads 2 --out "$OUT/w8a8_100.json"
+    run w4a8_100 $QC bench quality --variants quant-uniform,cache-i3,qc-uniform,qc-uniform-vcvar,qc-tap,qc-tap-vcvar \
+        --bits w4a8 --cache interval=3 --steps 100 --n 2000 --threads 2 --out "$OUT/w4a8_100.json"
+    run cache_policies $QC bench quality --variants fp32,cache-i2,cache-i3,cache-adaptive-0.1,cache-adaptive-0.3,cache-static-0.2 \
+        --n 1000 --steps 50 --threads 2 --out "$OUT/cache_policies.json"
+    run ablation_table_50 $PY benchmarks/ablation_table.py "$OUT/w8a8_50.json" "$OUT/w4a8_50.json"
+    run ablation_table_100 $PY benchmarks/ablation_table.py --steps 100 "$OUT/w8a8_100.json" "$OUT/w4a8_100.json"
+    $PY benchmarks/plot_ablation.py "$OUT/w8a8_50.json" "$OUT/w4a8_50.json" --out docs/fid_vs_speed.png
+    $PY benchmarks/diagnostics.py --threads 2 --bits w8a8 --cache interval=2 --out docs
+    $PY benchmarks/diagnostics.py --threads 2 --bits w4a8 --cache interval=3 --out docs
+    run demo $QC demo --out-dir out --threads 2
+fi

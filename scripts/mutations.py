@@ -1,0 +1,101 @@
+"""Deliberate mutations of the method, one at a time, each in a copy of the repository: the suite
+must fail for every one. Prints which test failed first.
+
+    .venv/bin/python scripts/mutations.py            # all (about 25 minutes on 2 cores)
+    .venv/bin/python scripts/mutations.py 0 2        # some, by index
+
+A mutation that no test catches is a hole in the tests: write the test, then keep the mutation here.
+"""
+import argparse
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+COPY = Path(tempfile.gettempdir()) / "qc-mutations" / "copy"
+PY = str(REPO / ".venv/bin/python")
+
+MUTATIONS = [
+    ("vc: sample-placement targets one step early", "qc_compiler/passes/vc.py",
+     "return [r.x_t for r in traj.steps[1:]] + [traj.samples]", "return [r.x_t for r in traj.steps]"),
+    ("vc: rescale around 0, not the per-sample mean", "qc_compiler/specs.py",
+     "mu = x.mean(dim=dims, keepdim=True)", "mu = torch.zeros_like(x.mean(dim=dims, keepdim=True))"),
+    ("tap: selector replaced by a random draw", "qc_compiler/calibration/selectors.py",
+     '''    labels = tap_clusters(features, steps, TAPConfig(**options), seed=seed)
+    return draw_per_cluster(labels, _positive("size", size), seed)''',
+     '''    TAPConfig(**options)
+    return select_random(features, steps, size, seed)'''),
+    ("vc: variance form without the square root", "qc_compiler/passes/vc.py",
+     "(spread_ref / spread_hat.clamp_min(1e-30)).sqrt()", "(spread_ref / spread_hat.clamp_min(1e-30))"),
+    ("cache: interval schedule off by one", "qc_compiler/specs.py",
+     "return step % self.interval == 0", "return step % self.interval == 1"),
+    ("quant: per-step groups collapse to group 0", "qc_compiler/quant/spec.py",
+     "return min(num_groups - 1, step * num_groups // max(1, num_steps))", "return 0"),
+    ("int8: activation codes floor instead of round-half-even", "qc_compiler/backends/torch_int8.py",
+     "x.div(scale).round_()", "x.div(scale).floor_()"),
+    ("persist: file hashes not checked", "qc_compiler/persist.py",
+     "if sha256_file(path) != digest:", "if False:"),
+    ("persist: manifest digest not checked", "qc_compiler/persist.py",
+     'if manifest.get("digest") != _digest(manifest):', "if False:"),
+    ("onnx: file digest not checked", "qc_compiler/backends/onnx.py",
+     "if verify and meta.get(_DIGEST) != _metadata_digest(model):", "if False:"),
+    ("metrics: FID drops the covariance cross term", "qc_compiler/eval/metrics.py",
+     "- 2.0 * np.trace(covmean))", ")"),
+    ("step: step 0 does not start a new run", "qc_compiler/step.py",
+     "        if step == 0:\n            self.reset()", "        if False:\n            self.reset()"),
+    ("distributed: shards ignore the label list", "qc_compiler/distributed.py",
+     '"labels": labels_digest, "model": model_id}', '"model": model_id}'),
+    ("quant: conditioning linears not weight-only", "qc_compiler/quant/config.py",
+     "weight_only=adapter.conditioning_linears if self.weight_only is None else self.weight_only",
+     "weight_only=() if self.weight_only is None else self.weight_only"),
+    ("onnx runner: cache decision ignores the schedule", "qc_compiler/backends/onnx.py",
+     'feed[f"compute_{r}"] = np.array(self.schedule.decide(state.step, r, r in store, store))',
+     'feed[f"compute_{r}"] = np.array(True)'),
+    ("fit: fitted state reused whatever the schedule", "qc_compiler/api.py",
+     "if fitted and fitted.get(SCHEDULE_KEY) != schedule:", "if False:"),
+]
+
+
+def copy_repo():
+    if COPY.exists():
+        shutil.rmtree(COPY)
+    COPY.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(REPO, COPY, ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__", "out", "runs", ".pytest_cache"))
+
+
+def main(which=None, out=None):
+    results = []
+    for i, (name, path, old, new) in enumerate(MUTATIONS):
+        if which is not None and i not in which:
+            continue
+        copy_repo()
+        f = COPY / path
+        src = f.read_text()
+        assert src.count(old) == 1, (name, src.count(old))
+        f.write_text(src.replace(old, new))
+        t0 = time.time()
+        proc = subprocess.run([PY, "-m", "pytest", "-x", "-q", "-p", "no:warnings", "-p", "no:cacheprovider",
+                               "-o", "addopts=--doctest-modules", "--tb=no", "-rf"],
+                              cwd=COPY, env={"PYTHONPATH": str(COPY), "PATH": "/usr/bin:/bin", "HOME": "/tmp"},
+                              capture_output=True, text=True, timeout=900)
+        failed = [l for l in proc.stdout.splitlines() if l.startswith("FAILED")]
+        caught = proc.returncode != 0
+        results.append({"mutation": name, "caught": caught, "by": failed[0][7:] if failed else proc.stdout[-300:],
+                        "seconds": round(time.time() - t0)})
+        print(json.dumps(results[-1]), flush=True)
+    if out:
+        Path(out).write_text(json.dumps(results, indent=1))
+    missed = [r["mutation"] for r in results if not r["caught"]]
+    print(f"{len(results) - len(missed)} of {len(results)} mutations caught" + (f"; missed: {missed}" if missed else ""))
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("which", nargs="*", type=int, help="mutation indices (default: all)")
+    p.add_argument("--out", help="write the results as JSON here")
+    args = p.parse_args()
+    raise SystemExit(main(set(args.which) or None, args.out))
