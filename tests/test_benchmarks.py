@@ -68,7 +68,7 @@ def test_forward_speed_prints_every_row_with_its_error(capsys):
     out = capsys.readouterr().out
     per_forward, e2e = out.split("end to end")
     for row in ("PyTorch eager FP32 |", "onnxruntime FP32 |", "onnxruntime quantize_dynamic |",
-                "onnxruntime quantize_dynamic per-channel |",
+                "onnxruntime quantize_dynamic per-channel |", "onnxruntime quantize_static (QDQ), MatMul/Gemm only |",
                 "onnxruntime quantize_static (QDQ) |", "torch.ao dynamic INT8 |", "ours W8A8 torch INT8 |",
                 "ours W8A8 ONNX INT8 (onnxruntime) |"):
         assert row in per_forward

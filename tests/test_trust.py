@@ -249,3 +249,15 @@ def test_asking_for_more_calibration_items_than_the_pool_holds_warns_once(caplog
         qc.compile(make_tiny(), passes=[UniformCalibration(size=800, pool_labels=4)], sampler=SAMPLER)
     warnings = [r.getMessage() for r in caplog.records if "calibration items" in r.getMessage()]
     assert len(warnings) == 1 and "asked for 800" in warnings[0] and "holds 16" in warnings[0]
+
+
+def test_a_read_only_output_folder_is_refused_before_work(tmp_path, capsys, monkeypatch):
+    """Root can write anywhere, so the check is what is tested: os.access says no, nothing runs."""
+    import os
+
+    import qc_compiler.io as qio
+
+    real_access = os.access
+    monkeypatch.setattr(qio.os, "access", lambda p, mode: False if str(p) == str(tmp_path) else real_access(p, mode))
+    assert "is not writable" in one_line_error(["sample", "--model", "DiT-T/4", "--steps", "2",
+                                                "--out", str(tmp_path / "g.png")], capsys)
