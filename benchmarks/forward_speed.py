@@ -61,7 +61,9 @@ def ort_rows(model, inputs, ref, threads, calibration):
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.items = iter([{n: v.numpy() for n, v in zip(names, batch)} for batch in calibration])
+            # in the dtypes the model was exported with (a float32 timestep for DiT)
+            self.items = iter([{n: v.to(like.dtype).numpy() for n, v, like in zip(names, batch, inputs)}
+                               for batch in calibration])
 
         def get_next(self):
             return next(self.items, None)

@@ -13,6 +13,7 @@ Example:
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -28,6 +29,7 @@ from .diffusion.samplers import DDPM, Sampler, sampler_from_spec
 from .errors import ArtifactError, QCError
 from .io import check_finite, tensor_digest
 from .models import ModelAdapter, adapter_for, get_adapter
+from .models.diffusers_model import set_loader
 from .models.zoo import load_model, load_state_strict
 from .options import check_int
 from .persist import load_artifact
@@ -109,7 +111,16 @@ def compile(  # noqa: A001 - the verb users expect
         "fitted": ctx.fitted,
         "weights": {k: v.clone() for k, v in weights.items()} if config else {},
     }
-    return CompiledModel(lowered, sampler.spec(), info, records=ctx.artifacts.get("pass_report", []), build=build)
+
+    def recompile(*, device: torch.device, dtype: torch.dtype) -> CompiledModel:
+        # the source model is held by this closure only: a compiled model that can move keeps its
+        # FP weights alive, as a pipeline's original transformer would be
+        moved = copy.deepcopy(model).to(device=device, dtype=dtype)
+        return compile(moved, passes=manager.passes, sampler=sampler, backend=backend, seed=seed,
+                       capture_mode=capture_mode, adapter=adapter, progress=progress)
+
+    return CompiledModel(lowered, sampler.spec(), info, records=ctx.artifacts.get("pass_report", []), build=build,
+                         inputs=adapter.inputs, recompile=recompile)
 
 
 SCHEDULE_KEY = "schedule.digest"
@@ -164,3 +175,4 @@ def load_compiled(folder) -> CompiledModel:
                    capture_mode=capture_mode, adapter=adapter)
 
 
+set_loader(load_compiled)  # lets a diffusers pipeline's from_pretrained rebuild a saved compiled transformer

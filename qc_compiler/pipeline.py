@@ -206,7 +206,8 @@ class PassContext:
     def denoiser(self, gm: fx.GraphModule) -> CompiledModel:
         """``gm`` inside a :class:`CompiledModel` for the context's sampler: step-conditional nodes
         (cache lookups, VC rescales) behave exactly as they will after compilation."""
-        return CompiledModel(gm, self.need("sampler", "collect").spec(), self.need("info", "collect"))
+        return CompiledModel(gm, self.need("sampler", "collect").spec(), self.need("info", "collect"),
+                             inputs=self.adapter.inputs if self.adapter is not None else None)
 
     def fit(self, key: str, compute: Callable[[], Any]) -> Any:
         """Return ``fitted[key]``, computing and storing it first when absent (i.e. not restored)."""

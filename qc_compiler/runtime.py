@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from .errors import ExportError, QCError, StepError
 from .io import tensor_digest
-from .models.adapter import ModelInfo
+from .models.adapter import ForwardInputs, ModelInfo
 from .persist import save_compiled
 from .step import StepState, StepTable, bind_step_state
 
@@ -62,11 +62,15 @@ class CompiledModel(nn.Module):
     """
 
     def __init__(self, graph_module: nn.Module, sampler_spec: Dict[str, Any], info: ModelInfo,
-                 *, records: Sequence[Any] = (), build: Optional[Dict[str, Any]] = None):
+                 *, records: Sequence[Any] = (), build: Optional[Dict[str, Any]] = None,
+                 inputs: Optional[ForwardInputs] = None, recompile: Optional[Callable[..., "CompiledModel"]] = None):
         super().__init__()
         if not isinstance(info, ModelInfo):
             raise TypeError(f"info must be a ModelInfo, got {type(info).__name__}")
         self.graph_module = graph_module
+        self.inputs = inputs or ForwardInputs()
+        # compile(...) again for another dtype or device (given by qc.compile; None: cannot move)
+        self.__dict__["_recompile"] = recompile
         self.sampler_spec = dict(sampler_spec)
         self.info = info
         self.records = list(records)
@@ -97,8 +101,41 @@ class CompiledModel(nn.Module):
         return self.info.sample_shape
 
     @property
-    def timesteps(self) -> List[int]:
+    def timesteps(self) -> List[float]:
         return self.table.timesteps
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype inputs are cast to and outputs come in: the source model's weights'."""
+        return self.info.torch_dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.parameters()), next(iter(self.buffers()), torch.empty(0))).device
+
+    # --- an inference module ----------------------------------------------------------------------
+    def train(self, mode: bool = True) -> "CompiledModel":
+        """``eval()`` / ``train(False)`` are no-ops (a compiled model is in inference mode already);
+        ``train(True)`` is refused: train the source model and compile again."""
+        if mode:
+            raise QCError("a compiled model is for inference and cannot be trained; train the source model, "
+                          "then compile it again")
+        self.training = False  # the captured graphs are eval-mode already (torch.export's refuse train())
+        return self
+
+    def to(self, *args: Any, **kwargs: Any) -> "CompiledModel":
+        """Move or cast by compiling again: INT8 kernels, prepacked weights and calibrated scales belong
+        to one device and dtype, so another one gets its own compiled model (same passes and options,
+        calibrated again; the original is unchanged). The same device and dtype return ``self``."""
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        want_device = torch.device(device) if device is not None else self.device
+        want_dtype = dtype if dtype is not None else self.dtype
+        if want_device.type == self.device.type and want_dtype == self.dtype:
+            return self
+        if self.__dict__.get("_recompile") is None:
+            raise QCError(f"this compiled model cannot move to {want_device}/{want_dtype} (it was not made by "
+                          "qc.compile); compile the source model there")
+        return self.__dict__["_recompile"](device=want_device, dtype=want_dtype)
 
     def step_of(self, t: int) -> int:
         """Step index of timestep ``t``; ``StepError`` when the schedule has no such step."""
@@ -108,18 +145,20 @@ class CompiledModel(nn.Module):
         if not bool(torch.isfinite(x).all()):
             # An FP32 model would return NaN; INT8 kernels would clamp NaN to a finite code and hide it.
             raise QCError("the input x holds NaN or inf; a compiled model refuses it rather than return finite garbage")
-        t = torch.as_tensor(t)
+        t = torch.as_tensor(t, device=x.device)
         flat = t.reshape(-1)
         t0 = flat[0].item()
         if flat.numel() > 1 and not bool((flat == flat[0]).all()):
             raise StepError(f"a batch must carry one timestep, got {sorted(set(flat.tolist()))}")
         step = self.table.index(t0)
-        self.step_state.enter(step, int(t0))
+        self.step_state.enter(step, t0)
+        # the graph was captured with a latent in the weights' dtype and timesteps of the adapter's
+        # dtype: casting here lets integer and fractional schedules, and float32 noise, all in
         if self._stable_batch:
             self._check_same_batch(y, step)
         if flat.numel() == 1 and x.shape[0] > 1:
             t = flat.expand(x.shape[0])
-        return self.graph_module(x, t, y)
+        return self.graph_module(x.to(self.dtype), t.to(self.inputs.torch_timestep_dtype), y)
 
     def _check_same_batch(self, y: torch.Tensor, step: int) -> None:
         # Reused tensors belong to the run's batch: new labels mid-run would silently mix samples.

@@ -37,10 +37,13 @@ __all__ = ["StepTable", "StepState", "StepAware", "bind_step_state"]
 
 
 class StepTable:
-    """Timesteps in call order (noisiest first); ``index(t)`` is the step index of ``t``."""
+    """Timesteps in call order (noisiest first); ``index(t)`` is the step index of ``t``.
 
-    def __init__(self, timesteps: Sequence[int], name: str = ""):
-        ts = [int(t) for t in timesteps]
+    Timesteps may be integers (DDPM, DDIM) or fractional (Euler and flow-matching schedulers); a call
+    matches a step when its timestep equals the table's (999 and 999.0 are the same step)."""
+
+    def __init__(self, timesteps: Sequence[float], name: str = ""):
+        ts = [_number(t) for t in timesteps]
         if not ts:
             raise ValueError("a step table needs at least one timestep")
         if len(set(ts)) != len(ts):
@@ -66,11 +69,9 @@ class StepTable:
         ts = self._timesteps
         return ", ".join(map(str, ts)) if len(ts) <= 3 else f"{ts[0]}, {ts[1]}, ..., {ts[-1]}"
 
-    def index(self, t: int) -> int:
+    def index(self, t: float) -> int:
         """Step index of timestep ``t``; ``StepError`` when the table has no such timestep."""
-        key = int(t)
-        if key != t:  # a fractional timestep is never one of ours
-            key = None
+        key = _number(t)
         if key not in self._index:
             where = f" ({self.name})" if self.name else ""
             raise StepError(
@@ -78,6 +79,13 @@ class StepTable:
                 "sample with the sampler the model was compiled for, or compile again for yours"
             )
         return self._index[key]
+
+
+def _number(t) -> float:
+    """A timestep as a plain Python number: an int stays an int, a float32 tensor element its exact value."""
+    if hasattr(t, "item"):
+        t = t.item()
+    return int(t) if isinstance(t, int) or (isinstance(t, float) and t.is_integer()) else float(t)
 
 
 class StepState:
@@ -102,11 +110,11 @@ class StepState:
         self.run += 1
         self._stores.clear()
 
-    def enter(self, step: int, timestep: int = -1) -> None:
+    def enter(self, step: int, timestep: float = -1) -> None:
         """Make ``step`` the current one; step 0 starts a new run."""
         if step == 0:
             self.reset()
-        self.step, self.timestep = int(step), int(timestep)
+        self.step, self.timestep = int(step), timestep
 
     def store(self, owner: str) -> Dict[str, Any]:
         return self._stores.setdefault(owner, {})

@@ -26,7 +26,7 @@ def test_graph_matches_model_bit_for_bit(prefer, fused):
     gm = take(model, prefer)
     assert graph_flavour(gm) == prefer
     for batch in (1, 3, 8):  # dynamic batch under export too
-        x, t, y = torch.randn(batch, 1, 16, 16), torch.full((batch,), 321), torch.arange(batch) % 11
+        x, t, y = torch.randn(batch, 1, 16, 16), torch.full((batch,), 321.0), torch.arange(batch) % 11  # the adapter captures float t
         assert torch.equal(gm(x, t, y), model(x, t, y))
 
 

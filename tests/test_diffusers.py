@@ -29,7 +29,7 @@ def test_capture_falls_back_to_export_and_finds_blocks():
     model = DiffusersDiT(tiny_transformer())
     gm = qc.capture(model, example_inputs=DIFFUSERS_DIT.example_inputs(DIFFUSERS_DIT.info(model)))
     assert graph_flavour(gm) == "export"
-    x, t, y = torch.randn(3, 4, 8, 8), torch.full((3,), 500), torch.tensor([1, 2, 1000])
+    x, t, y = torch.randn(3, 4, 8, 8), torch.full((3,), 500.0), torch.tensor([1, 2, 1000])  # float t, as captured
     assert torch.equal(gm(x, t, y), model(x, t, y))
     names = [r.qualname for r in find_branch_regions(gm, DIFFUSERS_DIT.blocks)]
     assert names == [f"transformer.transformer_blocks.{i}.{b}" for i in range(2) for b in ("attn", "mlp")]

@@ -45,6 +45,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import io
 import json
@@ -59,7 +60,7 @@ import torch.nn as nn
 
 from ..errors import ArtifactError, ExportError, StepError
 from ..io import atomic_write_bytes
-from ..models import ModelInfo, get_adapter
+from ..models import ForwardInputs, ModelInfo, get_adapter
 from ..options import check_int
 from ..quant.config import QuantConfig
 from ..quant.spec import QuantizedActSpec, QuantizedLinearSpec
@@ -378,7 +379,10 @@ def onnx_bytes(gm: nn.Module, *, adapter, info: ModelInfo, sampler_spec: Dict[st
     for m in gm.modules():
         if getattr(m, "packed", None) is not None:
             m.packed = None  # oneDNN's opaque prepacked weight cannot be copied; it is rebuilt on next use
-    gm = copy.deepcopy(gm).cpu()
+    # The file computes in float32 around its INT8 GEMMs, whatever the weights' dtype: float16/bfloat16
+    # graphs are cast (onnxruntime's CPU kernels gain nothing from them).
+    gm = copy.deepcopy(gm).cpu().float()
+    info = dataclasses.replace(info, dtype="float32")
     _unfreeze_sizes(gm)
     linears, caches, schedule = _swap_for_export(gm, holder)
     wrapper = _Wrapper(gm, holder).eval()
@@ -401,6 +405,7 @@ def onnx_bytes(gm: nn.Module, *, adapter, info: ModelInfo, sampler_spec: Dict[st
     _cache_to_if(model, caches)
     meta = {"qc.timesteps": json.dumps(sampler_spec["timesteps"]), "qc.model_info": json.dumps(info.to_json()),
             "qc.adapter": adapter.name, "qc.inputs": json.dumps(names), "qc.sampler": json.dumps(sampler_spec),
+            "qc.timestep_dtype": adapter.inputs.timestep_dtype,
             "qc.int8_linears": str(n_int8), "qc.vc": json.dumps(sample_vc.to_json()) if sample_vc is not None else "",
             "qc.cache": json.dumps(schedule.to_json()) if schedule is not None else ""}
     for k, v in meta.items():
@@ -486,6 +491,8 @@ class OrtGraph(StepAware, nn.Module):
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
         self.session = ort.InferenceSession(model_bytes, session_options(threads), providers=[PROVIDERS[provider]])
         self.feeds = {i.name for i in self.session.get_inputs()}  # "step" is dropped when nothing reads it
+        kinds = {"tensor(float)": np.float32, "tensor(int64)": np.int64}
+        self.input_types = {i.name: kinds[i.type] for i in self.session.get_inputs() if i.type in kinds}
         self.input_names = json.loads(meta["qc.inputs"])
         self.schedule = CacheSchedule.from_json(json.loads(meta["qc.cache"])) if meta.get("qc.cache") else None
         self.needs_stable_batch = self.schedule is not None
@@ -501,7 +508,12 @@ class OrtGraph(StepAware, nn.Module):
         if state is None or state.step < 0:
             raise StepError("an ONNX graph runs inside a compiled model's sampling run: call the CompiledModel")
         store = state.store("onnx_cache")
-        feed = {name: x.detach().cpu().numpy() for name, x in zip(self.input_names, inputs)}
+        # the file takes float32 latents and its own timestep dtype, whatever the compiled model's
+        feed = {name: (x.float() if x.is_floating_point() else x).detach().cpu().numpy()
+                for name, x in zip(self.input_names, inputs)}
+        for name, kind in self.input_types.items():  # as the file declares them (a float32 file, its t)
+            if name in feed:
+                feed[name] = feed[name].astype(kind)
         feed["step"] = np.array(state.step, dtype=np.int64)
         for r in range(self.regions):
             feed[f"compute_{r}"] = np.array(self.schedule.decide(state.step, r, r in store, store))
@@ -534,7 +546,8 @@ class OrtDenoiser(CompiledModel):
         graph = OrtGraph(path.read_bytes(), provider=provider, threads=threads, verify=verify, source=str(path))
         meta = graph.meta_props
         super().__init__(graph, json.loads(meta["qc.sampler"]), ModelInfo.from_json(json.loads(meta["qc.model_info"])),
-                         build={"backend": "onnx", "adapter": meta.get("qc.adapter")})
+                         build={"backend": "onnx", "adapter": meta.get("qc.adapter")},
+                         inputs=ForwardInputs(timestep_dtype=meta.get("qc.timestep_dtype", "int64")))
         self.path = path
 
     @property

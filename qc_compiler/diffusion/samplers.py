@@ -91,9 +91,12 @@ class Sampler:
         return [int(t) for t in self.schedule.timestep_map[::-1]]
 
     def spec(self) -> dict:
-        """A JSON-able description, stored with compiled models."""
+        """A JSON-able description, stored with compiled models; with the schedule itself, so a
+        sampler built over another schedule (``sampler_for_scheduler``) is rebuilt exactly."""
         return {"name": self.name, "steps": self.steps, "cfg_scale": self.cfg_scale,
-                "base_timesteps": self.base_timesteps, "timesteps": self.timesteps}
+                "base_timesteps": self.base_timesteps, "timesteps": self.timesteps,
+                "schedule": {"betas": [float(b) for b in self.schedule.betas],
+                             "timestep_map": [int(t) for t in self.schedule.timestep_map]}}
 
     # --- one step -------------------------------------------------------------------------------
     def guided_output(self, model: Callable, x: torch.Tensor, t: int, y: torch.Tensor, *, null_label: int) -> torch.Tensor:
@@ -239,7 +242,13 @@ def sampler_from_spec(spec: dict) -> Sampler:
         kwargs["eta"] = spec.get("eta", 0.0)
     if spec["name"] not in SAMPLERS:
         raise ValueError(f"unknown sampler {spec['name']!r}; known: {sorted(SAMPLERS)}")
-    return SAMPLERS[spec["name"]](**kwargs)
+    sampler = SAMPLERS[spec["name"]](**kwargs)
+    if "schedule" in spec:  # the exact schedule it ran (respaced DiT betas, or a pipeline scheduler's)
+        sched = spec["schedule"]
+        sampler.schedule = Schedule(np.array(sched["betas"], dtype=np.float64), np.array(sched["timestep_map"]))
+    if sampler.spec() != spec:
+        raise ValueError("the sampler spec does not rebuild the sampler it describes (edited?)")
+    return sampler
 
 
 def _model_sample_shape(model) -> tuple:

@@ -37,24 +37,42 @@ from ..graph import BlockLayout
 from ..options import check_int
 
 __all__ = ["ModelInfo", "ForwardInputs", "ModelAdapter", "ADAPTERS", "register_adapter", "adapter_for", "get_adapter",
-           "known_classes"]
+           "known_classes", "DTYPES", "dtype_name", "weights_dtype"]
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for name, value in DTYPES.items():
+        if value == dtype:
+            return name
+    raise ValueError(f"qc-compiler compiles float32, float16 and bfloat16 models, not {dtype}")
 
 
 @dataclass(frozen=True)
 class ModelInfo:
     """What samplers and passes read off a denoiser. ``num_classes`` is None for a model without
-    class labels; the null (unconditional) label of a class-conditional one is ``num_classes``."""
+    class labels; the null (unconditional) label of a class-conditional one is ``num_classes``.
+    ``dtype`` is the floating dtype of its weights, which its inputs are cast to."""
 
     input_size: int
     in_channels: int
     out_channels: int
     num_classes: Optional[int] = None
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         for name in ("input_size", "in_channels", "out_channels"):
             object.__setattr__(self, name, check_int(name, getattr(self, name), lo=1))
         if self.num_classes is not None:
             object.__setattr__(self, "num_classes", check_int("num_classes", self.num_classes, lo=1))
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
 
     @property
     def learn_sigma(self) -> bool:
@@ -75,7 +93,8 @@ class ModelInfo:
     @classmethod
     def from_json(cls, d: Dict[str, Any]) -> "ModelInfo":
         try:
-            return cls(**{k: d[k] for k in ("input_size", "in_channels", "out_channels", "num_classes")})
+            return cls(**{k: d[k] for k in ("input_size", "in_channels", "out_channels", "num_classes")},
+                       dtype=d.get("dtype", "float32"))
         except KeyError as e:
             raise ArtifactError(f"model info is missing {e}; the file was not written by this qc-compiler") from None
 
@@ -83,12 +102,23 @@ class ModelInfo:
 @dataclass(frozen=True)
 class ForwardInputs:
     """Names of the captured forward's inputs: latent, timestep, condition, then extra keyword inputs
-    (text states, pooled projections, image/text ids, guidance) for families that have them."""
+    (text states, pooled projections, image/text ids, guidance) for families that have them.
+    ``timestep_dtype``: what the compiled model casts timesteps to before its graph (``"float32"``
+    serves integer and fractional schedules alike; ``"int64"`` for a model that indexes by t)."""
 
     latent: str = "x"
     timestep: str = "t"
     condition: str = "y"
     extra: Tuple[str, ...] = ()
+    timestep_dtype: str = "int64"
+
+    def __post_init__(self) -> None:
+        if self.timestep_dtype not in ("int64", "float32"):
+            raise ValueError(f"timestep_dtype must be 'int64' or 'float32', got {self.timestep_dtype!r}")
+
+    @property
+    def torch_timestep_dtype(self) -> torch.dtype:
+        return torch.int64 if self.timestep_dtype == "int64" else torch.float32
 
     @property
     def names(self) -> Tuple[str, ...]:
@@ -124,7 +154,7 @@ class ModelAdapter:
         try:
             return ModelInfo(input_size=model.input_size, in_channels=model.in_channels,
                              out_channels=getattr(model, "out_channels", model.in_channels),
-                             num_classes=getattr(model, "num_classes", None))
+                             num_classes=getattr(model, "num_classes", None), dtype=weights_dtype(model))
         except AttributeError as e:
             raise QCError(f"adapter {self.name!r}: {type(model).__name__} does not say {e}; override info()") from None
 
@@ -139,8 +169,8 @@ class ModelAdapter:
     def example_inputs(self, info: ModelInfo, batch: int = 2) -> Tuple[torch.Tensor, ...]:
         """Inputs of one forward, in ``inputs`` order. This is the only place they are built: capture,
         FLOP counts, ONNX export and benchmarks all ask here. Batch 2 keeps export's batch dynamic."""
-        return (torch.randn(batch, *info.sample_shape), torch.full((batch,), 500, dtype=torch.long),
-                torch.zeros(batch, dtype=torch.long))
+        return (torch.randn(batch, *info.sample_shape, dtype=info.torch_dtype),
+                torch.full((batch,), 500, dtype=self.inputs.torch_timestep_dtype), torch.zeros(batch, dtype=torch.long))
 
     def null_condition(self, info: ModelInfo) -> Optional[int]:
         """The condition CFG's unconditional half uses (the null class label)."""
@@ -158,10 +188,24 @@ class ModelAdapter:
         """What goes back into the family's pipeline in place of ``original`` (default: ``compiled``)."""
         return compiled
 
+    def pipeline_forward(self, compiled: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        """The family's pipeline call on the compiled model (a diffusers family maps its keyword
+        inputs and output type here)."""
+        return compiled(*args, **kwargs)
+
     def pipeline_sampler(self, pipe: Any, num_inference_steps: int, guidance_scale: float) -> Any:
         """The sampler whose step table follows ``pipe``'s scheduler call for call."""
         raise QCError(f"the {self.name!r} adapter does not know this family's pipelines; compile the transformer "
                       "with a sampler and set pipe.transformer yourself")
+
+
+def weights_dtype(model: nn.Module) -> str:
+    """The name of the floating dtype of a model's weights (float32 for a model without any)."""
+    floating = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(floating) > 1:
+        raise QCError(f"{type(model).__name__} mixes weight dtypes {sorted(map(str, floating))}; cast it to one "
+                      "(model.to(dtype)) before compiling")
+    return dtype_name(floating.pop()) if floating else "float32"
 
 
 ADAPTERS: Dict[str, ModelAdapter] = {}

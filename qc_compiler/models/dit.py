@@ -69,7 +69,9 @@ class TimestepEmbedder(nn.Module):
         self.frequency_embedding_size = frequency_embedding_size
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_embedding(t, self.frequency_embedding_size))
+        # the sinusoids are computed in float32; a float16/bfloat16 model takes them in its own dtype
+        dtype = next((p.dtype for p in self.mlp.parameters() if p.is_floating_point()), torch.float32)
+        return self.mlp(timestep_embedding(t, self.frequency_embedding_size).to(dtype))
 
 
 class LabelEmbedder(nn.Module):

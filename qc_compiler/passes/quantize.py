@@ -171,12 +171,13 @@ class Quantize(Pass):
     def _calibrate(self, gm: fx.GraphModule, modules: List[Any], ctx) -> None:
         """Observe every batch at its own step (the one step table, through the one step state)."""
         pool = ctx.artifacts["calibration_set"]
+        dtype, t_dtype = ctx.info.torch_dtype, ctx.adapter.inputs.torch_timestep_dtype  # as the graph was captured
         table = StepTable(ctx.sampler.timesteps)
         state = StepState(num_steps=len(table))
         bind_step_state(gm, state)
         set_mode(modules, "observe")
         with torch.no_grad():
-            batches = [(table.index(int(t[0])), (x, t, y)) for x, t, y in pool.batches(self.batch_size)]
+            batches = [(table.index(t[0]), (x.to(dtype), t.to(t_dtype), y)) for x, t, y in pool.batches(self.batch_size)]
             for step, inputs in batches:
                 with state.calibrating(step):
                     gm(*inputs)

@@ -31,9 +31,10 @@ import torch.nn as nn
 
 from ...diffusion.samplers import DDPM
 from ...diffusion.schedule import Schedule
-from ...errors import ArtifactError
+from ...errors import ArtifactError, QCError
 from ...graph import BlockLayout, BranchSpec
-from ..adapter import ModelAdapter, ModelInfo, register_adapter
+from ..adapter import ForwardInputs, ModelAdapter, ModelInfo, register_adapter, weights_dtype
+from ..diffusers_model import qc_transformer
 
 __all__ = ["DiffusersDiT", "DiffusersDiTAdapter", "DIFFUSERS_DIT", "pipeline_transformer", "sampler_for_scheduler",
            "load_diffusers_transformer"]
@@ -65,7 +66,8 @@ class DiffusersDiTAdapter(ModelAdapter):
     def info(self, model: nn.Module) -> ModelInfo:
         cfg = _transformer(model).config
         return ModelInfo(input_size=int(cfg.sample_size), in_channels=int(cfg.in_channels),
-                         out_channels=int(cfg.out_channels or cfg.in_channels), num_classes=int(cfg.num_embeds_ada_norm))
+                         out_channels=int(cfg.out_channels or cfg.in_channels), num_classes=int(cfg.num_embeds_ada_norm),
+                         dtype=weights_dtype(_transformer(model)))
 
     def wrap(self, model: nn.Module) -> nn.Module:
         return model if isinstance(model, DiffusersDiT) else DiffusersDiT(model)
@@ -82,7 +84,17 @@ class DiffusersDiTAdapter(ModelAdapter):
         return DiTTransformer2DModel.from_config(config)
 
     def to_pipeline(self, compiled: nn.Module, original: nn.Module) -> nn.Module:
-        return pipeline_transformer(compiled, _transformer(original))
+        return pipeline_transformer(compiled, original)
+
+    def pipeline_forward(self, compiled: nn.Module, hidden_states, timestep=None, class_labels=None,
+                         cross_attention_kwargs=None, return_dict: bool = True):
+        """``DiTTransformer2DModel.forward``'s signature and output type."""
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        if cross_attention_kwargs:
+            raise QCError("cross_attention_kwargs change the attention, which is compiled into the graph")
+        out = compiled(hidden_states, timestep, class_labels)
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
     def pipeline_sampler(self, pipe: Any, num_inference_steps: int, guidance_scale: float) -> DDPM:
         return sampler_for_scheduler(pipe.scheduler, num_inference_steps, guidance_scale)
@@ -98,36 +110,14 @@ DIFFUSERS_DIT = register_adapter(DiffusersDiTAdapter(
     # AdaLayerNormZero's linear and its timestep/label embedder, and the final layer's proj_out_1.
     conditioning_linears=("*.norm1.linear", "*.norm1.emb.*", "*proj_out_1"),
     capture_mode="export",
+    inputs=ForwardInputs(timestep_dtype="float32"),  # schedulers such as Euler call fractional timesteps
 ))
 
 
-class _PipelineTransformer(nn.Module):
-    """What ``DiTPipeline`` calls: ``transformer(x, timestep=, class_labels=).sample`` plus config/dtype."""
-
-    def __init__(self, compiled: nn.Module, original: nn.Module):
-        super().__init__()
-        self.compiled = compiled
-        self.config = original.config
-        self._dtype = original.dtype
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
-    @property
-    def device(self) -> torch.device:  # DiffusionPipeline reads its components' devices
-        return next(self.compiled.parameters(), torch.empty(0)).device
-
-    def forward(self, hidden_states, timestep=None, class_labels=None, cross_attention_kwargs=None, return_dict=True):
-        from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-        out = self.compiled(hidden_states, timestep, class_labels)
-        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
-
-
 def pipeline_transformer(compiled: nn.Module, original: nn.Module) -> nn.Module:
-    """Wrap a compiled model so ``pipe.transformer = pipeline_transformer(compiled, pipe.transformer)`` works."""
-    return _PipelineTransformer(compiled, original)
+    """``pipe.transformer = pipeline_transformer(compiled, pipe.transformer)``: a diffusers-shaped model
+    (``QCTransformer``: config, dtype, ``save_pretrained``/``from_pretrained``) around the compiled one."""
+    return qc_transformer(compiled, _transformer(original), DIFFUSERS_DIT)
 
 
 def sampler_for_scheduler(scheduler: Any, num_inference_steps: int, guidance_scale: float = 1.0) -> DDPM:

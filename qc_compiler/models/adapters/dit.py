@@ -15,7 +15,7 @@ from typing import Any, Dict
 import torch.nn as nn
 
 from ...graph import BlockLayout, BranchSpec
-from ..adapter import ModelAdapter, register_adapter
+from ..adapter import ForwardInputs, ModelAdapter, register_adapter
 from ..dit import DiT
 
 __all__ = ["DiTAdapter", "DIT"]
@@ -40,4 +40,5 @@ DIT = register_adapter(DiTAdapter(
     # adaLN maps the conditioning embedding (one row per sample) to shift/scale/gate: weight-only.
     conditioning_linears=("*adaLN_modulation*",),
     capture_mode="fx",
+    inputs=ForwardInputs(timestep_dtype="float32"),  # its sinusoidal embedding takes fractional timesteps
 ))

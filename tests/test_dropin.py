@@ -1,0 +1,91 @@
+"""A compiled transformer is a drop-in for diffusers: eval(), dtypes, save/load through the pipeline,
+outputs, batch consistency, callbacks, and the model API refusals. Written by us; offline."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import qc_compiler as qc
+from qc_compiler.passes import Quantize, StepCache, UniformCalibration
+
+diffusers = pytest.importorskip("diffusers")
+from test_diffusers import run, tiny_pipeline, tiny_transformer  # noqa: E402
+
+
+def compiled_pipe(passes=None, steps=5, cfg=2.0):
+    pipe = tiny_pipeline()
+    ref = run(pipe)
+    compiled = qc.compile_pipeline(pipe, passes=[StepCache(interval=1)] if passes is None else passes,
+                                   num_inference_steps=steps, guidance_scale=cfg)
+    return pipe, compiled, ref
+
+
+def test_eval_is_a_no_op_and_train_is_refused():
+    pipe, compiled, ref = compiled_pipe()
+    assert pipe.transformer.eval() is pipe.transformer and compiled.eval() is compiled
+    assert pipe.transformer.train(False) is pipe.transformer and not pipe.transformer.training
+    np.testing.assert_array_equal(run(pipe), ref)
+    for module in (pipe.transformer, compiled):
+        with pytest.raises(qc.QCError, match="for inference"):
+            module.train()
+
+
+@pytest.mark.parametrize("variant", [None, "int8"])
+def test_save_pretrained_round_trips_the_compiled_transformer(variant, tmp_path):
+    passes = [StepCache(interval=2), UniformCalibration(size=12, pool_labels=4), Quantize(preset="w8a8")]
+    pipe, compiled, _ = compiled_pipe(passes)
+    images = run(pipe)
+    pipe.save_pretrained(tmp_path / "pipe", variant=variant)
+    index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
+    assert index["transformer"] == ["qc_compiler.models.diffusers_model", "QCTransformer"]  # not [null, null]
+    artefact = "qc_compiled" + (f".{variant}" if variant else "")
+    assert (tmp_path / "pipe" / "transformer" / artefact / "manifest.json").is_file()
+    loaded = diffusers.DiTPipeline.from_pretrained(tmp_path / "pipe", variant=variant)
+    assert type(loaded.transformer).__name__ == "QCTransformer" and loaded.transformer.config.sample_size == 8
+    np.testing.assert_array_equal(run(loaded), images)  # bit-identical images after the round trip
+    # every byte is still checked on the way in
+    manifest = tmp_path / "pipe" / "transformer" / artefact / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"interval": 2', '"interval": 3'))
+    with pytest.raises(qc.ArtifactError, match="digest"):
+        diffusers.DiTPipeline.from_pretrained(tmp_path / "pipe", variant=variant)
+
+
+def test_to_dtype_compiles_again_and_a_half_model_compiles():
+    pipe, compiled, ref = compiled_pipe()
+    pipe.to(dtype=torch.float16)
+    assert pipe.transformer.dtype == torch.float16 and pipe.transformer.compiled is not compiled
+    half = run(pipe)
+    assert np.abs(half - ref).max() < 0.05  # float16 weights: close, not equal
+    assert pipe.transformer.to("cpu") is pipe.transformer  # same device and dtype: nothing to do
+    # a float16 transformer, as from_pretrained(torch_dtype=...) gives, compiles directly
+    transformer, sampler = tiny_transformer().to(torch.bfloat16), qc.DDPM(steps=3, cfg_scale=1.5)
+    cm = qc.compile(transformer, passes=[UniformCalibration(size=12, pool_labels=4), Quantize(preset="w8a8")],
+                    sampler=sampler)
+    assert cm.dtype == torch.bfloat16 and torch.isfinite(sampler.sample(cm, [1, 2], seed=0)).all()
+
+
+def test_outputs_batches_and_callbacks_behave_as_diffusers():
+    pipe, compiled, ref = compiled_pipe()
+    x, t, y = torch.randn(4, 4, 8, 8), torch.full((4,), int(pipe.scheduler.timesteps[0])), torch.tensor([1, 2, 3, 4])
+    as_dict, as_tuple = pipe.transformer(x, timestep=t, class_labels=y), pipe.transformer(x, t, y, return_dict=False)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_dict.sample, as_tuple[0])
+    single = pipe.transformer(x[:1], timestep=t[:1], class_labels=y[:1]).sample
+    assert torch.allclose(single, as_dict.sample[:1], atol=1e-5)  # batch consistency
+    # DiTPipeline takes no step callbacks; a forward hook sees every call, in the scheduler's order
+    seen = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda m, args, kwargs: seen.append(float(kwargs["timestep"].reshape(-1)[0])),
+                                                        with_kwargs=True)
+    images, = pipe(class_labels=[1, 2], num_inference_steps=5, guidance_scale=2.0, output_type="np", return_dict=False,
+                   generator=torch.Generator().manual_seed(0))
+    handle.remove()
+    assert seen == [float(t) for t in pipe.scheduler.timesteps] and compiled.step_state.step == 4
+    np.testing.assert_array_equal(images, ref)
+
+
+@pytest.mark.parametrize("method", ["set_attn_processor", "enable_cache", "enable_layerwise_casting",
+                                    "enable_gradient_checkpointing", "load_lora_adapter"])
+def test_what_cannot_apply_is_refused_with_the_reason(method):
+    pipe, _, _ = compiled_pipe()
+    with pytest.raises(qc.QCError, match="compile|inference|fuse|step cache"):
+        getattr(pipe.transformer, method)(None)
