@@ -95,7 +95,7 @@ def calibration_batches(ours, batch):
 
     fitted = ours.build["fitted"]
     x, t, step, y, meta = (fitted[f"calibration.set.{k}"] for k in ("x", "t", "step", "y", "meta"))
-    pool = CalibrationPool(x, t.long(), step.long(), y.long(), null_label=int(meta[0]), cfg=bool(meta[1]))
+    pool = CalibrationPool(x, t, step.long(), y.long(), null_label=int(meta[0]), cfg=bool(meta[1]))
     return pool.batches(batch)
 
 

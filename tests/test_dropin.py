@@ -90,3 +90,28 @@ def test_what_cannot_apply_is_refused_with_the_reason():
                            ("load_lora_adapter", "fused into the source model")]:
         with pytest.raises(qc.QCError, match=reason):
             getattr(pipe.transformer, method)(None)
+
+
+@pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "DDPMScheduler"])
+def test_any_scheduler_with_integer_or_fractional_timesteps(scheduler, tmp_path):
+    def seeded_run(p):  # DiTPipeline's ancestral schedulers draw noise from the global generator
+        torch.manual_seed(0)
+        return run(p)
+
+    pipe = tiny_pipeline_with(scheduler)
+    ref = seeded_run(pipe)
+    compiled = qc.compile_pipeline(pipe, passes=[StepCache(interval=1)], num_inference_steps=5, guidance_scale=2.0)
+    assert compiled.timesteps == [t.item() for t in pipe.scheduler.timesteps]
+    np.testing.assert_array_equal(seeded_run(pipe), ref)  # the table matched every call, float or int
+    cached = qc.compile_pipeline(tiny_pipeline_with(scheduler), passes=[StepCache(interval=2),
+                                 UniformCalibration(size=8, pool_labels=4), Quantize(preset="w8a8")],
+                                 num_inference_steps=5, guidance_scale=2.0)
+    cached.save(tmp_path / "m")  # the pipeline's scheduler travels in the sampler spec
+    again = qc.load_compiled(tmp_path / "m")
+    assert again.timesteps == cached.timesteps and again.sampler_spec["scheduler"]["class"] == scheduler
+
+
+def tiny_pipeline_with(scheduler):
+    pipe = tiny_pipeline()
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    return pipe

@@ -28,7 +28,8 @@ __all__ = ["CalibrationPool", "collect_pool"]
 
 @dataclass
 class CalibrationPool:
-    """N candidates: x (N, C, H, W) float16, original timestep t (N,), step index (N,), label y (N,)."""
+    """N candidates: x (N, C, H, W) float16, original timestep t (N,; int64, or float64 for a fractional
+    schedule), step index (N,), label y (N,)."""
 
     x: torch.Tensor
     t: torch.Tensor
@@ -89,7 +90,9 @@ def collect_pool(ctx, gm, labels: Sequence[int], *, seed: Optional[int] = None,
     traj = ctx.collect(gm, labels, seed=seed, progress=progress)
     n = len(labels)
     x = torch.cat([r.x_t.to(torch.float16) for r in traj.steps])  # (steps * n, C, H, W)
-    t = torch.cat([torch.full((n,), r.t, dtype=torch.long) for r in traj.steps])
+    # integer schedules keep integer timesteps; fractional ones (Euler) their exact float64 values
+    t_dtype = torch.long if all(isinstance(r.t, int) for r in traj.steps) else torch.float64
+    t = torch.cat([torch.full((n,), r.t, dtype=t_dtype) for r in traj.steps])
     step = torch.cat([torch.full((n,), r.step, dtype=torch.long) for r in traj.steps])
     y = torch.cat([r.y for r in traj.steps])
     null_label = ctx.info.null_label

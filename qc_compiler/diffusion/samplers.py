@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 from ..options import check_float, check_int
 from .schedule import Schedule, extract
 
-__all__ = ["Sampler", "DDPM", "DDIM", "StepRecord", "Trajectory", "sample_noise", "StepHook"]
+__all__ = ["Sampler", "DDPM", "DDIM", "StepRecord", "Trajectory", "sample_noise", "StepHook", "SAMPLERS",
+           "check_labels", "model_sample_shape", "model_device", "noise_generators"]
 
 # callback(step_index, t, x) -> replacement x or None; called after each sampler update.
 StepHook = Callable[[int, int, torch.Tensor], Optional[torch.Tensor]]
@@ -57,7 +58,7 @@ class Trajectory:
     samples: Optional[torch.Tensor] = None
 
 
-def _generators(seed: int, n: int, offset: int = 0) -> List[torch.Generator]:
+def noise_generators(seed: int, n: int, offset: int = 0) -> List[torch.Generator]:
     # SeedSequence keeps the streams of (seed, i) independent, unlike seed + i.
     return [
         torch.Generator().manual_seed(int(np.random.SeedSequence([seed, offset + i]).generate_state(1, np.uint64)[0] >> 1))
@@ -67,7 +68,7 @@ def _generators(seed: int, n: int, offset: int = 0) -> List[torch.Generator]:
 
 def sample_noise(seed: int, n: int, shape: Sequence[int], offset: int = 0) -> torch.Tensor:
     """The initial noise of samples ``offset .. offset+n-1`` for ``seed``: (n, *shape)."""
-    return torch.stack([torch.randn(tuple(shape), generator=g) for g in _generators(seed, n, offset)])
+    return torch.stack([torch.randn(tuple(shape), generator=g) for g in noise_generators(seed, n, offset)])
 
 
 class Sampler:
@@ -102,11 +103,12 @@ class Sampler:
     def guided_output(self, model: Callable, x: torch.Tensor, t: int, y: torch.Tensor, *, null_label: int) -> torch.Tensor:
         """Call the model once (a doubled cond/uncond batch under CFG) and combine the noise halves."""
         n, c = x.shape[0], x.shape[1]
+        t_dtype = torch.long if isinstance(t, int) else torch.float32  # fractional schedules (Euler) too
         if self.cfg_scale == 1.0:
-            return model(x, torch.full((n,), t, dtype=torch.long, device=x.device), y)
+            return model(x, torch.full((n,), t, dtype=t_dtype, device=x.device), y)
         x_in = torch.cat([x, x], dim=0)  # (2N, C, H, W): cond half then uncond half
         y_in = torch.cat([y, torch.full_like(y, null_label)], dim=0)
-        out = model(x_in, torch.full((2 * n,), t, dtype=torch.long, device=x.device), y_in)
+        out = model(x_in, torch.full((2 * n,), t, dtype=t_dtype, device=x.device), y_in)
         cond, uncond = out[:n], out[n:]
         eps = uncond[:, :c] + self.cfg_scale * (cond[:, :c] - uncond[:, :c])
         return torch.cat([eps, cond[:, c:]], dim=1)  # variance channels from the cond half, as DiT
@@ -147,22 +149,12 @@ class Sampler:
         they run after each update, before ``callback``. ``sample_offset`` selects which per-sample
         noise streams of ``seed`` to use, so shards of a large run reproduce the whole run.
         """
-        y = torch.as_tensor(labels).reshape(-1)
+        y, null_label = check_labels(labels, model, null_label)
         n = y.shape[0]
-        if n == 0:
-            raise ValueError("labels is empty")
-        if y.is_floating_point() or y.dtype == torch.bool:
-            raise ValueError(f"labels must be integers, got {y.dtype}")
-        y = y.long()
-        null_label = int(null_label if null_label is not None else getattr(model, "num_classes"))
-        bad = y[(y < 0) | (y >= null_label)]
-        if bad.numel():  # label num_classes is the null (unconditional) class: never a user's label
-            raise ValueError(f"labels {sorted(set(bad.tolist()))[:5]} are out of range for a model with "
-                             f"{null_label} classes (0..{null_label - 1})")
-        shape = tuple(shape or _model_sample_shape(model))
-        gens = _generators(seed, n, sample_offset)
+        shape = tuple(shape or model_sample_shape(model))
+        gens = noise_generators(seed, n, sample_offset)
         x = noise if noise is not None else torch.stack([torch.randn(shape, generator=g) for g in gens])
-        device = _model_device(model)
+        device = model_device(model)
         x, y = x.to(device), y.to(device)
         hooks = list(getattr(model, "step_hooks", []) or []) + ([callback] if callback else [])
         traj = Trajectory()
@@ -182,6 +174,22 @@ class Sampler:
             traj.samples = x.detach().cpu()
             return traj
         return x
+
+
+def check_labels(labels, model, null_label: Optional[int] = None):
+    """(labels as a long tensor, the null label): integers in 0..num_classes-1, or ``ValueError``."""
+    y = torch.as_tensor(labels).reshape(-1)
+    if y.shape[0] == 0:
+        raise ValueError("labels is empty")
+    if y.is_floating_point() or y.dtype == torch.bool:
+        raise ValueError(f"labels must be integers, got {y.dtype}")
+    y = y.long()
+    null_label = int(null_label if null_label is not None else getattr(model, "num_classes"))
+    bad = y[(y < 0) | (y >= null_label)]
+    if bad.numel():  # label num_classes is the null (unconditional) class: never a user's label
+        raise ValueError(f"labels {sorted(set(bad.tolist()))[:5]} are out of range for a model with "
+                         f"{null_label} classes (0..{null_label - 1})")
+    return y, null_label
 
 
 class DDPM(Sampler):
@@ -236,7 +244,10 @@ SAMPLERS = {"ddpm": DDPM, "ddim": DDIM}
 
 
 def sampler_from_spec(spec: dict) -> Sampler:
-    """Rebuild a sampler from ``Sampler.spec()`` (used when loading compiled models)."""
+    """Rebuild a sampler from ``Sampler.spec()`` (used when loading compiled models). A sampler class
+    registered in ``SAMPLERS`` with a ``from_spec`` classmethod rebuilds itself."""
+    if spec.get("name") in SAMPLERS and hasattr(SAMPLERS[spec["name"]], "from_spec"):
+        return SAMPLERS[spec["name"]].from_spec(spec)
     kwargs = {"steps": spec["steps"], "cfg_scale": spec["cfg_scale"], "base_timesteps": spec.get("base_timesteps", 1000)}
     if spec["name"] == "ddim":
         kwargs["eta"] = spec.get("eta", 0.0)
@@ -251,7 +262,7 @@ def sampler_from_spec(spec: dict) -> Sampler:
     return sampler
 
 
-def _model_sample_shape(model) -> tuple:
+def model_sample_shape(model) -> tuple:
     shape = getattr(model, "sample_shape", None)
     if shape is not None:  # compiled models say it
         return tuple(shape)
@@ -261,7 +272,7 @@ def _model_sample_shape(model) -> tuple:
     return (channels, size, size)
 
 
-def _model_device(model) -> torch.device:
+def model_device(model) -> torch.device:
     try:
         return next(model.parameters()).device
     except (AttributeError, StopIteration):

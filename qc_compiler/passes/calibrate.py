@@ -47,7 +47,7 @@ def _concat(pools: List[CalibrationPool]) -> CalibrationPool:
 
 def _pool_from_fitted(fitted: Dict[str, Any]) -> CalibrationPool:
     x, t, step, y, meta = (fitted[f"{FITTED_PREFIX}.{f}"] for f in _FIELDS)
-    return CalibrationPool(x, t.long(), step.long(), y.long(), null_label=int(meta[0]), cfg=bool(meta[1]))
+    return CalibrationPool(x, t, step.long(), y.long(), null_label=int(meta[0]), cfg=bool(meta[1]))
 
 
 class CalibrationSelector(Pass):
