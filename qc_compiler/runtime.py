@@ -82,6 +82,8 @@ class CompiledModel(nn.Module):
         bound = bind_step_state(self.graph_module, self.step_state, extra=self.step_hooks)
         # a module that reuses tensors across steps (a cache) needs the same batch all run long
         self._stable_batch = any(getattr(m, "needs_stable_batch", False) for m in bound)
+        # nothing reads the step (no cache, no VC, no per-step ranges): any timestep will do
+        self.uses_steps = bool(self.step_hooks) or any(getattr(m, "uses_step", True) for m in bound)
 
     # Samplers read these off a denoiser.
     @property
@@ -150,8 +152,12 @@ class CompiledModel(nn.Module):
         t0 = flat[0].item()
         if flat.numel() > 1 and not bool((flat == flat[0]).all()):
             raise StepError(f"a batch must carry one timestep, got {sorted(set(flat.tolist()))}")
-        step = self.table.index(t0)
-        self.step_state.enter(step, t0)
+        if self.uses_steps:
+            step = self.table.index(t0)
+            self.step_state.enter(step, t0)
+        else:  # a step-independent model serves every schedule; its modules see no step
+            step = -1
+            self.step_state.step, self.step_state.timestep = -1, t0
         # the graph was captured with a latent in the weights' dtype and timesteps of the adapter's
         # dtype: casting here lets integer and fractional schedules, and float32 noise, all in
         if self._stable_batch:

@@ -132,9 +132,13 @@ class StepState:
 
 
 class StepAware:
-    """Mixin for graph modules that read the step context: the compiled model binds its state."""
+    """Mixin for graph modules that read the step context: the compiled model binds its state.
+
+    ``uses_step`` is True when the module's output depends on the step index (a cache, a VC table,
+    per-step-group ranges); a compiled model none of whose modules uses the step serves any timestep."""
 
     step_state: Optional[StepState] = None
+    uses_step: bool = True
 
     def bind_step_state(self, state: StepState) -> None:
         self.step_state = state

@@ -33,8 +33,13 @@ def test_compile_zero_passes_round_trips(tmp_path, capsys):
     out = tmp_path / "from_compiled.png"
     assert main(["sample", "--compiled", str(folder), "--labels", "1,2", "--out", str(out)]) == 0
     assert out.is_file()
-    # a sampler that does not match the compiled schedule: one-line error, exit 2
-    assert main(["sample", "--compiled", str(folder), "--steps", "7", "--labels", "1", "--out", str(out)]) == 2
+    # nothing in it depends on the step: another step count is served as it is
+    assert main(["sample", "--compiled", str(folder), "--steps", "7", "--labels", "1", "--out", str(out)]) == 0
+    cached = tmp_path / "cached"
+    assert main(["compile", *TINY, "--steps", "4", "--cfg", "1.0", "--pass", "step_cache:interval=2", "--out", str(cached)]) == 0
+    capsys.readouterr()
+    # a cache reads the step: a sampler that does not match its schedule is a one-line error, exit 2
+    assert main(["sample", "--compiled", str(cached), "--steps", "7", "--labels", "1", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("qc ")]  # the rest is the progress bar
     assert len(errors) == 1 and "not in the compiled schedule" in errors[0] and "Traceback" not in err

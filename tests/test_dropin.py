@@ -39,7 +39,7 @@ def test_save_pretrained_round_trips_the_compiled_transformer(variant, tmp_path)
     pipe.save_pretrained(tmp_path / "pipe", variant=variant)
     index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
     assert index["transformer"] == ["qc_compiler.models.diffusers_model", "QCTransformer"]  # not [null, null]
-    artefact = "qc_compiled" + (f".{variant}" if variant else "")
+    artefact = f"qc.{variant}" if variant else "qc.compiled"
     assert (tmp_path / "pipe" / "transformer" / artefact / "manifest.json").is_file()
     loaded = diffusers.DiTPipeline.from_pretrained(tmp_path / "pipe", variant=variant)
     assert type(loaded.transformer).__name__ == "QCTransformer" and loaded.transformer.config.sample_size == 8

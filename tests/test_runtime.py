@@ -16,8 +16,12 @@ def test_compile_without_passes_samples_bit_identical():
 
 
 def test_step_mapping_and_unknown_timestep():
-    cm = qc.compile(make_tiny(), sampler=qc.DDPM(steps=4))
-    assert cm.timesteps == [999, 666, 333, 0]
+    from qc_compiler.passes import StepCache
+
+    free = qc.compile(make_tiny(), sampler=qc.DDPM(steps=4))  # nothing reads the step: any schedule
+    assert not free.uses_steps and free(torch.randn(2, 1, 16, 16), torch.tensor([500, 500]), torch.tensor([1, 2])).shape
+    cm = qc.compile(make_tiny(), passes=[StepCache(interval=1)], sampler=qc.DDPM(steps=4))
+    assert cm.uses_steps and cm.timesteps == [999, 666, 333, 0]
     assert [cm.step_of(t) for t in (999, 666, 333, 0)] == [0, 1, 2, 3]
     x, y = torch.randn(2, 1, 16, 16), torch.tensor([1, 2])
     with pytest.raises(qc.StepError, match="timestep 500 is not in the compiled schedule"):

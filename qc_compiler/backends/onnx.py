@@ -496,6 +496,8 @@ class OrtGraph(StepAware, nn.Module):
         self.input_names = json.loads(meta["qc.inputs"])
         self.schedule = CacheSchedule.from_json(json.loads(meta["qc.cache"])) if meta.get("qc.cache") else None
         self.needs_stable_batch = self.schedule is not None
+        # the file reads the step for a cache schedule or a VC table; without them any timestep will do
+        self.uses_step = self.schedule is not None or "step" in self.feeds
         vc = VCTable.from_json(json.loads(meta["qc.vc"])) if meta.get("qc.vc") else None
         self.meta = {"qc.sample_hooks": [lambda step, t, x, vc=vc: vc.apply(x, step)] if vc is not None else []}
 
@@ -505,7 +507,7 @@ class OrtGraph(StepAware, nn.Module):
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         state = self.step_state
-        if state is None or state.step < 0:
+        if self.uses_step and (state is None or state.step < 0):
             raise StepError("an ONNX graph runs inside a compiled model's sampling run: call the CompiledModel")
         store = state.store("onnx_cache")
         # the file takes float32 latents and its own timestep dtype, whatever the compiled model's
@@ -514,7 +516,7 @@ class OrtGraph(StepAware, nn.Module):
         for name, kind in self.input_types.items():  # as the file declares them (a float32 file, its t)
             if name in feed:
                 feed[name] = feed[name].astype(kind)
-        feed["step"] = np.array(state.step, dtype=np.int64)
+        feed["step"] = np.array(max(state.step, 0) if state is not None else 0, dtype=np.int64)
         for r in range(self.regions):
             feed[f"compute_{r}"] = np.array(self.schedule.decide(state.step, r, r in store, store))
             feed[f"cache_in_{r}"] = store.get(r, np.zeros((1, 1, 1), dtype=np.float32))

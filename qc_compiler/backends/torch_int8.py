@@ -121,6 +121,10 @@ class Int8Linear(StepAware, nn.Module):
     def export_spec(self) -> QuantizedLinearSpec:
         return replace(self.spec, post_op=self.post_op)
 
+    @property
+    def uses_step(self) -> bool:
+        return self.spec.act.num_groups > 1
+
     def act_qparams(self) -> Tuple[float, int]:
         """This step's activation scale and zero point (per step group where calibrated so)."""
         return self.spec.act.act_qparams(self.step_state.step if self.step_state is not None else -1)

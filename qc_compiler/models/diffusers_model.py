@@ -10,8 +10,7 @@ one of its own models:
 - ``to(device, dtype)`` compiles again for that device and dtype (INT8 kernels and calibrated
   scales belong to one); the same device and dtype are a no-op;
 - ``save_pretrained(folder)`` writes ``config.json`` and the compiled artefact (manifest plus
-  safetensors, every byte hashed) in ``folder/qc_compiled`` (``qc_compiled.<variant>`` for a
-  variant); ``from_pretrained(folder)`` reads them back, so ``pipe.save_pretrained`` and
+  safetensors, every byte hashed) in ``folder/qc.compiled`` (``qc.<variant>`` for a variant); ``from_pretrained(folder)`` reads them back, so ``pipe.save_pretrained`` and
   ``Pipeline.from_pretrained`` round-trip the compiled transformer;
 - what cannot apply to a compiled graph (attention processors, diffusers' own caches, layerwise
   casting, gradient checkpointing, LoRA) is refused with the reason (docs/diffusers.md has the table).
@@ -36,7 +35,7 @@ from ..errors import ArtifactError, QCError
 
 __all__ = ["qc_transformer", "transformer_class", "set_loader", "ARTEFACT", "REFUSED"]
 
-ARTEFACT = "qc_compiled"
+ARTEFACT = "qc.compiled"  # a dot in the name: diffusers reads a variant off the part after the first dot
 _LOADER: Optional[Callable[[Path], nn.Module]] = None  # qc.load_compiled, set by the API layer above
 
 
@@ -49,7 +48,6 @@ def set_loader(load_compiled: Callable[[Path], nn.Module]) -> None:
 REFUSED: Dict[str, str] = {
     "set_attn_processor": "the attention is compiled into the graph; set the processor on the source model and "
                           "compile again",
-    "set_default_attn_processor": "the attention is compiled into the graph; compile the source model again",
     "enable_cache": "a compiled model caches with qc-compiler's own step cache: compile with "
                     "passes.StepCache(...) (docs/passes.md)",
     "disable_cache": "the step cache is compiled into the graph: compile again without passes.StepCache",
@@ -75,11 +73,19 @@ def transformer_class() -> type:
 
 
 def qc_transformer(compiled: nn.Module, original: nn.Module, adapter) -> nn.Module:
-    """A ``QCTransformer`` around ``compiled`` with ``original``'s diffusers config."""
+    """A ``QCTransformer`` around ``compiled`` with ``original``'s diffusers config. It stands in the
+    pipeline for ``original``, and casts it along when the pipeline moves (as diffusers would)."""
     config = {k: v for k, v in dict(original.config).items() if not k.startswith("_")}
     model = transformer_class()(**config)
-    model.attach(compiled, adapter.name)
+    model.attach(compiled, adapter.name, source=original)
     return model
+
+
+def _default_attention(module: nn.Module) -> bool:
+    """True when every attention processor of ``module`` is one of diffusers' defaults."""
+    processors = getattr(module, "attn_processors", None)
+    return processors is None or all(type(p).__name__ in ("AttnProcessor", "AttnProcessor2_0")
+                                     for p in processors.values())
 
 
 def _refuse(name: str):
@@ -105,9 +111,19 @@ def _define() -> type:
             self.register_to_config(**config)
             self.compiled: Optional[nn.Module] = None
             self.adapter_name = ""
+            self.default_attention = True  # the graph was captured with diffusers' default processors
 
-        def attach(self, compiled: nn.Module, adapter_name: str) -> None:
+        def attach(self, compiled: nn.Module, adapter_name: str, source: Optional[nn.Module] = None) -> None:
             self.compiled, self.adapter_name = compiled, adapter_name
+            self.__dict__["_source"] = source  # the transformer this stands in for (not a submodule)
+            if source is not None:
+                self.default_attention = _default_attention(source)
+
+        def set_default_attn_processor(self) -> None:
+            """A no-op when the graph was captured with the default processors; else refused."""
+            if not self.default_attention:
+                raise QCError("set_default_attn_processor: the graph was compiled with other attention processors; "
+                              "set the default ones on the source model and compile again")
 
         def _adapter(self):
             from .adapter import get_adapter
@@ -135,6 +151,9 @@ def _define() -> type:
 
         def to(self, *args: Any, **kwargs: Any):
             self.compiled = self.compiled.to(*args, **kwargs)  # compiles again if the device or dtype changes
+            source = self.__dict__.get("_source")
+            if source is not None:  # a pipeline casts its components in place: so is the one this replaced
+                source.to(*args, **kwargs)
             return self
 
         def save_pretrained(self, save_directory, is_main_process: bool = True, variant: Optional[str] = None,
@@ -162,10 +181,7 @@ def _define() -> type:
             folder = Path(pretrained_model_name_or_path) / (subfolder or "")
             artefact = folder / _artefact_name(variant)
             if not artefact.is_dir():
-                if variant is not None and (folder / ARTEFACT).is_dir():
-                    artefact = folder / ARTEFACT  # a variant asked of a folder saved without one: the one there is
-                else:
-                    raise ArtifactError(f"{folder} holds no compiled transformer ({_artefact_name(variant)}/ is missing)")
+                raise ArtifactError(f"{folder} holds no compiled transformer ({_artefact_name(variant)}/ is missing)")
             if _LOADER is None:
                 raise QCError("import qc_compiler before loading a compiled transformer")
             with open(folder / cls.config_name) as f:
@@ -185,7 +201,7 @@ def _define() -> type:
 
 
 def _artefact_name(variant: Optional[str]) -> str:
-    return ARTEFACT if not variant else f"{ARTEFACT}.{variant}"
+    return ARTEFACT if not variant else f"qc.{variant}"
 
 
 def __getattr__(name: str):

@@ -60,6 +60,10 @@ class _ActRanges(StepAware, nn.Module):
         """True when the input is not quantized (``act_bits=None``)."""
         return self.spec.act_bits is None
 
+    @property
+    def uses_step(self) -> bool:  # one range for every step: the output does not depend on it
+        return self.num_groups > 1
+
     def group(self) -> int:
         step = self.step_state.step if self.step_state is not None else -1
         return step_group(step, self.num_groups, self.num_steps)
