@@ -10,7 +10,7 @@ Example:
 from . import backends, passes, presets  # noqa: F401  (importing them registers passes and backends)
 from .api import compile, compile_pipeline, load_compiled, load_model
 from .capture import capture
-from .diffusion import DDIM, DDPM
+from .diffusion import DDIM, DDPM, ConditionBank, FlowMatchEuler, PipelineSampler
 from .errors import (ArtifactError, CalibrationError, CaptureError, ExportError, PassError, PassOrderError, QCError,
                      StepError)
 from .models import ModelAdapter, ModelInfo, adapter_for, register_adapter
@@ -21,7 +21,7 @@ from .step import StepTable
 __version__ = "0.2.0"
 
 __all__ = [
-    "compile", "compile_pipeline", "load_model", "load_compiled", "capture", "DDPM", "DDIM", "CompiledModel",
+    "compile", "compile_pipeline", "load_model", "load_compiled", "capture", "DDPM", "DDIM", "FlowMatchEuler", "PipelineSampler", "ConditionBank", "CompiledModel",
     "StepTable", "ModelAdapter", "ModelInfo", "adapter_for", "register_adapter",
     "Pass", "PassResult", "PassContext", "PassManager", "graph_pass", "register_pass",
     "QCError", "CaptureError", "PassOrderError", "PassError", "CalibrationError", "ExportError",

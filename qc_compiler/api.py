@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from .backends import get_backend
 from .capture import CAPTURE_MODES, capture
+from .diffusion.conditions import ConditionBank
 from .diffusion.samplers import DDPM, Sampler, sampler_from_spec
 from .errors import ArtifactError, QCError
 from .io import check_finite, tensor_digest
@@ -52,6 +53,7 @@ def compile(  # noqa: A001 - the verb users expect
     fitted: Optional[Dict[str, Any]] = None,
     capture_mode: Optional[str] = None,
     adapter: Optional[ModelAdapter] = None,
+    conditions: Optional[ConditionBank] = None,
     progress: bool = False,
 ) -> CompiledModel:
     """Capture ``model``, run ``passes`` over its graph, and lower it with ``backend``.
@@ -65,6 +67,10 @@ def compile(  # noqa: A001 - the verb users expect
     (``"fx"`` tries symbolic tracing and falls back to ``torch.export``; ``"export"`` goes straight to
     it). ``progress`` reports each pass and draws a bar for calibration runs (on stderr). The user's
     model is never modified; non-finite weights are refused.
+
+    ``conditions``: for a text-conditioned family (PixArt, SD3, Flux, Sana, Wan), the prompts that
+    calibration samples with (a :class:`~qc_compiler.diffusion.ConditionBank` of their embeddings and
+    the negative prompt's); passes that sample trajectories need it.
     """
     manager = PassManager(list(passes))
     manager.check_order()
@@ -78,22 +84,25 @@ def compile(  # noqa: A001 - the verb users expect
         log.info("no sampler given: compiling for %s", sampler.spec()["name"])
     adapter = adapter if adapter is not None else adapter_for(model)
     info = adapter.info(model)
+    inputs = tuple(example_inputs) if example_inputs is not None else adapter.example_inputs(info)
+    _check_conditions(conditions, adapter, inputs, manager.passes)
     weights = {k: v.detach() for k, v in adapter.source(model).state_dict().items()}
     check_finite(weights, f"{type(model).__name__} weights")
     specs = [{"name": p.name, "options": p.options()} for p in manager.passes]
-    schedule = _schedule_digest(specs, sampler.spec(), seed, weights)
+    schedule = _schedule_digest(specs, sampler.spec(), seed, weights, conditions)
     fitted = dict(fitted or {})
     if fitted and fitted.get(SCHEDULE_KEY) != schedule:
         raise ArtifactError("the fitted state given to compile() was fitted with other passes, options, sampler, seed "
                             "or weights (its schedule.digest differs), so it cannot be reused; compile without it")
     fitted[SCHEDULE_KEY] = schedule
+    if conditions is not None:  # saved with the fitted state: load_compiled rebuilds the bank from it
+        fitted.update(conditions.to_tensors())
     wrapped = adapter.wrap(model)
-    inputs = tuple(example_inputs) if example_inputs is not None else adapter.example_inputs(info)
     mode = capture_mode or adapter.capture_mode
     take = lambda: capture(wrapped, example_inputs=inputs, leaf_modules=adapter.leaf_modules, prefer=mode)  # noqa: E731
     gm = take()
     ctx = PassContext(adapter=adapter, info=info, sampler=sampler, reference=take() if passes else gm, seed=seed,
-                      fitted=fitted, progress=progress)
+                      fitted=fitted, progress=progress, conditions=conditions)
     if progress:
         ctx.instruments.append(ProgressInstrument(len(manager.passes)))
     gm = manager.run(gm, ctx)
@@ -117,7 +126,9 @@ def compile(  # noqa: A001 - the verb users expect
         # FP weights alive, as a pipeline's original transformer would be
         moved = copy.deepcopy(model).to(device=device, dtype=dtype)
         return compile(moved, passes=manager.passes, sampler=sampler, backend=backend, seed=seed,
-                       capture_mode=capture_mode, adapter=adapter, progress=progress)
+                       capture_mode=capture_mode, adapter=adapter, progress=progress,
+                       conditions=conditions.like(adapter.example_inputs(adapter.info(moved))[2:])
+                       if conditions is not None else None)
 
     return CompiledModel(lowered, sampler.spec(), info, records=ctx.artifacts.get("pass_report", []), build=build,
                          inputs=adapter.inputs, recompile=recompile)
@@ -126,10 +137,37 @@ def compile(  # noqa: A001 - the verb users expect
 SCHEDULE_KEY = "schedule.digest"
 
 
-def _schedule_digest(specs, sampler_spec: Dict[str, Any], seed: int, weights: Dict[str, torch.Tensor]) -> str:
-    """What fitted state depends on: the passes and their options, the sampler, the seed, the weights."""
+def _schedule_digest(specs, sampler_spec: Dict[str, Any], seed: int, weights: Dict[str, torch.Tensor],
+                     conditions: Optional[ConditionBank] = None) -> str:
+    """What fitted state depends on: the passes and their options, the sampler, the seed, the weights,
+    and the prompts calibration sampled with."""
     body = json.dumps({"passes": specs, "sampler": sampler_spec, "seed": seed}, sort_keys=True)
+    if conditions is not None:
+        body += conditions.digest()
     return hashlib.sha256((body + tensor_digest(weights)).encode()).hexdigest()
+
+
+def _check_conditions(conditions: Optional[ConditionBank], adapter: ModelAdapter, inputs, passes) -> None:
+    """A bank must name exactly the model's condition inputs, in their dtypes and row shapes; a
+    text-conditioned model whose passes sample trajectories needs one. Checked before any work."""
+    names = adapter.inputs.conditions
+    if conditions is None:
+        sampling = [p.name for p in passes if getattr(p, "samples", False)]
+        if adapter.text_conditioned and sampling:
+            raise QCError(f"passes {sampling} sample calibration trajectories, and a {adapter.name!r} model is "
+                          f"conditioned on {list(names)}: pass conditions=qc.ConditionBank({list(names)}, ...) "
+                          "with your prompts' embeddings (qc.compile_pipeline encodes prompts for you)")
+        return
+    if not isinstance(conditions, ConditionBank):
+        raise TypeError(f"conditions must be a qc.ConditionBank, got {type(conditions).__name__}")
+    if tuple(conditions.names) != tuple(names):
+        raise QCError(f"the condition bank names {list(conditions.names)}, but a {adapter.name!r} model takes "
+                      f"{list(names)} (in that order)")
+    for name, example in zip(names, inputs[2:]):
+        row = conditions.tensors[name]
+        if row.dtype != example.dtype or tuple(row.shape[1:]) != tuple(example.shape[1:]):
+            raise QCError(f"condition {name!r} is {row.dtype} {tuple(row.shape[1:])} per prompt, but this model "
+                          f"takes {example.dtype} {tuple(example.shape[1:])}")
 
 
 def compile_pipeline(pipe: Any, passes: Sequence[Pass] = (), *, num_inference_steps: int, guidance_scale: float = 1.0,
@@ -163,6 +201,8 @@ def load_compiled(folder) -> CompiledModel:
     except (TypeError, ValueError) as e:
         raise ArtifactError(f"{folder}/manifest.json does not describe a model this version can build: {e}") from None
     load_state_strict(model, weights, f"{folder}/weights.safetensors")
+    conditions = (ConditionBank.from_tensors(adapter.inputs.conditions, fitted)
+                  if ConditionBank.has_tensors(fitted) else None)
     passes = []
     for p in specs:
         if p["name"] not in PASS_REGISTRY:
@@ -172,7 +212,7 @@ def load_compiled(folder) -> CompiledModel:
         except (TypeError, ValueError) as e:
             raise ArtifactError(f"{folder}: pass {p['name']!r} refuses its saved options: {e}") from None
     return compile(model.eval(), passes=passes, sampler=sampler, backend=backend, seed=seed, fitted=fitted,
-                   capture_mode=capture_mode, adapter=adapter)
+                   capture_mode=capture_mode, adapter=adapter, conditions=conditions)
 
 
 set_loader(load_compiled)  # lets a diffusers pipeline's from_pretrained rebuild a saved compiled transformer

@@ -19,10 +19,12 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple
 
+import torch
 import torch.fx as fx
 
+from .diffusion.conditions import ConditionBank
 from .errors import PassError, PassOrderError, QCError
 from .models.adapter import ModelAdapter, ModelInfo
 from .runtime import CompiledModel
@@ -61,6 +63,7 @@ class Pass:
     name: str = "pass"
     requires: FrozenSet[str] = frozenset()
     provides: FrozenSet[str] = frozenset()
+    samples: bool = False  # runs the sampler (calibration trajectories): a text model then needs its prompts
 
     def run(self, gm: fx.GraphModule, ctx: "PassContext") -> PassResult:
         raise NotImplementedError
@@ -188,6 +191,7 @@ class PassContext:
     adapter: Optional[ModelAdapter] = None
     info: Optional[ModelInfo] = None
     sampler: Any = None
+    conditions: Optional[ConditionBank] = None  # a text-conditioned model's prompts (None: class labels)
     reference: Optional[fx.GraphModule] = None
     seed: int = 0
     artifacts: Dict[str, Any] = field(default_factory=dict)
@@ -209,6 +213,27 @@ class PassContext:
         return CompiledModel(gm, self.need("sampler", "collect").spec(), self.need("info", "collect"),
                              inputs=self.adapter.inputs if self.adapter is not None else None)
 
+    def sampling_model(self, model: Any) -> Any:
+        """``model`` as our samplers call it, ``model(x, t, y)``: with integer labels for a
+        class-conditional model, with condition indices into :attr:`conditions` otherwise."""
+        return self.conditions.bind(model) if self.conditions is not None else model
+
+    def graph_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """The graph's inputs for a pool batch ``(x, t, y)``: the labels, or the conditions they index."""
+        return (x, t, *self.conditions.take(y)) if self.conditions is not None else (x, t, y)
+
+    @property
+    def num_conditions(self) -> Optional[int]:
+        """How many labels (classes, or prompts in :attr:`conditions`) calibration can cycle through."""
+        return self.conditions.num_conditions if self.conditions is not None else (
+            self.info.num_classes if self.info is not None else None)
+
+    @property
+    def null_label(self) -> Optional[int]:
+        """The label CFG's unconditional half uses (the null class, or the bank's null condition)."""
+        return self.conditions.null_label if self.conditions is not None else (
+            self.info.null_label if self.info is not None else None)
+
     def fit(self, key: str, compute: Callable[[], Any]) -> Any:
         """Return ``fitted[key]``, computing and storing it first when absent (i.e. not restored)."""
         if key not in self.fitted:
@@ -222,7 +247,8 @@ class PassContext:
         model = self.denoiser(gm)
         model.step_hooks = list(model.step_hooks) + list(step_hooks)
         try:
-            return self.sampler.sample(model, labels, seed=self.seed if seed is None else seed, record=True,
+            return self.sampler.sample(self.sampling_model(model), labels, seed=self.seed if seed is None else seed,
+                                       record=True,
                                        progress=self.progress if progress is None else progress)
         finally:
             model.reset()  # leave no cached tensors or step index behind in the graph's modules

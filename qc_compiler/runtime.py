@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from .errors import ExportError, QCError, StepError
 from .io import tensor_digest
+from .diffusion.samplers import model_timestep
 from .models.adapter import ForwardInputs, ModelInfo
 from .persist import save_compiled
 from .step import StepState, StepTable, bind_step_state
@@ -75,7 +76,10 @@ class CompiledModel(nn.Module):
         self.info = info
         self.records = list(records)
         self.build = build or {}  # what save() needs to rebuild: adapter, config, passes, fitted, backend, weights
-        self.table = StepTable(self.sampler_spec.get("timesteps", []), name=self.sampler_spec.get("name", ""))
+        # the timesteps the model sees: the sampler's, divided as its pipeline divides them (Flux: / 1000)
+        divisor = self.inputs.timestep_divisor
+        self.table = StepTable([model_timestep(t, 1, divisor=divisor)[0] for t in self.sampler_spec.get("timesteps", [])],
+                               name=self.sampler_spec.get("name", ""))
         # Sample-space corrections (e.g. VC's "sample" placement) that passes attached to the graph.
         self.step_hooks: List[Callable] = list(getattr(graph_module, "meta", {}).get("qc.sample_hooks", []))
         self.step_state = StepState(num_steps=len(self.table))
@@ -101,6 +105,10 @@ class CompiledModel(nn.Module):
     @property
     def sample_shape(self):
         return self.info.sample_shape
+
+    @property
+    def timestep_divisor(self) -> int:
+        return self.inputs.timestep_divisor
 
     @property
     def timesteps(self) -> List[float]:
@@ -143,7 +151,10 @@ class CompiledModel(nn.Module):
         """Step index of timestep ``t``; ``StepError`` when the schedule has no such step."""
         return self.table.index(t)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        """``x`` the latent, ``t`` the timestep, then the conditions in the adapter's ``inputs`` order:
+        class labels ``y`` for a DiT; ``encoder_hidden_states`` and the family's extra inputs
+        (pooled projections, guidance, ...) for a text-conditioned transformer."""
         if not bool(torch.isfinite(x).all()):
             # An FP32 model would return NaN; INT8 kernels would clamp NaN to a finite code and hide it.
             raise QCError("the input x holds NaN or inf; a compiled model refuses it rather than return finite garbage")
@@ -164,16 +175,16 @@ class CompiledModel(nn.Module):
             self._check_same_batch(y, step)
         if flat.numel() == 1 and x.shape[0] > 1:
             t = flat.expand(x.shape[0])
-        return self.graph_module(x.to(self.dtype), t.to(self.inputs.torch_timestep_dtype), y)
+        return self.graph_module(x.to(self.dtype), t.to(self.inputs.torch_timestep_dtype), y, *extra)
 
     def _check_same_batch(self, y: torch.Tensor, step: int) -> None:
-        # Reused tensors belong to the run's batch: new labels mid-run would silently mix samples.
+        # Reused tensors belong to the run's batch: new labels (or prompts) mid-run would silently mix samples.
         run = self.step_state.store("run")
         if step == 0:
             run["labels"] = y.detach().clone()
             return
         labels = run.get("labels")
-        if labels is not None and (labels.shape != y.shape or not torch.equal(labels, y)):
+        if labels is not None and (labels.shape != y.shape or labels.device != y.device or not torch.equal(labels, y)):
             raise StepError(f"the batch (size or labels) changed inside a sampling run at step {step}; "
                             "cached tensors belong to the first batch: start a new run at the first step")
 

@@ -40,7 +40,11 @@ class StepTable:
     """Timesteps in call order (noisiest first); ``index(t)`` is the step index of ``t``.
 
     Timesteps may be integers (DDPM, DDIM) or fractional (Euler and flow-matching schedulers); a call
-    matches a step when its timestep equals the table's (999 and 999.0 are the same step)."""
+    matches a step when its timestep equals the table's (999 and 999.0 are the same step). A table
+    with fractional timesteps also matches a call that differs only by a half-precision cast (a
+    bfloat16 pipeline casts its timesteps before the transformer sees them): within 2**-7 relative
+    and a quarter of the gap to the neighbouring steps, so no other step can be mistaken for it.
+    Integer tables match exactly."""
 
     def __init__(self, timesteps: Sequence[float], name: str = ""):
         ts = [_number(t) for t in timesteps]
@@ -51,6 +55,7 @@ class StepTable:
         self.name = name
         self._timesteps = ts
         self._index = {t: i for i, t in enumerate(ts)}
+        self._fractional = any(isinstance(t, float) for t in ts)
 
     @property
     def timesteps(self) -> List[int]:
@@ -72,6 +77,10 @@ class StepTable:
     def index(self, t: float) -> int:
         """Step index of timestep ``t``; ``StepError`` when the table has no such timestep."""
         key = _number(t)
+        if key not in self._index and self._fractional:
+            near = self._near(float(key))
+            if near is not None:
+                return near
         if key not in self._index:
             where = f" ({self.name})" if self.name else ""
             raise StepError(
@@ -79,6 +88,16 @@ class StepTable:
                 "sample with the sampler the model was compiled for, or compile again for yours"
             )
         return self._index[key]
+
+
+    def _near(self, t: float) -> Optional[int]:
+        ts = self._timesteps
+        i = min(range(len(ts)), key=lambda k: abs(ts[k] - t))
+        gaps = [abs(ts[i] - ts[k]) for k in (i - 1, i + 1) if 0 <= k < len(ts)]
+        off = abs(ts[i] - t)
+        if off <= 2 ** -7 * abs(ts[i]) and (not gaps or off < 0.25 * min(gaps)):
+            return i
+        return None
 
 
 def _number(t) -> float:

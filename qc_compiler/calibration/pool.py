@@ -95,7 +95,7 @@ def collect_pool(ctx, gm, labels: Sequence[int], *, seed: Optional[int] = None,
     t = torch.cat([torch.full((n,), r.t, dtype=t_dtype) for r in traj.steps])
     step = torch.cat([torch.full((n,), r.step, dtype=torch.long) for r in traj.steps])
     y = torch.cat([r.y for r in traj.steps])
-    null_label = ctx.info.null_label
+    null_label = ctx.null_label
     if null_label is None:
         raise CalibrationError("a calibration pool needs a class-conditional model (its null label for CFG)")
     pool = CalibrationPool(x, t, step, y, null_label=int(null_label), cfg=ctx.sampler.cfg_scale != 1.0)

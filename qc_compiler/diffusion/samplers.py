@@ -33,7 +33,7 @@ from ..options import check_float, check_int
 from .schedule import Schedule, extract
 
 __all__ = ["Sampler", "DDPM", "DDIM", "StepRecord", "Trajectory", "sample_noise", "StepHook", "SAMPLERS",
-           "check_labels", "model_sample_shape", "model_device", "noise_generators"]
+           "check_labels", "model_timestep", "model_sample_shape", "model_device", "noise_generators"]
 
 # callback(step_index, t, x) -> replacement x or None; called after each sampler update.
 StepHook = Callable[[int, int, torch.Tensor], Optional[torch.Tensor]]
@@ -103,12 +103,13 @@ class Sampler:
     def guided_output(self, model: Callable, x: torch.Tensor, t: int, y: torch.Tensor, *, null_label: int) -> torch.Tensor:
         """Call the model once (a doubled cond/uncond batch under CFG) and combine the noise halves."""
         n, c = x.shape[0], x.shape[1]
-        t_dtype = torch.long if isinstance(t, int) else torch.float32  # fractional schedules (Euler) too
+        # integer or fractional (Euler, flow matching), divided as the model's pipeline does (Flux: /1000)
+        divisor = getattr(model, "timestep_divisor", 1)
         if self.cfg_scale == 1.0:
-            return model(x, torch.full((n,), t, dtype=t_dtype, device=x.device), y)
+            return model(x, model_timestep(t, n, divisor=divisor, device=x.device), y)
         x_in = torch.cat([x, x], dim=0)  # (2N, C, H, W): cond half then uncond half
         y_in = torch.cat([y, torch.full_like(y, null_label)], dim=0)
-        out = model(x_in, torch.full((2 * n,), t, dtype=t_dtype, device=x.device), y_in)
+        out = model(x_in, model_timestep(t, 2 * n, divisor=divisor, device=x.device), y_in)
         cond, uncond = out[:n], out[n:]
         eps = uncond[:, :c] + self.cfg_scale * (cond[:, :c] - uncond[:, :c])
         return torch.cat([eps, cond[:, c:]], dim=1)  # variance channels from the cond half, as DiT
@@ -174,6 +175,16 @@ class Sampler:
             traj.samples = x.detach().cpu()
             return traj
         return x
+
+
+def model_timestep(t: float, n: int, *, divisor: int = 1, device=None) -> torch.Tensor:
+    """The timestep tensor (n,) a model is called with at scheduler timestep ``t``: int64 for an integer
+    schedule, float32 otherwise, divided by the model's ``timestep_divisor`` as its pipeline does
+    (Flux: ``t / 1000`` in float32). Samplers call models through it; compiled step tables hold its values."""
+    if isinstance(t, int) and divisor == 1:
+        return torch.full((n,), t, dtype=torch.long, device=device)
+    out = torch.full((n,), t, dtype=torch.float32, device=device)
+    return out / divisor if divisor != 1 else out
 
 
 def check_labels(labels, model, null_label: Optional[int] = None):

@@ -54,19 +54,25 @@ def dtype_name(dtype: torch.dtype) -> str:
 class ModelInfo:
     """What samplers and passes read off a denoiser. ``num_classes`` is None for a model without
     class labels; the null (unconditional) label of a class-conditional one is ``num_classes``.
-    ``dtype`` is the floating dtype of its weights, which its inputs are cast to."""
+    ``dtype`` is the floating dtype of its weights, which its inputs are cast to. ``latent_shape`` is
+    the shape of one sample's latent when it is not the square ``(in_channels, input_size,
+    input_size)``: Flux's packed tokens ``(L, C)``, Wan's video ``(C, F, H, W)``."""
 
     input_size: int
     in_channels: int
     out_channels: int
     num_classes: Optional[int] = None
     dtype: str = "float32"
+    latent_shape: Optional[Tuple[int, ...]] = None
 
     def __post_init__(self) -> None:
         for name in ("input_size", "in_channels", "out_channels"):
             object.__setattr__(self, name, check_int(name, getattr(self, name), lo=1))
         if self.num_classes is not None:
             object.__setattr__(self, "num_classes", check_int("num_classes", self.num_classes, lo=1))
+        if self.latent_shape is not None:
+            object.__setattr__(self, "latent_shape",
+                               tuple(check_int("latent_shape", d, lo=1) for d in self.latent_shape))
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
 
@@ -84,17 +90,24 @@ class ModelInfo:
         return self.num_classes
 
     @property
-    def sample_shape(self) -> Tuple[int, int, int]:
+    def sample_shape(self) -> Tuple[int, ...]:
+        if self.latent_shape is not None:
+            return self.latent_shape
         return (self.in_channels, self.input_size, self.input_size)
 
     def to_json(self) -> Dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["latent_shape"] is None:
+            del d["latent_shape"]  # the square default: the files of class-conditional models stay as they were
+        else:
+            d["latent_shape"] = list(d["latent_shape"])
+        return d
 
     @classmethod
     def from_json(cls, d: Dict[str, Any]) -> "ModelInfo":
         try:
             return cls(**{k: d[k] for k in ("input_size", "in_channels", "out_channels", "num_classes")},
-                       dtype=d.get("dtype", "float32"))
+                       dtype=d.get("dtype", "float32"), latent_shape=d.get("latent_shape"))
         except KeyError as e:
             raise ArtifactError(f"model info is missing {e}; the file was not written by this qc-compiler") from None
 
@@ -104,17 +117,28 @@ class ForwardInputs:
     """Names of the captured forward's inputs: latent, timestep, condition, then extra keyword inputs
     (text states, pooled projections, image/text ids, guidance) for families that have them.
     ``timestep_dtype``: what the compiled model casts timesteps to before its graph (``"float32"``
-    serves integer and fractional schedules alike; ``"int64"`` for a model that indexes by t)."""
+    serves integer and fractional schedules alike; ``"int64"`` for a model that indexes by t).
+    ``timestep_divisor``: the model is called with the scheduler's timestep divided by this (Flux's
+    pipeline divides by 1000, so its transformer sees ``t / 1000``); samplers divide through
+    :func:`~qc_compiler.step.model_timestep`, and the compiled step table holds what the model sees."""
 
     latent: str = "x"
     timestep: str = "t"
     condition: str = "y"
     extra: Tuple[str, ...] = ()
     timestep_dtype: str = "int64"
+    timestep_divisor: int = 1
 
     def __post_init__(self) -> None:
         if self.timestep_dtype not in ("int64", "float32"):
             raise ValueError(f"timestep_dtype must be 'int64' or 'float32', got {self.timestep_dtype!r}")
+        object.__setattr__(self, "extra", tuple(self.extra))
+        object.__setattr__(self, "timestep_divisor", check_int("timestep_divisor", self.timestep_divisor, lo=1))
+
+    @property
+    def conditions(self) -> Tuple[str, ...]:
+        """The inputs after the latent and the timestep: the condition, then the extra inputs."""
+        return (self.condition, *self.extra)
 
     @property
     def torch_timestep_dtype(self) -> torch.dtype:
@@ -141,12 +165,19 @@ class ModelAdapter:
     inputs: ForwardInputs = ForwardInputs()
     capture_mode: str = "fx"
     leaf_modules: Tuple[Type[nn.Module], ...] = ()
+    conditioning: str = "label"  # "label": class labels y; "text": prompt embeddings (a ConditionBank)
 
     def __post_init__(self) -> None:
+        if self.conditioning not in ("label", "text"):
+            raise ValueError(f"conditioning must be 'label' or 'text', got {self.conditioning!r}")
         if self.capture_mode not in CAPTURE_MODES:
             raise ValueError(f"capture_mode must be one of {list(CAPTURE_MODES)}, got {self.capture_mode!r}")
         for name in ("classes", "quantizable", "conditioning_linears", "leaf_modules"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
+
+    @property
+    def text_conditioned(self) -> bool:
+        return self.conditioning == "text"
 
     # --- what a family overrides -------------------------------------------------------------------
     def info(self, model: nn.Module) -> ModelInfo:

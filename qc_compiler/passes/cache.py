@@ -137,6 +137,11 @@ class StepCache(Pass):
     def options(self) -> Dict[str, Any]:
         return self.config.to_json()
 
+    @property
+    def samples(self) -> bool:
+        """A static schedule derived from measured changes samples trajectories."""
+        return self.config.policy == "static" and self.config.schedule is None
+
     def run(self, gm: fx.GraphModule, ctx) -> PassResult:
         cfg = self.config
         adapter, info = ctx.need("adapter", self.name), ctx.need("info", self.name)
@@ -191,7 +196,7 @@ def derive_schedule(gm: fx.GraphModule, ctx, lookups: List[CacheLookup], *, thre
     accumulated since its last compute) in the majority of those runs."""
     steps = ctx.sampler.steps
     votes = torch.zeros(steps, len(lookups))
-    num_classes = ctx.info.num_classes or 1
+    num_classes = ctx.num_conditions or 1
     for run in range(2):
         outputs: Dict[int, List[torch.Tensor]] = {i: [] for i in range(len(lookups))}
         hooks = [m.region.register_forward_hook(lambda mod, a, out, i=i: outputs[i].append(out.detach()))

@@ -58,6 +58,7 @@ class CalibrationSelector(Pass):
     """
 
     provides = frozenset({"calibration_set"})
+    samples = True
     selector = ""
 
     def __init__(self, *, size: int = 800, pool_labels: int = 32, seed: int = 0, batch: int = 32):
@@ -108,9 +109,10 @@ class CalibrationSelector(Pass):
         return {**subset.to_tensors(FITTED_PREFIX), _INFO: {"selector": self.name, "pool_size": len(pool)}}
 
     def _collect(self, gm: fx.GraphModule, ctx) -> CalibrationPool:
-        num_classes = ctx.need("info", self.name).num_classes
+        num_classes = ctx.num_conditions
         if not num_classes:
-            raise CalibrationError(f"pass {self.name!r} needs a class-conditional model (its adapter gives no num_classes)")
+            raise CalibrationError(f"pass {self.name!r} samples calibration trajectories: a text-conditioned model "
+                                   "needs its prompts, qc.compile(..., conditions=qc.ConditionBank(...))")
         labels = [i % num_classes for i in range(self.pool_labels)]
         # One sampling run per `batch` labels bounds each run's memory; run i uses seed + i, so runs
         # differ. Under torchrun, run i belongs to rank i % world and the runs are gathered: every rank

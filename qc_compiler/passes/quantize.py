@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 import torch.fx as fx
 
+from ..diffusion.samplers import model_timestep
 from ..errors import PassError
 from ..graph import LinearSite, find_linears, iter_graph_modules, node_module_path
 from ..options import check_int
@@ -177,7 +178,10 @@ class Quantize(Pass):
         bind_step_state(gm, state)
         set_mode(modules, "observe")
         with torch.no_grad():
-            batches = [(table.index(t[0]), (x.to(dtype), t.to(t_dtype), y)) for x, t, y in pool.batches(self.batch_size)]
+            divisor = ctx.adapter.inputs.timestep_divisor
+            batches = [(table.index(t[0]), ctx.graph_inputs(x.to(dtype), model_timestep(t[0].item(), len(t), divisor=divisor)
+                                                           .to(t_dtype), y))
+                       for x, t, y in pool.batches(self.batch_size)]
             for step, inputs in batches:
                 with state.calibrating(step):
                     gm(*inputs)

@@ -156,6 +156,7 @@ class VarianceCompensation(Pass):
     name = "variance_compensation"
     requires = frozenset({"calibration_set"})
     provides = frozenset({"vc"})
+    samples = True
 
     def __init__(self, config: Optional[VCConfig] = None, **options: Any):
         self.config = config_or_keywords(self.name, VCConfig, config, options)
@@ -210,7 +211,8 @@ class VarianceCompensation(Pass):
         outputs: List[torch.Tensor] = []
         handle = reference.register_forward_hook(lambda m, a, o: outputs.append(o.detach()))
         try:
-            traj = ctx.sampler.sample(reference, self._labels(ctx), seed=ctx.seed, record=True, progress=ctx.progress)
+            traj = ctx.sampler.sample(ctx.sampling_model(reference), self._labels(ctx), seed=ctx.seed, record=True,
+                                      progress=ctx.progress)
         finally:
             handle.remove()
             reference.reset()
@@ -222,7 +224,7 @@ class VarianceCompensation(Pass):
         """One pass of the current graph; each step fits its K on inputs already corrected before it."""
         current = ctx.denoiser(gm)  # carries the sample hook, if any
         try:
-            ctx.sampler.sample(current, self._labels(ctx), seed=ctx.seed, progress=ctx.progress)
+            ctx.sampler.sample(ctx.sampling_model(current), self._labels(ctx), seed=ctx.seed, progress=ctx.progress)
         finally:
             current.reset()
 

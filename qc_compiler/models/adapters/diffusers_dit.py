@@ -21,17 +21,16 @@ Example (``pipe`` a local ``DiTPipeline``; ``qc.compile_pipeline`` does the last
 """
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from ...diffusion.samplers import (DDPM, SAMPLERS, Sampler, StepRecord, Trajectory, check_labels, model_device,
-                                   model_sample_shape, noise_generators)
+from ...diffusion.samplers import DDPM
+from ...diffusion.scheduler_sampler import PipelineSampler
 from ...diffusion.schedule import Schedule
 from ...errors import ArtifactError, QCError
 from ...graph import BlockLayout, BranchSpec
@@ -160,93 +159,3 @@ def load_diffusers_transformer(folder) -> DiffusersDiT:
         state.update(load_file(str(w)))
     model.load_state_dict(state, strict=True)
     return DiffusersDiT(model)
-
-
-class PipelineSampler(Sampler):
-    """``DiTPipeline``'s own loop over its own scheduler, call for call: the same timesteps (integer or
-    fractional), the same ``scale_model_input`` and ``scheduler.step``, the same guidance and
-    learned-sigma split. Calibration runs and the compiled step table then see exactly what the
-    pipeline will call, for any scheduler (DDIM, DDPM, Euler, DPM++).
-
-    Initial noise comes from our per-sample streams (so a sample does not depend on its batch); the
-    scheduler's own noise (ancestral schedulers) from one generator seeded by ``seed``. Sample-space
-    step hooks run after each update here, but a diffusers pipeline does not run them: use VC's
-    ``eps`` placement for a model that goes back into a pipeline.
-    """
-
-    name = "diffusers-dit"
-
-    def __init__(self, scheduler: Any, num_inference_steps: int, guidance_scale: float = 1.0):
-        self.scheduler = copy.deepcopy(scheduler)
-        self.scheduler.set_timesteps(num_inference_steps)
-        ts = [t.item() for t in self.scheduler.timesteps]
-        if len(set(ts)) != len(ts):
-            raise ValueError("the scheduler repeats timesteps (a second-order scheduler?): its calls cannot be one "
-                             "step table")
-        super().__init__(steps=len(ts), cfg_scale=max(1.0, float(guidance_scale)),
-                         base_timesteps=int(self.scheduler.config.num_train_timesteps))
-        self._timesteps = ts
-        self.num_inference_steps = int(num_inference_steps)
-
-    @property
-    def timesteps(self) -> List[float]:
-        return list(self._timesteps)
-
-    def spec(self) -> dict:
-        return {"name": self.name, "steps": self.steps, "cfg_scale": self.cfg_scale,
-                "base_timesteps": self.base_timesteps, "timesteps": self.timesteps,
-                "num_inference_steps": self.num_inference_steps,
-                "scheduler": {"class": type(self.scheduler).__name__,
-                              "config": {k: v for k, v in dict(self.scheduler.config).items() if not k.startswith("_")}}}
-
-    @classmethod
-    def from_spec(cls, spec: dict) -> "PipelineSampler":
-        import diffusers
-
-        scheduler_cls = getattr(diffusers, spec["scheduler"]["class"], None)
-        if scheduler_cls is None:
-            raise ArtifactError(f"diffusers here has no scheduler {spec['scheduler']['class']!r}")
-        sampler = cls(scheduler_cls.from_config(spec["scheduler"]["config"]), spec["num_inference_steps"],
-                      spec["cfg_scale"])
-        if sampler.timesteps != spec["timesteps"]:
-            raise ArtifactError("the saved scheduler gives other timesteps here (another diffusers version?); "
-                                "compile again")
-        return sampler
-
-    @torch.no_grad()
-    def sample(self, model, labels, *, seed: int = 0, callback=None, record: bool = False, progress: bool = False,
-               noise=None, null_label=None, shape=None, sample_offset: int = 0):
-        from tqdm.auto import tqdm
-
-        y, null_label = check_labels(labels, model, null_label)
-        n = y.shape[0]
-        shape = tuple(shape or model_sample_shape(model))
-        device = model_device(model)
-        x = noise if noise is not None else torch.stack(
-            [torch.randn(shape, generator=g) for g in noise_generators(seed, n, sample_offset)])
-        x, y = x.to(device), y.to(device)
-        scheduler = copy.deepcopy(self.scheduler)  # schedulers keep a step counter: one per run
-        scheduler.set_timesteps(self.num_inference_steps)
-        generator = torch.Generator(device="cpu").manual_seed(int(seed))
-        hooks = list(getattr(model, "step_hooks", []) or []) + ([callback] if callback else [])
-        traj = Trajectory()
-        c = shape[0]
-        for step, t_tensor in enumerate(tqdm(scheduler.timesteps, desc=self.name, disable=not progress, leave=False)):
-            t = t_tensor.item()
-            x_in = scheduler.scale_model_input(x, t_tensor)
-            out = self.guided_output(model, x_in, t, y, null_label=null_label)
-            if record:
-                traj.steps.append(StepRecord(step, t, x_in.detach().cpu(), y.detach().cpu(), out.detach().cpu()))
-            model_output = out[:, :c] if out.shape[1] == 2 * c else out  # the learned sigma is not the scheduler's
-            x = scheduler.step(model_output, t_tensor, x, generator=generator).prev_sample
-            for hook in hooks:
-                replaced = hook(step, t, x)
-                if replaced is not None:
-                    x = replaced
-        if record:
-            traj.samples = x.detach().cpu()
-            return traj
-        return x
-
-
-SAMPLERS[PipelineSampler.name] = PipelineSampler
