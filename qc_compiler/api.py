@@ -29,7 +29,7 @@ from .diffusion.conditions import ConditionBank
 from .diffusion.samplers import DDPM, Sampler, sampler_from_spec
 from .errors import ArtifactError, QCError
 from .io import check_finite, tensor_digest
-from .models import ModelAdapter, adapter_for, get_adapter
+from .models import Geometry, ModelAdapter, adapter_for, get_adapter
 from .models.diffusers_model import set_loader
 from .models.zoo import load_model, load_state_strict
 from .options import check_int
@@ -54,6 +54,7 @@ def compile(  # noqa: A001 - the verb users expect
     capture_mode: Optional[str] = None,
     adapter: Optional[ModelAdapter] = None,
     conditions: Optional[ConditionBank] = None,
+    geometry: Optional[Geometry] = None,
     progress: bool = False,
 ) -> CompiledModel:
     """Capture ``model``, run ``passes`` over its graph, and lower it with ``backend``.
@@ -70,7 +71,9 @@ def compile(  # noqa: A001 - the verb users expect
 
     ``conditions``: for a text-conditioned family (PixArt, SD3, Flux, Sana, Wan), the prompts that
     calibration samples with (a :class:`~qc_compiler.diffusion.ConditionBank` of their embeddings and
-    the negative prompt's); passes that sample trajectories need it.
+    the negative prompt's); passes that sample trajectories need it. ``geometry``: the latent and
+    prompt size such a model is compiled for (:class:`~qc_compiler.models.Geometry`; default: the
+    family's, e.g. the config's ``sample_size``).
     """
     manager = PassManager(list(passes))
     manager.check_order()
@@ -82,7 +85,9 @@ def compile(  # noqa: A001 - the verb users expect
     if sampler is None:
         sampler = DDPM(steps=50)
         log.info("no sampler given: compiling for %s", sampler.spec()["name"])
-    adapter = adapter if adapter is not None else adapter_for(model)
+    if geometry is not None and not isinstance(geometry, Geometry):
+        raise TypeError(f"geometry must be a qc.Geometry, got {type(geometry).__name__}")
+    adapter = (adapter if adapter is not None else adapter_for(model)).for_model(model, geometry)
     info = adapter.info(model)
     inputs = tuple(example_inputs) if example_inputs is not None else adapter.example_inputs(info)
     _check_conditions(conditions, adapter, inputs, manager.passes)
@@ -117,6 +122,7 @@ def compile(  # noqa: A001 - the verb users expect
         "backend": backend,
         "seed": seed,
         "capture_mode": mode,
+        "geometry": adapter.geometry_json,
         "fitted": ctx.fitted,
         "weights": {k: v.clone() for k, v in weights.items()} if config else {},
     }
@@ -196,6 +202,7 @@ def load_compiled(folder) -> CompiledModel:
         sampler = sampler_from_spec(manifest["sampler"])
         specs = list(manifest["passes"])
         backend, seed, capture_mode = manifest["backend"], manifest["seed"], manifest["capture_mode"]
+        geometry = Geometry(**manifest["geometry"]) if manifest.get("geometry") else None
     except KeyError as e:
         raise ArtifactError(f"{folder}/manifest.json has no {e} entry; recompile the model") from None
     except (TypeError, ValueError) as e:
@@ -212,7 +219,7 @@ def load_compiled(folder) -> CompiledModel:
         except (TypeError, ValueError) as e:
             raise ArtifactError(f"{folder}: pass {p['name']!r} refuses its saved options: {e}") from None
     return compile(model.eval(), passes=passes, sampler=sampler, backend=backend, seed=seed, fitted=fitted,
-                   capture_mode=capture_mode, adapter=adapter, conditions=conditions)
+                   capture_mode=capture_mode, adapter=adapter, conditions=conditions, geometry=geometry)
 
 
 set_loader(load_compiled)  # lets a diffusers pipeline's from_pretrained rebuild a saved compiled transformer

@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import re
 import traceback
@@ -138,6 +139,11 @@ def _export(model: nn.Module, example_inputs) -> fx.GraphModule:
     inputs = tuple(example_inputs)
     batch = torch.export.Dim("batch", min=1, max=65536)
     dynamic = tuple({0: batch} if torch.is_tensor(a) and a.ndim > 0 else None for a in inputs)
+    params = list(inspect.signature(model.forward).parameters.values())
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):  # forward(x, t, *conditions)
+        named = sum(p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                    for p in params)
+        dynamic = (*dynamic[:named], dynamic[named:])
     ep = torch.export.export(model, inputs, dynamic_shapes=dynamic, strict=False)
     gm = ep.module()
     gm.meta["qc.flavour"] = "export"

@@ -113,6 +113,7 @@ def save_compiled(model, folder: Path) -> None:
         "backend": build.get("backend", "torch"),
         "seed": build.get("seed", 0),
         "capture_mode": build.get("capture_mode"),
+        "geometry": build.get("geometry"),  # the size a text family was compiled for (None: fixed-size family)
         "sampler": model.sampler_spec,
         "fitted_json": others,
         "files": {name: sha256_file(folder / name) for name in _FILES},

@@ -55,9 +55,7 @@ class ConditionBank:
         self.names, self.num_conditions, self.has_null = names, next(iter(k.values())), null is not None
         self.tensors: Dict[str, torch.Tensor] = {}
         for n, t in rows.items():
-            if not t.is_floating_point():
-                raise ValueError(f"condition {n!r} must be a floating tensor, got {t.dtype}")
-            if not bool(torch.isfinite(t).all()):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise ValueError(f"condition {n!r} holds NaN or inf")
             if null is not None:
                 if n not in null:
@@ -66,7 +64,7 @@ class ConditionBank:
                 z = z.reshape(1, *t.shape[1:]) if z.numel() == t[0].numel() else z
                 if tuple(z.shape) != (1, *t.shape[1:]):
                     raise ValueError(f"null condition {n!r} has shape {tuple(z.shape)}, want {tuple(t.shape[1:])}")
-                if not bool(torch.isfinite(z).all()):
+                if z.is_floating_point() and not bool(torch.isfinite(z).all()):
                     raise ValueError(f"null condition {n!r} holds NaN or inf")
             else:
                 z = torch.zeros(1, *t.shape[1:], dtype=t.dtype)  # never served: take() refuses the null index
@@ -94,8 +92,7 @@ class ConditionBank:
         for n in self.names:
             t = self.tensors[n].contiguous()
             h.update(f"{n}:{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.bfloat16
-                     else t.view(torch.int16).numpy().tobytes())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
 
     def to_tensors(self, prefix: str = "conditions") -> Dict[str, torch.Tensor]:

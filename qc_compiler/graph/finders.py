@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.fx as fx
@@ -91,11 +91,23 @@ def find_linears(gm: fx.GraphModule) -> List[LinearSite]:
 
 @dataclass(frozen=True)
 class BranchSpec:
-    """How to find one residual branch in each block: the norm that opens it, the layer that closes it."""
+    """How to find one residual branch in each block: the module that opens it, the layer(s) that close it.
+
+    ``norm`` names the opening module relative to the block: a norm (``"norm1"``: the region starts at
+    its normalisation, so the modulation after it is inside), or any other module (``"attn2"``: the
+    region starts at that module's first ops, e.g. a cross-attention's q, k and v projections).
+    ``output`` is one layer, or a tuple of layers for a branch with several outputs (a joint
+    attention returns the image and the text stream); a block that lacks some of them (SD3's last
+    block has no text output) gets a region over those it has.
+    """
 
     name: str  # e.g. "attn"
     norm: str  # module name relative to the block, e.g. "norm1"
-    output: str  # e.g. "attn.proj"
+    output: Union[str, Tuple[str, ...]]  # e.g. "attn.proj", or ("attn.to_out.0", "attn.to_add_out")
+
+    @property
+    def outputs(self) -> Tuple[str, ...]:
+        return (self.output,) if isinstance(self.output, str) else tuple(self.output)
 
 
 @dataclass(frozen=True)
@@ -112,11 +124,17 @@ class BlockLayout:
 
 @dataclass
 class BranchRegion:
-    """The nodes of one branch of one block, in topological order, from its norm to its output."""
+    """The nodes of one branch of one block, in topological order, from its norm to its output(s).
+    ``exits`` are the nodes read outside the region (one for most branches; empty means the last node)."""
 
     block: str
     name: str
     nodes: List[fx.Node] = field(default_factory=list)
+    exits: List[fx.Node] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.exits and self.nodes:
+            self.exits = [self.nodes[-1]]
 
     @property
     def qualname(self) -> str:
@@ -128,7 +146,10 @@ class BranchRegion:
 
     @property
     def exit(self) -> fx.Node:
-        return self.nodes[-1]
+        """The single output of a one-output region."""
+        if len(self.exits) != 1:
+            raise CaptureError(f"region {self.qualname} has {len(self.exits)} outputs")
+        return self.exits[0]
 
     def inputs(self) -> List[fx.Node]:
         """Nodes outside the region that it reads (the block input, the adaLN shift/scale, ...)."""
@@ -169,13 +190,25 @@ def find_branch_regions(gm: fx.GraphModule, layout: BlockLayout) -> List[BranchR
     regions = []
     for block in sorted(first, key=first.get):
         for spec in layout.branches:
-            norms = [n for n in by_path.get(f"{block}.{spec.norm}", []) if _is_norm(gm, n)]
-            outs = by_path.get(f"{block}.{spec.output}", [])
-            if not norms or not outs:
+            entries = _entries(gm, by_path, f"{block}.{spec.norm}")
+            exits = [max(by_path[p], key=order.get) for p in (f"{block}.{o}" for o in spec.outputs) if by_path.get(p)]
+            if not entries or not exits:
                 continue
-            entry, exit_ = norms[0], max(outs, key=order.get)
-            regions.append(BranchRegion(block, spec.name, sorted(_between(entry, exit_, order), key=order.get)))
+            nodes = set().union(*(_between(entries, e, order) for e in exits))
+            regions.append(BranchRegion(block, spec.name, sorted(nodes, key=order.get), exits=exits))
     return regions
+
+
+def _entries(gm: fx.GraphModule, by_path: Dict[str, List[fx.Node]], path: str) -> List[fx.Node]:
+    """Where a branch opens: the first norm op of the module at ``path`` if it has one, else the ops of
+    that module (and its children) that read nothing computed inside it."""
+    norms = [n for n in by_path.get(path, []) if _is_norm(gm, n)]
+    if norms:
+        return norms[:1]
+    inside = [n for p, nodes in by_path.items() if p == path or p.startswith(path + ".") for n in nodes]
+    members = set(inside)
+    return [n for n in inside if n.op == "call_function" or n.op == "call_module"
+            if not any(a in members for a in n.all_input_nodes)]
 
 
 def block_of(path: str, block_re: "re.Pattern") -> Optional[str]:
@@ -187,9 +220,10 @@ def block_of(path: str, block_re: "re.Pattern") -> Optional[str]:
     return None
 
 
-def _between(entry: fx.Node, exit_: fx.Node, order: Dict[fx.Node, int]) -> set:
-    """Nodes that are descendants of ``entry`` and ancestors of ``exit_`` (both included)."""
-    down, stack = {entry}, [entry]
+def _between(entries: List[fx.Node], exit_: fx.Node, order: Dict[fx.Node, int]) -> set:
+    """Nodes that are descendants of any of ``entries`` and ancestors of ``exit_`` (both included)."""
+    first = min(order[e] for e in entries)
+    down, stack = set(entries), list(entries)
     while stack:
         for user in stack.pop().users:
             if user not in down and order[user] <= order[exit_]:
@@ -198,7 +232,7 @@ def _between(entry: fx.Node, exit_: fx.Node, order: Dict[fx.Node, int]) -> set:
     up, stack = {exit_}, [exit_]
     while stack:
         for a in stack.pop().all_input_nodes:
-            if a not in up and order[a] >= order[entry]:
+            if a not in up and order[a] >= first:
                 up.add(a)
                 stack.append(a)
     return down & up

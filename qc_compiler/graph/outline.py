@@ -24,6 +24,7 @@ Example:
 """
 from __future__ import annotations
 
+import operator
 from typing import Callable, Dict
 
 import torch
@@ -38,9 +39,13 @@ __all__ = ["outline_region"]
 
 def outline_region(gm: fx.GraphModule, region: BranchRegion, name: str,
                    wrap: Callable[[fx.GraphModule], nn.Module], *, pass_name: str = "outline") -> fx.Node:
-    """Move ``region``'s nodes into a submodule ``name`` (built by ``wrap(region_gm)``); return its call node."""
-    inside = set(region.nodes)
-    for n in region.nodes[:-1]:
+    """Move ``region``'s nodes into a submodule ``name`` (built by ``wrap(region_gm)``); return its call node.
+
+    A region with several exits returns their tuple; each outside use then reads its item."""
+    inside, exits = set(region.nodes), list(region.exits)
+    for n in region.nodes:
+        if n in exits:
+            continue
         for u in [u for u in n.users if u not in inside and _is_assertion(u)]:
             gm.graph.erase_node(u)  # torch.export's shape/dtype checks; they would pin values outside
         outside_users = [u for u in n.users if u not in inside]
@@ -71,14 +76,24 @@ def outline_region(gm: fx.GraphModule, region: BranchRegion, name: str,
 
     for n in region.nodes:
         env[n] = sub.node_copy(n, lookup)
-    sub.output(env[region.exit])
+    sub.output(env[exits[0]] if len(exits) == 1 else tuple(env[e] for e in exits))
     region_gm = fx.GraphModule(gm, sub, class_name="Region")
     region_gm.meta.update({k: v for k, v in gm.meta.items() if k.startswith("qc.")})
     gm.add_submodule(name, wrap(region_gm))
-    with gm.graph.inserting_after(region.exit):
+    last = region.nodes[-1]
+    with gm.graph.inserting_after(last):
         call = gm.graph.call_module(name, tuple(inputs))
-    call.meta["nn_module_stack"] = dict(region.exit.meta.get("nn_module_stack", {}))
-    region.exit.replace_all_uses_with(call, delete_user_cb=lambda user: user is not call)
+    call.meta["nn_module_stack"] = dict(exits[-1].meta.get("nn_module_stack", {}))
+    if len(exits) == 1:
+        exits[0].replace_all_uses_with(call, delete_user_cb=lambda user: user is not call)
+    else:
+        anchor = call
+        for i, e in enumerate(exits):
+            with gm.graph.inserting_after(anchor):
+                item = gm.graph.call_function(operator.getitem, (call, i))
+            item.meta = dict(e.meta)
+            e.replace_all_uses_with(item)
+            anchor = item
     for n in reversed(region.nodes):
         gm.graph.erase_node(n)
     gm.graph.eliminate_dead_code()

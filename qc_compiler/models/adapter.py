@@ -36,7 +36,7 @@ from ..errors import ArtifactError, QCError
 from ..graph import BlockLayout
 from ..options import check_int
 
-__all__ = ["ModelInfo", "ForwardInputs", "ModelAdapter", "ADAPTERS", "register_adapter", "adapter_for", "get_adapter",
+__all__ = ["ModelInfo", "Geometry", "ForwardInputs", "ModelAdapter", "ADAPTERS", "register_adapter", "adapter_for", "get_adapter",
            "known_classes", "DTYPES", "dtype_name", "weights_dtype"]
 
 
@@ -110,6 +110,32 @@ class ModelInfo:
                        dtype=d.get("dtype", "float32"), latent_shape=d.get("latent_shape"))
         except KeyError as e:
             raise ArtifactError(f"model info is missing {e}; the file was not written by this qc-compiler") from None
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The size a text-conditioned transformer is compiled for, in latent units: ``height`` x ``width``
+    latent pixels (after the VAE, before patching or packing), ``frames`` latent frames (video), and
+    ``text_tokens`` text tokens. None takes the family's default (the config's ``sample_size``, the
+    pipeline's default prompt length). The compiled graph serves this size only.
+
+    Example:
+        >>> Geometry(height=64, width=64, text_tokens=77).to_json()["text_tokens"]
+        77
+    """
+
+    height: Optional[int] = None
+    width: Optional[int] = None
+    frames: Optional[int] = None
+    text_tokens: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        for name in ("height", "width", "frames", "text_tokens"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, check_int(name, getattr(self, name), lo=1))
+
+    def to_json(self) -> Dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -192,6 +218,22 @@ class ModelAdapter:
     def wrap(self, model: nn.Module) -> nn.Module:
         """The module to capture, with the forward ``inputs`` names (default: the model itself)."""
         return model
+
+    def for_model(self, model: nn.Module, geometry: Optional[Geometry] = None) -> "ModelAdapter":
+        """This adapter set up for ``model`` (a text family reads its condition shapes off the config)."""
+        return self.configured(geometry)
+
+    def configured(self, geometry: Optional[Geometry]) -> "ModelAdapter":
+        """This adapter for models compiled at ``geometry`` (a text family's latent and prompt size)."""
+        if geometry is None:
+            return self
+        raise QCError(f"the {self.name!r} family has a fixed input size: geometry= is for text-conditioned "
+                      "transformers (PixArt, SD3, Flux, Sana, Wan)")
+
+    @property
+    def geometry_json(self) -> Optional[Dict[str, Any]]:
+        """The geometry this adapter is configured for (saved with compiled models); None for fixed-size families."""
+        return None
 
     def source(self, model: nn.Module) -> nn.Module:
         """The module whose config and weights are saved (undoes :meth:`wrap`; default: the model)."""

@@ -69,13 +69,13 @@ class CacheLookup(StepAware, nn.Module):
         outputs, log = store.setdefault("outputs", {}), store.setdefault("computed", {})
         cached = outputs.get(self.key)
         batch = args[0].shape[0]
-        if cached is not None and cached.shape[0] != batch:
-            raise StepError(f"batch size changed inside a sampling run ({cached.shape[0]} -> {batch}) at "
+        if cached is not None and _first(cached).shape[0] != batch:
+            raise StepError(f"batch size changed inside a sampling run ({_first(cached).shape[0]} -> {batch}) at "
                             f"{self.key}; start a new run at the first step")
         if self.schedule.decide(state.step, self.index, cached is not None, store):
             cached = self.region(*args)
             outputs[self.key] = cached
-            self.schedule.observe(state.step, self.index, cached, store)
+            self.schedule.observe(state.step, self.index, _first(cached), store)
             log.setdefault(state.step, set()).add(self.index)
         return cached
 
@@ -84,6 +84,11 @@ class CacheLookup(StepAware, nn.Module):
         if self.index != 0 or self.step_state is None:
             return ""
         return cache_report(self.schedule, self.step_state.store("cache").get("computed", {}), self.step_state.num_steps)
+
+
+def _first(output: Any) -> torch.Tensor:
+    """A region's output, or the first of a multi-output region's (a joint attention's image stream)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 def _lookups(model: nn.Module) -> List[CacheLookup]:
@@ -199,7 +204,7 @@ def derive_schedule(gm: fx.GraphModule, ctx, lookups: List[CacheLookup], *, thre
     num_classes = ctx.num_conditions or 1
     for run in range(2):
         outputs: Dict[int, List[torch.Tensor]] = {i: [] for i in range(len(lookups))}
-        hooks = [m.region.register_forward_hook(lambda mod, a, out, i=i: outputs[i].append(out.detach()))
+        hooks = [m.region.register_forward_hook(lambda mod, a, out, i=i: outputs[i].append(_first(out).detach()))
                  for i, m in enumerate(lookups)]
         try:
             ctx.collect(gm, labels=[(run * n_labels + k) % num_classes for k in range(n_labels)], seed=ctx.seed + run)
