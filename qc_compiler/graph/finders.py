@@ -207,8 +207,14 @@ def _entries(gm: fx.GraphModule, by_path: Dict[str, List[fx.Node]], path: str) -
         return norms[:1]
     inside = [n for p, nodes in by_path.items() if p == path or p.startswith(path + ".") for n in nodes]
     members = set(inside)
-    return [n for n in inside if n.op == "call_function" or n.op == "call_module"
+    return [n for n in inside if n.op in ("call_function", "call_module") and _is_tensor_op(n)
             if not any(a in members for a in n.all_input_nodes)]
+
+
+def _is_tensor_op(node: fx.Node) -> bool:
+    """Not a size computation (torch.export shares ``batch * heads`` between blocks: not a branch's)."""
+    val = node.meta.get("val")
+    return val is None or isinstance(val, torch.Tensor)
 
 
 def block_of(path: str, block_re: "re.Pattern") -> Optional[str]:
@@ -235,4 +241,15 @@ def _between(entries: List[fx.Node], exit_: fx.Node, order: Dict[fx.Node, int]) 
             if a not in up and order[a] >= first:
                 up.add(a)
                 stack.append(a)
-    return down & up
+    region = down & up
+    # In-place writes (torch.export keeps ``out = empty_like(x); out[..., 0::2] = ...`` of a rotary
+    # embedding as view + copy_ nodes) feed the exit through mutation, not through edges: take in
+    # every descendant whose uses all stay inside the region, until none is left.
+    grown = True
+    while grown:
+        grown = False
+        for n in sorted(down - region, key=order.get, reverse=True):
+            if all(u in region for u in n.users):
+                region.add(n)
+                grown = True
+    return region

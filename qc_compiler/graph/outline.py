@@ -87,13 +87,23 @@ def outline_region(gm: fx.GraphModule, region: BranchRegion, name: str,
     if len(exits) == 1:
         exits[0].replace_all_uses_with(call, delete_user_cb=lambda user: user is not call)
     else:
-        anchor = call
+        anchor, items = call, set()
         for i, e in enumerate(exits):
             with gm.graph.inserting_after(anchor):
                 item = gm.graph.call_function(operator.getitem, (call, i))
             item.meta = dict(e.meta)
             e.replace_all_uses_with(item)
             anchor = item
+            items.add(item)
+        # an early output's users may sit before the last region node (a dropout after to_out, before
+        # to_add_out): move them, and what depends on them, after the outputs, in their order
+        nodes = list(gm.graph.nodes)
+        start, stop = nodes.index(exits[0]), nodes.index(call)
+        for n in nodes[start:stop]:
+            if n not in inside and any(a in items for a in n.all_input_nodes):
+                anchor.append(n)
+                anchor = n
+                items.add(n)
     for n in reversed(region.nodes):
         gm.graph.erase_node(n)
     gm.graph.eliminate_dead_code()
