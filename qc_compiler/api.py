@@ -177,16 +177,33 @@ def _check_conditions(conditions: Optional[ConditionBank], adapter: ModelAdapter
 
 
 def compile_pipeline(pipe: Any, passes: Sequence[Pass] = (), *, num_inference_steps: int, guidance_scale: float = 1.0,
-                     backend: str = "torch", seed: int = 0) -> CompiledModel:
+                     backend: str = "torch", seed: int = 0, height: Optional[int] = None, width: Optional[int] = None,
+                     num_frames: Optional[int] = None, progress: bool = False, **prompt_embeds: torch.Tensor
+                     ) -> CompiledModel:
     """Compile ``pipe.transformer`` for the pipeline's scheduler at ``num_inference_steps`` and put it
     back into ``pipe`` (its adapter says how). Returns the compiled model; call ``pipe(...)`` as before,
-    with the same step count."""
+    with the same step count, guidance and size.
+
+    A text-to-image (or video) pipeline is compiled for one size, ``height`` x ``width`` pixels (and
+    ``num_frames``), as its call takes them; its calibration prompts are the pipeline's own keyword
+    arguments, e.g. ``prompt_embeds=``, ``pooled_prompt_embeds=`` and, under guidance,
+    ``negative_prompt_embeds=`` (encode them with ``pipe.encode_prompt``)."""
     transformer = getattr(pipe, "transformer", None)
     if transformer is None:
         raise QCError(f"{type(pipe).__name__} has no transformer to compile")
+    steps = check_int("num_inference_steps", num_inference_steps, lo=1)
     adapter = adapter_for(transformer)
-    sampler = adapter.pipeline_sampler(pipe, num_inference_steps, guidance_scale)
-    compiled = compile(transformer, passes, sampler, backend=backend, seed=seed, adapter=adapter)
+    geometry, conditions = None, None
+    if adapter.text_conditioned:
+        geometry = adapter.pipeline_geometry(pipe, prompt_embeds, height=height, width=width, num_frames=num_frames)
+        conditions = adapter.pipeline_conditions(prompt_embeds, float(guidance_scale))
+    elif prompt_embeds or height or width or num_frames:
+        given = sorted(prompt_embeds) + [k for k, v in (("height", height), ("width", width), ("num_frames", num_frames)) if v]
+        raise QCError(f"{type(pipe).__name__} is class-conditional at a fixed size: it takes no {given}")
+    adapter = adapter.for_model(transformer, geometry)
+    sampler = adapter.pipeline_sampler(pipe, steps, guidance_scale)
+    compiled = compile(transformer, passes, sampler, backend=backend, seed=seed, adapter=adapter, geometry=geometry,
+                       conditions=conditions, progress=progress)
     pipe.transformer = adapter.to_pipeline(compiled, transformer)
     return compiled
 

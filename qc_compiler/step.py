@@ -113,6 +113,10 @@ class StepState:
     Stateful graph modules keep their tensors in ``store(owner)`` (keyed by their own name), which
     ``reset()`` clears at the start of every sampling run. ``fresh`` is True while calibrating:
     the step is set, but no tensor may be reused from an earlier call.
+
+    ``stream`` names the call within a step when a loop makes several (diffusers pipelines that run
+    the prompt and the negative prompt as separate calls say ``cache_context("cond")`` and
+    ``("uncond")``): each stream has its own stores, and a run starts when a stream comes back to step 0.
     """
 
     def __init__(self, num_steps: int = 0):
@@ -121,22 +125,28 @@ class StepState:
         self.run: int = 0
         self.num_steps: int = int(num_steps)
         self.fresh: bool = False
-        self._stores: Dict[str, Dict[str, Any]] = {}
+        self.stream: str = ""
+        self._stores: Dict[Any, Dict[str, Any]] = {}
+        self._started: set = set()  # streams that have made their step-0 call in this run
 
     def reset(self) -> None:
         """Start over: no current step (step-aware modules then act like the plain graph), empty stores."""
         self.step, self.timestep = -1, -1
         self.run += 1
         self._stores.clear()
+        self._started = set()
 
     def enter(self, step: int, timestep: float = -1) -> None:
-        """Make ``step`` the current one; step 0 starts a new run."""
+        """Make ``step`` the current one; step 0 starts a new run (unless another stream of this step
+        already started it)."""
         if step == 0:
-            self.reset()
+            if self.step != 0 or self.stream in self._started:
+                self.reset()
+            self._started.add(self.stream)
         self.step, self.timestep = int(step), timestep
 
     def store(self, owner: str) -> Dict[str, Any]:
-        return self._stores.setdefault(owner, {})
+        return self._stores.setdefault((self.stream, owner), {})
 
     @contextlib.contextmanager
     def calibrating(self, step: int) -> Iterator["StepState"]:

@@ -24,6 +24,7 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
@@ -118,6 +119,16 @@ def _define() -> type:
             self.__dict__["_source"] = source  # the transformer this stands in for (not a submodule)
             if source is not None:
                 self.default_attention = _default_attention(source)
+
+        @contextlib.contextmanager
+        def cache_context(self, name: str, **kwargs: Any):
+            """The pipeline names its calls ("cond", "uncond"): each keeps its own cached tensors."""
+            state = self.compiled.step_state
+            saved, state.stream = state.stream, str(name)
+            try:
+                yield
+            finally:
+                state.stream = saved
 
         def set_default_attn_processor(self) -> None:
             """A no-op when the graph was captured with the default processors; else refused."""

@@ -84,6 +84,8 @@ class DiffusersTextAdapter(ModelAdapter):
 
     geometry: Optional[Geometry] = None
     rows: Tuple[ConditionRow, ...] = ()
+    # (transformer input, the pipeline's keyword for it, its negative-prompt keyword)
+    prompt_inputs: Tuple[Tuple[str, str, Optional[str]], ...] = ()
 
     # --- what a family says ----------------------------------------------------------------------
     def default_geometry(self, cfg: Any) -> Geometry:
@@ -213,10 +215,49 @@ class DiffusersTextAdapter(ModelAdapter):
         return PipelineSampler(pipe.scheduler, num_inference_steps, guidance_scale,
                                self.timestep_kwargs(pipe, num_inference_steps))
 
-    def pipeline_conditions(self, pipe: Any, prompt_embeds: Dict[str, torch.Tensor],
-                            negative: Optional[Dict[str, torch.Tensor]]) -> ConditionBank:
-        """A bank from the pipeline's prompt embeddings (keyword names of the transformer's inputs)."""
-        return ConditionBank(self.inputs.conditions, prompt_embeds, null=negative)
+    def latent_scale(self, pipe: Any) -> int:
+        """Pixels per latent pixel in the pipeline (its VAE's spatial factor)."""
+        return int(pipe.vae_scale_factor)
+
+    def pipeline_geometry(self, pipe: Any, embeds: Dict[str, torch.Tensor], *, height: Optional[int],
+                          width: Optional[int], num_frames: Optional[int]) -> Geometry:
+        """The geometry a pipeline call with ``height`` x ``width`` pixels (and ``num_frames``) and these
+        prompt embeddings runs at; None keeps the family's default."""
+        if num_frames is not None:
+            raise QCError(f"{type(pipe).__name__} makes images: num_frames is for video pipelines")
+        scale = self.latent_scale(pipe)
+        first = embeds.get(self.prompt_inputs[0][1])
+        return Geometry(height=height // scale if height else None, width=width // scale if width else None,
+                        text_tokens=int(first.shape[1]) if first is not None else None)
+
+    def pipeline_conditions(self, embeds: Dict[str, torch.Tensor], guidance_scale: float) -> Optional[ConditionBank]:
+        """The calibration prompts from the pipeline's own keyword arguments (``prompt_embeds=``,
+        ``pooled_prompt_embeds=``, ``negative_prompt_embeds=``, ...); None when none are given."""
+        known = {kw for _, kw, neg in self.prompt_inputs for kw in (kw, neg) if kw}
+        unknown = sorted(set(embeds) - known)
+        if unknown:
+            raise QCError(f"{self.name}: unknown prompt inputs {unknown}; this family's pipeline takes {sorted(known)}")
+        if not embeds:
+            return None
+        rows, null = {}, {}
+        for name, kw, neg in self.prompt_inputs:
+            if kw not in embeds:
+                raise QCError(f"{self.name}: give {kw}= with the other prompt embeddings")
+            rows[name] = embeds[kw]
+            if guidance_scale > 1 and neg is not None:
+                if neg not in embeds:
+                    raise QCError(f"guidance_scale {guidance_scale} runs classifier-free guidance: give {neg}= too "
+                                  "(the negative or empty prompt's embeddings)")
+                negative = torch.as_tensor(embeds[neg])
+                if not all(torch.equal(negative[0], r) for r in negative):
+                    raise QCError(f"{neg} must be one negative prompt for every calibration prompt")
+                null[name] = negative[:1]
+        rows.update(self.extra_conditions(rows, guidance_scale))
+        return ConditionBank(self.inputs.conditions, rows, null=null or None)
+
+    def extra_conditions(self, rows: Dict[str, torch.Tensor], guidance_scale: float) -> Dict[str, torch.Tensor]:
+        """Condition inputs the pipeline makes itself (Flux's guidance; default: none)."""
+        return {}
 
 
 def compiled_config(compiled: nn.Module) -> Any:

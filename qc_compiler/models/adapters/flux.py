@@ -15,7 +15,7 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -47,6 +47,18 @@ class FluxAdapter(DiffusersTextAdapter):
         return [ConditionRow("encoder_hidden_states", (geo.text_tokens, int(cfg.joint_attention_dim))),
                 ConditionRow("pooled_projections", (int(cfg.pooled_projection_dim),)),
                 ConditionRow("guidance", (), "float32")]  # the pipeline makes it float32 at any model dtype
+
+    def pipeline_geometry(self, pipe: Any, embeds: Dict[str, torch.Tensor], *, height: Optional[int],
+                          width: Optional[int], num_frames: Optional[int]) -> Geometry:
+        geo = super().pipeline_geometry(pipe, embeds, height=None, width=None, num_frames=num_frames)
+        s = int(pipe.vae_scale_factor)
+        # FluxPipeline rounds the size to whole 2x2 patches of latent pixels
+        return Geometry(height=2 * (height // (s * 2)) if height else None, width=2 * (width // (s * 2)) if width else None,
+                        text_tokens=geo.text_tokens)
+
+    def extra_conditions(self, rows: Dict[str, torch.Tensor], guidance_scale: float) -> Dict[str, torch.Tensor]:
+        k = rows["encoder_hidden_states"].shape[0]
+        return {"guidance": torch.full((k,), float(guidance_scale), dtype=torch.float32)}
 
     def constants(self, geo: Geometry, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
         return {"img_ids": flux_image_ids(geo.height // 2, geo.width // 2, dtype),
@@ -82,6 +94,7 @@ FLUX = register_adapter(FluxAdapter(
                           "*norm_out.linear"),
     capture_mode="export",
     conditioning="text",
+    prompt_inputs=(("encoder_hidden_states", "prompt_embeds", None), ("pooled_projections", "pooled_prompt_embeds", None)),
     inputs=ForwardInputs(condition="encoder_hidden_states", extra=("pooled_projections", "guidance"),
                          timestep_dtype="float32", timestep_divisor=1000),
 ))

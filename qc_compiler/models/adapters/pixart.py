@@ -52,6 +52,8 @@ PIXART = register_adapter(PixArtAdapter(
     conditioning_linears=("*adaln_single.*",),  # the timestep embedding: one row per sample, weight-only
     capture_mode="export",
     conditioning="text",
+    prompt_inputs=(("encoder_hidden_states", "prompt_embeds", "negative_prompt_embeds"),
+                   ("encoder_attention_mask", "prompt_attention_mask", "negative_prompt_attention_mask")),
     inputs=ForwardInputs(condition="encoder_hidden_states", extra=("encoder_attention_mask",),
                          timestep_dtype="float32"),
 ))

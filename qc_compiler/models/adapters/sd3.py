@@ -53,5 +53,7 @@ SD3 = register_adapter(SD3Adapter(
     conditioning_linears=("*norm1.linear", "*norm1_context.linear", "*time_text_embed.*", "*norm_out.linear"),
     capture_mode="export",
     conditioning="text",
+    prompt_inputs=(("encoder_hidden_states", "prompt_embeds", "negative_prompt_embeds"),
+                   ("pooled_projections", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")),
     inputs=ForwardInputs(condition="encoder_hidden_states", extra=("pooled_projections",), timestep_dtype="float32"),
 ))

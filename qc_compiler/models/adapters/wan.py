@@ -14,7 +14,9 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Any, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
 
 from ...graph import BlockLayout, BranchSpec
 from ..adapter import ForwardInputs, Geometry, register_adapter
@@ -32,6 +34,14 @@ class WanAdapter(DiffusersTextAdapter):
         c = int(cfg.in_channels)
         return geo.height, c, int(cfg.out_channels or c), (c, geo.frames, geo.height, geo.width)
 
+    def pipeline_geometry(self, pipe: Any, embeds: Dict[str, torch.Tensor], *, height: Optional[int],
+                          width: Optional[int], num_frames: Optional[int]) -> Geometry:
+        s, t = int(pipe.vae_scale_factor_spatial), int(pipe.vae_scale_factor_temporal)
+        first = embeds.get("prompt_embeds")
+        return Geometry(height=height // s if height else None, width=width // s if width else None,
+                        frames=(num_frames - 1) // t + 1 if num_frames else None,
+                        text_tokens=int(first.shape[1]) if first is not None else None)
+
     def condition_rows(self, cfg: Any, geo: Geometry) -> List[ConditionRow]:
         return [ConditionRow("encoder_hidden_states", (geo.text_tokens, int(cfg.text_dim)))]
 
@@ -46,5 +56,6 @@ WAN = register_adapter(WanAdapter(
     conditioning_linears=("*condition_embedder.time_*",),
     capture_mode="export",
     conditioning="text",
+    prompt_inputs=(("encoder_hidden_states", "prompt_embeds", "negative_prompt_embeds"),),
     inputs=ForwardInputs(condition="encoder_hidden_states", timestep_dtype="float32"),
 ))
