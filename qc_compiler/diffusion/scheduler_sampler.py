@@ -21,6 +21,7 @@ Example (``pipe`` a local pipeline):
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -112,7 +113,9 @@ class PipelineSampler(Sampler):
         x, y = x.to(device), y.to(device)
         scheduler = copy.deepcopy(self.scheduler)  # schedulers keep a step counter: one per run
         self._set_timesteps(scheduler, self.num_inference_steps)
-        generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        # ancestral schedulers draw noise from a generator; deterministic ones (UniPC) take none
+        takes_generator = "generator" in inspect.signature(scheduler.step).parameters
+        step_kwargs = {"generator": torch.Generator(device="cpu").manual_seed(int(seed))} if takes_generator else {}
         hooks = list(getattr(model, "step_hooks", []) or []) + ([callback] if callback else [])
         traj = Trajectory()
         c = shape[0]
@@ -123,7 +126,7 @@ class PipelineSampler(Sampler):
             if record:
                 traj.steps.append(StepRecord(step, t, x_in.detach().cpu(), y.detach().cpu(), out.detach().cpu()))
             model_output = out[:, :c] if out.shape[1] == 2 * c else out  # the learned sigma is not the scheduler's
-            x = scheduler.step(model_output, t_tensor, x, generator=generator, return_dict=False)[0]
+            x = scheduler.step(model_output, t_tensor, x, **step_kwargs, return_dict=False)[0]
             for hook in hooks:
                 replaced = hook(step, t, x)
                 if replaced is not None:

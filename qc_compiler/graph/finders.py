@@ -249,7 +249,13 @@ def _between(entries: List[fx.Node], exit_: fx.Node, order: Dict[fx.Node, int]) 
     while grown:
         grown = False
         for n in sorted(down - region, key=order.get, reverse=True):
-            if all(u in region for u in n.users):
+            if (n.users and all(u in region for u in n.users)) or (not n.users and _writes(n)):
                 region.add(n)
                 grown = True
     return region
+
+
+def _writes(node: fx.Node) -> bool:
+    """An in-place op (``copy_``, ``mul_``): it has effects without users."""
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
