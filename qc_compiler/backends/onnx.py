@@ -60,7 +60,7 @@ import torch.nn as nn
 
 from ..errors import ArtifactError, ExportError, StepError
 from ..io import atomic_write_bytes
-from ..models import ForwardInputs, ModelInfo, get_adapter
+from ..models import ForwardInputs, ModelInfo, adapter_of
 from ..options import check_int
 from ..quant.config import QuantConfig
 from ..quant.spec import QuantizedActSpec, QuantizedLinearSpec
@@ -109,6 +109,30 @@ def check_onnx_passes(passes: Sequence[Any]) -> None:
             if low:
                 raise ExportError(f"the onnx backend cannot run {low[0]}-bit activations (ONNX QuantizeLinear is "
                                   "uint8 here); use W*A8, e.g. preset w8a8 or w4a8")
+
+
+def _rms_norm_symbolic(g, x, normalized_shape, weight, eps):
+    """``aten::rms_norm`` (qk norms of SD3, Flux and Wan) for the TorchScript exporter, which has no
+    symbolic for it: x / sqrt(mean(x^2 over the normalized dims) + eps) * weight, in x's dtype."""
+    from torch.onnx import symbolic_helper as sh
+
+    dims = sh._get_const(normalized_shape, "is", "normalized_shape")
+    eps_value = sh._maybe_get_const(eps, "f")
+    if sh._is_none(eps) or not isinstance(eps_value, float):
+        eps_value = float(torch.finfo(torch.float32).eps)  # torch's default for a float32 input
+    axes = g.op("Constant", value_t=torch.tensor(list(range(-len(dims), 0)), dtype=torch.long))
+    mean = g.op("ReduceMean", g.op("Mul", x, x), axes, keepdims_i=1) if g.opset >= 18 else \
+        g.op("ReduceMean", g.op("Mul", x, x), axes_i=list(range(-len(dims), 0)), keepdims_i=1)
+    denom = g.op("Sqrt", g.op("Add", mean, g.op("Constant", value_t=torch.tensor(eps_value, dtype=torch.float32))))
+    out = g.op("Div", x, denom)
+    return out if sh._is_none(weight) else g.op("Mul", out, weight)
+
+
+def _register_symbolics() -> None:
+    from torch.onnx import register_custom_op_symbolic
+
+    for opset in range(OPSETS[0], OPSETS[1] + 1):
+        register_custom_op_symbolic("aten::rms_norm", _rms_norm_symbolic, opset)
 
 
 def check_opset(opset: int) -> int:
@@ -375,6 +399,7 @@ def onnx_bytes(gm: nn.Module, *, adapter, info: ModelInfo, sampler_spec: Dict[st
     import onnx
 
     check_opset(opset)
+    _register_symbolics()
     holder = _StepHolder()
     for m in gm.modules():
         if getattr(m, "packed", None) is not None:
@@ -406,6 +431,7 @@ def onnx_bytes(gm: nn.Module, *, adapter, info: ModelInfo, sampler_spec: Dict[st
     meta = {"qc.timesteps": json.dumps(sampler_spec["timesteps"]), "qc.model_info": json.dumps(info.to_json()),
             "qc.adapter": adapter.name, "qc.inputs": json.dumps(names), "qc.sampler": json.dumps(sampler_spec),
             "qc.timestep_dtype": adapter.inputs.timestep_dtype,
+            "qc.timestep_divisor": str(adapter.inputs.timestep_divisor),
             "qc.int8_linears": str(n_int8), "qc.vc": json.dumps(sample_vc.to_json()) if sample_vc is not None else "",
             "qc.cache": json.dumps(schedule.to_json()) if schedule is not None else ""}
     for k, v in meta.items():
@@ -438,7 +464,7 @@ def export_onnx(compiled: CompiledModel, path, opset: int = 17) -> Path:
             raise ExportError(f"this model was compiled to ONNX opset {graph.opset}; export it with opset={graph.opset}")
         data = graph.model_bytes
     else:
-        adapter = get_adapter(compiled.build.get("adapter", "dit"))
+        adapter = adapter_of(compiled)
         data = onnx_bytes(graph, adapter=adapter, info=compiled.info, sampler_spec=compiled.sampler_spec,
                           sample_vc=_sample_vc(compiled.step_hooks), opset=opset)
     atomic_write_bytes(path, data)
@@ -549,12 +575,20 @@ class OrtDenoiser(CompiledModel):
         meta = graph.meta_props
         super().__init__(graph, json.loads(meta["qc.sampler"]), ModelInfo.from_json(json.loads(meta["qc.model_info"])),
                          build={"backend": "onnx", "adapter": meta.get("qc.adapter")},
-                         inputs=ForwardInputs(timestep_dtype=meta.get("qc.timestep_dtype", "int64")))
+                         inputs=_forward_inputs(meta))
         self.path = path
 
     @property
     def session(self):
         return self.graph_module.session
+
+
+def _forward_inputs(meta: Dict[str, str]) -> ForwardInputs:
+    """The forward's inputs as the file names them: latent, timestep, then the conditions."""
+    names = json.loads(meta["qc.inputs"])
+    return ForwardInputs(latent=names[0], timestep=names[1], condition=names[2], extra=tuple(names[3:]),
+                         timestep_dtype=meta.get("qc.timestep_dtype", "int64"),
+                         timestep_divisor=int(meta.get("qc.timestep_divisor", "1")))
 
 
 def session_options(threads: Optional[int] = None):

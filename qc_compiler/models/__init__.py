@@ -6,8 +6,8 @@ Example:
     True
 """
 from . import adapters  # noqa: F401  (registers every family)
-from .adapter import (ADAPTERS, ForwardInputs, Geometry, ModelAdapter, ModelInfo, adapter_for, get_adapter, known_classes,
+from .adapter import (ADAPTERS, ForwardInputs, Geometry, ModelAdapter, ModelInfo, adapter_for, adapter_of, get_adapter, known_classes,
                       register_adapter)
 
-__all__ = ["ADAPTERS", "ForwardInputs", "Geometry", "ModelAdapter", "ModelInfo", "adapter_for", "get_adapter", "known_classes",
+__all__ = ["ADAPTERS", "ForwardInputs", "Geometry", "ModelAdapter", "ModelInfo", "adapter_for", "adapter_of", "get_adapter", "known_classes",
            "register_adapter"]

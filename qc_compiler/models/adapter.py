@@ -36,7 +36,7 @@ from ..errors import ArtifactError, QCError
 from ..graph import BlockLayout
 from ..options import check_int
 
-__all__ = ["ModelInfo", "Geometry", "ForwardInputs", "ModelAdapter", "ADAPTERS", "register_adapter", "adapter_for", "get_adapter",
+__all__ = ["ModelInfo", "Geometry", "ForwardInputs", "ModelAdapter", "ADAPTERS", "register_adapter", "adapter_for", "get_adapter", "adapter_of",
            "known_classes", "DTYPES", "dtype_name", "weights_dtype"]
 
 
@@ -223,6 +223,11 @@ class ModelAdapter:
         """This adapter set up for ``model`` (a text family reads its condition shapes off the config)."""
         return self.configured(geometry)
 
+    def for_build(self, build: Dict[str, Any]) -> "ModelAdapter":
+        """This adapter as it was set up for a compiled model (from its build record: the source
+        config and the geometry), without the source model."""
+        return self
+
     def configured(self, geometry: Optional[Geometry]) -> "ModelAdapter":
         """This adapter for models compiled at ``geometry`` (a text family's latent and prompt size)."""
         if geometry is None:
@@ -307,6 +312,11 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
         "register one: qc_compiler.models.register_adapter(MyAdapter(name=..., classes=('MyModel',), blocks=..., "
         "quantizable=...)); see docs/adapters.md"
     )
+
+
+def adapter_of(compiled: Any) -> ModelAdapter:
+    """The adapter a compiled model was made with, set up as it was (``compiled.build``)."""
+    return get_adapter(compiled.build.get("adapter", "dit")).for_build(compiled.build)
 
 
 def get_adapter(name: str) -> ModelAdapter:

@@ -118,9 +118,15 @@ class DiffusersTextAdapter(ModelAdapter):
 
     # --- written once ----------------------------------------------------------------------------
     def for_model(self, model: nn.Module, geometry: Optional[Geometry] = None) -> "DiffusersTextAdapter":
-        cfg = _transformer(model).config
-        geo = geometry if geometry is not None else self.geometry
-        geo = _fill(geo or Geometry(), self.default_geometry(cfg))
+        return self._setup(_transformer(model).config, geometry if geometry is not None else self.geometry)
+
+    def for_build(self, build: Dict[str, Any]) -> "DiffusersTextAdapter":
+        if not build.get("model_config"):
+            raise ArtifactError(f"a compiled {self.name!r} model records no source config; compile it again")
+        return self._setup(_Namespace(build["model_config"]), Geometry(**(build.get("geometry") or {})))
+
+    def _setup(self, cfg: Any, geometry: Optional[Geometry]) -> "DiffusersTextAdapter":
+        geo = _fill(geometry or Geometry(), self.default_geometry(cfg))
         return dataclasses.replace(self, geometry=geo, rows=tuple(self.condition_rows(cfg, geo)))
 
     def configured(self, geometry: Optional[Geometry]) -> "ModelAdapter":
@@ -185,7 +191,7 @@ class DiffusersTextAdapter(ModelAdapter):
         """The transformer's keyword call (as its pipeline makes it) on the compiled model."""
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-        geo = Geometry(**compiled.build.get("geometry", {}))
+        geo = self.for_build(compiled.build).geometry
         for name, expected in self.constants(geo, compiled.dtype).items():
             given = kwargs.pop(name, None)
             if given is not None:
@@ -197,7 +203,7 @@ class DiffusersTextAdapter(ModelAdapter):
         for name in self.inputs.conditions:
             value = kwargs.pop(name, None)
             if value is None:
-                if name in self.unused(compiled_config(compiled)):
+                if name in self.unused(_Namespace(compiled.build.get("model_config") or {})):
                     value = torch.zeros(hidden_states.shape[0], dtype=torch.float32, device=hidden_states.device)
                 else:
                     raise QCError(f"the pipeline passed no {name}, which the compiled model takes")
@@ -260,12 +266,9 @@ class DiffusersTextAdapter(ModelAdapter):
         return {}
 
 
-def compiled_config(compiled: nn.Module) -> Any:
-    """The source transformer's config, from a compiled model's build record (a namespace)."""
-    return _Namespace(compiled.build.get("model_config") or {})
-
-
 class _Namespace(dict):
+    """A saved config dict read like a diffusers ``FrozenDict`` (``cfg.in_channels``, ``cfg.get``)."""
+
     def __getattr__(self, name: str) -> Any:
         try:
             return self[name]

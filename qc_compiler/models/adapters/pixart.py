@@ -48,7 +48,7 @@ PIXART = register_adapter(PixArtAdapter(
                        (BranchSpec("attn", "norm1", "attn1.to_out.0"), BranchSpec("cross", "attn2", "attn2.to_out.0"),
                         BranchSpec("mlp", "norm2", "ff.net.2"))),
     # every token linear: the blocks, the caption projection (the text stream's embedder), the output
-    quantizable=("*transformer_blocks.*", "*caption_projection.*", "*proj_out"),
+    quantizable=("*transformer_blocks.*", "*caption_projection.*", "*proj_out", "*adaln_single.*"),
     conditioning_linears=("*adaln_single.*",),  # the timestep embedding: one row per sample, weight-only
     capture_mode="export",
     conditioning="text",

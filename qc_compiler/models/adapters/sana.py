@@ -41,7 +41,7 @@ SANA = register_adapter(SanaAdapter(
     blocks=BlockLayout(r"^(?:.*\.)?transformer_blocks\.\d+$",
                        (BranchSpec("attn", "norm1", "attn1.to_out.0"), BranchSpec("cross", "attn2", "attn2.to_out.0"),
                         BranchSpec("mlp", "norm2", "ff.conv_point"))),
-    quantizable=("*transformer_blocks.*", "*caption_projection.*", "*proj_out"),
+    quantizable=("*transformer_blocks.*", "*caption_projection.*", "*proj_out", "*time_embed.*"),
     conditioning_linears=("*time_embed.*",),
     capture_mode="export",
     conditioning="text",

@@ -48,7 +48,7 @@ SD3 = register_adapter(SD3Adapter(
                        (BranchSpec("attn", "attn", ("attn.to_out.0", "attn.to_add_out")),
                         BranchSpec("attn2", "attn2", "attn2.to_out.0"),
                         BranchSpec("ff", "norm2", "ff.net.2"), BranchSpec("ff_context", "norm2_context", "ff_context.net.2"))),
-    quantizable=("*transformer_blocks.*", "*context_embedder", "*proj_out"),
+    quantizable=("*transformer_blocks.*", "*context_embedder", "*proj_out", "*time_text_embed.*", "*norm_out.linear"),
     # adaLN of both streams and the final norm, and the timestep/pooled-text embedder: weight-only
     conditioning_linears=("*norm1.linear", "*norm1_context.linear", "*time_text_embed.*", "*norm_out.linear"),
     capture_mode="export",

@@ -52,7 +52,7 @@ WAN = register_adapter(WanAdapter(
     blocks=BlockLayout(r"^(?:.*\.)?blocks\.\d+$",
                        (BranchSpec("attn", "norm1", "attn1.to_out.0"), BranchSpec("cross", "norm2", "attn2.to_out.0"),
                         BranchSpec("ffn", "norm3", "ffn.net.2"))),
-    quantizable=("*blocks.*", "*condition_embedder.text_embedder.*", "*proj_out"),
+    quantizable=("*blocks.*", "*condition_embedder.*", "*proj_out"),
     conditioning_linears=("*condition_embedder.time_*",),
     capture_mode="export",
     conditioning="text",

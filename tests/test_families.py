@@ -1,0 +1,234 @@
+"""The text-conditioned diffusers families (PixArt-Σ, SD3/3.5, Flux, Sana, Wan) through the whole chain:
+capture, cache regions, Q&C, torch INT8, their pipelines, save/load and ONNX. Tiny random models from
+init dicts; no text encoder (the pipelines take ``prompt_embeds``); nothing is downloaded."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qc_compiler as qc
+from qc_compiler.errors import QCError
+from qc_compiler.models import Geometry, adapter_of
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")  # the text pipelines import it
+
+STEPS = 4
+
+
+def _flux():
+    tr = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                          pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=True)
+    pipe = diffusers.FluxPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True),
+                                  vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                  transformer=tr)
+    return pipe, dict(prompt_embeds=torch.randn(2, 8, 32), pooled_prompt_embeds=torch.randn(2, 32), height=64,
+                      width=64, guidance_scale=3.5)
+
+
+def _sd3():
+    # one dual-attention block (SD3.5) and a context_pre_only last block; qk RMS-norm
+    tr = diffusers.SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8,
+                                         num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
+                                         pooled_projection_dim=64, out_channels=4, qk_norm="rms_norm",
+                                         dual_attention_layers=(0,))
+    pipe = diffusers.StableDiffusion3Pipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=None, text_encoder=None, tokenizer=None,
+        text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None, transformer=tr)
+    return pipe, dict(prompt_embeds=torch.randn(2, 8, 32), pooled_prompt_embeds=torch.randn(2, 64),
+                      negative_prompt_embeds=torch.randn(1, 8, 32).expand(2, -1, -1),
+                      negative_pooled_prompt_embeds=torch.randn(1, 64).expand(2, -1), height=64, width=64,
+                      guidance_scale=4.0)
+
+
+def _pixart():
+    tr = diffusers.PixArtTransformer2DModel(sample_size=8, num_layers=1, patch_size=2, attention_head_dim=8,
+                                            num_attention_heads=3, caption_channels=32, in_channels=4,
+                                            cross_attention_dim=24, out_channels=8, attention_bias=True,
+                                            activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+                                            norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6)
+    pipe = diffusers.PixArtSigmaPipeline(scheduler=diffusers.DPMSolverMultistepScheduler(), vae=None,
+                                         text_encoder=None, tokenizer=None, transformer=tr)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 6:] = 0  # a padded prompt: the mask is a real input
+    return pipe, dict(prompt_embeds=torch.randn(2, 8, 32), prompt_attention_mask=mask,
+                      negative_prompt_embeds=torch.randn(1, 8, 32).expand(2, -1, -1),
+                      negative_prompt_attention_mask=torch.ones(2, 8, dtype=torch.long), height=64, width=64,
+                      guidance_scale=4.5, use_resolution_binning=False, negative_prompt=None)
+
+
+def _sana():
+    tr = diffusers.SanaTransformer2DModel(patch_size=1, in_channels=4, out_channels=4, num_layers=1,
+                                          num_attention_heads=2, attention_head_dim=4, num_cross_attention_heads=2,
+                                          cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
+                                          sample_size=8)
+    scheduler = diffusers.DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                      flow_shift=3.0)
+    pipe = diffusers.SanaPipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, transformer=tr)
+    return pipe, dict(prompt_embeds=torch.randn(2, 8, 8), prompt_attention_mask=torch.ones(2, 8, dtype=torch.long),
+                      negative_prompt_embeds=torch.randn(1, 8, 8).expand(2, -1, -1),
+                      negative_prompt_attention_mask=torch.ones(2, 8, dtype=torch.long), height=256, width=256,
+                      guidance_scale=4.5, use_resolution_binning=False, negative_prompt=None)
+
+
+def _wan():
+    tr = diffusers.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                         in_channels=4, out_channels=4, text_dim=16, freq_dim=256, ffn_dim=32,
+                                         num_layers=1, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                         rope_max_seq_len=32)
+    scheduler = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                  flow_shift=3.0)
+    pipe = diffusers.WanPipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, transformer=tr)
+    # guidance > 1: WanPipeline calls the transformer twice per step, in cache_context("cond"/"uncond")
+    return pipe, dict(prompt_embeds=torch.randn(2, 8, 16), negative_prompt_embeds=torch.randn(1, 8, 16).expand(2, -1, -1),
+                      height=64, width=64, num_frames=5, guidance_scale=5.0)
+
+
+FAMILIES = {"flux": _flux, "sd3": _sd3, "pixart": _pixart, "sana": _sana, "wan": _wan}
+REGIONS = {  # branch names of the first and the last block
+    "flux": (["attn", "ff", "ff_context"], ["single"]),
+    "sd3": (["attn", "attn2", "ff", "ff_context"], ["attn", "ff"]),
+    "pixart": (["attn", "cross", "mlp"], ["attn", "cross", "mlp"]),
+    "sana": (["attn", "cross", "mlp"], ["attn", "cross", "mlp"]),
+    "wan": (["attn", "cross", "ffn"], ["attn", "cross", "ffn"]),
+}
+
+
+def _build(name):
+    torch.manual_seed(0)
+    pipe, kw = FAMILIES[name]()
+    pipe.transformer.eval()
+    return pipe, kw
+
+
+def _compile_args(kw):
+    """compile_pipeline's arguments from a pipeline call's: the size, guidance and prompt embeddings
+    (one negative prompt for calibration)."""
+    out = {k: v for k, v in kw.items() if k in ("height", "width", "num_frames", "guidance_scale")}
+    out.update({k: (v[:1] if k.startswith("negative") else v) for k, v in kw.items() if "embeds" in k or "mask" in k})
+    return out
+
+
+def _run(pipe, kw):
+    return pipe(**kw, num_inference_steps=STEPS, output_type="latent", generator=torch.Generator().manual_seed(0))[0]
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_pipeline_with_compiled_transformer_is_identical(name):
+    pipe, kw = _build(name)
+    reference = _run(pipe, kw)
+    compiled = qc.compile_pipeline(pipe, [], num_inference_steps=STEPS, **_compile_args(kw))
+    assert type(pipe.transformer).__name__ == "QCTransformer" and compiled.build["adapter"] == name
+    assert torch.equal(_run(pipe, kw), reference)
+
+
+@pytest.mark.parametrize("name", ["sd3", "wan"])
+def test_cache_lookups_that_always_compute_change_nothing(name):
+    # SD3: two-output joint-attention regions; Wan: two calls per step (cond, uncond), one stream each
+    pipe, kw = _build(name)
+    reference = _run(pipe, kw)
+    qc.compile_pipeline(pipe, [qc.passes.StepCache(interval=1)], num_inference_steps=STEPS, **_compile_args(kw))
+    assert torch.equal(_run(pipe, kw), reference)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_qandc_through_the_pipeline(name):
+    pipe, kw = _build(name)
+    reference = _run(pipe, kw)
+    passes = qc.presets.qandc(bits="w8a8", size=16, pool_labels=2, tap=qc.calibration.TAPConfig(clusters=3),
+                              vc=qc.specs.VCConfig(placement="eps", batch=2))
+    compiled = qc.compile_pipeline(pipe, passes, num_inference_steps=STEPS, **_compile_args(kw))
+    out = _run(pipe, kw)
+    err = float((out - reference).norm() / reference.norm())
+    assert 0 < err < 0.06, err  # quantized and cached, and still the same samples
+    lookups = sorted((m for m in compiled.modules() if type(m).__name__ == "CacheLookup"), key=lambda m: m.index)
+    regions = [m.key.rsplit(".", 1) for m in lookups]  # (block, branch) in graph order
+    first, last = REGIONS[name]
+    assert sorted(b for blk, b in regions if blk == regions[0][0]) == sorted(first)
+    assert sorted(b for blk, b in regions if blk == regions[-1][0]) == sorted(last)
+    report = compiled.report()
+    int8 = report.count("INT8 (")
+    # every token linear of both streams, the text embedder included, runs as INT8
+    assert int8 >= 8 and ("context_embedder" in report or "caption_projection" in report
+                          or "text_embedder" in report)
+    assert "weight-only: W8" in report  # the conditioning linears (timestep embedders, adaLN)
+
+
+def test_flux_raw_transformer_compiles_with_the_preset_and_our_flow_sampler():
+    pipe, kw = _build("flux")
+    transformer = pipe.transformer
+    adapter = qc.adapter_for(transformer).for_model(transformer, Geometry(height=8, width=8, text_tokens=8))
+    names = adapter.inputs.conditions
+    assert names == ("encoder_hidden_states", "pooled_projections", "guidance")
+    bank = qc.ConditionBank(names, {"encoder_hidden_states": kw["prompt_embeds"],
+                                    "pooled_projections": kw["pooled_prompt_embeds"],
+                                    "guidance": torch.full((2,), 3.5)})
+    sampler = qc.FlowMatchEuler(steps=STEPS, mu=1.0, flux_sigmas=True)
+    # a text model's calibration needs its prompts: refused before any capture
+    with pytest.raises(QCError, match="conditions=qc.ConditionBank"):
+        qc.compile(transformer, qc.presets.qandc(size=8, pool_labels=2), sampler,
+                   geometry=Geometry(height=8, width=8, text_tokens=8))
+    fast = qc.compile(transformer, qc.presets.qandc(size=8, pool_labels=2, tap=qc.calibration.TAPConfig(clusters=2),
+                                                    vc=qc.specs.VCConfig(batch=2)),
+                      sampler, geometry=Geometry(height=8, width=8, text_tokens=8), conditions=bank)
+    fp = qc.compile(transformer, [], sampler, geometry=Geometry(height=8, width=8, text_tokens=8))
+    assert fast.timestep_divisor == 1000 and fast.timesteps[0] == sampler.timesteps[0] / 1000  # what Flux sees
+    x_fp = sampler.sample(bank.bind(fp), [0, 1], seed=3)
+    x_q = sampler.sample(bank.bind(fast), [0, 1], seed=3)
+    assert x_q.shape == (2, 16, 16)  # packed tokens: (H/2 * W/2, 4C)
+    assert 0 < float((x_q - x_fp).norm() / x_fp.norm()) < 0.06
+
+
+def test_condition_bank_checks_and_round_trips():
+    bank = qc.ConditionBank(("a", "b"), {"a": torch.randn(3, 4, 2), "b": torch.randn(3, 5)},
+                            null={"a": torch.zeros(4, 2), "b": torch.zeros(5)})
+    a, b = bank.take(torch.tensor([2, 3]))
+    assert a.shape == (2, 4, 2) and torch.equal(a[1], torch.zeros(4, 2)) and b.shape == (2, 5)
+    back = qc.ConditionBank.from_tensors(("a", "b"), bank.to_tensors())
+    assert back.digest() == bank.digest()
+    with pytest.raises(ValueError, match="same number"):
+        qc.ConditionBank(("a", "b"), {"a": torch.randn(3, 4), "b": torch.randn(2, 5)})
+    with pytest.raises(ValueError, match="NaN"):
+        qc.ConditionBank(("a",), {"a": torch.tensor([[float("nan")]])})
+    with pytest.raises(ValueError, match="null"):
+        qc.ConditionBank(("a",), {"a": torch.randn(2, 3)}).take(torch.tensor([2]))
+
+
+def test_save_and_load_a_compiled_pipeline(tmp_path):
+    pipe, kw = _build("pixart")
+    qc.compile_pipeline(pipe, [qc.passes.StepCache(interval=2), qc.passes.UniformCalibration(size=8, pool_labels=2),
+                               qc.passes.Quantize(preset="w8a8")], num_inference_steps=STEPS, **_compile_args(kw))
+    out = _run(pipe, kw)
+    pipe.save_pretrained(tmp_path)
+    again = type(pipe).from_pretrained(tmp_path, **{k: None for k, v in pipe.components.items() if v is None})
+    assert type(again.transformer).__name__ == "QCTransformer"
+    assert again.transformer.compiled.build["geometry"]["text_tokens"] == 8
+    assert torch.equal(_run(again, kw), out)
+
+
+def test_flux_int8_onnx_matches_torch(tmp_path):
+    pipe, kw = _build("flux")
+    compiled = qc.compile_pipeline(pipe, [qc.passes.UniformCalibration(size=8, pool_labels=2),
+                                          qc.passes.Quantize(preset="w8a8")], num_inference_steps=STEPS,
+                                   **_compile_args(kw))
+    from qc_compiler.backends.onnx import OrtDenoiser
+
+    ort = OrtDenoiser(compiled.export_onnx(tmp_path / "flux.onnx"), provider="cpu")
+    x, _, *conds = adapter_of(compiled).example_inputs(compiled.info, batch=2)
+    t = torch.full((2,), compiled.timesteps[0])
+    assert ort.timestep_divisor == 1000 and ort.timesteps == compiled.timesteps
+    a, b = compiled(x, t, *conds), ort(x, t, *conds)
+    assert float((a - b).norm() / a.norm()) < 1e-4
+
+
+def test_pipeline_refuses_what_the_compiled_graph_cannot_take():
+    pipe, kw = _build("flux")
+    qc.compile_pipeline(pipe, [], num_inference_steps=STEPS, **_compile_args(kw))
+    with pytest.raises(QCError, match="compiled for"):  # another size: other img_ids
+        pipe(**{**kw, "height": 128, "width": 128}, num_inference_steps=STEPS, output_type="latent")
+    with pytest.raises(QCError, match="joint_attention_kwargs"):
+        pipe(**kw, num_inference_steps=STEPS, output_type="latent", joint_attention_kwargs={"scale": 0.5})
+    with pytest.raises(QCError, match="class-conditional|fixed input size"):
+        qc.compile(qc.load_model("DiT-T/4", input_size=16, in_channels=1, num_classes=10), [],
+                   geometry=Geometry(height=8))
