@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "policy=adaptive,threshold=0.1, ...")
     p.add_argument("--calib-size", type=_positive, default=800, help="calibration-set size (default 800)")
     p.add_argument("--pool-labels", type=_positive, default=32, help="labels sampled for the calibration pool (default 32)")
-    p.add_argument("--vc", choices=["eps", "sample"], default="sample", help="VC placement of the +VC rows (default sample)")
+    p.add_argument("--vc", choices=["eps", "velocity", "sample"], default="sample", help="VC placement of the +VC rows (default sample)")
     p.add_argument("--backend", default="torch", help="torch (INT8 kernels), onnx (onnxruntime) or fakequant")
     p.add_argument("--fp250", action="store_true", help="also time FP32 at 250 steps")
     p.add_argument("--out", type=Path, help="write all rows as JSON here")

@@ -21,6 +21,7 @@ Example:
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -29,11 +30,14 @@ import torch
 from .errors import StepError
 from .options import check_choice, check_float, check_int, parse_options
 
-__all__ = ["CACHE_POLICIES", "StepCacheConfig", "CacheSchedule", "CacheLookupSpec", "VC_PLACEMENTS", "VC_FORMS",
+__all__ = ["CACHE_POLICIES", "StepCacheConfig", "CacheSchedule", "CacheLookupSpec", "VC_PLACEMENTS", "OUTPUT_PLACEMENTS", "VC_FORMS",
            "VCConfig", "VCTable", "rescale"]
 
 CACHE_POLICIES = ("interval", "static", "adaptive")
-VC_PLACEMENTS = ("eps", "sample")
+VC_PLACEMENTS = ("eps", "velocity", "sample")
+# placements that rescale the model's output inside the graph: predicted noise (a DDPM model) or
+# predicted velocity (a flow-matching model); the same node, named for what the output is
+OUTPUT_PLACEMENTS = ("eps", "velocity")
 VC_FORMS = ("exact", "paper", "variance")
 
 
@@ -216,8 +220,9 @@ class CacheLookupSpec:
 class VCConfig:
     """Options of variance compensation (docs/method.md 5), checked when built.
 
-    ``placement``: ``"sample"`` (x_t after each sampler update, the paper's) or ``"eps"`` (the model's
-    predicted noise, inside the graph). ``form``: ``"variance"`` (spread ratio, the default),
+    ``placement``: ``"sample"`` (x_t after each sampler update, the paper's), ``"eps"`` (the model's
+    predicted noise, inside the graph) or ``"velocity"`` (the same node on a flow-matching model's
+    predicted velocity; docs/method.md 5). ``form``: ``"variance"`` (spread ratio, the default),
     ``"exact"`` (least squares) or ``"paper"`` (as printed). ``batch``: paired trajectories fitted on.
     ``mask_eps``: 1/x' terms are masked where |x'| < mask_eps x RMS(x'). ``k_range``: K is clamped to
     it (None: no clamp).
@@ -257,10 +262,13 @@ def rescale(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class VCTable:
     """K (steps x channels) and where it applies: to the first ``k.shape[1]`` channels of the model
-    output (``eps``; learned-sigma channels are left alone) or to x_t after an update (``sample``)."""
+    output (``eps``/``velocity``; learned-sigma channels are left alone) or to x_t after an update
+    (``sample``). ``channels_last``: the tensor is tokens x channels (Flux's packed latent), so the
+    channels are its last axis and the mean runs over the tokens."""
 
     placement: str
     k: torch.Tensor = field(compare=False)
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         check_choice("placement", self.placement, VC_PLACEMENTS)
@@ -272,15 +280,20 @@ class VCTable:
         return int(self.k.shape[1])
 
     def apply(self, x: torch.Tensor, step: int) -> torch.Tensor:
-        """The corrected tensor at ``step`` (a model output for ``eps``, x_t for ``sample``)."""
+        """The corrected tensor at ``step`` (a model output for ``eps``/``velocity``, x_t for ``sample``)."""
+        if self.channels_last:
+            return dataclasses.replace(self, channels_last=False).apply(x.transpose(1, -1), step).transpose(1, -1)
         if self.placement == "sample":
             return rescale(x, self.k[step])
         c = self.k.shape[1]  # no int(): under ONNX tracing this stays a traced size
         return torch.cat([rescale(x[:, :c], self.k[step]), x[:, c:]], dim=1)
 
     def to_json(self) -> Dict[str, Any]:
-        return {"placement": self.placement, "k": self.k.tolist()}
+        d = {"placement": self.placement, "k": self.k.tolist()}
+        if self.channels_last:
+            d["channels_last"] = True
+        return d
 
     @classmethod
     def from_json(cls, d: Dict[str, Any]) -> "VCTable":
-        return cls(d["placement"], torch.tensor(d["k"], dtype=torch.float32))
+        return cls(d["placement"], torch.tensor(d["k"], dtype=torch.float32), bool(d.get("channels_last", False)))

@@ -65,7 +65,7 @@ from ..options import check_int
 from ..quant.config import QuantConfig
 from ..quant.spec import QuantizedActSpec, QuantizedLinearSpec
 from ..runtime import CompiledModel, register_exporter
-from ..specs import CacheLookupSpec, CacheSchedule, StepCacheConfig, VCTable
+from ..specs import OUTPUT_PLACEMENTS, CacheLookupSpec, CacheSchedule, StepCacheConfig, VCTable
 from ..step import StepAware
 from .registry import register_backend
 
@@ -196,10 +196,10 @@ class _VCExport(nn.Module):
     def __init__(self, table: VCTable, holder: _StepHolder):
         super().__init__()
         self.register_buffer("qc_vc_k", table.k.detach().float().clone())
-        self.placement, self.holder = table.placement, holder
+        self.placement, self.channels_last, self.holder = table.placement, table.channels_last, holder
 
     def forward(self, out):
-        return VCTable(self.placement, self.qc_vc_k).apply(out, self.holder.value)  # K[step]: a Gather
+        return VCTable(self.placement, self.qc_vc_k, self.channels_last).apply(out, self.holder.value)  # K[step]: a Gather
 
 
 class _CacheExport(nn.Module):
@@ -280,7 +280,7 @@ def _stand_in(spec: Any, module: nn.Module, holder: _StepHolder) -> Optional[nn.
         return _QDQLinear(spec)
     if isinstance(spec, QuantizedActSpec):
         return _QDQAct(spec)
-    if isinstance(spec, VCTable) and spec.placement == "eps":
+    if isinstance(spec, VCTable) and spec.placement in OUTPUT_PLACEMENTS:
         return _VCExport(spec, holder)
     return None
 

@@ -90,6 +90,11 @@ class ModelInfo:
         return self.num_classes
 
     @property
+    def channels_last(self) -> bool:
+        """One sample is tokens x channels (Flux's packed latent): channels are the last axis."""
+        return self.latent_shape is not None and len(self.latent_shape) == 2
+
+    @property
     def sample_shape(self) -> Tuple[int, ...]:
         if self.latent_shape is not None:
             return self.latent_shape

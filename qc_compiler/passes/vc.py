@@ -52,7 +52,7 @@ import torch.nn as nn
 from ..errors import CalibrationError, PassError
 from ..options import config_or_keywords
 from ..pipeline import Pass, PassResult, register_pass
-from ..specs import VC_FORMS, VCConfig, VCTable
+from ..specs import OUTPUT_PLACEMENTS, VC_FORMS, VCConfig, VCTable
 from ..step import StepAware
 
 __all__ = ["VarianceCompensation", "VCRescale", "VCSampleHook", "fit_k"]
@@ -100,22 +100,25 @@ class _KTable(StepAware, nn.Module):
 
     placement = "sample"
 
-    def __init__(self, num_steps: int, channels: int, config: VCConfig):
+    def __init__(self, num_steps: int, channels: int, config: VCConfig, channels_last: bool = False):
         super().__init__()
         self.register_buffer("k", torch.ones(num_steps, channels))
         self.config = config
-        self.channels = channels
+        self.channels, self.channels_last = channels, channels_last
         self.targets: Optional[List[torch.Tensor]] = None  # per step, while fitting
 
     def export_spec(self) -> VCTable:
-        return VCTable(self.placement, self.k.detach().clone())
+        return VCTable(self.placement, self.k.detach().clone(), self.channels_last)
 
     def correct(self, x: torch.Tensor, step: int) -> torch.Tensor:
         if self.targets is not None:  # fitting: K for this step from this step's (already corrected) input
             cfg = self.config
-            self.k[step] = fit_k(x[:, : self.channels], self.targets[step].to(x.device), cfg.form,
+            hat, ref = x, self.targets[step].to(x.device)
+            if self.channels_last:  # (N, L, C) tokens x channels: fit on (N, C, L)
+                hat, ref = hat.transpose(1, -1), ref.transpose(1, -1)
+            self.k[step] = fit_k(hat[:, : self.channels], ref[:, : self.channels], cfg.form,
                                  mask_eps=cfg.mask_eps, k_range=cfg.k_range)
-        return VCTable(self.placement, self.k).apply(x, step)
+        return VCTable(self.placement, self.k, self.channels_last).apply(x, step)
 
     def report_section(self) -> str:
         dev = (self.k - 1).abs().mean(dim=1)
@@ -177,8 +180,10 @@ class VarianceCompensation(Pass):
         if ctx.reference is None:
             raise PassError(self.name, "needs the FP reference graph for paired trajectories")
         cfg = self.config
-        table = (VCRescale if cfg.placement == "eps" else VCSampleHook)(sampler.steps, info.in_channels, cfg)
-        if cfg.placement == "eps":
+        output = cfg.placement in OUTPUT_PLACEMENTS
+        table = (VCRescale if output else VCSampleHook)(sampler.steps, info.in_channels, cfg, info.channels_last)
+        if output:
+            table.placement = cfg.placement
             _append_output_node(gm, "vc_rescale", table)
         else:
             gm.add_submodule("vc_sample_hook", table)  # for the report and the state dict
@@ -216,8 +221,8 @@ class VarianceCompensation(Pass):
         finally:
             handle.remove()
             reference.reset()
-        if self.config.placement == "eps":
-            return [o[:, : ctx.info.in_channels] for o in outputs]
+        if self.config.placement in OUTPUT_PLACEMENTS:
+            return outputs  # the rescale and the fit take the first in_channels channels
         return [r.x_t for r in traj.steps[1:]] + [traj.samples]
 
     def _run_current(self, gm: fx.GraphModule, ctx, table: _KTable) -> None:
