@@ -33,7 +33,7 @@ from .options import check_choice, check_float, check_int, parse_options
 __all__ = ["CACHE_POLICIES", "StepCacheConfig", "CacheSchedule", "CacheLookupSpec", "VC_PLACEMENTS", "OUTPUT_PLACEMENTS", "VC_FORMS",
            "VCConfig", "VCTable", "rescale"]
 
-CACHE_POLICIES = ("interval", "static", "adaptive")
+CACHE_POLICIES = ("interval", "static", "adaptive", "first_block")
 VC_PLACEMENTS = ("eps", "velocity", "sample")
 # placements that rescale the model's output inside the graph: predicted noise (a DDPM model) or
 # predicted velocity (a flow-matching model); the same node, named for what the output is
@@ -61,7 +61,11 @@ class StepCacheConfig:
     - ``policy="static"``: a 0/1 ``schedule`` (steps x regions), or one derived from the measured
       change of each region's output, reusing below ``threshold`` (default 0.1);
     - ``policy="adaptive"``: the first region decides at run time from its accumulated relative
-      change against ``threshold`` (default 0.1).
+      change against ``threshold`` (default 0.1);
+    - ``policy="first_block"`` (First-Block-Cache): every region of the first block computes; when
+      the first region's output (the first block's first residual) changed by less than
+      ``threshold`` (relative L1) since the last step that computed everything, the other blocks
+      reuse theirs.
 
     ``interval`` only goes with the interval policy, ``threshold`` with the other two, and
     ``schedule`` with the static one. ``branches`` names the block branches to cache (None: every
@@ -91,7 +95,8 @@ class StepCacheConfig:
             object.__setattr__(self, "interval", check_int("interval", self.interval, lo=1))
         if self.threshold is not None:
             if self.policy == "interval":
-                raise ValueError("threshold is an option of the static and adaptive policies, not of 'interval'")
+                raise ValueError("threshold is an option of the static, adaptive and first_block policies, not of "
+                                 "'interval'")
             object.__setattr__(self, "threshold", check_float("threshold", self.threshold, lo=0.0))
         if self.schedule is not None and self.policy != "static":
             raise ValueError(f"schedule is an option of the static policy, not of {self.policy!r}")
@@ -150,6 +155,7 @@ class CacheSchedule:
     threshold: float = 0.1
     region_flops: Tuple[int, ...] = ()
     block_flops: int = 0
+    first_block: int = 1  # regions of the first block (first_block policy: they always compute)
 
     def __post_init__(self) -> None:
         check_choice("policy", self.policy, CACHE_POLICIES)
@@ -157,6 +163,7 @@ class CacheSchedule:
         object.__setattr__(self, "region_flops", tuple(int(f) for f in self.region_flops))
         object.__setattr__(self, "table", _table(self.table))
         check_int("interval", self.interval, lo=1)
+        check_int("first_block", self.first_block, lo=1, hi=max(1, len(self.regions)))
         check_float("threshold", self.threshold, lo=0.0)
         if self.policy == "static":
             if self.table is None:
@@ -175,17 +182,27 @@ class CacheSchedule:
             if step >= len(self.table):
                 raise StepError(f"the static cache schedule has {len(self.table)} steps; step {step} is past it")
             return bool(self.table[step][region])
-        # adaptive: region 0 is the probe and always runs; the others follow this step's decision
-        return region == 0 or memory.get("decision", {}).get(step, True)
+        # adaptive: region 0 is the probe and always runs; first_block: the whole first block does.
+        # The others follow this step's decision.
+        always = 1 if self.policy == "adaptive" else self.first_block
+        return region < always or memory.get("decision", {}).get(step, True)
 
     def observe(self, step: int, region: int, output: torch.Tensor, memory: Dict[str, Any]) -> None:
-        """Adaptive only: after the probe region runs, decide for the rest of this step."""
-        if self.policy != "adaptive" or region != 0:
+        """Adaptive and first_block: after the probe region runs, decide for the rest of this step."""
+        if self.policy not in ("adaptive", "first_block") or region != 0:
             return
         prev = memory.get("probe")
         decision = memory.setdefault("decision", {})
         if prev is None or step == 0:
             memory["acc"], decision[step] = 0.0, True
+            memory["probe"] = output
+        elif self.policy == "first_block":
+            # against the probe of the last step that computed everything (FBCache), not accumulated
+            rel = float((output - prev).abs().mean() / prev.abs().mean().clamp_min(1e-12))
+            decision[step] = rel >= self.threshold
+            if decision[step]:
+                memory["probe"] = output
+            return
         else:
             rel = float((output - prev).abs().mean() / prev.abs().mean().clamp_min(1e-12))
             memory["acc"] = memory.get("acc", 0.0) + rel
@@ -197,13 +214,14 @@ class CacheSchedule:
     def to_json(self) -> Dict[str, Any]:
         return {"policy": self.policy, "regions": list(self.regions), "interval": self.interval,
                 "table": None if self.table is None else [list(r) for r in self.table], "threshold": self.threshold,
-                "region_flops": list(self.region_flops), "block_flops": self.block_flops}
+                "region_flops": list(self.region_flops), "block_flops": self.block_flops,
+                "first_block": self.first_block}
 
     @classmethod
     def from_json(cls, d: Dict[str, Any]) -> "CacheSchedule":
         return cls(policy=d["policy"], regions=tuple(d["regions"]), interval=d["interval"], table=d["table"],
                    threshold=d["threshold"], region_flops=tuple(d.get("region_flops", ())),
-                   block_flops=d.get("block_flops", 0))
+                   block_flops=d.get("block_flops", 0), first_block=d.get("first_block", 1))
 
 
 @dataclass(frozen=True)

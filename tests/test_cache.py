@@ -91,6 +91,24 @@ def test_adaptive_policy_computes_more_when_threshold_is_lower():
     assert counts[0] == 40 and counts[2] == 4 + 9  # everything / only step 0 and the probe region
 
 
+def test_first_block_policy_runs_the_first_block_and_compares_with_the_last_full_step():
+    sampler = qc.DDPM(steps=10)
+    counts = {}
+    for threshold in (0.0, 1e9):
+        cm = qc.compile(make_tiny(), passes=[StepCache(policy="first_block", threshold=threshold)], sampler=sampler)
+        sampler.sample(cm, [3, 4], seed=0)
+        counts[threshold] = computed_count(cm)
+        computed = cm.step_state.store("cache")["computed"]
+        # 2 blocks x (attn, mlp): both regions of block 0 run at every step
+        assert all({0, 1} <= computed[s] for s in range(10))
+    assert counts[0.0] == 40  # any change recomputes everything
+    assert counts[1e9] == 4 + 2 * 9  # nothing changes enough: only the first block after step 0
+    schedule = cm.graph_module.meta["qc.cache"]
+    assert schedule.first_block == 2 and type(schedule).from_json(schedule.to_json()) == schedule
+    with pytest.raises(qc.ExportError, match="first_block"):
+        qc.compile(make_tiny(), passes=[StepCache(policy="first_block")], sampler=sampler, backend="onnx")
+
+
 def test_static_schedule_given_and_validated():
     sampler = qc.DDPM(steps=3)
     schedule = [[1, 1, 1, 1], [0, 1, 0, 1], [1, 0, 0, 0]]

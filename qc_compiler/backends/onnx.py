@@ -97,8 +97,8 @@ def check_onnx_passes(passes: Sequence[Any]) -> None:
     """Refuse, from the passes' typed configs, a schedule the ONNX backend cannot lower."""
     for p in passes:
         cfg = getattr(p, "config", None)
-        if isinstance(cfg, StepCacheConfig) and cfg.policy == "adaptive":
-            raise ExportError("the onnx backend cannot run the adaptive cache policy (its decision needs the probe "
+        if isinstance(cfg, StepCacheConfig) and cfg.policy in ("adaptive", "first_block"):
+            raise ExportError(f"the onnx backend cannot run the {cfg.policy} cache policy (its decision needs the probe "
                               "region's output mid-graph); use policy interval or static")
         if isinstance(cfg, QuantConfig):
             if cfg.act_step_groups > 1:
@@ -267,14 +267,47 @@ def _unfreeze_sizes(gm: nn.Module) -> None:
             sub.recompile()
 
 
+def _prepare_for_tracing(gm: nn.Module) -> None:
+    """Two things the TorchScript exporter gets wrong in torch.export graphs, settled first:
+
+    - ``squeeze(dim)`` of a dimension whose size is not 1 (a no-op; PixArt has one): the exporter
+      writes an If on the runtime size whose Squeeze branch fails shape inference; the node goes.
+    - in-place writes into views (Wan's rotary embedding fills ``empty_like`` slices with ``copy_``):
+      the exporter drops them, which would give a wrong file; refused."""
+    import torch.fx as fx
+
+    from ..graph import writes_in_place
+
+    for name, sub in gm.named_modules():
+        if not isinstance(sub, fx.GraphModule):
+            continue
+        changed = False
+        for node in list(sub.graph.nodes):
+            if writes_in_place(node):
+                raise ExportError(f"the graph writes tensors in place ({node.target} in {name or 'the model'}), which "
+                                  "the ONNX exporter would drop; this family cannot be exported yet")
+            if node.op == "call_function" and node.target in (torch.ops.aten.squeeze.dim, torch.ops.aten.squeeze.dims):
+                val = getattr(node.args[0], "meta", {}).get("val")
+                dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
+                if val is not None and all(isinstance(val.shape[d], int) and val.shape[d] != 1 for d in dims):
+                    node.replace_all_uses_with(node.args[0])
+                    sub.graph.erase_node(node)
+                    changed = True
+        if changed:
+            sub.recompile()
 
 
 def _stand_in(spec: Any, module: nn.Module, holder: _StepHolder) -> Optional[nn.Module]:
     """The export module replacing a module whose ``export_spec()`` is ``spec``, or None to keep it."""
     if isinstance(spec, CacheLookupSpec):
-        if spec.schedule.policy == "adaptive":
-            raise ExportError("the adaptive cache policy cannot be exported: its decision needs the probe "
+        if spec.schedule.policy in ("adaptive", "first_block"):
+            raise ExportError(f"the {spec.schedule.policy} cache policy cannot be exported: its decision needs the probe "
                               "region's output mid-graph; export an interval or static schedule")
+        outputs = [n for n in module.region.graph.nodes if n.op == "output"][0].args[0]
+        if isinstance(outputs, (tuple, list)):
+            raise ExportError(f"cache region {module.key} has {len(outputs)} outputs (a joint attention), which the "
+                              "ONNX cache cannot hold yet; cache the other branches (StepCache(branches=[...])) or "
+                              "export without the cache")
         return _CacheExport(module.region, holder)
     if isinstance(spec, QuantizedLinearSpec):
         return _QDQLinear(spec)
@@ -322,6 +355,10 @@ def _int8_weights(model, linears: Dict[str, _QDQLinear]) -> int:
         else:  # the exporter shares equal tensors: this weight is an Identity of another initializer
             alias = next((n for n in model.graph.node if n.op_type == "Identity" and list(n.output) == [name]), None)
             if alias is None:
+                # or it merged two equal layers on the same input (the same codes, scales and bias:
+                # one computation); the other keeps the int8 codes and serves both
+                if any(other in inits and _same_layer(layer, linears[other]) for other in linears if other != name):
+                    continue
                 raise ExportError(f"the exporter renamed weight {name}; cannot place its int8 codes")
             model.graph.node.remove(alias)
         model.graph.initializer.extend([
@@ -334,6 +371,11 @@ def _int8_weights(model, linears: Dict[str, _QDQLinear]) -> int:
         model.graph.node.insert(0, dq)
         done += 1
     return done
+
+
+def _same_layer(a: "_QDQLinear", b: "_QDQLinear") -> bool:
+    return (torch.equal(a.codes, b.codes) and torch.equal(a.w_scale, b.w_scale) and torch.equal(a.qc_bias, b.qc_bias)
+            and a.act == b.act and a.post_op == b.post_op)
 
 
 def _cache_to_if(model, caches: List[str]) -> None:
@@ -366,7 +408,10 @@ def _cache_to_if(model, caches: List[str]) -> None:
         inner_out = out_name + "__computed"
         for n in nodes:
             n.output[:] = [inner_out if o == out_name else o for o in n.output]
-        dims = [f"batch_{r}", f"tokens_{r}", f"width_{r}"]  # (N, T, D), symbolic
+        # symbolic dims of the region's output's rank: (N, T, D) tokens, or (N, C, H, W) from a conv (Sana)
+        declared = next((o for o in graph.output if o.name == out_name), None)
+        rank = len(declared.type.tensor_type.shape.dim) if declared is not None else 3
+        dims = [f"batch_{r}"] + [f"d{k}_{r}" for k in range(1, rank)]
         then_g = helper.make_graph(nodes, f"compute_{r}", [], [helper.make_tensor_value_info(inner_out, TensorProto.FLOAT, dims)],
                                    initializer=params)
         else_g = helper.make_graph([helper.make_node("Identity", [f"cache_in_{r}"], [out_name + "__reused"])],
@@ -409,6 +454,7 @@ def onnx_bytes(gm: nn.Module, *, adapter, info: ModelInfo, sampler_spec: Dict[st
     gm = copy.deepcopy(gm).cpu().float()
     info = dataclasses.replace(info, dtype="float32")
     _unfreeze_sizes(gm)
+    _prepare_for_tracing(gm)
     linears, caches, schedule = _swap_for_export(gm, holder)
     wrapper = _Wrapper(gm, holder).eval()
     names = list(adapter.inputs.names)
@@ -520,6 +566,9 @@ class OrtGraph(StepAware, nn.Module):
         kinds = {"tensor(float)": np.float32, "tensor(int64)": np.int64}
         self.input_types = {i.name: kinds[i.type] for i in self.session.get_inputs() if i.type in kinds}
         self.input_names = json.loads(meta["qc.inputs"])
+        # a placeholder of the right rank for cache inputs not computed yet (never read: compute is true)
+        self.cache_placeholders = {i.name: np.zeros((1,) * len(i.shape), dtype=np.float32)
+                                   for i in self.session.get_inputs() if i.name.startswith("cache_in_")}
         self.schedule = CacheSchedule.from_json(json.loads(meta["qc.cache"])) if meta.get("qc.cache") else None
         self.needs_stable_batch = self.schedule is not None
         # the file reads the step for a cache schedule or a VC table; without them any timestep will do
@@ -545,7 +594,7 @@ class OrtGraph(StepAware, nn.Module):
         feed["step"] = np.array(max(state.step, 0) if state is not None else 0, dtype=np.int64)
         for r in range(self.regions):
             feed[f"compute_{r}"] = np.array(self.schedule.decide(state.step, r, r in store, store))
-            feed[f"cache_in_{r}"] = store.get(r, np.zeros((1, 1, 1), dtype=np.float32))
+            feed[f"cache_in_{r}"] = store.get(r, self.cache_placeholders.get(f"cache_in_{r}"))
         feed = {k: v for k, v in feed.items() if k in self.feeds}
         outs = self.session.run(["out"] + [f"cache_out_{r}" for r in range(self.regions)], feed)
         for r in range(self.regions):

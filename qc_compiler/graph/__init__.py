@@ -1,10 +1,11 @@
 """Graph helpers: find linears and block branches, outline a region into a submodule, count FLOPs."""
 from .finders import (BlockLayout, BranchRegion, BranchSpec, LinearSite, block_of, find_branch_regions, find_linears,
-                      graph_flavour, iter_graph_modules, node_module_path)
+                      graph_flavour, iter_graph_modules, node_module_path, writes_in_place)
 from .flops import node_flops, region_flops
 from .outline import outline_region
 
 __all__ = [
     "BlockLayout", "BranchRegion", "BranchSpec", "LinearSite", "block_of", "find_branch_regions", "find_linears",
     "graph_flavour", "iter_graph_modules", "node_module_path", "node_flops", "region_flops", "outline_region",
+    "writes_in_place",
 ]

@@ -29,7 +29,7 @@ import torch.nn as nn
 from ..errors import CaptureError
 
 __all__ = ["graph_flavour", "node_module_path", "LinearSite", "find_linears", "BranchSpec", "BlockLayout",
-           "BranchRegion", "find_branch_regions", "block_of", "iter_graph_modules"]
+           "BranchRegion", "find_branch_regions", "block_of", "iter_graph_modules", "writes_in_place"]
 
 
 def graph_flavour(gm: fx.GraphModule) -> str:
@@ -249,13 +249,13 @@ def _between(entries: List[fx.Node], exit_: fx.Node, order: Dict[fx.Node, int]) 
     while grown:
         grown = False
         for n in sorted(down - region, key=order.get, reverse=True):
-            if (n.users and all(u in region for u in n.users)) or (not n.users and _writes(n)):
+            if (n.users and all(u in region for u in n.users)) or (not n.users and writes_in_place(n)):
                 region.add(n)
                 grown = True
     return region
 
 
-def _writes(node: fx.Node) -> bool:
+def writes_in_place(node: fx.Node) -> bool:
     """An in-place op (``copy_``, ``mul_``): it has effects without users."""
     schema = getattr(node.target, "_schema", None)
     return schema is not None and any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)

@@ -15,7 +15,10 @@ function (the onnxruntime runner calls the same one):
 - ``interval`` (FORA): compute when ``step % interval == 0``;
 - ``static``: a (steps x regions) 0/1 schedule, given, or derived training-free from the measured
   change of each region's output on a few calibration runs (Learning-to-Cache-like);
-- ``adaptive`` (First-Block-Cache / TeaCache-like): the first block's first branch always runs, and
+- ``first_block`` (First-Block-Cache, what FLUX users run): every branch of the first block runs;
+  when the first branch's output changed by less than the threshold (relative L1) since the last
+  step that computed everything, the other blocks reuse their outputs;
+- ``adaptive`` (TeaCache-like): the first block's first branch always runs, and
   the accumulated relative L1 change of its output since the last full step decides, at run time,
   whether the other regions compute (change >= threshold) or reuse.
 
@@ -185,6 +188,9 @@ class StepCache(Pass):
             return CacheSchedule("interval", interval=cfg.every, **common)
         if cfg.policy == "adaptive":
             return CacheSchedule("adaptive", threshold=cfg.level, **common)
+        if cfg.policy == "first_block":
+            first = sum(1 for n in names if n.rsplit(".", 1)[0] == names[0].rsplit(".", 1)[0])
+            return CacheSchedule("first_block", threshold=cfg.level, first_block=first, **common)
         steps = ctx.need("sampler", self.name).steps
         if cfg.schedule is not None:
             if len(cfg.schedule) != steps or any(len(row) != len(names) for row in cfg.schedule):
