@@ -228,11 +228,12 @@ class CompiledModel(nn.Module):
         return h.hexdigest()
 
     # --- formats --------------------------------------------------------------------------------
-    def export_onnx(self, path, opset: int = 17) -> Path:
-        """Write an INT8 QDQ ONNX graph that onnxruntime runs (see ``qc_compiler.backends.onnx``)."""
+    def export_onnx(self, path, opset: int = 17, external_data: Optional[bool] = None) -> Path:
+        """Write an INT8 QDQ ONNX graph that onnxruntime runs (see ``qc_compiler.backends.onnx``);
+        ``external_data`` puts the tensors in ``<path>.data`` (default: past 1 GB of weights)."""
         if "onnx" not in EXPORTERS:
             raise ExportError("no ONNX exporter is registered: import qc_compiler (it loads qc_compiler.backends)")
-        return EXPORTERS["onnx"](self, path, opset=opset)
+        return EXPORTERS["onnx"](self, path, opset=opset, external_data=external_data)
 
     def save(self, folder) -> None:
         """Write a folder of safetensors + JSON (no pickles) from which ``qc.load_compiled`` rebuilds it."""

@@ -47,9 +47,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import io
 import json
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -69,7 +69,7 @@ from ..specs import OUTPUT_PLACEMENTS, CacheLookupSpec, CacheSchedule, StepCache
 from ..step import StepAware
 from .registry import register_backend
 
-__all__ = ["export_onnx", "onnx_bytes", "OrtGraph", "OrtDenoiser", "PROVIDERS", "optimized_op_counts",
+__all__ = ["export_onnx", "onnx_bytes", "onnx_model", "write_model", "OrtGraph", "OrtDenoiser", "PROVIDERS", "optimized_op_counts",
            "session_options", "check_onnx_passes", "OPSETS"]
 
 log = logging.getLogger(__name__)
@@ -431,17 +431,50 @@ def _cache_to_if(model, caches: List[str]) -> None:
 
 
 def _metadata_digest(model) -> str:
-    """SHA-256 of the graph (nodes and weights), the opsets and every qc metadata entry but the digest."""
+    """SHA-256 of the graph (nodes and every tensor's bytes, If branches included), the opsets and
+    every qc metadata entry but the digest. Tensor bytes are hashed one by one and the graph without
+    them, so the digest is the same whether the tensors sit in the file or in external data, and no
+    step serialises more than the graph's structure (a file past 2 GB cannot be)."""
+    from onnx.external_data_helper import _get_all_tensors
+
+    tensors = list(_get_all_tensors(model))
+    saved = [(t.raw_data, list(t.external_data), t.data_location) for t in tensors]
+    h = hashlib.sha256()
+    try:
+        for t in tensors:
+            h.update(t.name.encode() + b"\0" + t.raw_data)
+            t.raw_data = b""
+            del t.external_data[:]
+            t.data_location = 0  # TensorProto.DEFAULT
+        h.update(model.graph.SerializeToString(deterministic=True))
+    finally:
+        for t, (raw, ext, loc) in zip(tensors, saved):
+            t.raw_data, t.data_location = raw, loc
+            t.external_data.extend(ext)
+    h.update(json.dumps(sorted((o.domain, o.version) for o in model.opset_import)).encode())
+    h.update(json.dumps(sorted((p.key, p.value) for p in model.metadata_props if p.key != _DIGEST)).encode())
+    return h.hexdigest()
+
+
+def _legacy_digest(model) -> str:
+    """The digest of files exported before external data (the whole graph serialised); still accepted."""
     h = hashlib.sha256(model.graph.SerializeToString(deterministic=True))
     h.update(json.dumps(sorted((o.domain, o.version) for o in model.opset_import)).encode())
     h.update(json.dumps(sorted((p.key, p.value) for p in model.metadata_props if p.key != _DIGEST)).encode())
     return h.hexdigest()
 
 
-def onnx_bytes(gm: nn.Module, *, adapter, info: ModelInfo, sampler_spec: Dict[str, Any],
-               sample_vc: Optional[VCTable] = None, opset: int = 17) -> bytes:
-    """The INT8 QDQ ONNX file of graph ``gm`` (fake-quant or torch INT8), checked with the full checker."""
+def onnx_bytes(gm: nn.Module, **kwargs: Any) -> bytes:
+    """The INT8 QDQ ONNX file of graph ``gm`` as bytes (a file under protobuf's 2 GB limit)."""
+    return onnx_model(gm, **kwargs).SerializeToString()
+
+
+def onnx_model(gm: nn.Module, *, adapter, info: ModelInfo, sampler_spec: Dict[str, Any],
+               sample_vc: Optional[VCTable] = None, opset: int = 17):
+    """The INT8 QDQ ONNX model of graph ``gm`` (fake-quant or torch INT8), checked with the full checker,
+    its ``qc.digest`` set. In memory, of any size: :func:`write_model` decides how it is stored."""
     import onnx
+    import tempfile
 
     check_opset(opset)
     _register_symbolics()
@@ -461,17 +494,20 @@ def onnx_bytes(gm: nn.Module, *, adapter, info: ModelInfo, sampler_spec: Dict[st
     example = (*adapter.example_inputs(info, batch=2), torch.tensor(0, dtype=torch.long))
     outputs = ["out"] + [f"cache_out_{r}" for r in range(len(caches))]
     dynamic = {**{n: {0: "batch"} for n, x in zip(names, example) if x.dim() > 0}, **{o: {0: "batch"} for o in outputs}}
-    buf = io.BytesIO()
+    workdir = tempfile.TemporaryDirectory()
+    traced = Path(workdir.name) / "traced.onnx"  # a path, not a buffer: past 2 GB the exporter writes external data
     try:
         # The TorchScript exporter is the one that writes QuantizeLinear/DequantizeLinear from
         # fake_quantize ops; its deprecation notice is for us, not the user.
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(wrapper, example, buf, dynamo=False, input_names=names + ["step"], output_names=outputs,
-                              dynamic_axes=dynamic, opset_version=opset)
+            torch.onnx.export(wrapper, example, str(traced), dynamo=False, input_names=names + ["step"],
+                              output_names=outputs, dynamic_axes=dynamic, opset_version=opset)
+        model = onnx.load(str(traced))  # external data, if any, read in
     except Exception as e:
         raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {e}".splitlines()[0]) from e
-    model = onnx.load_from_string(buf.getvalue())
+    finally:
+        workdir.cleanup()
     n_int8 = _int8_weights(model, linears)
     _cache_to_if(model, caches)
     meta = {"qc.timesteps": json.dumps(sampler_spec["timesteps"]), "qc.model_info": json.dumps(info.to_json()),
@@ -482,13 +518,57 @@ def onnx_bytes(gm: nn.Module, *, adapter, info: ModelInfo, sampler_spec: Dict[st
             "qc.cache": json.dumps(schedule.to_json()) if schedule is not None else ""}
     for k, v in meta.items():
         model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
-    try:
-        onnx.checker.check_model(model, full_check=True)
-    except Exception as e:
-        raise ExportError(f"the exported graph fails onnx.checker: {e}".replace("\n", " ")[:400]) from e
+    _check(model)
     model.metadata_props.append(onnx.StringStringEntryProto(key=_DIGEST, value=_metadata_digest(model)))
     log.info("exported %d int8 linears, %d cached regions", n_int8, len(caches))
-    return model.SerializeToString()
+    return model
+
+
+PROTOBUF_LIMIT = 2 ** 31 - 1  # bytes: one protobuf message, hence one .onnx file without external data
+
+
+def _weight_bytes(model) -> int:
+    return sum(len(t.raw_data) for t in model.graph.initializer)
+
+
+def _check(model) -> None:
+    import onnx
+
+    try:
+        if _weight_bytes(model) < PROTOBUF_LIMIT // 2:
+            onnx.checker.check_model(model, full_check=True)
+        else:  # the in-memory checker serialises the model: check through a file with external data
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as d:
+                onnx.save_model(model, f"{d}/m.onnx", save_as_external_data=True, location="m.onnx.data")
+                onnx.checker.check_model(f"{d}/m.onnx", full_check=True)
+    except Exception as e:
+        raise ExportError(f"the exported graph fails onnx.checker: {e}".replace("\n", " ")[:400]) from e
+
+
+def write_model(model, path: Path, external_data: Optional[bool] = None) -> Path:
+    """Write ``model`` to ``path`` atomically. With ``external_data`` (default: when its weights pass
+    1 GB, well under protobuf's 2 GB limit) the tensors go to ``<name>.data`` beside it, which the
+    file names and its ``qc.digest`` covers; the data file is written first, then the graph."""
+    import onnx
+    import tempfile
+
+    if external_data is None:
+        external_data = _weight_bytes(model) >= PROTOBUF_LIMIT // 2
+    if not external_data:
+        atomic_write_bytes(path, model.SerializeToString())
+        return path
+    # tensors under 1 KB (shape constants, which onnxruntime's shape inference must read) stay inline
+    model = copy.deepcopy(model)
+    data = path.with_name(path.name + ".data")
+    with tempfile.TemporaryDirectory(dir=path.parent) as d:
+        staged = Path(d) / path.name
+        onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024, convert_attribute=True)  # If branches too
+        os.replace(Path(d) / data.name, data)
+        os.replace(staged, path)
+    return path
 
 
 def _sample_vc(hooks: Sequence[Any]) -> Optional[VCTable]:
@@ -500,20 +580,24 @@ def _sample_vc(hooks: Sequence[Any]) -> Optional[VCTable]:
 
 
 @register_exporter("onnx")
-def export_onnx(compiled: CompiledModel, path, opset: int = 17) -> Path:
-    """Write ``compiled`` as INT8 QDQ ONNX to ``path`` (checked first, written atomically)."""
+def export_onnx(compiled: CompiledModel, path, opset: int = 17, external_data: Optional[bool] = None) -> Path:
+    """Write ``compiled`` as INT8 QDQ ONNX to ``path`` (checked first, written atomically).
+    ``external_data``: tensors in ``<path>.data`` (default: when the weights pass 1 GB; FLUX.1's do)."""
+    import onnx
+
     path = check_output_path(path)
     check_opset(opset)
+    if external_data is not None and not isinstance(external_data, bool):
+        raise TypeError(f"external_data must be True, False or None, got {external_data!r}")
     graph = compiled.graph_module
     if isinstance(graph, OrtGraph):  # compiled with backend="onnx": the file exists already
         if graph.opset != opset:
             raise ExportError(f"this model was compiled to ONNX opset {graph.opset}; export it with opset={graph.opset}")
-        data = graph.model_bytes
+        model = graph.model
     else:
-        adapter = adapter_of(compiled)
-        data = onnx_bytes(graph, adapter=adapter, info=compiled.info, sampler_spec=compiled.sampler_spec,
-                          sample_vc=_sample_vc(compiled.step_hooks), opset=opset)
-    atomic_write_bytes(path, data)
+        model = onnx_model(graph, adapter=adapter_of(compiled), info=compiled.info, sampler_spec=compiled.sampler_spec,
+                           sample_vc=_sample_vc(compiled.step_hooks), opset=opset)
+    write_model(model, path, external_data)
     log.info("wrote %s", path)
     return path
 
@@ -521,10 +605,10 @@ def export_onnx(compiled: CompiledModel, path, opset: int = 17) -> Path:
 @register_backend("onnx", check=check_onnx_passes)
 def lower_onnx(gm: nn.Module, ctx) -> nn.Module:
     """Export the calibrated graph and run it in an onnxruntime session (CPU, all threads)."""
-    data = onnx_bytes(gm, adapter=ctx.need("adapter", "onnx"), info=ctx.need("info", "onnx"),
-                      sampler_spec=ctx.need("sampler", "onnx").spec(),
-                      sample_vc=_sample_vc(getattr(gm, "meta", {}).get("qc.sample_hooks", [])))
-    return OrtGraph(data)
+    model = onnx_model(gm, adapter=ctx.need("adapter", "onnx"), info=ctx.need("info", "onnx"),
+                       sampler_spec=ctx.need("sampler", "onnx").spec(),
+                       sample_vc=_sample_vc(getattr(gm, "meta", {}).get("qc.sample_hooks", [])))
+    return OrtGraph(model)
 
 
 # --- running the file ------------------------------------------------------------------------------
@@ -538,7 +622,7 @@ class OrtGraph(StepAware, nn.Module):
     state, keeps the cache tensors in the state's store, and decides each region with the file's
     :class:`CacheSchedule`. The sample-space VC table runs as a sampler hook (``meta``)."""
 
-    def __init__(self, model_bytes: bytes, *, provider: str = "cpu", threads: Optional[int] = None, verify: bool = True,
+    def __init__(self, model: Any, *, provider: str = "cpu", threads: Optional[int] = None, verify: bool = True,
                  source: str = "the exported graph"):
         super().__init__()
         import onnx
@@ -549,19 +633,32 @@ class OrtGraph(StepAware, nn.Module):
             raise ValueError(f"provider must be one of {sorted(PROVIDERS)}, got {provider!r}")
         if PROVIDERS[provider] not in ort.get_available_providers():
             raise ExportError(f"onnxruntime here has no {PROVIDERS[provider]}; install onnxruntime-gpu for cuda/tensorrt")
+        path = Path(model) if isinstance(model, (str, Path)) else None
         try:
-            model = onnx.load_from_string(model_bytes)
-        except (DecodeError, ValueError) as e:
-            raise ArtifactError(f"{source} is not a readable ONNX file (truncated or corrupt?)") from e
+            if path is not None:  # a file, with its external data (if any) beside it
+                model = onnx.load(str(path))
+            elif isinstance(model, (bytes, bytearray)):
+                model = onnx.load_from_string(bytes(model))
+        except (DecodeError, ValueError, OSError) as e:
+            raise ArtifactError(f"{source} is not a readable ONNX file, or its external data is missing or truncated "
+                                f"({type(e).__name__})") from e
         meta = _read_metadata(model)
         if "qc.timesteps" not in meta:
             raise ArtifactError(f"{source} was not written by qc-compiler's exporter (no timestep table)")
-        if verify and meta.get(_DIGEST) != _metadata_digest(model):
+        if verify and meta.get(_DIGEST) != _metadata_digest(model) and (
+                _weight_bytes(model) >= PROTOBUF_LIMIT // 2 or meta.get(_DIGEST) != _legacy_digest(model)):
             raise ArtifactError(f"{source} does not match its qc.digest: its graph, weights or metadata were edited; "
                                 "export it again, or pass verify=False to load a file edited on purpose")
-        self.model_bytes, self.meta_props = model_bytes, meta
+        self.model, self.meta_props = model, meta
+        # what content_digest hashes: the whole file, or for a file past the protobuf limit its digest
+        large = _weight_bytes(model) >= PROTOBUF_LIMIT // 2
+        if large and path is None:
+            raise ExportError("an ONNX model past 1 GB of weights runs from its file: export_onnx(path), then "
+                              "OrtDenoiser(path)")
+        self.model_bytes = meta.get(_DIGEST, "").encode() if large else model.SerializeToString()
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-        self.session = ort.InferenceSession(model_bytes, session_options(threads), providers=[PROVIDERS[provider]])
+        self.session = ort.InferenceSession(str(path) if path is not None else self.model_bytes, session_options(threads),
+                                            providers=[PROVIDERS[provider]])
         self.feeds = {i.name for i in self.session.get_inputs()}  # "step" is dropped when nothing reads it
         kinds = {"tensor(float)": np.float32, "tensor(int64)": np.int64}
         self.input_types = {i.name: kinds[i.type] for i in self.session.get_inputs() if i.type in kinds}
@@ -620,7 +717,7 @@ class OrtDenoiser(CompiledModel):
         path = Path(path)
         if not path.is_file():
             raise ArtifactError(f"{path} is missing")
-        graph = OrtGraph(path.read_bytes(), provider=provider, threads=threads, verify=verify, source=str(path))
+        graph = OrtGraph(path, provider=provider, threads=threads, verify=verify, source=str(path))
         meta = graph.meta_props
         super().__init__(graph, json.loads(meta["qc.sampler"]), ModelInfo.from_json(json.loads(meta["qc.model_info"])),
                          build={"backend": "onnx", "adapter": meta.get("qc.adapter")},
