@@ -623,7 +623,7 @@ class OrtGraph(StepAware, nn.Module):
     :class:`CacheSchedule`. The sample-space VC table runs as a sampler hook (``meta``)."""
 
     def __init__(self, model: Any, *, provider: str = "cpu", threads: Optional[int] = None, verify: bool = True,
-                 source: str = "the exported graph"):
+                 source: str = "the exported graph", provider_options: Optional[Dict[str, str]] = None):
         super().__init__()
         import onnx
         import onnxruntime as ort
@@ -658,7 +658,7 @@ class OrtGraph(StepAware, nn.Module):
         self.model_bytes = meta.get(_DIGEST, "").encode() if large else model.SerializeToString()
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
         self.session = ort.InferenceSession(str(path) if path is not None else self.model_bytes, session_options(threads),
-                                            providers=[PROVIDERS[provider]])
+                                            providers=_providers(provider, provider_options))
         self.feeds = {i.name for i in self.session.get_inputs()}  # "step" is dropped when nothing reads it
         kinds = {"tensor(float)": np.float32, "tensor(int64)": np.int64}
         self.input_types = {i.name: kinds[i.type] for i in self.session.get_inputs() if i.type in kinds}
@@ -708,16 +708,18 @@ class OrtDenoiser(CompiledModel):
     """An exported file in onnxruntime, as a drop-in denoiser for our samplers: ``model(x, t, y) -> out``.
 
     ``provider`` is ``"cpu"``, ``"cuda"`` (onnxruntime-gpu) or ``"tensorrt"``; an unavailable one is a
-    clear error. The timestep table stored in the file maps ``t`` to the ``step`` input; the cache
+    clear error. ``provider_options`` go to it as they are (docs/onnx.md lists those worth setting). The timestep table stored in the file maps ``t`` to the ``step`` input; the cache
     and VC tables stored in it run as they did in the torch model. ``verify=False`` skips the digest
     check (for files edited on purpose).
     """
 
-    def __init__(self, path, *, provider: str = "cpu", threads: Optional[int] = None, verify: bool = True):
+    def __init__(self, path, *, provider: str = "cpu", threads: Optional[int] = None, verify: bool = True,
+                 provider_options: Optional[Dict[str, str]] = None):
         path = Path(path)
         if not path.is_file():
             raise ArtifactError(f"{path} is missing")
-        graph = OrtGraph(path, provider=provider, threads=threads, verify=verify, source=str(path))
+        graph = OrtGraph(path, provider=provider, threads=threads, verify=verify, source=str(path),
+                         provider_options=provider_options)
         meta = graph.meta_props
         super().__init__(graph, json.loads(meta["qc.sampler"]), ModelInfo.from_json(json.loads(meta["qc.model_info"])),
                          build={"backend": "onnx", "adapter": meta.get("qc.adapter")},
@@ -727,6 +729,16 @@ class OrtDenoiser(CompiledModel):
     @property
     def session(self):
         return self.graph_module.session
+
+
+def _providers(provider: str, options: Optional[Dict[str, str]]) -> List[Any]:
+    """onnxruntime's provider list: the chosen one with its options, then the CUDA provider under
+    TensorRT (nodes TensorRT does not take run there, not on the CPU), then nothing else."""
+    if options is not None and (not isinstance(options, dict) or
+                                not all(isinstance(k, str) and isinstance(v, str) for k, v in options.items())):
+        raise TypeError("provider_options must be a dict of strings, e.g. {'trt_fp16_enable': 'True'}")
+    chosen = (PROVIDERS[provider], dict(options)) if options else PROVIDERS[provider]
+    return [chosen, PROVIDERS["cuda"]] if provider == "tensorrt" else [chosen]
 
 
 def _forward_inputs(meta: Dict[str, str]) -> ForwardInputs:
