@@ -157,7 +157,7 @@ def main(args) -> None:
             print(f"| {r['variant']} | {r['forward_ms']:.0f} | {base['forward_ms'] / r['forward_ms']:.2f}x | "
                   f"{r['run_s']:.1f} | {base['run_s'] / r['run_s']:.2f}x | {r['rel_err']:.4f} | {r['held_mb']:.0f} |",
                   flush=True)
-    write_results(args.json, "text_families", vars(args), results)
+        write_results(args.json, "text_families", vars(args), results)  # after each family: hours-long runs
 
 
 def parse_args(argv=None):
