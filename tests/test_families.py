@@ -216,7 +216,11 @@ def test_flux_int8_onnx_with_its_cache_matches_torch(tmp_path):
     compiled = qc.compile_pipeline(pipe, passes, num_inference_steps=STEPS, **_compile_args(kw))
     from qc_compiler.backends.onnx import OrtDenoiser
 
-    ort = OrtDenoiser(compiled.export_onnx(tmp_path / "flux.onnx"), provider="cpu")
+    # FLUX.1's 12B parameters do not fit one protobuf: the file with its tensors beside it (the
+    # in-file form is the default for small models, tested in test_onnx.py)
+    path = compiled.export_onnx(tmp_path / "ext.onnx", external_data=True)
+    data = tmp_path / "ext.onnx.data"
+    ort = OrtDenoiser(path, provider="cpu")
     assert ort.timestep_divisor == 1000 and ort.timesteps == compiled.timesteps
     x, _, *conds = adapter_of(compiled).example_inputs(compiled.info, batch=2)
     for t in compiled.timesteps:  # a whole run: computed and reused steps
@@ -224,9 +228,6 @@ def test_flux_int8_onnx_with_its_cache_matches_torch(tmp_path):
         a, b = compiled(x, t, *conds), ort(x, t, *conds)
         assert float((a - b).norm() / a.norm()) < 1e-4
     assert "cache interval over 3 regions" in ort.report()
-    # FLUX.1's 12B parameters do not fit one protobuf: the same file with its tensors beside it
-    path = compiled.export_onnx(tmp_path / "ext.onnx", external_data=True)
-    data = tmp_path / "ext.onnx.data"
     import onnx
 
     from onnx.external_data_helper import _get_all_tensors
@@ -234,10 +235,6 @@ def test_flux_int8_onnx_with_its_cache_matches_torch(tmp_path):
     tensors = list(_get_all_tensors(onnx.load(str(path), load_external_data=False)))  # If branches too
     external = [t for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL]
     assert len(external) > 10 and all(len(t.raw_data) <= 1024 for t in tensors if t not in external)
-    ext = OrtDenoiser(path, provider="cpu")
-    t = torch.full((2,), compiled.timesteps[0])
-    ort.reset(), ext.reset()
-    assert torch.equal(ext(x, t, *conds), ort(x, t, *conds))
     raw = bytearray(data.read_bytes())
     raw[len(raw) // 2] ^= 0xFF  # one weight byte: the digest covers the external data too
     data.write_bytes(bytes(raw))
