@@ -50,7 +50,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp())
     run(args.old.resolve(), tmp / "old.pt")
     run(Path(__file__).resolve().parents[1], tmp / "new.pt")
-    old, new = torch.load(tmp / "old.pt"), torch.load(tmp / "new.pt")
+    old, new = torch.load(tmp / "old.pt", weights_only=True), torch.load(tmp / "new.pt", weights_only=True)
     result = {k: {"identical": bool(torch.equal(old[k], new[k])), "max_abs_diff": float((old[k] - new[k]).abs().max())}
               for k in old}
     print(json.dumps(result, indent=1))

@@ -39,8 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..options import check_bool, check_float, check_int
-from .samplers import (SAMPLERS, Sampler, StepHook, StepRecord, Trajectory, check_labels, model_device,
-                       model_sample_shape, noise_generators)
+from .samplers import SAMPLERS, Sampler, StepHook, StepRecord, Trajectory, finish, run_hooks, start
 
 __all__ = ["FlowMatchEuler", "flow_sigmas"]
 
@@ -157,28 +156,16 @@ class FlowMatchEuler(Sampler):
     ) -> Union[torch.Tensor, Trajectory]:
         """Draw one sample per label, as ``Sampler.sample`` (same noise streams, hooks, records), with
         float timesteps; no noise is drawn after the initial one."""
-        y, null_label = check_labels(labels, model, null_label)
-        n = y.shape[0]
-        shape = tuple(shape or model_sample_shape(model))
-        if noise is None:
-            noise = torch.stack([torch.randn(shape, generator=g) for g in noise_generators(seed, n, sample_offset)])
-        device = model_device(model)
-        x, y = noise.to(device), y.to(device)
-        hooks = list(getattr(model, "step_hooks", []) or []) + ([callback] if callback else [])
+        x, y, null_label, _, _, hooks = start(model, labels, seed=seed, noise=noise, null_label=null_label,
+                                              shape=shape, sample_offset=sample_offset, callback=callback)
         traj = Trajectory()
         for step, t in enumerate(tqdm(self.timesteps, desc=self.name, disable=not progress, leave=False)):
             out = self.guided_output(model, x, t, y, null_label=null_label)
             if record:
                 traj.steps.append(StepRecord(step, t, x.detach().cpu(), y.detach().cpu(), out.detach().cpu()))
             x = self.update(x, step, out)
-            for hook in hooks:
-                replaced = hook(step, t, x)
-                if replaced is not None:
-                    x = replaced
-        if record:
-            traj.samples = x.detach().cpu()
-            return traj
-        return x
+            x = run_hooks(hooks, step, t, x)
+        return finish(traj, x, record)
 
 
 SAMPLERS["flow-euler"] = FlowMatchEuler

@@ -33,7 +33,7 @@ from ..options import check_float, check_int
 from .schedule import Schedule, extract
 
 __all__ = ["Sampler", "DDPM", "DDIM", "StepRecord", "Trajectory", "sample_noise", "StepHook", "SAMPLERS",
-           "check_labels", "model_timestep", "model_sample_shape", "model_device", "noise_generators"]
+           "check_labels", "start", "run_hooks", "finish", "model_timestep", "model_sample_shape", "model_device", "noise_generators"]
 
 # callback(step_index, t, x) -> replacement x or None; called after each sampler update.
 StepHook = Callable[[int, int, torch.Tensor], Optional[torch.Tensor]]
@@ -150,14 +150,9 @@ class Sampler:
         they run after each update, before ``callback``. ``sample_offset`` selects which per-sample
         noise streams of ``seed`` to use, so shards of a large run reproduce the whole run.
         """
-        y, null_label = check_labels(labels, model, null_label)
-        n = y.shape[0]
-        shape = tuple(shape or model_sample_shape(model))
-        gens = noise_generators(seed, n, sample_offset)
-        x = noise if noise is not None else torch.stack([torch.randn(shape, generator=g) for g in gens])
-        device = model_device(model)
-        x, y = x.to(device), y.to(device)
-        hooks = list(getattr(model, "step_hooks", []) or []) + ([callback] if callback else [])
+        x, y, null_label, shape, gens, hooks = start(model, labels, seed=seed, noise=noise, null_label=null_label,
+                                                     shape=shape, sample_offset=sample_offset, callback=callback)
+        device = x.device
         traj = Trajectory()
         t_indices = range(self.steps - 1, -1, -1)  # schedule positions, noisiest first
         for step, t_index in enumerate(tqdm(t_indices, desc=self.name, disable=not progress, leave=False)):
@@ -167,14 +162,37 @@ class Sampler:
                 traj.steps.append(StepRecord(step, t, x.detach().cpu(), y.detach().cpu(), out.detach().cpu()))
             step_noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
             x = self.update(x, t_index, out, step_noise)
-            for hook in hooks:
-                replaced = hook(step, t, x)
-                if replaced is not None:
-                    x = replaced
-        if record:
-            traj.samples = x.detach().cpu()
-            return traj
-        return x
+            x = run_hooks(hooks, step, t, x)
+        return finish(traj, x, record)
+
+
+def start(model, labels, *, seed: int, noise: Optional[torch.Tensor], null_label: Optional[int],
+          shape: Optional[Sequence[int]], sample_offset: int, callback: Optional[StepHook]):
+    """What every sampling loop begins with: (x_T on the model's device, labels there, the null label,
+    one sample's shape, the per-sample noise generators, the step hooks then ``callback``)."""
+    y, null_label = check_labels(labels, model, null_label)
+    shape = tuple(shape or model_sample_shape(model))
+    gens = noise_generators(seed, y.shape[0], sample_offset)
+    x = noise if noise is not None else torch.stack([torch.randn(shape, generator=g) for g in gens])
+    device = model_device(model)
+    hooks = list(getattr(model, "step_hooks", []) or []) + ([callback] if callback else [])
+    return x.to(device), y.to(device), null_label, shape, gens, hooks
+
+
+def run_hooks(hooks: Sequence[StepHook], step: int, t, x: torch.Tensor) -> torch.Tensor:
+    """Each hook after a sampler update, in order; a hook returning a tensor replaces x."""
+    for hook in hooks:
+        replaced = hook(step, t, x)
+        if replaced is not None:
+            x = replaced
+    return x
+
+
+def finish(traj: Trajectory, x: torch.Tensor, record: bool) -> Union[torch.Tensor, Trajectory]:
+    if record:
+        traj.samples = x.detach().cpu()
+        return traj
+    return x
 
 
 def model_timestep(t: float, n: int, *, divisor: int = 1, device=None) -> torch.Tensor:

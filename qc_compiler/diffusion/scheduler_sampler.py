@@ -28,8 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import ArtifactError
-from .samplers import SAMPLERS, Sampler, StepRecord, Trajectory, check_labels, model_device, model_sample_shape, \
-    noise_generators
+from .samplers import SAMPLERS, Sampler, StepRecord, Trajectory, finish, run_hooks, start
 
 __all__ = ["PipelineSampler"]
 
@@ -104,19 +103,13 @@ class PipelineSampler(Sampler):
                noise=None, null_label=None, shape=None, sample_offset: int = 0):
         from tqdm.auto import tqdm
 
-        y, null_label = check_labels(labels, model, null_label)
-        n = y.shape[0]
-        shape = tuple(shape or model_sample_shape(model))
-        device = model_device(model)
-        x = noise if noise is not None else torch.stack(
-            [torch.randn(shape, generator=g) for g in noise_generators(seed, n, sample_offset)])
-        x, y = x.to(device), y.to(device)
+        x, y, null_label, shape, _, hooks = start(model, labels, seed=seed, noise=noise, null_label=null_label,
+                                                  shape=shape, sample_offset=sample_offset, callback=callback)
         scheduler = copy.deepcopy(self.scheduler)  # schedulers keep a step counter: one per run
         self._set_timesteps(scheduler, self.num_inference_steps)
         # ancestral schedulers draw noise from a generator; deterministic ones (UniPC) take none
         takes_generator = "generator" in inspect.signature(scheduler.step).parameters
         step_kwargs = {"generator": torch.Generator(device="cpu").manual_seed(int(seed))} if takes_generator else {}
-        hooks = list(getattr(model, "step_hooks", []) or []) + ([callback] if callback else [])
         traj = Trajectory()
         c = shape[0]
         for step, t_tensor in enumerate(tqdm(scheduler.timesteps, desc=self.name, disable=not progress, leave=False)):
@@ -127,14 +120,8 @@ class PipelineSampler(Sampler):
                 traj.steps.append(StepRecord(step, t, x_in.detach().cpu(), y.detach().cpu(), out.detach().cpu()))
             model_output = out[:, :c] if out.shape[1] == 2 * c else out  # the learned sigma is not the scheduler's
             x = scheduler.step(model_output, t_tensor, x, **step_kwargs, return_dict=False)[0]
-            for hook in hooks:
-                replaced = hook(step, t, x)
-                if replaced is not None:
-                    x = replaced
-        if record:
-            traj.samples = x.detach().cpu()
-            return traj
-        return x
+            x = run_hooks(hooks, step, t, x)
+        return finish(traj, x, record)
 
 
 SAMPLERS[PipelineSampler.name] = PipelineSampler
