@@ -93,8 +93,10 @@ class DiffusersTextAdapter(ModelAdapter):
         raise NotImplementedError
 
     def latent(self, cfg: Any, geo: Geometry) -> Tuple[int, int, int, Tuple[int, ...]]:
-        """(input_size, in_channels, out_channels, latent_shape) of one sample (override)."""
-        raise NotImplementedError
+        """(input_size, in_channels, out_channels, latent_shape) of one sample. Default: an image latent
+        ``(C, H, W)`` (PixArt, SD3, Sana); Flux (packed tokens) and Wan (video) override it."""
+        c = int(cfg.in_channels)
+        return geo.height, c, int(cfg.out_channels or c), (c, geo.height, geo.width)
 
     def condition_rows(self, cfg: Any, geo: Geometry) -> List[ConditionRow]:
         """The condition inputs, in ``inputs.conditions`` order (override)."""

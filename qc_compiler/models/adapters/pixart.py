@@ -12,7 +12,7 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List
 
 from ...graph import BlockLayout, BranchSpec
 from ..adapter import ForwardInputs, Geometry, register_adapter
@@ -28,10 +28,6 @@ class PixArtAdapter(DiffusersTextAdapter):
             raise QCError("PixArt-α's resolution/aspect-ratio micro-conditions are not compiled yet; PixArt-Σ "
                           "(use_additional_conditions false) is")
         return Geometry(height=int(cfg.sample_size), width=int(cfg.sample_size), text_tokens=300)
-
-    def latent(self, cfg: Any, geo: Geometry) -> Tuple[int, int, int, Tuple[int, ...]]:
-        c = int(cfg.in_channels)
-        return geo.height, c, int(cfg.out_channels or c), (c, geo.height, geo.width)
 
     def condition_rows(self, cfg: Any, geo: Geometry) -> List[ConditionRow]:
         return [ConditionRow("encoder_hidden_states", (geo.text_tokens, int(cfg.caption_channels))),

@@ -10,7 +10,7 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Any, List, Tuple
+from typing import Any, List
 
 from ...errors import QCError
 from ...graph import BlockLayout, BranchSpec
@@ -25,10 +25,6 @@ class SanaAdapter(DiffusersTextAdapter):
         if getattr(cfg, "guidance_embeds", False):
             raise QCError("Sana-Sprint's guidance embedding is not compiled yet; Sana is")
         return Geometry(height=int(cfg.sample_size), width=int(cfg.sample_size), text_tokens=300)
-
-    def latent(self, cfg: Any, geo: Geometry) -> Tuple[int, int, int, Tuple[int, ...]]:
-        c = int(cfg.in_channels)
-        return geo.height, c, int(cfg.out_channels or c), (c, geo.height, geo.width)
 
     def condition_rows(self, cfg: Any, geo: Geometry) -> List[ConditionRow]:
         return [ConditionRow("encoder_hidden_states", (geo.text_tokens, int(cfg.caption_channels))),

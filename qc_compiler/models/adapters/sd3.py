@@ -12,7 +12,7 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List
 
 from ...graph import BlockLayout, BranchSpec
 from ..adapter import ForwardInputs, Geometry, register_adapter
@@ -25,10 +25,6 @@ class SD3Adapter(DiffusersTextAdapter):
     def default_geometry(self, cfg: Any) -> Geometry:
         # CLIP's 77 tokens and T5's 256, concatenated by the pipeline
         return Geometry(height=int(cfg.sample_size), width=int(cfg.sample_size), text_tokens=77 + 256)
-
-    def latent(self, cfg: Any, geo: Geometry) -> Tuple[int, int, int, Tuple[int, ...]]:
-        c = int(cfg.in_channels)
-        return geo.height, c, int(cfg.out_channels or c), (c, geo.height, geo.width)
 
     def condition_rows(self, cfg: Any, geo: Geometry) -> List[ConditionRow]:
         return [ConditionRow("encoder_hidden_states", (geo.text_tokens, int(cfg.joint_attention_dim))),
