@@ -8,7 +8,7 @@ Example:
     torch.Size([1, 1, 16, 16])
 """
 from . import backends, passes, presets  # noqa: F401  (importing them registers passes and backends)
-from .api import compile, compile_pipeline, load_compiled, load_model
+from .api import bind_pipeline, compile, compile_pipeline, load_compiled, load_model
 from .capture import capture
 from .diffusion import DDIM, DDPM, ConditionBank, FlowMatchEuler, PipelineSampler
 from .errors import (ArtifactError, CalibrationError, CaptureError, ExportError, PassError, PassOrderError, QCError,
@@ -16,12 +16,14 @@ from .errors import (ArtifactError, CalibrationError, CaptureError, ExportError,
 from .models import ModelAdapter, ModelInfo, adapter_for, register_adapter
 from .pipeline import Pass, PassContext, PassManager, PassResult, graph_pass, register_pass
 from .runtime import CompiledModel
+from .schedules import CompiledSchedules
 from .step import StepTable
 
 __version__ = "0.2.0"
 
 __all__ = [
-    "compile", "compile_pipeline", "load_model", "load_compiled", "capture", "DDPM", "DDIM", "FlowMatchEuler", "PipelineSampler", "ConditionBank", "CompiledModel",
+    "compile", "compile_pipeline", "bind_pipeline", "load_model", "load_compiled", "capture",
+    "DDPM", "DDIM", "FlowMatchEuler", "PipelineSampler", "ConditionBank", "CompiledModel", "CompiledSchedules",
     "StepTable", "ModelAdapter", "ModelInfo", "adapter_for", "register_adapter",
     "Pass", "PassResult", "PassContext", "PassManager", "graph_pass", "register_pass",
     "QCError", "CaptureError", "PassOrderError", "PassError", "CalibrationError", "ExportError",

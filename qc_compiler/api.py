@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -33,11 +33,13 @@ from .models import Geometry, ModelAdapter, adapter_for, get_adapter
 from .models.diffusers_model import set_loader
 from .models.zoo import load_model, load_state_strict
 from .options import check_int
-from .persist import load_artifact
+from .persist import load_artifact, split_schedules
 from .pipeline import PASS_REGISTRY, Pass, PassContext, PassManager, ProgressInstrument
 from .runtime import CompiledModel
+from .schedules import CompiledSchedules
+from .step import StepTable
 
-__all__ = ["compile", "compile_pipeline", "load_model", "load_compiled"]
+__all__ = ["compile", "compile_pipeline", "bind_pipeline", "load_model", "load_compiled"]
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +47,18 @@ log = logging.getLogger(__name__)
 def compile(  # noqa: A001 - the verb users expect
     model: nn.Module,
     passes: Sequence[Pass] = (),
-    sampler: Optional[Sampler] = None,
+    sampler: Union[None, Sampler, Sequence[Sampler]] = None,
     *,
     backend: str = "torch",
     seed: int = 0,
     example_inputs: Optional[Tuple[torch.Tensor, ...]] = None,
-    fitted: Optional[Dict[str, Any]] = None,
+    fitted: Union[None, Dict[str, Any], Sequence[Dict[str, Any]]] = None,
     capture_mode: Optional[str] = None,
     adapter: Optional[ModelAdapter] = None,
     conditions: Optional[ConditionBank] = None,
     geometry: Optional[Geometry] = None,
     progress: bool = False,
-) -> CompiledModel:
+) -> Union[CompiledModel, CompiledSchedules]:
     """Capture ``model``, run ``passes`` over its graph, and lower it with ``backend``.
 
     The model's family is recognised from its class (``qc_compiler.models``; pass ``adapter`` to
@@ -74,7 +76,21 @@ def compile(  # noqa: A001 - the verb users expect
     the negative prompt's); passes that sample trajectories need it. ``geometry``: the latent and
     prompt size such a model is compiled for (:class:`~qc_compiler.models.Geometry`; default: the
     family's, e.g. the config's ``sample_size``).
+
+    Several samplers (``sampler=[DDIM(steps=20), DDIM(steps=50)]``) give a
+    :class:`~qc_compiler.schedules.CompiledSchedules`: calibration and VC are fitted per step table,
+    the weights are shared, and each sampling run is served by its own table. When no pass reads the
+    step (no cache, VC or per-step ranges), one compiled model serves every schedule and is returned.
     """
+    if isinstance(sampler, (list, tuple)):
+        return _compile_schedules(model, passes, list(sampler), fitted, backend=backend, seed=seed,
+                                  example_inputs=example_inputs, capture_mode=capture_mode, adapter=adapter,
+                                  conditions=conditions, geometry=geometry, progress=progress)
+    if sampler is not None and not isinstance(sampler, Sampler):
+        raise TypeError(f"sampler must be a qc sampler (DDPM, DDIM, FlowMatchEuler, ...) or a list of them, "
+                        f"got {type(sampler).__name__}")
+    if fitted is not None and not isinstance(fitted, dict):
+        raise TypeError("fitted must be a dict (one sampler) or a list of dicts (one per sampler)")
     manager = PassManager(list(passes))
     manager.check_order()
     lowering = get_backend(backend)
@@ -143,6 +159,30 @@ def compile(  # noqa: A001 - the verb users expect
 SCHEDULE_KEY = "schedule.digest"
 
 
+def _compile_schedules(model: nn.Module, passes: Sequence[Pass], samplers: list, fitted, **options: Any
+                       ) -> Union[CompiledModel, CompiledSchedules]:
+    """``compile`` for each sampler, weights shared (see ``compile``)."""
+    if not samplers or not all(isinstance(s, Sampler) for s in samplers):
+        raise TypeError("sampler must be a qc sampler or a non-empty list of them")
+    tables = [StepTable(s.timesteps) for s in samplers]
+    for i, table in enumerate(tables):
+        if table in tables[:i]:
+            raise ValueError(f"sampler {i} repeats an earlier sampler's timesteps ({table}); give each table once")
+    fits = list(fitted) if fitted is not None else [None] * len(samplers)
+    if isinstance(fitted, dict) or len(fits) != len(samplers):
+        raise TypeError(f"with {len(samplers)} samplers, fitted is a list of {len(samplers)} dicts (one per sampler)")
+    first = compile(model, passes, samplers[0], fitted=fits[0], **options)
+    if len(samplers) == 1:
+        return first
+    if not first.uses_steps:
+        log.info("no pass reads the step: one compiled model serves all %d schedules", len(samplers))
+        return first
+    variants = [first] + [compile(model, passes, s, fitted=f, **options) for s, f in zip(samplers[1:], fits[1:])]
+    for v in variants[1:]:  # the source weights are the same: keep one copy for save()
+        v.build["weights"] = first.build["weights"]
+    return CompiledSchedules(variants)
+
+
 def _schedule_digest(specs, sampler_spec: Dict[str, Any], seed: int, weights: Dict[str, torch.Tensor],
                      conditions: Optional[ConditionBank] = None) -> str:
     """What fitted state depends on: the passes and their options, the sampler, the seed, the weights,
@@ -176,13 +216,17 @@ def _check_conditions(conditions: Optional[ConditionBank], adapter: ModelAdapter
                           f"takes {example.dtype} {tuple(example.shape[1:])}")
 
 
-def compile_pipeline(pipe: Any, passes: Sequence[Pass] = (), *, num_inference_steps: int, guidance_scale: float = 1.0,
-                     backend: str = "torch", seed: int = 0, height: Optional[int] = None, width: Optional[int] = None,
-                     num_frames: Optional[int] = None, progress: bool = False, **prompt_embeds: torch.Tensor
-                     ) -> CompiledModel:
+def compile_pipeline(pipe: Any, passes: Sequence[Pass] = (), *, num_inference_steps: Union[int, Sequence[int]],
+                     guidance_scale: float = 1.0, backend: str = "torch", seed: int = 0, height: Optional[int] = None,
+                     width: Optional[int] = None, num_frames: Optional[int] = None, progress: bool = False,
+                     **prompt_embeds: torch.Tensor) -> Union[CompiledModel, CompiledSchedules]:
     """Compile ``pipe.transformer`` for the pipeline's scheduler at ``num_inference_steps`` and put it
     back into ``pipe`` (its adapter says how). Returns the compiled model; call ``pipe(...)`` as before,
     with the same step count, guidance and size.
+
+    Several step counts (``num_inference_steps=[20, 28, 50]``) compile one table each (calibration
+    and VC fitted per table, weights shared); the pipeline then serves any of them, and the model asks
+    the pipeline's scheduler which one a run uses (``bind_pipeline``).
 
     A text-to-image (or video) pipeline is compiled for one size, ``height`` x ``width`` pixels (and
     ``num_frames``), as its call takes them; its calibration prompts are the pipeline's own keyword
@@ -191,7 +235,12 @@ def compile_pipeline(pipe: Any, passes: Sequence[Pass] = (), *, num_inference_st
     transformer = getattr(pipe, "transformer", None)
     if transformer is None:
         raise QCError(f"{type(pipe).__name__} has no transformer to compile")
-    steps = check_int("num_inference_steps", num_inference_steps, lo=1)
+    counts = list(num_inference_steps) if isinstance(num_inference_steps, (list, tuple)) else [num_inference_steps]
+    if not counts:
+        raise ValueError("num_inference_steps is an int or a non-empty list of ints")
+    counts = [check_int("num_inference_steps", n, lo=1) for n in counts]
+    if len(set(counts)) != len(counts):
+        raise ValueError(f"num_inference_steps repeats a step count: {counts}")
     adapter = adapter_for(transformer)
     geometry, conditions = None, None
     if adapter.text_conditioned:
@@ -201,11 +250,33 @@ def compile_pipeline(pipe: Any, passes: Sequence[Pass] = (), *, num_inference_st
         given = sorted(prompt_embeds) + [k for k, v in (("height", height), ("width", width), ("num_frames", num_frames)) if v]
         raise QCError(f"{type(pipe).__name__} is class-conditional at a fixed size: it takes no {given}")
     adapter = adapter.for_model(transformer, geometry)
-    sampler = adapter.pipeline_sampler(pipe, steps, guidance_scale)
-    compiled = compile(transformer, passes, sampler, backend=backend, seed=seed, adapter=adapter, geometry=geometry,
-                       conditions=conditions, progress=progress)
+    samplers = [adapter.pipeline_sampler(pipe, n, guidance_scale) for n in counts]
+    compiled = compile(transformer, passes, samplers if len(samplers) > 1 else samplers[0], backend=backend, seed=seed,
+                       adapter=adapter, geometry=geometry, conditions=conditions, progress=progress)
     pipe.transformer = adapter.to_pipeline(compiled, transformer)
+    bind_pipeline(pipe)
     return compiled
+
+
+def bind_pipeline(pipe: Any) -> Any:
+    """Let a compiled transformer with several step tables ask ``pipe``'s scheduler which table a run
+    uses, when tables share their first timestep (flow-matching schedules all start at t = 1000).
+    ``compile_pipeline`` calls it; call it once after ``Pipeline.from_pretrained`` of a saved one. The
+    pipeline is held weakly. Returns ``pipe``."""
+    import weakref
+
+    model = getattr(getattr(pipe, "transformer", None), "compiled", None)
+    if isinstance(model, CompiledSchedules):
+        ref = weakref.ref(pipe)
+
+        def scheduler_timesteps():
+            owner = ref()
+            if owner is None or getattr(owner.scheduler, "timesteps", None) is None:
+                return []
+            return [float(t) for t in owner.scheduler.timesteps]
+
+        model.__dict__["schedule_source"] = scheduler_timesteps
+    return pipe
 
 
 def load_compiled(folder) -> CompiledModel:
@@ -216,7 +287,8 @@ def load_compiled(folder) -> CompiledModel:
     try:
         adapter = get_adapter(manifest["adapter"])
         model = adapter.build(manifest["model_config"])
-        sampler = sampler_from_spec(manifest["sampler"])
+        tables = split_schedules(manifest, fitted)
+        samplers = [sampler_from_spec(spec) for spec, _ in tables]
         specs = list(manifest["passes"])
         backend, seed, capture_mode = manifest["backend"], manifest["seed"], manifest["capture_mode"]
         geometry = Geometry(**manifest["geometry"]) if manifest.get("geometry") else None
@@ -225,8 +297,9 @@ def load_compiled(folder) -> CompiledModel:
     except (TypeError, ValueError) as e:
         raise ArtifactError(f"{folder}/manifest.json does not describe a model this version can build: {e}") from None
     load_state_strict(model, weights, f"{folder}/weights.safetensors")
-    conditions = (ConditionBank.from_tensors(adapter.inputs.conditions, fitted)
-                  if ConditionBank.has_tensors(fitted) else None)
+    fits = [part for _, part in tables]
+    conditions = (ConditionBank.from_tensors(adapter.inputs.conditions, fits[0])
+                  if ConditionBank.has_tensors(fits[0]) else None)
     passes = []
     for p in specs:
         if p["name"] not in PASS_REGISTRY:
@@ -235,7 +308,8 @@ def load_compiled(folder) -> CompiledModel:
             passes.append(PASS_REGISTRY[p["name"]](**p.get("options", {})))
         except (TypeError, ValueError) as e:
             raise ArtifactError(f"{folder}: pass {p['name']!r} refuses its saved options: {e}") from None
-    return compile(model.eval(), passes=passes, sampler=sampler, backend=backend, seed=seed, fitted=fitted,
+    return compile(model.eval(), passes=passes, sampler=samplers if len(samplers) > 1 else samplers[0],
+                   backend=backend, seed=seed, fitted=fits if len(fits) > 1 else fits[0],
                    capture_mode=capture_mode, adapter=adapter, conditions=conditions, geometry=geometry)
 
 

@@ -41,6 +41,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _step_counts(text: str) -> List[int]:
+    counts = [_positive(part.strip()) for part in text.split(",")]
+    if len(set(counts)) != len(counts):
+        raise argparse.ArgumentTypeError(f"repeats a step count: {text!r}")
+    return counts
+
+
 def _seed(text: str) -> int:
     try:
         value = int(text)
@@ -97,9 +104,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-classes", type=_positive, help="classes, for config names (default 1000)")
 
 
-def _add_sampler_args(p: argparse.ArgumentParser) -> None:
+def _add_sampler_args(p: argparse.ArgumentParser, several: bool = False) -> None:
     p.add_argument("--sampler", choices=["ddpm", "ddim"], help="default ddpm, or a compiled model's own")
-    p.add_argument("--steps", type=_positive, help="sampling steps (default 50, or a compiled model's own)")
+    if several:
+        p.add_argument("--steps", type=_step_counts, help="sampling steps (default 50); several, comma-separated "
+                       "(20,50), compile a step table each, served by one model")
+    else:
+        p.add_argument("--steps", type=_positive, help="sampling steps (default 50, or a compiled model's own)")
     p.add_argument("--cfg", type=_finite, help="classifier-free guidance scale, 1 = off (default 1.5)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the per-sample noise streams (default 0)")
 
@@ -148,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compile", help="compile a model with passes and save it", parents=[common])
     _add_model_args(p)
-    _add_sampler_args(p)
+    _add_sampler_args(p, several=True)
     p.add_argument("--pass", dest="passes", action="append", default=[], metavar="NAME[:k=v,...]",
                    help=_pass_help())
     p.add_argument("--backend", default="torch", help="torch (INT8 kernels), onnx (onnxruntime) or fakequant")
@@ -213,13 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _sampler(args, model=None):
+def _sampler(args, model=None, steps=None):
     """The sampler the user asked for; unset options default to a compiled model's own."""
     from .diffusion import DDIM, DDPM
 
     own = getattr(model, "sampler_spec", None) or {"name": "ddpm", "steps": 50, "cfg_scale": 1.5}
     name = args.sampler or own["name"]
-    steps = args.steps or own["steps"]
+    steps = steps or args.steps or own["steps"]
     cfg = args.cfg if args.cfg is not None else own["cfg_scale"]
     return DDIM(steps=steps, cfg_scale=cfg) if name == "ddim" else DDPM(steps=steps, cfg_scale=cfg)
 
@@ -259,7 +270,8 @@ def cmd_compile(args) -> int:
     rank, _ = init_distributed()  # under torchrun, calibration pools are gathered by all ranks
     passes = [parse_pass_spec(s) for s in args.passes]
     model = _model(args)
-    sampler = _sampler(args, model)
+    samplers = [_sampler(args, model, steps=n) for n in (args.steps or [None])]
+    sampler = samplers if len(samplers) > 1 else samplers[0]
     compiled = qc_compile(model, passes=passes, sampler=sampler, backend=args.backend, seed=args.seed,
                           progress=rank == 0)
     if rank == 0:

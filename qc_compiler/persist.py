@@ -10,6 +10,10 @@ replays the schedule with the fitted state restored, so nothing is calibrated ag
       weights.safetensors  FP weights of the source model
       fitted.safetensors   tensors the passes fitted (non-tensor fits live in the manifest)
 
+A model compiled for several step tables (``CompiledSchedules``) is one folder too: the weights once,
+the manifest's ``schedules`` lists each table's sampler and non-tensor fits, and its fitted tensors
+are keyed ``schedule<i>/...``.
+
 Integrity: the manifest lists the SHA-256 of every other file and carries the SHA-256 of its own
 canonical content (``digest``). Loading refuses an edited manifest, an edited, missing or added file,
 and names the file. This catches corruption and edits; it is not a signature (whoever can rewrite the
@@ -27,19 +31,20 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 
 from .errors import ArtifactError
 from .io import load_json, load_tensors, save_json, save_tensors, sha256_file
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "save_compiled", "load_artifact", "read_manifest", "write_manifest",
-           "check_output_folder"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "save_compiled", "save_schedules", "split_schedules", "load_artifact",
+           "read_manifest", "write_manifest", "check_output_folder"]
 
 FORMAT = "qc-compiler/compiled"
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+SCHEDULE_PREFIX = "schedule"  # fitted tensors of step table i are "schedule<i>/<key>"
 _FILES = ("weights.safetensors", "fitted.safetensors")
 _RECOMPILE = ("recompile it with this version (`qc compile ... --out FOLDER`, or qc.compile(...).save(FOLDER)) "
               "from the original model")
@@ -90,18 +95,30 @@ def read_manifest(folder: Path) -> Dict[str, Any]:
 
 def save_compiled(model, folder: Path) -> None:
     """Write ``model`` (a CompiledModel) to ``folder``; the manifest is written last, atomically."""
-    build = model.build
+    _save(model.build, [(model.sampler_spec, model.build.get("fitted", {}))], Path(folder))
+
+
+def save_schedules(models, folder: Path) -> None:
+    """Write compiled models of one source model, one per step table (a ``CompiledSchedules``), as one
+    artefact: the weights once, each table's sampler in ``schedules`` and its fitted tensors under
+    ``schedule<i>/`` in fitted.safetensors."""
+    _save(models[0].build, [(m.sampler_spec, m.build.get("fitted", {})) for m in models], Path(folder))
+
+
+def _save(build: Dict[str, Any], tables, folder: Path) -> None:
     if build.get("unsaveable"):
         raise ArtifactError(f"cannot be saved: {build['unsaveable'][0]}")
     if build.get("model_config") is None:
         raise ArtifactError(f"the {build.get('adapter', 'model')!r} adapter gives no config to rebuild this model "
                             "from, so it cannot be saved")
-    folder = Path(folder)
     check_output_folder(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    fitted = build.get("fitted", {})
-    tensors = {k: v for k, v in fitted.items() if torch.is_tensor(v)}
-    others = {k: v for k, v in fitted.items() if not torch.is_tensor(v)}
+    tensors: Dict[str, torch.Tensor] = {}
+    jsons = []
+    for i, (_, fitted) in enumerate(tables):
+        prefix = f"{SCHEDULE_PREFIX}{i}/" if len(tables) > 1 else ""
+        tensors.update({prefix + k: v for k, v in fitted.items() if torch.is_tensor(v)})
+        jsons.append({k: v for k, v in fitted.items() if not torch.is_tensor(v)})
     save_tensors(build["weights"], folder / "weights.safetensors")
     save_tensors(tensors, folder / "fitted.safetensors")
     manifest = {
@@ -114,11 +131,29 @@ def save_compiled(model, folder: Path) -> None:
         "seed": build.get("seed", 0),
         "capture_mode": build.get("capture_mode"),
         "geometry": build.get("geometry"),  # the size a text family was compiled for (None: fixed-size family)
-        "sampler": model.sampler_spec,
-        "fitted_json": others,
+        "sampler": tables[0][0],
+        "fitted_json": jsons[0],
         "files": {name: sha256_file(folder / name) for name in _FILES},
     }
+    if len(tables) > 1:  # several step tables: each one's sampler and non-tensor fits
+        manifest["schedules"] = [{"sampler": spec, "fitted_json": js} for (spec, _), js in zip(tables, jsons)]
     write_manifest(manifest, folder)
+
+
+def split_schedules(manifest: Dict[str, Any], fitted: Dict[str, Any]) -> List[Tuple[Dict[str, Any], Dict[str, Any]]]:
+    """(sampler spec, fitted state) per step table of a loaded artefact: one for a single-table model."""
+    schedules = manifest.get("schedules")
+    if schedules is None:
+        return [(manifest["sampler"], fitted)]
+    if not isinstance(schedules, list) or len(schedules) < 2:
+        raise ArtifactError("manifest.json's schedules must list two or more step tables")
+    out = []
+    for i, entry in enumerate(schedules):
+        prefix = f"{SCHEDULE_PREFIX}{i}/"
+        part = {k[len(prefix):]: v for k, v in fitted.items() if k.startswith(prefix)}
+        part.update(entry.get("fitted_json", {}))
+        out.append((entry["sampler"], part))
+    return out
 
 
 def load_artifact(folder) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor], Dict[str, Any]]:

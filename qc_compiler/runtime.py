@@ -21,11 +21,12 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -146,6 +147,23 @@ class CompiledModel(nn.Module):
             raise QCError(f"this compiled model cannot move to {want_device}/{want_dtype} (it was not made by "
                           "qc.compile); compile the source model there")
         return self.__dict__["_recompile"](device=want_device, dtype=want_dtype)
+
+    def expect(self, timesteps: Sequence[float]) -> None:
+        """A sampler is about to call these timesteps (our samplers say so when they start): refuse,
+        before any step runs, a schedule this model was not compiled for."""
+        if self.uses_steps and StepTable(list(timesteps)) != StepTable(self.sampler_spec.get("timesteps", [])):
+            raise StepError(f"this model was compiled for {self.sampler_spec.get('name')} with {len(self.table)} steps "
+                            f"({self.table}), and the sampler calls {StepTable(list(timesteps))}: sample with the "
+                            "sampler it was compiled for, or compile for several (qc.compile(..., sampler=[...]))")
+
+    @contextlib.contextmanager
+    def stream(self, name: str) -> Iterator[None]:
+        """Calls inside are the stream ``name`` (a pipeline's "cond"/"uncond" calls keep their own cache)."""
+        saved, self.step_state.stream = self.step_state.stream, str(name)
+        try:
+            yield
+        finally:
+            self.step_state.stream = saved
 
     def step_of(self, t: int) -> int:
         """Step index of timestep ``t``; ``StepError`` when the schedule has no such step."""

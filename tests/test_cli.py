@@ -42,7 +42,23 @@ def test_compile_zero_passes_round_trips(tmp_path, capsys):
     assert main(["sample", "--compiled", str(cached), "--steps", "7", "--labels", "1", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("qc ")]  # the rest is the progress bar
-    assert len(errors) == 1 and "not in the compiled schedule" in errors[0] and "Traceback" not in err
+    assert len(errors) == 1 and "was compiled for ddpm with 4 steps" in errors[0] and "Traceback" not in err
+
+
+def test_compile_several_step_counts_into_one_model(tmp_path, capsys):
+    folder, out = tmp_path / "two", tmp_path / "g.png"
+    assert main(["compile", *TINY, "--steps", "4,6", "--cfg", "1.0", "--pass", "step_cache:interval=2",
+                 "--out", str(folder)]) == 0
+    assert "CompiledSchedules: 2 step tables" in capsys.readouterr().out
+    for steps in ("6", "4"):
+        assert main(["sample", "--compiled", str(folder), "--steps", steps, "--labels", "1", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["sample", "--compiled", str(folder), "--steps", "5", "--labels", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "StepTable(5 steps" in err and "is not one this model was compiled for" in err and "--steps" in err
+    assert main(["export", "--compiled", str(folder), "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "holds one step table" in capsys.readouterr().err
+    assert main(["compile", *TINY, "--steps", "4,4", "--out", str(tmp_path / "x")]) == 2
 
 
 @pytest.mark.parametrize("argv, needle", [

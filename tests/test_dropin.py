@@ -116,3 +116,46 @@ def tiny_pipeline_with(scheduler):
     pipe = tiny_pipeline()
     pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
     return pipe
+
+
+def run_steps(pipe, n):
+    return pipe(class_labels=[1, 2], num_inference_steps=n, guidance_scale=2.0,
+                generator=torch.Generator().manual_seed(0), output_type="np").images
+
+
+def test_one_compiled_transformer_serves_several_step_counts(tmp_path):
+    # DPM++'s step counts all start at 999, so the transformer asks the pipeline's scheduler which
+    # table a run is on (tables with distinct first timesteps: test_schedules.py)
+    scheduler = "DPMSolverMultistepScheduler"
+
+    def passes():
+        return [StepCache(interval=2), UniformCalibration(size=8, pool_labels=4), Quantize(preset="w8a8")]
+
+    pipe = tiny_pipeline_with(scheduler)
+    multi = qc.compile_pipeline(pipe, passes(), num_inference_steps=[4, 5], guidance_scale=2.0)
+    assert isinstance(multi, qc.CompiledSchedules)
+    images = {n: run_steps(pipe, n) for n in (5, 4)}
+    assert not np.array_equal(images[4][:, :, :, :1], images[5][:, :, :, :1])
+    for n in (4, 5):  # each run was served by its own count's table (test_schedules: it equals a lone compile)
+        multi.select(n)
+        np.testing.assert_array_equal(run_steps(pipe, n), images[n])
+    multi.select(None)
+    with pytest.raises(qc.StepError, match="compile_pipeline\\(num_inference_steps=\\[\\.\\.\\.\\]\\)"):
+        run_steps(pipe, 6)
+    pipe.save_pretrained(tmp_path / "pipe")  # one artefact, both tables
+    loaded = diffusers.DiTPipeline.from_pretrained(tmp_path / "pipe")
+    with pytest.raises(qc.StepError, match="bind_pipeline"):
+        run_steps(loaded, 4)  # 999 starts both tables, and nothing told the loaded model which
+    qc.bind_pipeline(loaded)
+    for n in (4, 5):
+        np.testing.assert_array_equal(run_steps(loaded, n), images[n])
+
+
+def test_model_cpu_offload_keeps_the_compiled_transformer():
+    pytest.importorskip("accelerate")
+    pipe, compiled, ref = compiled_pipe()
+    # CI has no accelerator: offload to the CPU itself, which runs accelerate's hooks on every component
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert hasattr(pipe.transformer, "_hf_hook")
+    np.testing.assert_array_equal(run(pipe), ref)
+    assert pipe.transformer.compiled is compiled  # the hooks' moves to the same device compile nothing

@@ -157,7 +157,8 @@ class FlowMatchEuler(Sampler):
         """Draw one sample per label, as ``Sampler.sample`` (same noise streams, hooks, records), with
         float timesteps; no noise is drawn after the initial one."""
         x, y, null_label, _, _, hooks = start(model, labels, seed=seed, noise=noise, null_label=null_label,
-                                              shape=shape, sample_offset=sample_offset, callback=callback)
+                                              shape=shape, sample_offset=sample_offset, callback=callback,
+                                              timesteps=self.timesteps)
         traj = Trajectory()
         for step, t in enumerate(tqdm(self.timesteps, desc=self.name, disable=not progress, leave=False)):
             out = self.guided_output(model, x, t, y, null_label=null_label)

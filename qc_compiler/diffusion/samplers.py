@@ -151,7 +151,8 @@ class Sampler:
         noise streams of ``seed`` to use, so shards of a large run reproduce the whole run.
         """
         x, y, null_label, shape, gens, hooks = start(model, labels, seed=seed, noise=noise, null_label=null_label,
-                                                     shape=shape, sample_offset=sample_offset, callback=callback)
+                                                     shape=shape, sample_offset=sample_offset, callback=callback,
+                                                     timesteps=self.timesteps)
         device = x.device
         traj = Trajectory()
         t_indices = range(self.steps - 1, -1, -1)  # schedule positions, noisiest first
@@ -167,9 +168,15 @@ class Sampler:
 
 
 def start(model, labels, *, seed: int, noise: Optional[torch.Tensor], null_label: Optional[int],
-          shape: Optional[Sequence[int]], sample_offset: int, callback: Optional[StepHook]):
+          shape: Optional[Sequence[int]], sample_offset: int, callback: Optional[StepHook],
+          timesteps: Sequence[float] = ()):
     """What every sampling loop begins with: (x_T on the model's device, labels there, the null label,
-    one sample's shape, the per-sample noise generators, the step hooks then ``callback``)."""
+    one sample's shape, the per-sample noise generators, the step hooks then ``callback``). A compiled
+    model is told the run's ``timesteps`` first (``expect``): it refuses a schedule it was not
+    compiled for before any step runs, and one compiled for several tables picks this run's."""
+    expect = getattr(model, "expect", None)
+    if timesteps and callable(expect):
+        expect(list(timesteps))
     y, null_label = check_labels(labels, model, null_label)
     shape = tuple(shape or model_sample_shape(model))
     gens = noise_generators(seed, y.shape[0], sample_offset)

@@ -104,7 +104,8 @@ class PipelineSampler(Sampler):
         from tqdm.auto import tqdm
 
         x, y, null_label, shape, _, hooks = start(model, labels, seed=seed, noise=noise, null_label=null_label,
-                                                  shape=shape, sample_offset=sample_offset, callback=callback)
+                                                  shape=shape, sample_offset=sample_offset, callback=callback,
+                                                  timesteps=self.timesteps)
         scheduler = copy.deepcopy(self.scheduler)  # schedulers keep a step counter: one per run
         self._set_timesteps(scheduler, self.num_inference_steps)
         # ancestral schedulers draw noise from a generator; deterministic ones (UniPC) take none

@@ -123,12 +123,8 @@ def _define() -> type:
         @contextlib.contextmanager
         def cache_context(self, name: str, **kwargs: Any):
             """The pipeline names its calls ("cond", "uncond"): each keeps its own cached tensors."""
-            state = self.compiled.step_state
-            saved, state.stream = state.stream, str(name)
-            try:
+            with self.compiled.stream(name):
                 yield
-            finally:
-                state.stream = saved
 
         def set_default_attn_processor(self) -> None:
             """A no-op when the graph was captured with the default processors; else refused."""
