@@ -2,8 +2,11 @@
 
     python benchmarks/forward_speed.py --models DiT-S/2,DiT-B/2,dit-mnist --batch 8 --threads 2
 
-Rows (each with its output error against eager FP32 on the same inputs):
-- PyTorch eager FP32, and eager bf16 autocast (this CPU has AVX512-BF16: the best float path);
+Rows (each with its output error against eager FP32 on the same inputs, and its first call's seconds):
+- PyTorch eager FP32, and eager bf16 autocast;
+- the compiled baselines (``qc_compiler.tools.baselines``): ``torch.compile`` FP32 and bf16 autocast
+  with Inductor freezing, torchao's PT2E static INT8 (X86InductorQuantizer, calibrated on the same
+  batches as ours) + ``torch.compile``, and torchao's dynamic INT8 + ``torch.compile``;
 - onnxruntime FP32 on a plain FP32 ONNX export, and onnxruntime's own ``quantize_dynamic`` (per
   tensor and per channel) and ``quantize_static`` (QDQ, MinMax, per-channel weights) applied to that
   export; ``quantize_static`` is calibrated on exactly the trajectory inputs our W8A8 row calibrates on
@@ -12,9 +15,9 @@ Rows (each with its output error against eager FP32 on the same inputs):
 - torch.ao dynamic INT8 (``quantize_dynamic`` on nn.Linear);
 - ours: W8A8 (uniform calibration, 2 sampling runs of pool) lowered to INT8 kernels, and our INT8 ONNX
   file under onnxruntime.
-End-to-end: 50-step DDPM sampling (same noise) for eager FP32, onnxruntime FP32 (our exporter, no
-passes), ours torch INT8 and ONNX INT8, each without and with the cache (interval 2); the error is that
-of the final samples against eager FP32's.
+End-to-end: 50-step DDPM sampling (same noise) for eager FP32, ``torch.compile`` bf16, PT2E INT8 +
+``torch.compile``, onnxruntime FP32 (our exporter, no passes), ours torch INT8 and ONNX INT8, each
+without and with the cache (interval 2); the error is that of the final samples against eager FP32's.
 Per-forward rows are timed in interleaved rounds (one call of each row per round, 0.2 s idle before
 each call so that no row inherits another's spinning threads), so that the shared machine's drift
 hits every row alike; end-to-end rows run one after another.
@@ -30,6 +33,7 @@ import numpy as np
 import torch
 
 import qc_compiler as qc
+from qc_compiler.tools import baselines
 from qc_compiler.tools.bench import (benchmark_inputs, benchmark_model, compile_benchmark_w8a8, interleaved_medians,
                                      machine_line, median_seconds, rel_err, write_results)
 from qc_compiler.passes import StepCache
@@ -43,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end sampling rows")
+    p.add_argument("--no-compiled", action="store_true",
+                   help="skip the torch.compile and torchao rows (each compiles for minutes on 2 cores)")
     p.add_argument("--json", type=Path, help="also write every row, with the machine, as JSON here")
     return p.parse_args(argv)
 
@@ -126,15 +132,15 @@ def main(args):
             dyn = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
             ours.reset()
 
-            def bf16():
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    return model(*inputs)
-
+            bf16 = baselines.eager_bf16(model, inputs).fn
             rows = [("PyTorch eager FP32", lambda: model(*inputs), 0.0),
-                    ("PyTorch eager bf16 autocast", bf16, rel_err(bf16(), ref)),
+                    ("PyTorch eager bf16 autocast", lambda: bf16(*inputs), rel_err(bf16(*inputs), ref)),
                     ("torch.ao dynamic INT8", lambda: dyn(*inputs), rel_err(dyn(*inputs), ref))]
-            failed = []
             calibration = list(calibration_batches(ours, args.batch))
+            built, failed = baselines.build_all(model, inputs, calibration) if not args.no_compiled else ([], [])
+            first_call = {b.label: b.first_call_s for b in built}
+            rows += [(b.label, lambda fn=b.fn: fn(*inputs), rel_err(b.fn(*inputs), ref)) for b in built]
+            failed = [(line, float("nan"), float("nan")) for line in failed]
             try:
                 rows += ort_rows(model, inputs, ref, args.threads, calibration)
             except Exception as e:  # report, don't hide: the row says why it is missing
@@ -146,18 +152,21 @@ def main(args):
         base = rows[0][1]
         ort_fp32 = next((r[1] for r in rows if r[0] == "onnxruntime FP32"), float("nan"))
         print(f"\n### {name}, per forward, batch {b}, {args.threads} threads\n")
-        print("| row | median ms | vs eager FP32 | vs ORT FP32 | rel. error vs FP32 |\n|---|---|---|---|---|")
+        print("| row | median ms | vs eager FP32 | vs ORT FP32 | rel. error vs FP32 | first call s |\n"
+              "|---|---|---|---|---|---|")
         for label, sec, err in rows:
-            print(f"| {label} | {sec * 1e3:.1f} | {base / sec:.2f}x | {ort_fp32 / sec:.2f}x | {err:.4f} |", flush=True)
+            first = f"{first_call[label]:.1f}" if label in first_call else "-"
+            print(f"| {label} | {sec * 1e3:.1f} | {base / sec:.2f}x | {ort_fp32 / sec:.2f}x | {err:.4f} | {first} |",
+                  flush=True)
             results.append({"model": name, "kind": "per forward", "row": label, "ms": sec * 1e3,
-                            "vs_eager_fp32": base / sec, "rel_err": err})
+                            "vs_eager_fp32": base / sec, "rel_err": err, "first_call_s": first_call.get(label)})
         if args.no_e2e:
             continue
         labels = list(range(b))
         print(f"\n### {name}, end to end, {args.steps} DDPM steps, batch {b}, {args.threads} threads\n")
         print("| row | s / run | vs eager FP32 | vs ORT FP32 | rel. error of the samples vs FP32 |\n|---|---|---|---|---|")
         base_e2e = ort_e2e = ref_samples = None
-        for label, make in e2e_rows(model, sampler, ours, args):
+        for label, make in e2e_rows(model, sampler, ours, args, built):
             try:
                 m = make()
                 samples = sampler.sample(m, labels, seed=0)  # also warms up
@@ -175,9 +184,25 @@ def main(args):
     write_results(args.json, "forward_speed", vars(args), results)
 
 
-def e2e_rows(model, sampler, ours, args):
+class Denoiser:
+    """A compiled baseline called by our samplers: ``fn(x, t, y)``, the model's attributes otherwise."""
+
+    def __init__(self, fn, model, t_dtype):
+        self.fn, self.model, self.t_dtype = fn, model, t_dtype
+
+    def __call__(self, x, t, y):
+        return self.fn(x, t.to(self.t_dtype), y)  # in the timestep dtype the graph was traced with
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def e2e_rows(model, sampler, ours, args, built=()):
     """(label, factory) for the end-to-end rows; ONNX rows export and load their file when reached."""
     from qc_compiler.backends.onnx import OrtDenoiser
+
+    compiled = {b.label: b.fn for b in built}
+    t_dtype = benchmark_inputs(model, 1)[1].dtype
 
     ours_cache = compile_benchmark_w8a8(model, sampler, [StepCache(interval=2)])
 
@@ -185,7 +210,9 @@ def e2e_rows(model, sampler, ours, args):
         return lambda: OrtDenoiser(compiled.export_onnx(Path(tempfile.mkdtemp()) / "m.onnx"), threads=args.threads)
 
     fp32_graph = qc.compile(model, passes=[], sampler=sampler)  # our exporter's FP32 file, same interface
-    return [("eager FP32", lambda: model), ("onnxruntime FP32", ort(fp32_graph)),
+    extra = [(label, lambda fn=compiled[label]: Denoiser(fn, model, t_dtype)) for label in compiled
+             if label.startswith("torch.compile bf16") or label.startswith("torchao PT2E")]
+    return [("eager FP32", lambda: model), *extra, ("onnxruntime FP32", ort(fp32_graph)),
             ("ours W8A8 torch INT8", lambda: ours), ("ours W8A8 ONNX INT8", ort(ours)),
             ("ours W8A8 torch INT8 + cache interval 2", lambda: ours_cache),
             ("ours W8A8 ONNX INT8 + cache interval 2", ort(ours_cache))]

@@ -63,8 +63,9 @@ def test_profile_forward_labels_our_gemms_for_either_kernel(capsys, monkeypatch)
 
 def test_forward_speed_prints_every_row_with_its_error(capsys):
     forward_speed = load("forward_speed")
+    # the compiled baselines compile for minutes: benchmarks/test_speed.py runs them (--benchmark-only)
     forward_speed.main(forward_speed.parse_args(["--models", "DiT-T/4", "--batch", "2", "--repeats", "1",
-                                                 "--steps", "3", "--threads", "1"]))
+                                                 "--steps", "3", "--threads", "1", "--no-compiled"]))
     out = capsys.readouterr().out
     per_forward, e2e = out.split("end to end")
     for row in ("PyTorch eager FP32 |", "onnxruntime FP32 |", "onnxruntime quantize_dynamic |",
