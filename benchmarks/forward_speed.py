@@ -13,11 +13,13 @@ Rows (each with its output error against eager FP32 on the same inputs, and its 
   (its calibration set: the same items, in the same CFG pairs and batches), once with onnxruntime's
   default op types and once restricted to MatMul/Gemm, as ours;
 - torch.ao dynamic INT8 (``quantize_dynamic`` on nn.Linear);
-- ours: W8A8 (uniform calibration, 2 sampling runs of pool) lowered to INT8 kernels, and our INT8 ONNX
-  file under onnxruntime.
+- ours: W8A8 (uniform calibration, 2 sampling runs of pool) lowered to INT8 kernels (the ``torch``
+  backend's, and the ``inductor`` backend's: the same calibration through torch.compile), and our INT8
+  ONNX file under onnxruntime.
 End-to-end: 50-step DDPM sampling (same noise) for eager FP32, ``torch.compile`` bf16, PT2E INT8 +
-``torch.compile``, onnxruntime FP32 (our exporter, no passes), ours torch INT8 and ONNX INT8, each
-without and with the cache (interval 2); the error is that of the final samples against eager FP32's.
+``torch.compile``, onnxruntime FP32 (our exporter, no passes), ours torch INT8, Inductor INT8 and ONNX
+INT8, each without and with the cache (interval 2); the error is that of the final samples against
+eager FP32's.
 Per-forward rows are timed in interleaved rounds (one call of each row per round, 0.2 s idle before
 each call so that no row inherits another's spinning threads), so that the shared machine's drift
 hits every row alike; end-to-end rows run one after another.
@@ -48,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end sampling rows")
     p.add_argument("--no-compiled", action="store_true",
-                   help="skip the torch.compile and torchao rows (each compiles for minutes on 2 cores)")
+                   help="skip every torch.compile row, ours through Inductor included (each compiles for minutes)")
     p.add_argument("--json", type=Path, help="also write every row, with the machine, as JSON here")
     return p.parse_args(argv)
 
@@ -146,6 +148,11 @@ def main(args):
             except Exception as e:  # report, don't hide: the row says why it is missing
                 failed.append((f"onnxruntime rows failed: {type(e).__name__}: {str(e)[:80]}", float("nan"), float("nan")))
             rows.append(("ours W8A8 torch INT8", lambda: ours.graph_module(*inputs), rel_err(ours.graph_module(*inputs), ref)))
+            if not args.no_compiled:
+                ours_ind = compile_benchmark_w8a8(model, sampler, backend="inductor")
+                rows.append(("ours W8A8 Inductor INT8", lambda: ours_ind.graph_module(*inputs),
+                             rel_err(ours_ind.graph_module(*inputs), ref)))
+                first_call["ours W8A8 Inductor INT8"] = ours_ind.graph_module.first_call_s
             rows.append(ours_onnx_row(ours, model, inputs, args))
             seconds = interleaved_medians([fn for _, fn, _ in rows], args.repeats)
             rows = [(label, sec, err) for (label, _, err), sec in zip(rows, seconds)] + failed
@@ -167,6 +174,8 @@ def main(args):
         print("| row | s / run | vs eager FP32 | vs ORT FP32 | rel. error of the samples vs FP32 |\n|---|---|---|---|---|")
         base_e2e = ort_e2e = ref_samples = None
         for label, make in e2e_rows(model, sampler, ours, args, built):
+            if args.no_compiled and "Inductor" in label:
+                continue
             try:
                 m = make()
                 samples = sampler.sample(m, labels, seed=0)  # also warms up
@@ -213,8 +222,12 @@ def e2e_rows(model, sampler, ours, args, built=()):
     extra = [(label, lambda fn=compiled[label]: Denoiser(fn, model, t_dtype)) for label in compiled
              if label.startswith("torch.compile bf16") or label.startswith("torchao PT2E")]
     return [("eager FP32", lambda: model), *extra, ("onnxruntime FP32", ort(fp32_graph)),
-            ("ours W8A8 torch INT8", lambda: ours), ("ours W8A8 ONNX INT8", ort(ours)),
+            ("ours W8A8 torch INT8", lambda: ours),
+            ("ours W8A8 Inductor INT8", lambda: compile_benchmark_w8a8(model, sampler, backend="inductor")),
+            ("ours W8A8 ONNX INT8", ort(ours)),
             ("ours W8A8 torch INT8 + cache interval 2", lambda: ours_cache),
+            ("ours W8A8 Inductor INT8 + cache interval 2",
+             lambda: compile_benchmark_w8a8(model, sampler, [StepCache(interval=2)], backend="inductor")),
             ("ours W8A8 ONNX INT8 + cache interval 2", ort(ours_cache))]
 
 

@@ -296,6 +296,7 @@ def load_compiled(folder) -> CompiledModel:
         raise ArtifactError(f"{folder}/manifest.json has no {e} entry; recompile the model") from None
     except (TypeError, ValueError) as e:
         raise ArtifactError(f"{folder}/manifest.json does not describe a model this version can build: {e}") from None
+    _match_dtypes(model, weights)  # a float16/bfloat16 model is rebuilt in the dtypes it was saved in
     load_state_strict(model, weights, f"{folder}/weights.safetensors")
     fits = [part for _, part in tables]
     conditions = (ConditionBank.from_tensors(adapter.inputs.conditions, fits[0])
@@ -311,6 +312,22 @@ def load_compiled(folder) -> CompiledModel:
     return compile(model.eval(), passes=passes, sampler=samplers if len(samplers) > 1 else samplers[0],
                    backend=backend, seed=seed, fitted=fits if len(fits) > 1 else fits[0],
                    capture_mode=capture_mode, adapter=adapter, conditions=conditions, geometry=geometry)
+
+
+def _match_dtypes(model: nn.Module, weights: Dict[str, torch.Tensor]) -> None:
+    """Give a freshly built model the dtypes it was saved in: the whole model cast to its saved weights'
+    most common floating dtype first (as ``model.to(dtype)`` cast it before it was compiled, non-persistent
+    buffers included), then each tensor to its own saved dtype (a model may keep modules in float32)."""
+    counts: Dict[torch.dtype, int] = {}
+    for t in weights.values():
+        if t.is_floating_point():
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    if counts:
+        model.to(max(counts, key=counts.get))
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        saved = weights.get(name)
+        if saved is not None and tensor.is_floating_point() and saved.dtype != tensor.dtype:
+            tensor.data = tensor.data.to(saved.dtype)
 
 
 set_loader(load_compiled)  # lets a diffusers pipeline's from_pretrained rebuild a saved compiled transformer

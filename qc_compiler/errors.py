@@ -11,7 +11,7 @@ from __future__ import annotations
 
 __all__ = [
     "QCError", "CaptureError", "PassOrderError", "PassError", "CalibrationError", "ExportError",
-    "ArtifactError", "StepError",
+    "ArtifactError", "ArtifactNotFoundError", "RefusedAttributeError", "StepError",
 ]
 
 
@@ -47,6 +47,14 @@ class ExportError(QCError):
 
 class ArtifactError(QCError):
     """A file the project reads is missing, truncated, tampered with, or of the wrong version."""
+
+
+class ArtifactNotFoundError(ArtifactError, FileNotFoundError):
+    """The artefact is not there at all; an ``OSError`` too, as diffusers' loaders raise for a missing file."""
+
+
+class RefusedAttributeError(QCError, AttributeError):
+    """An attribute a compiled model deliberately does not have (``hasattr`` is False; reading it says why)."""
 
 
 class StepError(QCError):

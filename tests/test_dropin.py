@@ -159,3 +159,13 @@ def test_model_cpu_offload_keeps_the_compiled_transformer():
     assert hasattr(pipe.transformer, "_hf_hook")
     np.testing.assert_array_equal(run(pipe), ref)
     assert pipe.transformer.compiled is compiled  # the hooks' moves to the same device compile nothing
+
+
+def test_a_missing_artefact_is_an_os_error_and_refused_attributes_are_absent(tmp_path):
+    pipe, _, _ = compiled_pipe()
+    assert not hasattr(pipe.transformer, "attn_processors")  # diffusers code probes with hasattr
+    with pytest.raises(qc.QCError, match="compiled into the graph"):
+        pipe.transformer.attn_processors
+    pipe.transformer.save_pretrained(tmp_path / "t")
+    with pytest.raises(OSError, match="qc.fp16/ is missing"):  # what diffusers' loaders raise for a missing file
+        type(pipe.transformer).from_pretrained(tmp_path / "t", variant="fp16")

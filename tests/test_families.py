@@ -259,3 +259,26 @@ def test_pipeline_refuses_what_the_compiled_graph_cannot_take():
     with pytest.raises(QCError, match="class-conditional|fixed input size"):
         qc.compile(qc.load_model("DiT-T/4", input_size=16, in_channels=1, num_classes=10), [],
                    geometry=Geometry(height=8))
+
+
+def test_what_diffusers_model_tests_call_a_transformer_with(tmp_path):
+    """Gaps diffusers' own model tests found: per-sample timesteps on a step-independent model, an
+    optional text mask, PixArt without a caption projection, and a float16 model saved and reloaded."""
+    tr = diffusers.PixArtTransformer2DModel(sample_size=8, num_layers=1, patch_size=2, attention_head_dim=8,
+                                            num_attention_heads=3, caption_channels=None, in_channels=4,
+                                            cross_attention_dim=24, out_channels=8, norm_type="ada_norm_single",
+                                            num_embeds_ada_norm=1000, norm_elementwise_affine=False).eval()
+    compiled = qc.compile(tr, [], geometry=Geometry(height=8, width=8, text_tokens=5))  # text width 24: no projection
+    model = adapter_of(compiled).to_pipeline(compiled, tr)
+    x, text, t = torch.randn(3, 4, 8, 8), torch.randn(3, 5, 24), torch.tensor([10, 500, 990])
+    kw = dict(added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    with torch.no_grad():
+        want = tr(x, encoder_hidden_states=text, timestep=t, **kw).sample
+        got = model(x, encoder_hidden_states=text, timestep=t, **kw).sample  # no mask, one timestep per sample
+    assert torch.allclose(got, want, atol=1e-5)
+    half = qc.compile(tr.to(torch.float16), [], geometry=Geometry(height=8, width=8, text_tokens=5))
+    half.save(tmp_path / "half")
+    again = qc.load_compiled(tmp_path / "half")  # rebuilt in float16, so the saved weights' digest matches
+    assert again.dtype == torch.float16
+    ones = torch.ones(3, 5, dtype=torch.long)
+    assert torch.equal(again(x, t, text.half(), ones), half(x, t, text.half(), ones))

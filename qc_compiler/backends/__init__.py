@@ -6,9 +6,9 @@ configs, never their code).
 
 Example:
     >>> sorted(BACKENDS)
-    ['fakequant', 'onnx', 'torch']
+    ['fakequant', 'inductor', 'onnx', 'torch']
 """
 from .registry import BACKENDS, Backend, get_backend, register_backend
-from . import onnx, torch_int8  # noqa: E402,F401  (register "torch", "fakequant" and "onnx")
+from . import inductor, onnx, torch_int8  # noqa: E402,F401  (register "torch", "fakequant", "inductor", "onnx")
 
 __all__ = ["Backend", "BACKENDS", "register_backend", "get_backend"]

@@ -56,6 +56,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import ArtifactError, ExportError, StepError
@@ -254,7 +255,6 @@ def _unfreeze_sizes(gm: nn.Module) -> None:
     """torch.export graphs read sizes with ``aten.sym_size.int`` and pass them to ATen overloads;
     the TorchScript tracer would bake the example's batch into the file. Use ``Tensor`` methods
     instead, which it traces as Shape ops."""
-    import torch.fx as fx
 
     for sub in gm.modules():
         if not isinstance(sub, fx.GraphModule):
@@ -274,7 +274,6 @@ def _prepare_for_tracing(gm: nn.Module) -> None:
       writes an If on the runtime size whose Squeeze branch fails shape inference; the node goes.
     - in-place writes into views (Wan's rotary embedding fills ``empty_like`` slices with ``copy_``):
       the exporter drops them, which would give a wrong file; refused."""
-    import torch.fx as fx
 
     from ..graph import writes_in_place
 
@@ -590,6 +589,9 @@ def export_onnx(compiled: CompiledModel, path, opset: int = 17, external_data: O
     if external_data is not None and not isinstance(external_data, bool):
         raise TypeError(f"external_data must be True, False or None, got {external_data!r}")
     graph = compiled.graph_module
+    if not isinstance(graph, (fx.GraphModule, OrtGraph)):
+        raise ExportError(f"a model lowered by the {compiled.build.get('backend')!r} backend runs compiled code, not a "
+                          "graph the exporter can read: compile with backend='torch' (the same INT8 graph) and export that")
     if isinstance(graph, OrtGraph):  # compiled with backend="onnx": the file exists already
         if graph.opset != opset:
             raise ExportError(f"this model was compiled to ONNX opset {graph.opset}; export it with opset={graph.opset}")

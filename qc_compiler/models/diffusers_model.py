@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 import torch.nn as nn
 
-from ..errors import ArtifactError, QCError
+from ..errors import ArtifactError, ArtifactNotFoundError, QCError, RefusedAttributeError
 
 __all__ = ["qc_transformer", "transformer_class", "set_loader", "ARTEFACT", "REFUSED"]
 
@@ -126,6 +126,14 @@ def _define() -> type:
             with self.compiled.stream(name):
                 yield
 
+        def __getattr__(self, name: str):
+            # attn_processors is refused, not missing: hasattr() is False (diffusers probes with it), and
+            # reading it says why (a property raising AttributeError would fall through to here anyway)
+            if name == "attn_processors":
+                raise RefusedAttributeError(f"{type(self).__name__}.attn_processors: not on a compiled model: "
+                                            f"{REFUSED['set_attn_processor']}")
+            return super().__getattr__(name)
+
         def set_default_attn_processor(self) -> None:
             """A no-op when the graph was captured with the default processors; else refused."""
             if not self.default_attention:
@@ -188,7 +196,8 @@ def _define() -> type:
             folder = Path(pretrained_model_name_or_path) / (subfolder or "")
             artefact = folder / _artefact_name(variant)
             if not artefact.is_dir():
-                raise ArtifactError(f"{folder} holds no compiled transformer ({_artefact_name(variant)}/ is missing)")
+                raise ArtifactNotFoundError(f"{folder} holds no compiled transformer ({_artefact_name(variant)}/ is "
+                                            "missing)")
             if _LOADER is None:
                 raise QCError("import qc_compiler before loading a compiled transformer")
             with open(folder / cls.config_name) as f:

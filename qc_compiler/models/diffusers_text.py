@@ -110,6 +110,13 @@ class DiffusersTextAdapter(ModelAdapter):
         """Keyword arguments the transformer always gets (PixArt's ``added_cond_kwargs``; default: none)."""
         return {}
 
+    @staticmethod
+    def text_width(cfg: Any) -> int:
+        """Channels of one prompt token as the transformer takes it: the caption projection's input,
+        or, with no projection (``caption_channels`` None), the cross-attention's."""
+        channels = getattr(cfg, "caption_channels", None)
+        return int(channels if channels is not None else cfg.cross_attention_dim)
+
     def unused(self, cfg: Any) -> Tuple[str, ...]:
         """Condition inputs this model's config does not read (Flux without guidance embeds; default: none)."""
         return ()
@@ -204,6 +211,9 @@ class DiffusersTextAdapter(ModelAdapter):
         conds = []
         for name in self.inputs.conditions:
             value = kwargs.pop(name, None)
+            if value is None and name == "encoder_attention_mask" and conds:
+                # diffusers' mask is optional: none means every prompt token counts, as an all-ones mask
+                value = torch.ones(conds[0].shape[:2], dtype=torch.int64, device=conds[0].device)
             if value is None:
                 if name in self.unused(_Namespace(compiled.build.get("model_config") or {})):
                     value = torch.zeros(hidden_states.shape[0], dtype=torch.float32, device=hidden_states.device)

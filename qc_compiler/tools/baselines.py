@@ -25,7 +25,7 @@ import contextlib
 import copy
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -90,7 +90,8 @@ def compiled(model: nn.Module, inputs: Inputs, dtype: Optional[torch.dtype] = No
 def pt2e_int8(model: nn.Module, inputs: Inputs, calibration: Iterable[Inputs]) -> Baseline:
     """torchao PT2E static INT8 (X86InductorQuantizer) calibrated on ``calibration``, then compiled.
 
-    The graph is exported at the inputs' batch size; calibration batches of another size are skipped."""
+    The graph is exported at the inputs' batch size, so the calibration items are re-batched to it
+    (the remainder is left out)."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
         X86InductorQuantizer, get_default_x86_inductor_quantization_config)
@@ -100,17 +101,24 @@ def pt2e_int8(model: nn.Module, inputs: Inputs, calibration: Iterable[Inputs]) -
     with torch.no_grad():
         graph = torch.export.export(copy.deepcopy(model).eval(), tuple(inputs)).module()
         prepared = prepare_pt2e(graph, quantizer)
-        used = 0
-        for batch in calibration:
-            if batch[0].shape[0] == inputs[0].shape[0]:
-                prepared(*(b.to(like.dtype) for b, like in zip(batch, inputs)))
-                used += 1
-        if not used:
-            raise ValueError("no calibration batch has the inputs' batch size")
+        for batch in _rebatch(calibration, inputs):
+            prepared(*batch)
         converted = convert_pt2e(prepared)
     with freezing():
         fn = torch.compile(converted, dynamic=False)
         return _timed_first_call("torchao PT2E X86InductorQuantizer static INT8 + torch.compile", fn, inputs)
+
+
+def _rebatch(calibration: Iterable[Inputs], inputs: Inputs) -> List[Inputs]:
+    """The calibration items in batches of the inputs' size and dtypes (a static export takes no other)."""
+    parts = list(zip(*calibration))
+    if not parts:
+        raise ValueError("PT2E needs calibration batches")
+    whole = [torch.cat(p).to(like.dtype) for p, like in zip(parts, inputs)]
+    n, b = whole[0].shape[0], inputs[0].shape[0]
+    if n < b:
+        raise ValueError(f"{n} calibration items are fewer than one batch of {b}")
+    return [tuple(w[i:i + b] for w in whole) for i in range(0, n - b + 1, b)]
 
 
 def torchao_dynamic_int8(model: nn.Module, inputs: Inputs) -> Baseline:

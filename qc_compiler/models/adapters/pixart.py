@@ -30,7 +30,7 @@ class PixArtAdapter(DiffusersTextAdapter):
         return Geometry(height=int(cfg.sample_size), width=int(cfg.sample_size), text_tokens=300)
 
     def condition_rows(self, cfg: Any, geo: Geometry) -> List[ConditionRow]:
-        return [ConditionRow("encoder_hidden_states", (geo.text_tokens, int(cfg.caption_channels))),
+        return [ConditionRow("encoder_hidden_states", (geo.text_tokens, self.text_width(cfg))),
                 ConditionRow("encoder_attention_mask", (geo.text_tokens,), "int64")]
 
     def fixed_kwargs(self, cfg: Any) -> Dict[str, Any]:
