@@ -6,7 +6,8 @@ Rows (each with its output error against eager FP32 on the same inputs, and its 
 - PyTorch eager FP32, and eager bf16 autocast;
 - the compiled baselines (``qc_compiler.tools.baselines``): ``torch.compile`` FP32 and bf16 autocast
   with Inductor freezing, torchao's PT2E static INT8 (X86InductorQuantizer, calibrated on the same
-  batches as ours) + ``torch.compile``, and torchao's dynamic INT8 + ``torch.compile``;
+  batches as ours) + ``torch.compile``, once on every Linear and once on the same GEMMs as ours
+  (embedders and adaLN left float), and torchao's dynamic INT8 + ``torch.compile``;
 - onnxruntime FP32 on a plain FP32 ONNX export, and onnxruntime's own ``quantize_dynamic`` (per
   tensor and per channel) and ``quantize_static`` (QDQ, MinMax, per-channel weights) applied to that
   export; ``quantize_static`` is calibrated on exactly the trajectory inputs our W8A8 row calibrates on
@@ -97,6 +98,18 @@ def ort_rows(model, inputs, ref, threads, calibration):
     return rows
 
 
+def float_linears(model):
+    """The Linear modules ours does not quantize with activations (embedders, conditioning linears)."""
+    from fnmatch import fnmatch
+
+    from qc_compiler.models import adapter_for
+
+    adapter = adapter_for(model)
+    return [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+            and (not any(fnmatch(name, p) for p in adapter.quantizable)
+                 or any(fnmatch(name, p) for p in adapter.conditioning_linears))]
+
+
 def calibration_batches(ours, batch):
     """The (x, t, y) batches our W8A8 row was calibrated on (restored from its fitted state)."""
     from qc_compiler.calibration import CalibrationPool
@@ -139,7 +152,8 @@ def main(args):
                     ("PyTorch eager bf16 autocast", lambda: bf16(*inputs), rel_err(bf16(*inputs), ref)),
                     ("torch.ao dynamic INT8", lambda: dyn(*inputs), rel_err(dyn(*inputs), ref))]
             calibration = list(calibration_batches(ours, args.batch))
-            built, failed = baselines.build_all(model, inputs, calibration) if not args.no_compiled else ([], [])
+            built, failed = (baselines.build_all(model, inputs, calibration, float_linears(model))
+                             if not args.no_compiled else ([], []))
             first_call = {b.label: b.first_call_s for b in built}
             rows += [(b.label, lambda fn=b.fn: fn(*inputs), rel_err(b.fn(*inputs), ref)) for b in built]
             failed = [(line, float("nan"), float("nan")) for line in failed]
@@ -220,7 +234,7 @@ def e2e_rows(model, sampler, ours, args, built=()):
 
     fp32_graph = qc.compile(model, passes=[], sampler=sampler)  # our exporter's FP32 file, same interface
     extra = [(label, lambda fn=compiled[label]: Denoiser(fn, model, t_dtype)) for label in compiled
-             if label.startswith("torch.compile bf16") or label.startswith("torchao PT2E")]
+             if label.startswith("torch.compile bf16") or label.endswith("our layers")]
     return [("eager FP32", lambda: model), *extra, ("onnxruntime FP32", ort(fp32_graph)),
             ("ours W8A8 torch INT8", lambda: ours),
             ("ours W8A8 Inductor INT8", lambda: compile_benchmark_w8a8(model, sampler, backend="inductor")),

@@ -205,9 +205,12 @@ class DiffusersTextAdapter(ModelAdapter):
             given = kwargs.pop(name, None)
             if given is not None:
                 given = given[0] if given.ndim == expected.ndim + 1 else given  # an old batched id tensor
-                if tuple(given.shape) != tuple(expected.shape) or not torch.equal(given.to(expected), expected):
+                if tuple(given.shape) != tuple(expected.shape):
                     raise QCError(f"{name} differs from the compiled model's: it was compiled for {geo}; compile for "
                                   "this size (qc.compile_pipeline(..., height=, width=))")
+                if not torch.equal(given.to(expected), expected):
+                    raise QCError(f"{name} is not the position grid the model was compiled for ({geo}): the ids are "
+                                  "compiled constants, so pipelines that pass other ids (e.g. Kontext) are not served")
         conds = []
         for name in self.inputs.conditions:
             value = kwargs.pop(name, None)

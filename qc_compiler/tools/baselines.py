@@ -87,8 +87,11 @@ def compiled(model: nn.Module, inputs: Inputs, dtype: Optional[torch.dtype] = No
         return _timed_first_call(f"torch.compile {name}", fn, inputs)
 
 
-def pt2e_int8(model: nn.Module, inputs: Inputs, calibration: Iterable[Inputs]) -> Baseline:
+def pt2e_int8(model: nn.Module, inputs: Inputs, calibration: Iterable[Inputs],
+              keep_float: Sequence[str] = ()) -> Baseline:
     """torchao PT2E static INT8 (X86InductorQuantizer) calibrated on ``calibration``, then compiled.
+    ``keep_float``: names of Linear modules left in float (ours keeps the embedders float and the
+    conditioning linears weight-only; given them, PT2E quantizes the same GEMMs as ours).
 
     The graph is exported at the inputs' batch size, so the calibration items are re-batched to it
     (the remainder is left out)."""
@@ -98,6 +101,8 @@ def pt2e_int8(model: nn.Module, inputs: Inputs, calibration: Iterable[Inputs]) -
 
     quantizer = X86InductorQuantizer()
     quantizer.set_global(get_default_x86_inductor_quantization_config())
+    for name in keep_float:
+        quantizer.set_module_name_qconfig(name, None)
     with torch.no_grad():
         graph = torch.export.export(copy.deepcopy(model).eval(), tuple(inputs)).module()
         prepared = prepare_pt2e(graph, quantizer)
@@ -106,7 +111,8 @@ def pt2e_int8(model: nn.Module, inputs: Inputs, calibration: Iterable[Inputs]) -
         converted = convert_pt2e(prepared)
     with freezing():
         fn = torch.compile(converted, dynamic=False)
-        return _timed_first_call("torchao PT2E X86InductorQuantizer static INT8 + torch.compile", fn, inputs)
+        label = "torchao PT2E X86InductorQuantizer static INT8 + torch.compile"
+        return _timed_first_call(label + (", our layers" if keep_float else ""), fn, inputs)
 
 
 def _rebatch(calibration: Iterable[Inputs], inputs: Inputs) -> List[Inputs]:
@@ -132,13 +138,17 @@ def torchao_dynamic_int8(model: nn.Module, inputs: Inputs) -> Baseline:
         return _timed_first_call("torchao dynamic INT8 + torch.compile", fn, inputs)
 
 
-def build_all(model: nn.Module, inputs: Inputs, calibration: Sequence[Inputs]) -> Tuple[list, list]:
+def build_all(model: nn.Module, inputs: Inputs, calibration: Sequence[Inputs],
+              keep_float: Sequence[str] = ()) -> Tuple[list, list]:
     """(baselines, failures): every compiled baseline that builds here, and a line for each that does
-    not (torchao missing, an export the model refuses), so a table never silently drops a row."""
+    not (torchao missing, an export the model refuses), so a table never silently drops a row. PT2E
+    runs twice: quantizing every Linear (the tutorial's way), and leaving ``keep_float`` in float."""
     rows, failed = [], []
     for label, build in (("torch.compile FP32", lambda: compiled(model, inputs)),
                          ("torch.compile bf16 autocast", lambda: compiled(model, inputs, torch.bfloat16)),
                          ("torchao PT2E static INT8", lambda: pt2e_int8(model, inputs, calibration)),
+                         ("torchao PT2E static INT8, our layers",
+                          lambda: pt2e_int8(model, inputs, calibration, keep_float)),
                          ("torchao dynamic INT8", lambda: torchao_dynamic_int8(model, inputs))):
         try:
             rows.append(build())
