@@ -122,7 +122,8 @@ def compile(  # noqa: A001 - the verb users expect
     mode = capture_mode or adapter.capture_mode
     take = lambda: capture(wrapped, example_inputs=inputs, leaf_modules=adapter.leaf_modules, prefer=mode)  # noqa: E731
     gm = take()
-    ctx = PassContext(adapter=adapter, info=info, sampler=sampler, reference=take() if passes else gm, seed=seed,
+    ctx = PassContext(adapter=adapter, info=info, sampler=sampler, reference=None if passes else gm,
+                      reference_factory=take if passes else None, seed=seed,
                       fitted=fitted, progress=progress, conditions=conditions)
     if progress:
         ctx.instruments.append(ProgressInstrument(len(manager.passes)))

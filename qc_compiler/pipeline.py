@@ -177,8 +177,8 @@ class ReportInstrument(PassInstrument):
 
 @dataclass
 class PassContext:
-    """What passes share: the model adapter and info, the sampler, the FP reference graph, artefacts,
-    fitted state and seeds.
+    """What passes share: the model adapter and info, the sampler, the FP reference graph (read it with
+    ``need("reference", ...)``: it is captured on first use), artefacts, fitted state and seeds.
 
     ``adapter`` is the model family's :class:`~qc_compiler.models.ModelAdapter` (where the blocks are,
     the conditioning linears, example inputs); ``info`` what samplers read off the model.
@@ -193,6 +193,9 @@ class PassContext:
     sampler: Any = None
     conditions: Optional[ConditionBank] = None  # a text-conditioned model's prompts (None: class labels)
     reference: Optional[fx.GraphModule] = None
+    # builds ``reference`` on first use (a second capture of the source model costs seconds, and only
+    # passes that compare against the FP model read it); passes never modify the source model
+    reference_factory: Optional[Callable[[], fx.GraphModule]] = None
     seed: int = 0
     artifacts: Dict[str, Any] = field(default_factory=dict)
     fitted: Dict[str, Any] = field(default_factory=dict)
@@ -202,6 +205,8 @@ class PassContext:
 
     def need(self, what: str, by: str) -> Any:
         """``self.<what>``, or a ``QCError`` saying that pass ``by`` needs it."""
+        if what == "reference" and self.reference is None and self.reference_factory is not None:
+            self.reference = self.reference_factory()
         value = getattr(self, what)
         if value is None:
             raise QCError(f"pass {by!r} needs ctx.{what}; compile through qc.compile(model, ...), which sets it")

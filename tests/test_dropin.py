@@ -21,8 +21,14 @@ def compiled_pipe(passes=None, steps=5, cfg=2.0):
     return pipe, compiled, ref
 
 
-def test_eval_is_a_no_op_and_train_is_refused():
-    pipe, compiled, ref = compiled_pipe()
+@pytest.fixture(scope="module")
+def shared():
+    """One compiled pipeline for the tests that leave it as they found it (each compile exports twice)."""
+    return compiled_pipe()
+
+
+def test_eval_is_a_no_op_and_train_is_refused(shared):
+    pipe, compiled, ref = shared
     assert pipe.transformer.eval() is pipe.transformer and compiled.eval() is compiled
     assert pipe.transformer.train(False) is pipe.transformer and not pipe.transformer.training
     np.testing.assert_array_equal(run(pipe), ref)
@@ -65,8 +71,8 @@ def test_to_dtype_compiles_again_and_a_half_model_compiles():
     assert cm.dtype == torch.bfloat16 and torch.isfinite(sampler.sample(cm, [1, 2], seed=0)).all()
 
 
-def test_outputs_batches_and_callbacks_behave_as_diffusers():
-    pipe, compiled, ref = compiled_pipe()
+def test_outputs_batches_and_callbacks_behave_as_diffusers(shared):
+    pipe, compiled, ref = shared
     x, t, y = torch.randn(4, 4, 8, 8), torch.full((4,), int(pipe.scheduler.timesteps[0])), torch.tensor([1, 2, 3, 4])
     as_dict, as_tuple = pipe.transformer(x, timestep=t, class_labels=y), pipe.transformer(x, t, y, return_dict=False)
     assert isinstance(as_tuple, tuple) and torch.equal(as_dict.sample, as_tuple[0])
@@ -83,8 +89,8 @@ def test_outputs_batches_and_callbacks_behave_as_diffusers():
     np.testing.assert_array_equal(images, ref)
 
 
-def test_what_cannot_apply_is_refused_with_the_reason():
-    pipe, _, _ = compiled_pipe()
+def test_what_cannot_apply_is_refused_with_the_reason(shared):
+    pipe, _, _ = shared
     for method, reason in [("set_attn_processor", "compile"), ("enable_cache", "StepCache"),
                            ("enable_layerwise_casting", "dtype"), ("enable_gradient_checkpointing", "inference"),
                            ("load_lora_adapter", "fused into the source model")]:
@@ -128,8 +134,8 @@ def test_one_compiled_transformer_serves_several_step_counts(tmp_path):
     # table a run is on (tables with distinct first timesteps: test_schedules.py)
     scheduler = "DPMSolverMultistepScheduler"
 
-    def passes():
-        return [StepCache(interval=2), UniformCalibration(size=8, pool_labels=4), Quantize(preset="w8a8")]
+    def passes():  # the cache's schedule is per table; calibration per table: tests/test_schedules.py
+        return [StepCache(interval=2)]
 
     pipe = tiny_pipeline_with(scheduler)
     multi = qc.compile_pipeline(pipe, passes(), num_inference_steps=[4, 5], guidance_scale=2.0)
@@ -161,8 +167,8 @@ def test_model_cpu_offload_keeps_the_compiled_transformer():
     assert pipe.transformer.compiled is compiled  # the hooks' moves to the same device compile nothing
 
 
-def test_a_missing_artefact_is_an_os_error_and_refused_attributes_are_absent(tmp_path):
-    pipe, _, _ = compiled_pipe()
+def test_a_missing_artefact_is_an_os_error_and_refused_attributes_are_absent(shared, tmp_path):
+    pipe, _, _ = shared
     assert not hasattr(pipe.transformer, "attn_processors")  # diffusers code probes with hasattr
     with pytest.raises(qc.QCError, match="compiled into the graph"):
         pipe.transformer.attn_processors

@@ -177,7 +177,7 @@ class VarianceCompensation(Pass):
 
     def run(self, gm: fx.GraphModule, ctx) -> PassResult:
         sampler, info = ctx.need("sampler", self.name), ctx.need("info", self.name)
-        if ctx.reference is None:
+        if ctx.reference is None and ctx.reference_factory is None:
             raise PassError(self.name, "needs the FP reference graph for paired trajectories")
         cfg = self.config
         output = cfg.placement in OUTPUT_PLACEMENTS
@@ -212,7 +212,7 @@ class VarianceCompensation(Pass):
 
     def _reference_targets(self, ctx) -> List[torch.Tensor]:
         """Per step: the FP model's raw output on its own trajectory (eps), or x_t after the update (sample)."""
-        reference = ctx.denoiser(ctx.reference)
+        reference = ctx.denoiser(ctx.need("reference", self.name))
         outputs: List[torch.Tensor] = []
         handle = reference.register_forward_hook(lambda m, a, o: outputs.append(o.detach()))
         try:
