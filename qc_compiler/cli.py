@@ -41,6 +41,9 @@ def _positive(text: str) -> int:
     return value
 
 
+_BACKEND_HELP = "torch (INT8 kernels), inductor (INT8 through torch.compile), onnx (onnxruntime) or fakequant"
+
+
 def _step_counts(text: str) -> List[int]:
     counts = [_positive(part.strip()) for part in text.split(",")]
     if len(set(counts)) != len(counts):
@@ -162,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampler_args(p, several=True)
     p.add_argument("--pass", dest="passes", action="append", default=[], metavar="NAME[:k=v,...]",
                    help=_pass_help())
-    p.add_argument("--backend", default="torch", help="torch (INT8 kernels), onnx (onnxruntime) or fakequant")
+    p.add_argument("--backend", default="torch", help=_BACKEND_HELP)
     p.add_argument("--out", type=Path, required=True, help="folder to write")
 
     p = sub.add_parser("export", help="write a compiled model as INT8 ONNX (QDQ) for onnxruntime", parents=[common])
@@ -209,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-size", type=_positive, default=800, help="calibration-set size (default 800)")
     p.add_argument("--pool-labels", type=_positive, default=32, help="labels sampled for the calibration pool (default 32)")
     p.add_argument("--vc", choices=["eps", "velocity", "sample"], default="sample", help="VC placement of the +VC rows (default sample)")
-    p.add_argument("--backend", default="torch", help="torch (INT8 kernels), onnx (onnxruntime) or fakequant")
+    p.add_argument("--backend", default="torch", help=_BACKEND_HELP)
     p.add_argument("--fp250", action="store_true", help="also time FP32 at 250 steps")
     p.add_argument("--out", type=Path, help="write all rows as JSON here")
 
