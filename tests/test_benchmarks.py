@@ -92,3 +92,14 @@ def test_onnx_parity_reports_size_and_agreement(capsys):
         assert 0 < float(r[4]) < 0.7  # int8 weights: the file is well under the FP32 one
         assert float(r[-1].rstrip(" |")) < 1e-3  # onnxruntime follows the torch INT8 run
     assert float(rows[0][5]) < 1e-3 and float(rows[0][7]) < 1e-3 and rows[1][5] == rows[1][7] == "-"
+
+
+def test_pt2e_calibration_is_rebatched_to_the_exported_batch():
+    from qc_compiler.tools.baselines import _rebatch
+
+    items = [(torch.full((2, 3), float(i)), torch.tensor([i, i]), torch.tensor([0, 1])) for i in range(5)]
+    like = (torch.zeros(4, 3), torch.zeros(4), torch.zeros(4, dtype=torch.long))
+    batches = _rebatch(items, like)  # 10 items -> two full batches of 4 (the remainder is left out)
+    assert len(batches) == 2 and all(b[0].shape == (4, 3) and b[1].dtype == torch.float32 for b in batches)
+    few = _rebatch(items[:1], (torch.zeros(5, 3),) + like[1:])  # 2 items, a batch of 5: repeated to fill it
+    assert len(few) == 1 and few[0][0].shape == (5, 3) and set(few[0][1].tolist()) == {0.0}

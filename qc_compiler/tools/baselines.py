@@ -94,7 +94,7 @@ def pt2e_int8(model: nn.Module, inputs: Inputs, calibration: Iterable[Inputs],
     conditioning linears weight-only; given them, PT2E quantizes the same GEMMs as ours).
 
     The graph is exported at the inputs' batch size, so the calibration items are re-batched to it
-    (the remainder is left out)."""
+    (the remainder is left out; fewer items than one batch are repeated to fill it)."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
         X86InductorQuantizer, get_default_x86_inductor_quantization_config)
@@ -122,8 +122,9 @@ def _rebatch(calibration: Iterable[Inputs], inputs: Inputs) -> List[Inputs]:
         raise ValueError("PT2E needs calibration batches")
     whole = [torch.cat(p).to(like.dtype) for p, like in zip(parts, inputs)]
     n, b = whole[0].shape[0], inputs[0].shape[0]
-    if n < b:
-        raise ValueError(f"{n} calibration items are fewer than one batch of {b}")
+    if n < b:  # fewer items than one batch: repeat them (a range or histogram observer sees the same values)
+        whole = [w.repeat(-(-b // n), *([1] * (w.dim() - 1))) for w in whole]
+        n = whole[0].shape[0]
     return [tuple(w[i:i + b] for w in whole) for i in range(0, n - b + 1, b)]
 
 
