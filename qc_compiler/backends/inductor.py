@@ -36,13 +36,11 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import ExportError
-from ..quant.config import QuantConfig
 from ..quant.spec import QuantizedLinearSpec
 from ..step import StepAware
-from .registry import register_backend
+from .registry import check_constant_uint8_activations, register_backend
 
-__all__ = ["QDQLinear", "InductorModule", "lower_inductor", "check_inductor_passes"]
+__all__ = ["QDQLinear", "InductorModule", "lower_inductor", "check_inductor_passes", "freezing"]
 
 _QD = None  # torch.ops.quantized_decomposed, registered on first use
 
@@ -58,17 +56,7 @@ def _qd():
 
 def check_inductor_passes(passes: Sequence[Any]) -> None:
     """Refuse, from the passes' typed configs, what the INT8 patterns cannot take."""
-    for p in passes:
-        cfg = getattr(p, "config", None)
-        if isinstance(cfg, QuantConfig):
-            if cfg.act_step_groups > 1:
-                raise ExportError("the inductor backend cannot run per-step-group activation ranges (Inductor's INT8 "
-                                  "GEMMs take one constant scale); use act_step_groups=1, or backend='torch'")
-            specs = [cfg.default] + [s for _, s in cfg.overrides if s is not None]
-            low = sorted({s.act_bits for s in specs if s.act_bits is not None and s.act_bits != 8})
-            if low:
-                raise ExportError(f"the inductor backend cannot run {low[0]}-bit activations (its INT8 GEMMs take "
-                                  "uint8 inputs); use W*A8, e.g. preset w8a8 or w4a8, or backend='torch'")
+    check_constant_uint8_activations(passes, "inductor", "Inductor's INT8 GEMM", ", or backend='torch'")
 
 
 class QDQLinear(nn.Module):
@@ -102,7 +90,8 @@ class QDQLinear(nn.Module):
 
 
 @contextlib.contextmanager
-def _freezing() -> Iterator[None]:
+def freezing() -> Iterator[None]:
+    """Inductor's ``freezing`` on inside (constant weights, oneDNN prepacking, the x86 INT8 fusions)."""
     import torch._inductor.config as inductor_config
 
     saved, inductor_config.freezing = inductor_config.freezing, True
@@ -123,7 +112,7 @@ class InductorModule(nn.Module):
         self.first_call_s: Optional[float] = None
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), _freezing():
+        with torch.no_grad(), freezing():
             if self.first_call_s is None:
                 t0 = time.perf_counter()
                 out = self.compiled(*args)

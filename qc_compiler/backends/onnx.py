@@ -63,12 +63,11 @@ from ..errors import ArtifactError, ExportError, StepError
 from ..io import atomic_write_bytes
 from ..models import ForwardInputs, ModelInfo, adapter_of
 from ..options import check_int
-from ..quant.config import QuantConfig
 from ..quant.spec import QuantizedActSpec, QuantizedLinearSpec
 from ..runtime import CompiledModel, register_exporter
 from ..specs import OUTPUT_PLACEMENTS, CacheLookupSpec, CacheSchedule, StepCacheConfig, VCTable
 from ..step import StepAware
-from .registry import register_backend
+from .registry import check_constant_uint8_activations, register_backend
 
 __all__ = ["export_onnx", "onnx_bytes", "onnx_model", "write_model", "OrtGraph", "OrtDenoiser", "PROVIDERS", "optimized_op_counts",
            "session_options", "check_onnx_passes", "OPSETS"]
@@ -101,15 +100,7 @@ def check_onnx_passes(passes: Sequence[Any]) -> None:
         if isinstance(cfg, StepCacheConfig) and cfg.policy in ("adaptive", "first_block"):
             raise ExportError(f"the onnx backend cannot run the {cfg.policy} cache policy (its decision needs the probe "
                               "region's output mid-graph); use policy interval or static")
-        if isinstance(cfg, QuantConfig):
-            if cfg.act_step_groups > 1:
-                raise ExportError("the onnx backend cannot run per-step-group activation ranges (QuantizeLinear "
-                                  "fuses only with constant scales); use act_step_groups=1")
-            specs = [cfg.default] + [s for _, s in cfg.overrides if s is not None]
-            low = sorted({s.act_bits for s in specs if s.act_bits is not None and s.act_bits != 8})
-            if low:
-                raise ExportError(f"the onnx backend cannot run {low[0]}-bit activations (ONNX QuantizeLinear is "
-                                  "uint8 here); use W*A8, e.g. preset w8a8 or w4a8")
+    check_constant_uint8_activations(passes, "onnx", "ONNX QuantizeLinear")
 
 
 def _rms_norm_symbolic(g, x, normalized_shape, weight, eps):

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
-__all__ = ["Backend", "BACKENDS", "register_backend", "get_backend"]
+from ..errors import ExportError
+from ..quant.config import QuantConfig
+
+__all__ = ["Backend", "BACKENDS", "register_backend", "get_backend", "check_constant_uint8_activations"]
 
 
 @dataclass(frozen=True)
@@ -36,3 +39,21 @@ def get_backend(name: str) -> Backend:
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; known: {sorted(BACKENDS)}")
     return BACKENDS[name]
+
+
+def check_constant_uint8_activations(passes: Sequence[Any], backend: str, op: str, alternative: str = "") -> None:
+    """Refuse, from the Quantize passes' typed configs, what a backend whose INT8 ``op`` takes one
+    constant uint8 scale per tensor cannot run: per-step-group activation ranges and activations
+    below 8 bits. ``alternative`` ends each message (e.g. ", or backend='torch'")."""
+    for p in passes:
+        cfg = getattr(p, "config", None)
+        if not isinstance(cfg, QuantConfig):
+            continue
+        if cfg.act_step_groups > 1:
+            raise ExportError(f"the {backend} backend cannot run per-step-group activation ranges ({op} takes one "
+                              f"constant scale); use act_step_groups=1{alternative}")
+        specs = [cfg.default] + [s for _, s in cfg.overrides if s is not None]
+        low = sorted({s.act_bits for s in specs if s.act_bits is not None and s.act_bits != 8})
+        if low:
+            raise ExportError(f"the {backend} backend cannot run {low[0]}-bit activations ({op} takes uint8); use "
+                              f"W*A8, e.g. preset w8a8 or w4a8{alternative}")

@@ -21,14 +21,15 @@ Example:
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+
+from ..backends.inductor import freezing
 
 __all__ = ["Baseline", "eager_bf16", "compiled", "pt2e_int8", "torchao_dynamic_int8", "freezing"]
 
@@ -42,18 +43,6 @@ class Baseline:
     label: str
     fn: Callable[..., torch.Tensor]
     first_call_s: float = 0.0
-
-
-@contextlib.contextmanager
-def freezing() -> Iterator[None]:
-    """Inductor's ``freezing`` on inside (constant weights, oneDNN prepacking, the x86 INT8 fusions)."""
-    import torch._inductor.config as inductor_config
-
-    saved, inductor_config.freezing = inductor_config.freezing, True
-    try:
-        yield
-    finally:
-        inductor_config.freezing = saved
 
 
 def _timed_first_call(label: str, fn: Callable, inputs: Inputs) -> Baseline:
