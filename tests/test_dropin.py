@@ -172,6 +172,9 @@ def test_a_missing_artefact_is_an_os_error_and_refused_attributes_are_absent(sha
     assert not hasattr(pipe.transformer, "attn_processors")  # diffusers code probes with hasattr
     with pytest.raises(qc.QCError, match="compiled into the graph"):
         pipe.transformer.attn_processors
-    pipe.transformer.save_pretrained(tmp_path / "t")
+    with pytest.raises(qc.QCError, match="max_shard_size"):  # refused, not silently ignored
+        pipe.transformer.save_pretrained(tmp_path / "t", max_shard_size="1MB")
+    pipe.transformer.save_pretrained(tmp_path / "t", safe_serialization=False)  # as some pipelines pass it
+    assert {p.suffix for p in (tmp_path / "t").rglob("*") if p.is_file()} == {".json", ".safetensors"}  # no pickle
     with pytest.raises(OSError, match="qc.fp16/ is missing"):  # what diffusers' loaders raise for a missing file
         type(pipe.transformer).from_pretrained(tmp_path / "t", variant="fp16")

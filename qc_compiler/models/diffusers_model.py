@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
@@ -35,6 +36,8 @@ import torch.nn as nn
 from ..errors import ArtifactError, ArtifactNotFoundError, QCError, RefusedAttributeError
 
 __all__ = ["qc_transformer", "transformer_class", "set_loader", "ARTEFACT", "REFUSED"]
+
+log = logging.getLogger(__name__)
 
 ARTEFACT = "qc.compiled"  # a dot in the name: diffusers reads a variant off the part after the first dot
 _LOADER: Optional[Callable[[Path], nn.Module]] = None  # qc.load_compiled, set by the API layer above
@@ -172,8 +175,18 @@ def _define() -> type:
             return self
 
         def save_pretrained(self, save_directory, is_main_process: bool = True, variant: Optional[str] = None,
-                            **kwargs: Any) -> None:
-            """``config.json`` and the compiled artefact (``qc_compiled[.variant]/``) in ``save_directory``."""
+                            safe_serialization: bool = True, **kwargs: Any) -> None:
+            """``config.json`` and the compiled artefact (``qc_compiled[.variant]/``) in ``save_directory``.
+            Options of diffusers' that cannot apply (sharding, pushing, a custom save function) are refused,
+            not ignored. ``safe_serialization=False`` (which pipelines pass on to every component) still
+            writes safetensors: a compiled transformer never writes pickles, and says so."""
+            if not safe_serialization:
+                log.warning("save_pretrained(safe_serialization=False): the compiled transformer is written as "
+                            "safetensors and JSON all the same (never pickles)")
+            given = sorted(k for k, v in kwargs.items() if v not in (None, False))
+            if given:
+                raise QCError(f"save_pretrained({', '.join(given)}=...): not for a compiled transformer, which is one "
+                              "artefact folder (manifest plus safetensors, not sharded) written locally")
             folder = Path(save_directory)
             if folder.exists() and not folder.is_dir():
                 raise ArtifactError(f"{folder} is a file; save_pretrained writes a folder")
