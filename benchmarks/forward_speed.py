@@ -162,6 +162,7 @@ def main(args):
             except Exception as e:  # report, don't hide: the row says why it is missing
                 failed.append((f"onnxruntime rows failed: {type(e).__name__}: {str(e)[:80]}", float("nan"), float("nan")))
             rows.append(("ours W8A8 torch INT8", lambda: ours.graph_module(*inputs), rel_err(ours.graph_module(*inputs), ref)))
+            ours_ind = None
             if not args.no_compiled:
                 ours_ind = compile_benchmark_w8a8(model, sampler, backend="inductor")
                 rows.append(("ours W8A8 Inductor INT8", lambda: ours_ind.graph_module(*inputs),
@@ -187,7 +188,7 @@ def main(args):
         print(f"\n### {name}, end to end, {args.steps} DDPM steps, batch {b}, {args.threads} threads\n")
         print("| row | s / run | vs eager FP32 | vs ORT FP32 | rel. error of the samples vs FP32 |\n|---|---|---|---|---|")
         base_e2e = ort_e2e = ref_samples = None
-        for label, make in e2e_rows(model, sampler, ours, args, built):
+        for label, make in e2e_rows(model, sampler, ours, args, built, ours_ind):
             if args.no_compiled and "Inductor" in label:
                 continue
             try:
@@ -220,7 +221,7 @@ class Denoiser:
         return getattr(self.model, name)
 
 
-def e2e_rows(model, sampler, ours, args, built=()):
+def e2e_rows(model, sampler, ours, args, built=(), ours_ind=None):
     """(label, factory) for the end-to-end rows; ONNX rows export and load their file when reached."""
     from qc_compiler.backends.onnx import OrtDenoiser
 
@@ -237,7 +238,8 @@ def e2e_rows(model, sampler, ours, args, built=()):
              if label.startswith("torch.compile bf16") or label.endswith("our layers")]
     return [("eager FP32", lambda: model), *extra, ("onnxruntime FP32", ort(fp32_graph)),
             ("ours W8A8 torch INT8", lambda: ours),
-            ("ours W8A8 Inductor INT8", lambda: compile_benchmark_w8a8(model, sampler, backend="inductor")),
+            ("ours W8A8 Inductor INT8",  # the per-forward rows' model when they built it (compiled already)
+             lambda: ours_ind or compile_benchmark_w8a8(model, sampler, backend="inductor")),
             ("ours W8A8 ONNX INT8", ort(ours)),
             ("ours W8A8 torch INT8 + cache interval 2", lambda: ours_cache),
             ("ours W8A8 Inductor INT8 + cache interval 2",

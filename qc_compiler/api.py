@@ -17,6 +17,7 @@ import copy
 import hashlib
 import json
 import logging
+import weakref
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
@@ -264,8 +265,6 @@ def bind_pipeline(pipe: Any) -> Any:
     uses, when tables share their first timestep (flow-matching schedules all start at t = 1000).
     ``compile_pipeline`` calls it; call it once after ``Pipeline.from_pretrained`` of a saved one. The
     pipeline is held weakly. Returns ``pipe``."""
-    import weakref
-
     model = getattr(getattr(pipe, "transformer", None), "compiled", None)
     if isinstance(model, CompiledSchedules):
         ref = weakref.ref(pipe)

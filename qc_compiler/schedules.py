@@ -115,19 +115,15 @@ class CompiledSchedules(nn.Module):
     @contextlib.contextmanager
     def stream(self, name: str) -> Iterator[None]:
         """Calls inside are the stream ``name`` (a pipeline's "cond"/"uncond" calls): each table's state."""
-        states = [v.step_state for v in self.variants]
-        saved = [s.stream for s in states]
-        for s in states:
-            s.stream = str(name)
-        try:
+        with contextlib.ExitStack() as stack:
+            for v in self.variants:
+                stack.enter_context(v.stream(name))
             yield
-        finally:
-            for s, old in zip(states, saved):
-                s.stream = old
 
     def _route(self, t: float) -> int:
         tables = self.tables
         if self._pinned is not None:
+            self._expected = None  # a pinned table serves every run; a sampler's announcement is not kept
             return self._pinned  # its table refuses a timestep it does not have
         if self._expected is not None:  # a sampler said which table this run is on
             said, self._expected = self._expected, None

@@ -109,3 +109,10 @@ def test_tables_with_their_own_first_timestep_need_no_announcement():
             multi(x, torch.tensor([t]), y)
             assert multi.current is multi.variants[variant]
         assert multi.current.step_state.step == len(table.timesteps) - 1
+
+
+def test_a_pipeline_stream_reaches_every_table(compiled):
+    multi = compiled[0]
+    with multi.stream("uncond"):  # set before the call that picks the table, so every table must see it
+        assert [v.step_state.stream for v in multi.variants] == ["uncond", "uncond"]
+    assert [v.step_state.stream for v in multi.variants] == ["", ""]
