@@ -17,11 +17,13 @@ from .models import ModelAdapter, ModelInfo, adapter_for, register_adapter
 from .pipeline import Pass, PassContext, PassManager, PassResult, graph_pass, register_pass
 from .runtime import CompiledModel
 from .schedules import CompiledSchedules
+from .sensitivity import MixedPrecision, mixed_precision
 from .step import StepTable
 
 __version__ = "0.2.0"
 
 __all__ = [
+    "MixedPrecision", "mixed_precision",
     "compile", "compile_pipeline", "bind_pipeline", "load_model", "load_compiled", "capture",
     "DDPM", "DDIM", "FlowMatchEuler", "PipelineSampler", "ConditionBank", "CompiledModel", "CompiledSchedules",
     "StepTable", "ModelAdapter", "ModelInfo", "adapter_for", "register_adapter",

@@ -36,6 +36,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import ExportError
 from ..quant.spec import QuantizedLinearSpec
 from ..step import StepAware
 from .registry import check_constant_uint8_activations, register_backend
@@ -73,6 +74,9 @@ class QDQLinear(nn.Module):
         self.w_scale = constant(spec.w_scale.float())
         self.w_zero = constant(torch.zeros_like(spec.w_scale, dtype=torch.long))
         self.bias = None if spec.bias is None else constant(spec.bias.detach().clone())
+        if spec.act is not None and spec.act.channel_scale is not None:
+            raise ExportError(f"{spec.path}: the inductor backend takes one activation scale per tensor; a "
+                              "salience-balanced input needs one per channel: compile without balance, or backend='torch'")
         # one group (checked before the passes ran): the step-0 slot is the all-steps range
         self.act_qparams = None if spec.act is None else spec.act.act_qparams(0)
 

@@ -91,6 +91,9 @@ def _refuse_activation(act: Optional[QuantizedActSpec], where: str) -> None:
     if act.act_bits != 8:
         raise ExportError(f"{where}: {act.act_bits}-bit activations cannot be expressed with ONNX uint8 "
                           "QuantizeLinear; use W*A8 (e.g. preset w8a8 or w4a8)")
+    if act.channel_scale is not None:
+        raise ExportError(f"{where}: a salience-balanced input needs a per-channel activation scale, which ONNX "
+                          "QuantizeLinear does not fuse; compile without balance (it gains little at A8)")
 
 
 def check_onnx_passes(passes: Sequence[Any]) -> None:

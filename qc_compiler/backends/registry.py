@@ -49,6 +49,9 @@ def check_constant_uint8_activations(passes: Sequence[Any], backend: str, op: st
         cfg = getattr(p, "config", None)
         if not isinstance(cfg, QuantConfig):
             continue
+        if getattr(p, "balance", None) is not None:
+            raise ExportError(f"the {backend} backend cannot run salience balancing ({op} takes one scale per "
+                              f"tensor; balancing needs one per input channel): drop balance{alternative}")
         if cfg.act_step_groups > 1:
             raise ExportError(f"the {backend} backend cannot run per-step-group activation ranges ({op} takes one "
                               f"constant scale); use act_step_groups=1{alternative}")

@@ -135,7 +135,9 @@ class Int8Linear(StepAware, nn.Module):
         if x.dtype == torch.uint8:  # already this layer's codes, written by the layer before
             xq = x.reshape(-1, k)
         else:
-            xq = _quantize_u8(x.reshape(-1, k).float(), scale, zero, 2 ** self.act_bits - 1)  # (M, K) u8
+            channel = self.spec.act.channel_scale  # balanced: round(x / (s a)) + z, same pass, a vector scale
+            qscale = scale if channel is None else channel * scale
+            xq = _quantize_u8(x.reshape(-1, k).float(), qscale, zero, 2 ** self.act_bits - 1)  # (M, K) u8
         out = KERNELS[self.kernel](xq, scale, zero, self)  # (M, N) float32, or uint8 codes for the consumer
         out = out.reshape(*lead, -1)
         return out if out.dtype == torch.uint8 else out.to(torch.float32 if x.dtype == torch.uint8 else x.dtype)
@@ -237,7 +239,7 @@ def _fuse_requant(owner: fx.GraphModule) -> None:
             continue
         consumer = owner.get_submodule(user.target)
         if (isinstance(consumer, Int8Linear) and consumer.kernel == "onednn" and consumer.act_bits == 8
-                and user.args[:1] == (node,)):
+                and consumer.spec.act.channel_scale is None and user.args[:1] == (node,)):
             producer.__dict__["requant_consumer"] = consumer
 
 

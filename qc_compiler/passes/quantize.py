@@ -20,7 +20,7 @@ Example:
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -29,14 +29,17 @@ import torch.fx as fx
 from ..diffusion.samplers import model_timestep
 from ..errors import PassError
 from ..graph import LinearSite, find_linears, iter_graph_modules, node_module_path
-from ..options import check_int
+from ..options import check_int, config_or_keywords
 from ..pipeline import Pass, PassResult, register_pass
 from ..quant.config import LayerQuant, QuantConfig
 from ..quant.fake_quant import ActQuant, QuantLinear, set_mode
+from ..quant.balance import BalanceConfig
+from ..quant.gptq import GPTQConfig
 from ..step import StepState, StepTable, bind_step_state
 
 __all__ = ["Quantize", "QuantAnnotation"]
 
+ROUNDINGS = ("nearest", "gptq")
 _MATMULS = {operator.matmul, torch.matmul, torch.bmm, torch.ops.aten.matmul.default, torch.ops.aten.bmm.default}
 
 
@@ -56,6 +59,14 @@ class Quantize(Pass):
 
     Give at most one of: bits (``weight_bits``/``act_bits``), a ``preset`` ("w8a8", "w4a8", "w4a4"),
     or a full ``config`` (a :class:`QuantConfig`). With none, W8A8.
+
+    ``rounding``: how weights become codes, ``"nearest"`` (round to nearest on the observer's grid) or
+    ``"gptq"`` (GPTQ against the calibration inputs, :mod:`qc_compiler.quant.gptq`; its options as
+    ``gptq=GPTQConfig(...)`` or a dict of its fields). The grid, and so every backend, is the same.
+
+    ``balance``: salience balancing per input channel for every linear whose input is quantized
+    (:mod:`qc_compiler.quant.balance`: ``"search"``, ``"smoothquant"``, ``"ptq4dit"``, or a
+    ``BalanceConfig``/dict); None for none. It runs on the torch INT8 backend (and fake-quant).
     """
 
     name = "quantize"
@@ -64,7 +75,9 @@ class Quantize(Pass):
 
     def __init__(self, *, weight_bits: Optional[int] = None, act_bits: Optional[int] = None,
                  preset: Optional[str] = None, config: Union[QuantConfig, Dict[str, Any], None] = None,
-                 batch_size: int = 64, compare_batches: int = 6):
+                 batch_size: int = 64, compare_batches: int = 6, rounding: str = "nearest",
+                 gptq: Union[GPTQConfig, Dict[str, Any], None] = None,
+                 balance: Union[BalanceConfig, Dict[str, Any], str, None] = None):
         given = [name for name, v in (("bits", weight_bits if weight_bits is not None else act_bits),
                                       ("preset", preset), ("config", config)) if v is not None]
         if len(given) > 1:
@@ -79,11 +92,34 @@ class Quantize(Pass):
             config = QuantConfig(default=LayerQuant(8 if weight_bits is None else weight_bits,
                                                     8 if act_bits is None else act_bits))
         self.config = config
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {list(ROUNDINGS)}, got {rounding!r}")
+        if gptq is not None and rounding != "gptq":
+            raise ValueError("gptq options were given, but rounding is not 'gptq': set rounding='gptq' or drop them")
+        if isinstance(gptq, dict):
+            gptq = config_or_keywords("gptq", GPTQConfig, None, gptq)
+        elif gptq is not None and not isinstance(gptq, GPTQConfig):
+            raise ValueError(f"gptq must be a GPTQConfig or a dict of its fields, got {type(gptq).__name__}")
+        self.rounding = rounding
+        self.gptq = (gptq or GPTQConfig()) if rounding == "gptq" else None
+        if isinstance(balance, str):
+            balance = BalanceConfig(method=balance)
+        elif isinstance(balance, dict):
+            balance = config_or_keywords("balance", BalanceConfig, None, balance)
+        elif balance is not None and not isinstance(balance, BalanceConfig):
+            raise ValueError(f"balance must be a method name, a BalanceConfig or a dict of its fields, "
+                             f"got {type(balance).__name__}")
+        self.balance = balance
         self.batch_size = check_int("batch_size", batch_size, lo=1)
         self.compare_batches = check_int("compare_batches", compare_batches, lo=1)
 
     def options(self) -> Dict[str, Any]:
-        return {"config": self.config.to_json(), "batch_size": self.batch_size, "compare_batches": self.compare_batches}
+        out = {"config": self.config.to_json(), "batch_size": self.batch_size, "compare_batches": self.compare_batches}
+        if self.gptq is not None:  # left out when off, so artefacts saved before GPTQ existed read the same
+            out.update(rounding=self.rounding, gptq=asdict(self.gptq))
+        if self.balance is not None:
+            out["balance"] = asdict(self.balance)
+        return out
 
     def run(self, gm: fx.GraphModule, ctx) -> PassResult:
         config = self.config.resolve(ctx.need("adapter", self.name))
@@ -104,7 +140,9 @@ class Quantize(Pass):
         worst = max(modules, key=lambda m: m.rel_error if m.rel_error == m.rel_error else -1)
         ctx.artifacts["quantized"] = [{"path": m.path, "rel_error": m.rel_error} for m in modules]
         linears = sum(isinstance(m, QuantLinear) for m in modules)
-        note = (f"{linears} linears {config.bits.upper()}, {len(modules) - linears} matmul operands; "
+        extras = [t for t, on in (("GPTQ", self.gptq), (f"balance {self.balance and self.balance.method}", self.balance)) if on]
+        note = (f"{linears} linears {config.bits.upper()}" + (f" ({', '.join(extras)})" if extras else "") +
+                f", {len(modules) - linears} matmul operands; "
                 f"largest error {worst.path} ({worst.rel_error:.4f})")
         return PassResult(gm, modified=True, notes=note)
 
@@ -136,7 +174,8 @@ class Quantize(Pass):
             note: QuantAnnotation = node.meta["qc.quant"]
             if note.op == "linear":
                 module = QuantLinear(site.weight, site.bias, note.path, note.spec, num_groups=groups,
-                                     num_steps=num_steps)
+                                     num_steps=num_steps, gptq=self.gptq,
+                                     balance=self.balance if note.spec.act_bits is not None else None)
                 self._replace(owner, node, module, "q_" + note.path, (node.args[0],))
                 modules.append(module)
             else:
@@ -182,6 +221,15 @@ class Quantize(Pass):
             batches = [(table.index(t[0]), ctx.graph_inputs(x.to(dtype), model_timestep(t[0].item(), len(t), divisor=divisor)
                                                            .to(t_dtype), y))
                        for x, t, y in pool.batches(self.batch_size)]
+            balanced = [m for m in modules if getattr(m, "balance", None) is not None]
+            if balanced:  # salience first: the observers must see the balanced inputs
+                set_mode(modules, "stats")
+                for step, inputs in batches:
+                    with state.calibrating(step):
+                        gm(*inputs)
+                for m in balanced:
+                    m.fit_balance()
+                set_mode(modules, "observe")
             for step, inputs in batches:
                 with state.calibrating(step):
                     gm(*inputs)

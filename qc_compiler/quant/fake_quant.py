@@ -23,6 +23,7 @@ Example:
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Dict, List, Optional
 
 import torch
@@ -30,14 +31,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..step import StepAware
+from .balance import BalanceConfig, ChannelStats, balance_scales
 from .config import LayerQuant
+from .gptq import GPTQConfig, HessianAccumulator, gptq_codes
 from .observers import make_observer
-from .qparams import QParams, fake_quantize, quantize
+from .qparams import QParams, dequantize, fake_quantize, quantize
 from .spec import QuantizedActSpec, QuantizedLinearSpec, step_group
 
 __all__ = ["QuantLinear", "ActQuant", "set_mode"]
 
-MODES = ("observe", "quant", "compare", "float")
+MODES = ("stats", "observe", "quant", "compare", "float")
 
 
 class _ActRanges(StepAware, nn.Module):
@@ -121,50 +124,116 @@ class _ActRanges(StepAware, nn.Module):
 
 
 class QuantLinear(_ActRanges):
-    """A linear layer with fake-quantized input (per tensor) and weight (per output channel)."""
+    """A linear layer with fake-quantized input (per tensor) and weight (per output channel).
+
+    ``gptq``: a :class:`GPTQConfig` to choose the weight codes by GPTQ against the calibration inputs
+    (their Hessian is gathered while observing); None rounds to nearest. GPTQ's codes are fitted state.
+
+    ``balance``: a :class:`BalanceConfig` to balance salience per input channel (s, fitted state
+    ``in_scale``, chosen in a ``stats`` pass before observing): the weight quantized is W s, the input
+    is quantized as round(x / (s a)) + z. Only for layers whose input is quantized.
+    """
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], path: str, spec: LayerQuant,
-                 *, num_groups: int, num_steps: int):
+                 *, num_groups: int, num_steps: int, gptq: Optional[GPTQConfig] = None,
+                 balance: Optional[BalanceConfig] = None):
         super().__init__(path, spec, num_groups, num_steps)
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
         self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
         out = weight.shape[0]
         self.register_buffer("w_scale", torch.ones(out))
         self.register_buffer("w_fq", torch.empty(0))
+        self.gptq = gptq
+        if gptq is not None:
+            self.register_buffer("w_codes", torch.zeros(weight.shape, dtype=torch.int8))
+            self._hessian: Optional[HessianAccumulator] = HessianAccumulator(weight.shape[1])
+        if balance is not None and spec.act_bits is None:
+            raise ValueError(f"{path}: balancing needs a quantized input; this layer is weight-only")
+        self.balance = balance
+        if balance is not None:
+            self.register_buffer("in_scale", torch.ones(weight.shape[1]))
+            self._stats: Optional[ChannelStats] = ChannelStats(weight.shape[1], balance.max_rows)
 
     def weight_qparams(self) -> QParams:
         return QParams(self.w_scale, torch.zeros_like(self.w_scale, dtype=torch.int32), self.spec.weight_bits,
                        symmetric=True, axis=0)
 
+    def fit_balance(self) -> None:
+        """Choose s from what the ``stats`` pass saw (called once, before observing)."""
+        self.in_scale.copy_(balance_scales(self._stats, self.weight, self.balance, act_bits=self.spec.act_bits,
+                                           weight_bits=self.spec.weight_bits,
+                                           weight_observer=self.spec.weight_observer))
+        self._stats = None
+
+    def _balanced_weight(self) -> torch.Tensor:
+        """The weight that is quantized: W s when balanced (s folds into the weights), else W."""
+        w = self.weight.detach()
+        return w * self.in_scale.to(w.dtype) if self.balance is not None else w
+
     def finish_calibration(self) -> None:
         obs = make_observer(self.spec.weight_observer, self.spec.weight_bits, symmetric=True, axis=0)
-        obs.update(self.weight)
+        obs.update(self._balanced_weight())
         self.w_scale.copy_(obs.compute().scale)
         self.finish_activations()
+        if self.gptq is not None:  # the same grid (the observer's scales), codes chosen against the inputs
+            self.w_codes.copy_(gptq_codes(self._balanced_weight(), self._hessian.hessian(), self.w_scale,
+                                          self.spec.weight_bits, self.gptq))
+            self._hessian = None
         self._cache_weight()
 
+    def weight_codes(self) -> torch.Tensor:
+        """The int8 weight codes (N, K): GPTQ's where fitted so, else round to nearest (of W s when balanced)."""
+        if self.gptq is not None:
+            return self.w_codes
+        return quantize(self._balanced_weight(), self.weight_qparams()).to(torch.int8)
+
     def _cache_weight(self) -> None:
-        self.w_fq = fake_quantize(self.weight.detach(), self.weight_qparams())
+        self.w_fq = dequantize(self.weight_codes(), self.weight_qparams()).to(self.weight.dtype)
 
     def fitted_state(self) -> Dict[str, torch.Tensor]:
-        return {**super().fitted_state(), "w_scale": self.w_scale}
+        gptq = {"w_codes": self.w_codes} if self.gptq is not None else {}
+        balance = {"in_scale": self.in_scale} if self.balance is not None else {}
+        return {**super().fitted_state(), "w_scale": self.w_scale, **gptq, **balance}
 
     def export_spec(self) -> QuantizedLinearSpec:
-        codes = quantize(self.weight.detach(), self.weight_qparams()).to(torch.int8)  # (N, K)
+        codes = self.weight_codes().clone()  # (N, K)
         bias = None if self.bias is None else self.bias.detach().clone()
+        act = self.act_spec()
+        if self.balance is not None:
+            act = replace(act, channel_scale=self.in_scale.detach().clone().float())
         return QuantizedLinearSpec(self.path, self.spec.weight_bits, codes, self.w_scale.detach().clone().float(),
-                                   bias, self.act_spec())
+                                   bias, act)
 
     def load_fitted(self, state: Dict[str, torch.Tensor]) -> None:
         super().load_fitted(state)
+        self._hessian = self._stats = None
         self._cache_weight()
 
+    def _quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as the INT8 GEMM sees it (dequantized): x / s on the activation grid when balanced."""
+        if self.weight_only:
+            return x
+        qp = self.act_qparams()
+        if self.balance is None:
+            return fake_quantize(x, qp)
+        # round(x / (s a)) + z: one per-channel scale, exactly as the INT8 backends quantize it
+        codes = quantize(x, QParams(self.in_scale * qp.scale, qp.zero_point.expand_as(self.in_scale), qp.bits,
+                                    symmetric=False, axis=-1))
+        return ((codes.float() - qp.zero_point) * qp.scale).to(x.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "stats":
+            if self.balance is not None:
+                self._stats.update(x, self.step_state.step if self.step_state is not None else -1)
+            return F.linear(x, self.weight, self.bias)
         if self.mode == "observe":
-            self.observe(x)
+            xb = x / self.in_scale.to(x.dtype) if self.balance is not None else x
+            self.observe(xb)
+            if self.gptq is not None:
+                self._hessian.update(xb)
         if self.mode in ("observe", "float"):
             return F.linear(x, self.weight, self.bias)
-        out = F.linear(x if self.weight_only else fake_quantize(x, self.act_qparams()), self.w_fq, self.bias)
+        out = F.linear(self._quantized_input(x), self.w_fq, self.bias)
         if self.mode == "compare":
             ref = F.linear(x, self.weight, self.bias)
             self._track(out, ref)
@@ -184,7 +253,7 @@ class ActQuant(_ActRanges):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "observe":
             self.observe(x)
-        if self.mode in ("observe", "float"):
+        if self.mode in ("stats", "observe", "float"):
             return x
         out = fake_quantize(x, self.act_qparams())
         if self.mode == "compare":

@@ -41,6 +41,9 @@ class QuantizedActSpec:
     a_scale: torch.Tensor = field(compare=False)  # (groups + 1,)
     a_zero: torch.Tensor = field(compare=False)  # (groups + 1,) int32
     num_steps: int = 1
+    # Salience balancing (quant/balance.py): the input is quantized as round(x / (channel_scale * a)) + z,
+    # channel_scale (K,) per input channel; None: per tensor, round(x / a) + z.
+    channel_scale: Optional[torch.Tensor] = field(default=None, compare=False)
 
     @property
     def num_groups(self) -> int:

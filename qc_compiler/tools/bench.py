@@ -55,19 +55,25 @@ class Variant:
     ``cache``: a StepCacheConfig, ``RUN_CACHE`` for the run's, or None. ``selector``: the calibration
     selector (None: no quantization). ``bits``: fixed bit widths, or None for the run's.
     ``condq``: quantize the conditioning linears' inputs too (the paper's setting). ``vc``: a VC
-    form, or None."""
+    form, or None. ``rounding``/``balance``: the Quantize pass's (GPTQ, salience balancing);
+    ``mixed``: keep that many of the most sensitive linears at W8A8 (:func:`qc.mixed_precision`)."""
 
     cache: Union[StepCacheConfig, str, None] = None
     selector: Optional[str] = None
     bits: Optional[str] = None
     condq: bool = False
     vc: Optional[str] = None
+    rounding: str = "nearest"
+    balance: Optional[str] = None
+    mixed: int = 0
 
     def __post_init__(self) -> None:
         if self.selector is not None and self.selector not in SELECTORS:
             raise ValueError(f"selector must be one of {sorted(SELECTORS)}, got {self.selector!r}")
-        if self.selector is None and (self.bits or self.condq or self.vc):
-            raise ValueError("bits, condq and vc need a calibration selector (a quantized variant)")
+        if self.selector is None and (self.bits or self.condq or self.vc or self.rounding != "nearest"
+                                      or self.balance or self.mixed):
+            raise ValueError("bits, condq, vc, rounding, balance and mixed need a calibration selector "
+                             "(a quantized variant)")
 
     @property
     def bits_independent(self) -> bool:
@@ -91,6 +97,14 @@ def _table() -> Dict[str, Variant]:
                 name = f"qc-{sel}" + ("-condq" if condq else "") + f"-{tag}"
                 table[name] = Variant(cache=RUN_CACHE, selector=sel, condq=condq, vc=form)
         table[f"qc-{sel}-condq"] = Variant(cache=RUN_CACHE, selector=sel, condq=True)
+        # low-bit techniques (docs/RESULTS.md "Low-bit fidelity"): GPTQ, balancing, mixed precision
+        for tag, extra in (("gptq", {"rounding": "gptq"}), ("bal", {"balance": "search"}),
+                           ("gptq-bal", {"rounding": "gptq", "balance": "search"}),
+                           ("sq", {"balance": "smoothquant"}), ("ptq4dit", {"balance": "ptq4dit"}),
+                           ("mixed4", {"mixed": 4}), ("gptq-mixed4", {"rounding": "gptq", "mixed": 4})):
+            table[f"quant-{sel}-{tag}"] = Variant(selector=sel, **extra)
+            table[f"qc-{sel}-{tag}"] = Variant(cache=RUN_CACHE, selector=sel, **extra)
+            table[f"qc-{sel}-{tag}-vcvar"] = Variant(cache=RUN_CACHE, selector=sel, vc="variance", **extra)
     return table
 
 
@@ -99,8 +113,9 @@ VARIANTS: Dict[str, Variant] = _table()
 
 def variant_passes(variant: Union[str, Variant], *, bits: str = "w8a8",
                    cache: StepCacheConfig = StepCacheConfig(interval=2), size: int = 800, pool_labels: int = 32,
-                   vc_placement: str = "sample") -> List:
-    """The passes of a variant (a :data:`VARIANTS` name or a :class:`Variant`); ``cache`` is the run's."""
+                   vc_placement: str = "sample", config: Optional[QuantConfig] = None) -> List:
+    """The passes of a variant (a :data:`VARIANTS` name or a :class:`Variant`); ``cache`` is the run's.
+    ``config``: the QuantConfig of a ``mixed`` variant (chosen by :func:`mixed_config`)."""
     if isinstance(variant, str):
         if variant not in VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; known: {sorted(VARIANTS)}")
@@ -110,11 +125,27 @@ def variant_passes(variant: Union[str, Variant], *, bits: str = "w8a8",
     if chosen is not None:
         passes.append(StepCache(chosen))
     if variant.selector is not None:
-        config = QuantConfig.preset(variant.bits or bits, **({"weight_only": ()} if variant.condq else {}))
-        passes += [SELECTORS[variant.selector](size=size, pool_labels=pool_labels), Quantize(config=config)]
+        if variant.mixed and config is None:
+            raise ValueError("a mixed-precision variant needs its config: mixed_config(variant, ...)")
+        if config is None:
+            config = QuantConfig.preset(variant.bits or bits, **({"weight_only": ()} if variant.condq else {}))
+        passes += [SELECTORS[variant.selector](size=size, pool_labels=pool_labels),
+                   Quantize(config=config, rounding=variant.rounding, balance=variant.balance)]
     if variant.vc is not None:
         passes.append(VarianceCompensation(VCConfig(placement=vc_placement, form=variant.vc)))
     return passes
+
+
+def mixed_config(variant: Variant, model, sampler, *, bits: str, cache: StepCacheConfig, seed: int = 0):
+    """A mixed variant's QuantConfig: its ``mixed`` most sensitive linears at W8A8, ranked on the
+    model it will run (after the cache, under its rounding); the ranking goes to the log."""
+    from ..sensitivity import mixed_precision
+
+    chosen = cache if variant.cache == RUN_CACHE else variant.cache
+    mp = mixed_precision(model, sampler, low=variant.bits or bits, high="w8a8", keep=variant.mixed, seed=seed,
+                         rounding=variant.rounding, first_passes=[StepCache(chosen)] if chosen is not None else [])
+    log.info("%s", mp.report())
+    return mp.config
 
 
 def ablation_rows() -> List[str]:
@@ -271,7 +302,10 @@ def run_variants(names: Sequence[str], *, model_name: str = "dit-mnist", model=N
         fp250_seconds = s * n / len(probe)
     for name in names:
         t0 = time.perf_counter()
-        passes = variant_passes(name, bits=bits, cache=cache, size=size, pool_labels=pool_labels, vc_placement=vc)
+        variant = VARIANTS[name]
+        config = mixed_config(variant, model, sampler, bits=bits, cache=cache, seed=seed) if variant.mixed else None
+        passes = variant_passes(name, bits=bits, cache=cache, size=size, pool_labels=pool_labels, vc_placement=vc,
+                                config=config)
         compiled = qc_compile(model, passes=passes, sampler=sampler, seed=seed, backend=backend)
         compile_s = time.perf_counter() - t0
         images, seconds = sample_timed(compiled, sampler, labels, seed=seed, batch=batch)

@@ -1,0 +1,261 @@
+"""Low-bit techniques (issue 19): GPTQ rounding, salience balancing, mixed precision.
+
+Each is checked against an independent computation (round to nearest, the float layer, a plain
+sort-and-correlate), and end to end through compile, the INT8 backend, save/load and the refusals.
+"""
+import pytest
+import torch
+
+import qc_compiler as qc
+from qc_compiler.backends.torch_int8 import Int8Linear
+from qc_compiler.cli import parse_pass_spec
+from qc_compiler.passes import Quantize, UniformCalibration
+from qc_compiler.quant import BalanceConfig, GPTQConfig, QuantLinear, make_observer
+from qc_compiler.quant.balance import ChannelStats, balance_scales, spearman
+from qc_compiler.quant.gptq import HessianAccumulator, gptq_codes
+from conftest import make_tiny
+
+
+def _layer(seed=0, n=24, k=48, rows=512, rank=16):
+    """A toy layer whose inputs are correlated (rank 16 plus noise) and differ in scale per channel,
+    as real activations do: the structure GPTQ exploits."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.2
+    x = torch.randn(rows, rank, generator=g) @ torch.randn(rank, k, generator=g) + 0.3 * torch.randn(rows, k, generator=g)
+    return w, x * torch.logspace(-0.5, 0.5, k)
+
+
+def _w_scale(w, bits):
+    obs = make_observer("mse", bits, symmetric=True, axis=0)
+    obs.update(w)
+    return obs.compute().scale
+
+
+def _out_err(x, w, codes, scale):
+    return float(((x @ (codes.float() * scale[:, None]).T - x @ w.T) ** 2).mean())
+
+
+# --- GPTQ -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("act_order", [True, False])
+@pytest.mark.parametrize("bits", [3, 4])
+def test_gptq_output_error_is_below_round_to_nearest(act_order, bits):
+    w, x = _layer()
+    h = HessianAccumulator(w.shape[1])
+    h.update(x[:256])
+    h.update(x[256:])  # accumulates over calls
+    scale = _w_scale(w, bits)
+    codes = gptq_codes(w, h.hessian(), scale, bits, GPTQConfig(act_order=act_order))
+    qmax = 2 ** (bits - 1) - 1
+    rtn = torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax)
+    assert codes.dtype == torch.int8 and int(codes.abs().max()) <= qmax
+    # measured: 0.05x with act-order, 0.56-0.59x without (seed 0)
+    assert _out_err(x, w, codes, scale) < (0.2 if act_order else 0.8) * _out_err(x, w, rtn, scale)
+
+
+def test_gptq_with_an_uncorrelated_hessian_is_round_to_nearest():
+    """With H diagonal no column's error can be moved onto another: GPTQ must reduce to RTN exactly."""
+    w, _ = _layer()
+    scale = _w_scale(w, 4)
+    h = torch.diag(torch.rand(w.shape[1]) + 0.5)
+    codes = gptq_codes(w, h, scale, 4, GPTQConfig(damp=1e-6))
+    assert torch.equal(codes.float(), torch.clamp(torch.round(w / scale[:, None]), -7, 7))
+
+
+def test_gptq_lazy_blocks_give_the_column_by_column_result():
+    w, x = _layer(seed=1)
+    h = HessianAccumulator(w.shape[1])
+    h.update(x)
+    scale = _w_scale(w, 4)
+    one = gptq_codes(w, h.hessian(), scale, 4, GPTQConfig(block_size=1))
+    lazy = gptq_codes(w, h.hessian(), scale, 4, GPTQConfig(block_size=16))
+    assert float((one != lazy).float().mean()) < 0.01  # equal up to float ties
+
+
+def test_gptq_dead_inputs_get_code_zero_and_bad_shapes_are_refused():
+    w, x = _layer()
+    x[:, 5] = 0
+    h = HessianAccumulator(w.shape[1])
+    h.update(x)
+    codes = gptq_codes(w, h.hessian(), _w_scale(w, 4), 4)
+    assert codes[:, 5].abs().sum() == 0
+    with pytest.raises(ValueError, match="Hessian"):
+        gptq_codes(w, torch.eye(3), _w_scale(w, 4), 4)
+    with pytest.raises(qc.CalibrationError, match="no calibration input"):
+        HessianAccumulator(4).hessian()
+
+
+@pytest.mark.parametrize("bad", [dict(damp=0.0), dict(damp=float("nan")), dict(block_size=0),
+                                 dict(act_order="yes"), dict(block_size=2.5)])
+def test_gptq_config_refuses_out_of_range(bad):
+    with pytest.raises(ValueError):
+        GPTQConfig(**bad)
+
+
+# --- salience balancing ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["smoothquant", "ptq4dit", "search"])
+def test_balancing_leaves_the_float_layer_unchanged(method):
+    w, x = _layer()
+    stats = ChannelStats(w.shape[1])
+    for step, part in enumerate(x.split(128)):
+        stats.update(part, step)
+    s = balance_scales(stats, w, BalanceConfig(method=method), act_bits=4, weight_bits=4)
+    assert s.shape == (w.shape[1],) and bool((s > 0).all()) and bool(torch.isfinite(s).all())
+    torch.testing.assert_close((x / s) @ (w * s).T, x @ w.T, rtol=1e-4, atol=1e-4)
+
+
+def test_smoothquant_scales_follow_the_formula():
+    w, x = _layer()
+    stats = ChannelStats(w.shape[1])
+    stats.update(x, 0)
+    s = balance_scales(stats, w, BalanceConfig(method="smoothquant", alpha=0.75), act_bits=8, weight_bits=8)
+    expected = x.abs().amax(0) ** 0.75 / w.abs().amax(0) ** 0.25
+    torch.testing.assert_close(s / s[0], expected / expected[0])
+
+
+def test_search_never_measures_worse_than_no_balancing_and_helps_at_a4():
+    from qc_compiler.quant.balance import _output_error
+
+    w, x = _layer()
+    x[:, :4] *= 20  # outlier channels, as DiT activations have
+    stats = ChannelStats(w.shape[1])
+    stats.update(x, 0)
+    s = balance_scales(stats, w, BalanceConfig(method="search"), act_bits=4, weight_bits=4)
+    none = _output_error(x, w, torch.ones(w.shape[1]), 4, 4, "mse")
+    assert _output_error(x, w, s, 4, 4, "mse") < 0.7 * none
+
+
+def test_spearman_matches_sorting_by_hand():
+    a = torch.tensor([0.1, 0.5, 0.3, 0.9, 0.7])
+    assert spearman(a, a * 3 + 1) == pytest.approx(1.0)
+    assert spearman(a, -a) == pytest.approx(-1.0)
+    b = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])  # ranks of a: 0 2 1 4 3 against 0 1 2 3 4
+    d2 = sum((r - i) ** 2 for i, r in enumerate([0, 2, 1, 4, 3]))
+    assert spearman(a, b) == pytest.approx(1 - 6 * d2 / (5 * (25 - 1)))
+
+
+def test_ptq4dit_weights_steps_by_their_spearman_rho():
+    """Two steps: one whose activation salience follows the weight's (rho = +1), one against it
+    (rho = -1). softmax(-rho) gives the second e^2 times the first's say."""
+    k = 6
+    w = torch.diag(torch.arange(1.0, k + 1))  # weight salience 1..6
+    stats = ChannelStats(k)
+    stats.update(torch.arange(1.0, k + 1)[None], step=0)  # aligned
+    stats.update(torch.arange(k, 0.0, -1)[None], step=1)  # reversed
+    s = balance_scales(stats, w, BalanceConfig(method="ptq4dit", alpha=1.0), act_bits=8, weight_bits=8)
+    eta = torch.softmax(torch.tensor([-1.0, 1.0]), 0)
+    sx = eta[0] * torch.arange(1.0, k + 1) + eta[1] * torch.arange(k, 0.0, -1)
+    torch.testing.assert_close(s / s[0], sx / sx[0])
+
+
+@pytest.mark.parametrize("bad", [dict(method="awq"), dict(alpha=1.5), dict(alpha=float("nan")), dict(grid=1)])
+def test_balance_config_refuses_out_of_range(bad):
+    with pytest.raises(ValueError):
+        BalanceConfig(**bad)
+
+
+# --- through compile ------------------------------------------------------------------------------
+
+def _compile(bits="w4a8", backend="fakequant", sampler=None, model=None, **quant):
+    return qc.compile(model or make_tiny(), passes=[UniformCalibration(size=24, pool_labels=4),
+                                                    Quantize(preset=bits, **quant)],
+                      sampler=sampler or qc.DDPM(steps=3), backend=backend)
+
+
+def _layers(cm):
+    return {m.path: m for m in cm.graph_module.modules() if isinstance(m, QuantLinear)}
+
+
+def _mean_layer_error(cm):
+    errs = [m.rel_error for m in _layers(cm).values() if not m.weight_only]
+    return sum(errs) / len(errs)
+
+
+def test_gptq_lowers_each_layers_measured_error():
+    rtn, gptq = _compile(), _compile(rounding="gptq")
+    assert _mean_layer_error(gptq) < 0.8 * _mean_layer_error(rtn)
+    assert "(GPTQ)" in gptq.report()
+    layer = _layers(gptq)["blocks.0.mlp.fc1"]
+    assert torch.equal(layer.export_spec().codes, layer.w_codes)  # the backends lower GPTQ's codes
+
+
+def test_balancing_lowers_w4a4_error_and_keeps_the_float_model():
+    plain, bal = _compile("w4a4"), _compile("w4a4", balance="search")
+    assert _mean_layer_error(bal) < 0.9 * _mean_layer_error(plain)  # measured 0.84x (no outliers in a random model)
+    layer = _layers(bal)["blocks.1.attn.qkv"]
+    assert not torch.equal(layer.in_scale, torch.ones_like(layer.in_scale))
+    assert all(m.balance is None for m in _layers(bal).values() if m.weight_only)  # adaLN: input stays float
+    layer.mode = "float"
+    x = torch.randn(2, 16, layer.weight.shape[1])
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
+def test_balanced_gptq_int8_layers_match_fake_quant():
+    sampler = qc.DDPM(steps=3)
+    fq = _compile("w4a4", sampler=sampler, rounding="gptq", balance="search")
+    i8 = _compile("w4a4", backend="torch", sampler=sampler, rounding="gptq", balance="search")
+    lowered = {m.path: m for m in i8.graph_module.modules() if isinstance(m, Int8Linear)}
+    assert lowered and all(m.spec.act.channel_scale is not None for m in lowered.values())
+    assert all(m.requant_consumer is None for m in lowered.values())  # a per-channel consumer takes no codes
+    torch.manual_seed(0)
+    for path, q in _layers(fq).items():
+        if path in lowered:
+            x = torch.randn(2, 16, q.weight.shape[1]) * 2
+            with torch.no_grad():
+                ref, out = q(x), lowered[path](x)
+            if lowered[path].post_op == "gelu_tanh":
+                ref = torch.nn.functional.gelu(ref, approximate="tanh")
+            assert float((out - ref).norm() / ref.norm()) < 1e-4
+    a, b = sampler.sample(fq, [1, 2], seed=0), sampler.sample(i8, [1, 2], seed=0)
+    assert float((a - b).norm() / a.norm()) < 1e-3
+
+
+def test_gptq_and_balance_are_saved_and_loaded_without_refitting(tmp_path, monkeypatch):
+    sampler = qc.DDPM(steps=3)
+    cm = _compile("w4a4", backend="torch", sampler=sampler, rounding="gptq", balance="search", gptq={"block_size": 8})
+    cm.save(tmp_path / "m")
+    monkeypatch.setattr(Quantize, "_calibrate", lambda *a: (_ for _ in ()).throw(AssertionError("recalibrated")))
+    loaded = qc.load_compiled(tmp_path / "m")
+    assert torch.equal(sampler.sample(loaded, [4], seed=0), sampler.sample(cm, [4], seed=0))
+    assert "balance search" in loaded.report() and "GPTQ" in loaded.report()
+
+
+def test_backends_with_one_scalar_activation_scale_refuse_balance_before_any_work():
+    for backend in ("onnx", "inductor"):
+        with pytest.raises(qc.ExportError, match="balanc"):
+            _compile("w4a8", backend=backend, balance="search")
+
+
+def test_quantize_options_are_checked():
+    with pytest.raises(ValueError, match="rounding='gptq'"):
+        Quantize(preset="w4a8", gptq={"damp": 0.1})
+    with pytest.raises(ValueError, match="rounding must be"):
+        Quantize(rounding="stochastic")
+    with pytest.raises(ValueError, match="balance method"):
+        Quantize(balance="awq")
+    with pytest.raises(ValueError, match="unexpected keyword"):
+        Quantize(rounding="gptq", gptq={"dampening": 0.1})
+    with pytest.raises(ValueError, match="balance must be"):
+        Quantize(balance=0.5)
+    q = parse_pass_spec('quantize:preset="w4a8",rounding="gptq",gptq={"act_order":false},balance="ptq4dit"')
+    assert q.gptq == GPTQConfig(act_order=False) and q.balance.method == "ptq4dit"
+    assert Quantize(**q.options()).options() == q.options()
+    assert "rounding" not in Quantize(preset="w4a8").options()  # plain artefacts read as before
+
+
+def test_mixed_precision_keeps_the_most_sensitive_layers_at_8_bits():
+    model, sampler = make_tiny(), qc.DDPM(steps=3)
+    mp = qc.mixed_precision(model, sampler, keep=3, size=24, pool_labels=4)
+    errors = [e for _, e in mp.ranking]
+    assert errors == sorted(errors, reverse=True) and len(mp.ranking) == 12
+    assert mp.kept == tuple(p for p, _ in mp.ranking[:3])
+    cm = qc.compile(model, passes=[UniformCalibration(size=24, pool_labels=4), Quantize(config=mp.config)],
+                    sampler=sampler, backend="fakequant")
+    bits = {p: m.spec.weight_bits for p, m in _layers(cm).items()}
+    assert {p for p, b in bits.items() if b == 8} == set(mp.kept)
+    assert "3 of 12 linears at W8A8" in mp.report()
+    with pytest.raises(ValueError, match="keep=40"):
+        qc.mixed_precision(model, sampler, keep=40, size=24, pool_labels=4)
+    with pytest.raises(ValueError, match="nothing to mix"):
+        qc.mixed_precision(model, sampler, low="w8a8", high="w8a8")
