@@ -259,3 +259,62 @@ def test_mixed_precision_keeps_the_most_sensitive_layers_at_8_bits():
         qc.mixed_precision(model, sampler, keep=40, size=24, pool_labels=4)
     with pytest.raises(ValueError, match="nothing to mix"):
         qc.mixed_precision(model, sampler, low="w8a8", high="w8a8")
+
+
+# --- the low-rank branch (SVDQuant) ---------------------------------------------------------------
+
+def test_low_rank_branch_at_full_rank_leaves_nothing_to_quantize():
+    """At r = min(N, K) the float branch is the whole weight (U S V^T = W): the 4-bit residual is ~0."""
+    cm = _compile("w4a8", low_rank=64, balance="smoothquant")
+    layer = _layers(cm)["blocks.0.attn.proj"]  # 64 x 64
+    torch.testing.assert_close(layer.lr_up @ layer.lr_down, layer.weight.detach(), rtol=1e-4, atol=1e-5)
+    x = torch.randn(2, 16, 64)
+    with torch.no_grad():
+        out = layer(x)
+        layer.mode = "float"
+        ref = layer(x)
+    assert float((out - ref).norm() / ref.norm()) < 1e-3
+
+
+def _toy_quant_linear(w, x, **options):
+    from qc_compiler.quant import LayerQuant
+
+    q = QuantLinear(w, None, "fc", LayerQuant(4, 8), num_groups=1, num_steps=1, **options)
+    q(x)
+    q.finish_calibration()
+    q.mode = "quant"
+    with torch.no_grad():
+        return float((q(x) - x @ w.T).norm() / (x @ w.T).norm())
+
+
+def test_low_rank_branch_takes_the_outlier_directions_off_the_4_bit_grid():
+    """A weight with a strong rank-2 part (SVDQuant's picture of smoothed weights): with r = 2 the grid
+    holds only the small residual."""
+    w, x = _layer()
+    g = torch.Generator().manual_seed(3)
+    w = w + 2.0 * torch.randn(w.shape[0], 2, generator=g) @ torch.randn(2, w.shape[1], generator=g)
+    plain, branch = _toy_quant_linear(w, x), _toy_quant_linear(w, x, low_rank=2)
+    assert branch < 0.3 * plain  # measured 0.1x
+
+
+def test_low_rank_lowers_to_int8_exactly_and_is_never_fused():
+    sampler = qc.DDPM(steps=3)
+    fq = _compile("w4a4", sampler=sampler, balance="search", low_rank=8)
+    i8 = _compile("w4a4", backend="torch", sampler=sampler, balance="search", low_rank=8)
+    lowered = {m.path: m for m in i8.graph_module.modules() if isinstance(m, Int8Linear)}
+    assert all(m.post_op == "none" and m.requant_consumer is None for m in lowered.values())  # the branch adds first
+    a, b = sampler.sample(fq, [1, 2], seed=0), sampler.sample(i8, [1, 2], seed=0)
+    assert float((a - b).norm() / a.norm()) < 1e-3
+    assert "low rank 8" in i8.report()
+
+
+def test_low_rank_is_saved_loaded_and_refused_where_it_cannot_run(tmp_path):
+    sampler = qc.DDPM(steps=3)
+    cm = _compile("w4a8", backend="torch", sampler=sampler, rounding="gptq", low_rank=4)
+    cm.save(tmp_path / "m")
+    assert torch.equal(sampler.sample(qc.load_compiled(tmp_path / "m"), [4], seed=0), sampler.sample(cm, [4], seed=0))
+    for backend in ("onnx", "inductor"):
+        with pytest.raises(qc.ExportError, match="low.rank"):
+            _compile("w4a8", backend=backend, low_rank=4)
+    with pytest.raises(ValueError, match="low_rank"):
+        Quantize(low_rank=-1)

@@ -74,6 +74,9 @@ class QDQLinear(nn.Module):
         self.w_scale = constant(spec.w_scale.float())
         self.w_zero = constant(torch.zeros_like(spec.w_scale, dtype=torch.long))
         self.bias = None if spec.bias is None else constant(spec.bias.detach().clone())
+        if spec.low_rank is not None:
+            raise ExportError(f"{spec.path}: the inductor backend has no low-rank float branch: compile without "
+                              "low_rank, or backend='torch'")
         if spec.act is not None and spec.act.channel_scale is not None:
             raise ExportError(f"{spec.path}: the inductor backend takes one activation scale per tensor; a "
                               "salience-balanced input needs one per channel: compile without balance, or backend='torch'")

@@ -167,6 +167,8 @@ class _QDQLinear(nn.Module):
         bias = spec.bias.detach().float().cpu() if spec.bias is not None else torch.zeros(len(self.w_scale))
         self.register_buffer("qc_bias", bias)
         _refuse_activation(spec.act, spec.path)
+        if spec.low_rank is not None:
+            raise ExportError(f"{spec.path}: the low-rank float branch is not exported to ONNX; compile without low_rank")
         self.act = None if spec.act is None else spec.act.act_qparams()  # the all-steps (only) range
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,9 @@ def check_constant_uint8_activations(passes: Sequence[Any], backend: str, op: st
         cfg = getattr(p, "config", None)
         if not isinstance(cfg, QuantConfig):
             continue
+        if getattr(p, "low_rank", 0):
+            raise ExportError(f"the {backend} backend cannot run a low-rank float branch beside its INT8 op: drop "
+                              f"low_rank{alternative}")
         if getattr(p, "balance", None) is not None:
             raise ExportError(f"the {backend} backend cannot run salience balancing ({op} takes one scale per "
                               f"tensor; balancing needs one per input channel): drop balance{alternative}")

@@ -139,6 +139,10 @@ class Int8Linear(StepAware, nn.Module):
             qscale = scale if channel is None else channel * scale
             xq = _quantize_u8(x.reshape(-1, k).float(), qscale, zero, 2 ** self.act_bits - 1)  # (M, K) u8
         out = KERNELS[self.kernel](xq, scale, zero, self)  # (M, N) float32, or uint8 codes for the consumer
+        if self.spec.low_rank is not None:  # SVDQuant's float branch on the raw input (never fused, below)
+            up, down = self.spec.low_rank
+            xf = x.reshape(-1, k).to(up.dtype)
+            out = out + torch.nn.functional.linear(torch.nn.functional.linear(xf, down), up)
         out = out.reshape(*lead, -1)
         return out if out.dtype == torch.uint8 else out.to(torch.float32 if x.dtype == torch.uint8 else x.dtype)
 
@@ -170,7 +174,11 @@ class WeightOnlyLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dequantized
         if w is None or w.dtype != x.dtype or w.device != x.device:
-            w = self.dequantized = (self.w_int8.to(x.dtype) * self.w_scale.to(x.dtype)[:, None]).to(x.device)
+            w = self.w_int8.float() * self.w_scale[:, None]
+            if self.spec.low_rank is not None:  # a float input: the low-rank branch folds into the weight
+                up, down = self.spec.low_rank
+                w = w + up.float() @ down.float()
+            w = self.dequantized = w.to(device=x.device, dtype=x.dtype)
         return torch.nn.functional.linear(x, w, self.bias)
 
     def report_section(self) -> str:
@@ -215,7 +223,8 @@ def _fuse_gelu(owner: fx.GraphModule) -> None:
         if node.op != "call_module" or not isinstance(owner.get_submodule(node.target), Int8Linear):
             continue
         users = list(node.users)
-        if len(users) == 1 and _is_tanh_gelu(owner, users[0]):
+        low_rank = owner.get_submodule(node.target).spec.low_rank is not None  # its branch adds before GELU
+        if len(users) == 1 and not low_rank and _is_tanh_gelu(owner, users[0]):
             owner.get_submodule(node.target).post_op = "gelu_tanh"
             users[0].replace_all_uses_with(node)
             owner.graph.erase_node(users[0])
@@ -235,11 +244,13 @@ def _fuse_requant(owner: fx.GraphModule) -> None:
         if node.op != "call_module" or len(node.users) != 1:
             continue
         producer, user = owner.get_submodule(node.target), next(iter(node.users))
-        if not isinstance(producer, Int8Linear) or producer.kernel != "onednn" or user.op != "call_module":
+        if (not isinstance(producer, Int8Linear) or producer.kernel != "onednn" or user.op != "call_module"
+                or producer.spec.low_rank is not None):
             continue
         consumer = owner.get_submodule(user.target)
         if (isinstance(consumer, Int8Linear) and consumer.kernel == "onednn" and consumer.act_bits == 8
-                and consumer.spec.act.channel_scale is None and user.args[:1] == (node,)):
+                and consumer.spec.act.channel_scale is None and consumer.spec.low_rank is None
+                and user.args[:1] == (node,)):
             producer.__dict__["requant_consumer"] = consumer
 
 

@@ -67,6 +67,10 @@ class Quantize(Pass):
     ``balance``: salience balancing per input channel for every linear whose input is quantized
     (:mod:`qc_compiler.quant.balance`: ``"search"``, ``"smoothquant"``, ``"ptq4dit"``, or a
     ``BalanceConfig``/dict); None for none. It runs on the torch INT8 backend (and fake-quant).
+
+    ``low_rank``: rank r of SVDQuant's float branch beside every quantized linear (0: none); the 4-bit
+    grid then holds only the residual weight. Torch INT8 backend (and fake-quant) only; its cost is
+    two thin float GEMMs per layer (measured in docs/RESULTS.md).
     """
 
     name = "quantize"
@@ -77,7 +81,7 @@ class Quantize(Pass):
                  preset: Optional[str] = None, config: Union[QuantConfig, Dict[str, Any], None] = None,
                  batch_size: int = 64, compare_batches: int = 6, rounding: str = "nearest",
                  gptq: Union[GPTQConfig, Dict[str, Any], None] = None,
-                 balance: Union[BalanceConfig, Dict[str, Any], str, None] = None):
+                 balance: Union[BalanceConfig, Dict[str, Any], str, None] = None, low_rank: int = 0):
         given = [name for name, v in (("bits", weight_bits if weight_bits is not None else act_bits),
                                       ("preset", preset), ("config", config)) if v is not None]
         if len(given) > 1:
@@ -110,6 +114,7 @@ class Quantize(Pass):
             raise ValueError(f"balance must be a method name, a BalanceConfig or a dict of its fields, "
                              f"got {type(balance).__name__}")
         self.balance = balance
+        self.low_rank = check_int("low_rank", low_rank, lo=0)
         self.batch_size = check_int("batch_size", batch_size, lo=1)
         self.compare_batches = check_int("compare_batches", compare_batches, lo=1)
 
@@ -119,6 +124,8 @@ class Quantize(Pass):
             out.update(rounding=self.rounding, gptq=asdict(self.gptq))
         if self.balance is not None:
             out["balance"] = asdict(self.balance)
+        if self.low_rank:
+            out["low_rank"] = self.low_rank
         return out
 
     def run(self, gm: fx.GraphModule, ctx) -> PassResult:
@@ -140,7 +147,8 @@ class Quantize(Pass):
         worst = max(modules, key=lambda m: m.rel_error if m.rel_error == m.rel_error else -1)
         ctx.artifacts["quantized"] = [{"path": m.path, "rel_error": m.rel_error} for m in modules]
         linears = sum(isinstance(m, QuantLinear) for m in modules)
-        extras = [t for t, on in (("GPTQ", self.gptq), (f"balance {self.balance and self.balance.method}", self.balance)) if on]
+        extras = [t for t, on in (("GPTQ", self.gptq), (f"balance {self.balance and self.balance.method}", self.balance),
+                                              (f"low rank {self.low_rank}", self.low_rank)) if on]
         note = (f"{linears} linears {config.bits.upper()}" + (f" ({', '.join(extras)})" if extras else "") +
                 f", {len(modules) - linears} matmul operands; "
                 f"largest error {worst.path} ({worst.rel_error:.4f})")
@@ -175,7 +183,8 @@ class Quantize(Pass):
             if note.op == "linear":
                 module = QuantLinear(site.weight, site.bias, note.path, note.spec, num_groups=groups,
                                      num_steps=num_steps, gptq=self.gptq,
-                                     balance=self.balance if note.spec.act_bits is not None else None)
+                                     balance=self.balance if note.spec.act_bits is not None else None,
+                                     low_rank=min(self.low_rank, *site.weight.shape))
                 self._replace(owner, node, module, "q_" + note.path, (node.args[0],))
                 modules.append(module)
             else:

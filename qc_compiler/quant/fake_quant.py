@@ -132,11 +132,16 @@ class QuantLinear(_ActRanges):
     ``balance``: a :class:`BalanceConfig` to balance salience per input channel (s, fitted state
     ``in_scale``, chosen in a ``stats`` pass before observing): the weight quantized is W s, the input
     is quantized as round(x / (s a)) + z. Only for layers whose input is quantized.
+
+    ``low_rank``: SVDQuant's low-rank float branch, rank r > 0. The top r singular directions of the
+    (balanced) weight stay in float, y = Q(x) Q(W - U V)^T + (x V^T) U^T, so the 4-bit grid only
+    has to hold the residual, whose range is smaller. ``lr_up`` (N, r) and ``lr_down`` (r, K), with
+    1/s folded into ``lr_down`` so the branch reads the raw input, are fitted state.
     """
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], path: str, spec: LayerQuant,
                  *, num_groups: int, num_steps: int, gptq: Optional[GPTQConfig] = None,
-                 balance: Optional[BalanceConfig] = None):
+                 balance: Optional[BalanceConfig] = None, low_rank: int = 0):
         super().__init__(path, spec, num_groups, num_steps)
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
         self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
@@ -153,6 +158,12 @@ class QuantLinear(_ActRanges):
         if balance is not None:
             self.register_buffer("in_scale", torch.ones(weight.shape[1]))
             self._stats: Optional[ChannelStats] = ChannelStats(weight.shape[1], balance.max_rows)
+        if not 0 <= low_rank <= min(weight.shape):
+            raise ValueError(f"{path}: low_rank must be in 0..{min(weight.shape)}, got {low_rank}")
+        self.low_rank = low_rank
+        if low_rank:
+            self.register_buffer("lr_up", torch.zeros(weight.shape[0], low_rank))
+            self.register_buffer("lr_down", torch.zeros(low_rank, weight.shape[1]))
 
     def weight_qparams(self) -> QParams:
         return QParams(self.w_scale, torch.zeros_like(self.w_scale, dtype=torch.int32), self.spec.weight_bits,
@@ -166,11 +177,26 @@ class QuantLinear(_ActRanges):
         self._stats = None
 
     def _balanced_weight(self) -> torch.Tensor:
-        """The weight that is quantized: W s when balanced (s folds into the weights), else W."""
+        """The weight that is quantized: (W - U V) s, with s when balanced (it folds into the weights)
+        and U V the low-rank branch's part when there is one."""
         w = self.weight.detach()
+        if self.low_rank:
+            w = w - (self.lr_up @ self.lr_down).to(w.dtype)
         return w * self.in_scale.to(w.dtype) if self.balance is not None else w
 
+    def _fit_low_rank(self) -> None:
+        """The top singular directions of the balanced weight W s = U S V^T go to the float branch:
+        lr_up = U_r S_r, lr_down = V_r^T / s (so the branch reads x, not x / s)."""
+        w = self.weight.detach().double()
+        s = self.in_scale.double() if self.balance is not None else torch.ones(w.shape[1], dtype=w.dtype)
+        u, sv, vh = torch.linalg.svd(w * s, full_matrices=False)
+        r = self.low_rank
+        self.lr_up.copy_((u[:, :r] * sv[:r]).float())
+        self.lr_down.copy_((vh[:r] / s).float())
+
     def finish_calibration(self) -> None:
+        if self.low_rank:
+            self._fit_low_rank()
         obs = make_observer(self.spec.weight_observer, self.spec.weight_bits, symmetric=True, axis=0)
         obs.update(self._balanced_weight())
         self.w_scale.copy_(obs.compute().scale)
@@ -193,7 +219,8 @@ class QuantLinear(_ActRanges):
     def fitted_state(self) -> Dict[str, torch.Tensor]:
         gptq = {"w_codes": self.w_codes} if self.gptq is not None else {}
         balance = {"in_scale": self.in_scale} if self.balance is not None else {}
-        return {**super().fitted_state(), "w_scale": self.w_scale, **gptq, **balance}
+        low_rank = {"lr_up": self.lr_up, "lr_down": self.lr_down} if self.low_rank else {}
+        return {**super().fitted_state(), "w_scale": self.w_scale, **gptq, **balance, **low_rank}
 
     def export_spec(self) -> QuantizedLinearSpec:
         codes = self.weight_codes().clone()  # (N, K)
@@ -201,8 +228,9 @@ class QuantLinear(_ActRanges):
         act = self.act_spec()
         if self.balance is not None:
             act = replace(act, channel_scale=self.in_scale.detach().clone().float())
+        lr = (self.lr_up.detach().clone(), self.lr_down.detach().clone()) if self.low_rank else None
         return QuantizedLinearSpec(self.path, self.spec.weight_bits, codes, self.w_scale.detach().clone().float(),
-                                   bias, act)
+                                   bias, act, low_rank=lr)
 
     def load_fitted(self, state: Dict[str, torch.Tensor]) -> None:
         super().load_fitted(state)
@@ -234,6 +262,8 @@ class QuantLinear(_ActRanges):
         if self.mode in ("observe", "float"):
             return F.linear(x, self.weight, self.bias)
         out = F.linear(self._quantized_input(x), self.w_fq, self.bias)
+        if self.low_rank:
+            out = out + F.linear(F.linear(x, self.lr_down.to(x.dtype)), self.lr_up.to(x.dtype))
         if self.mode == "compare":
             ref = F.linear(x, self.weight, self.bias)
             self._track(out, ref)

@@ -67,6 +67,9 @@ class QuantizedLinearSpec:
     bias: Optional[torch.Tensor] = field(compare=False)  # (N,) or None
     act: Optional[QuantizedActSpec] = None
     post_op: str = "none"
+    # SVDQuant's float branch, added to the INT8 GEMM's output: (lr_up (N, r), lr_down (r, K)),
+    # y += (x lr_down^T) lr_up^T on the raw input x. None: no branch.
+    low_rank: Optional[Tuple[torch.Tensor, torch.Tensor]] = field(default=None, compare=False)
 
     @property
     def weight_only(self) -> bool:
