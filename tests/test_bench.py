@@ -1,5 +1,6 @@
 import pytest
 
+from qc_compiler.passes import Quantize
 from qc_compiler.specs import StepCacheConfig
 from qc_compiler.tools.bench import VARIANTS, Variant, ablation_rows, markdown, variant_passes
 
@@ -33,7 +34,17 @@ def test_variants_map_to_pass_lists_built_from_configs():
 
 def test_every_listed_variant_builds_and_unknown_ones_fail():
     for name in VARIANTS:
-        variant_passes(name)
+        if VARIANTS[name].mixed:  # its config comes from a sensitivity ranking (mixed_config)
+            with pytest.raises(ValueError, match="mixed_config"):
+                variant_passes(name)
+            continue
+        passes = variant_passes(name)
+        quant = [p for p in passes if isinstance(p, Quantize)]
+        if quant:  # the low-bit options reach the pass
+            assert quant[0].rounding == VARIANTS[name].rounding and quant[0].low_rank == VARIANTS[name].low_rank
+            assert (quant[0].balance and quant[0].balance.method) == VARIANTS[name].balance
+    assert VARIANTS["quant-uniform-gptq-bal-lr16"] == Variant(selector="uniform", rounding="gptq", balance="search",
+                                                              low_rank=16)
     assert "qc-tap-vc" in ablation_rows() and "qc-uniform" in ablation_rows()
     assert VARIANTS["cache-i2"].bits_independent and not VARIANTS["qc-tap"].bits_independent
     for bad in ("quant-magic", "quant-tap-vc", "qc-tap-vc-condq", "qc-tap-condq-condq", "qc-tap-fast"):

@@ -55,7 +55,8 @@ class Variant:
     ``cache``: a StepCacheConfig, ``RUN_CACHE`` for the run's, or None. ``selector``: the calibration
     selector (None: no quantization). ``bits``: fixed bit widths, or None for the run's.
     ``condq``: quantize the conditioning linears' inputs too (the paper's setting). ``vc``: a VC
-    form, or None. ``rounding``/``balance``: the Quantize pass's (GPTQ, salience balancing);
+    form, or None. ``rounding``/``balance``/``low_rank``: the Quantize pass's (GPTQ, salience
+    balancing, SVDQuant's low-rank branch);
     ``mixed``: keep that many of the most sensitive linears at W8A8 (:func:`qc.mixed_precision`)."""
 
     cache: Union[StepCacheConfig, str, None] = None
@@ -65,13 +66,14 @@ class Variant:
     vc: Optional[str] = None
     rounding: str = "nearest"
     balance: Optional[str] = None
+    low_rank: int = 0
     mixed: int = 0
 
     def __post_init__(self) -> None:
         if self.selector is not None and self.selector not in SELECTORS:
             raise ValueError(f"selector must be one of {sorted(SELECTORS)}, got {self.selector!r}")
         if self.selector is None and (self.bits or self.condq or self.vc or self.rounding != "nearest"
-                                      or self.balance or self.mixed):
+                                      or self.balance or self.mixed or self.low_rank):
             raise ValueError("bits, condq, vc, rounding, balance and mixed need a calibration selector "
                              "(a quantized variant)")
 
@@ -101,7 +103,8 @@ def _table() -> Dict[str, Variant]:
         for tag, extra in (("gptq", {"rounding": "gptq"}), ("bal", {"balance": "search"}),
                            ("gptq-bal", {"rounding": "gptq", "balance": "search"}),
                            ("sq", {"balance": "smoothquant"}), ("ptq4dit", {"balance": "ptq4dit"}),
-                           ("mixed4", {"mixed": 4}), ("gptq-mixed4", {"rounding": "gptq", "mixed": 4})):
+                           ("mixed4", {"mixed": 4}), ("gptq-mixed4", {"rounding": "gptq", "mixed": 4}),
+                           ("gptq-bal-lr16", {"rounding": "gptq", "balance": "search", "low_rank": 16})):
             table[f"quant-{sel}-{tag}"] = Variant(selector=sel, **extra)
             table[f"qc-{sel}-{tag}"] = Variant(cache=RUN_CACHE, selector=sel, **extra)
             table[f"qc-{sel}-{tag}-vcvar"] = Variant(cache=RUN_CACHE, selector=sel, vc="variance", **extra)
@@ -130,7 +133,8 @@ def variant_passes(variant: Union[str, Variant], *, bits: str = "w8a8",
         if config is None:
             config = QuantConfig.preset(variant.bits or bits, **({"weight_only": ()} if variant.condq else {}))
         passes += [SELECTORS[variant.selector](size=size, pool_labels=pool_labels),
-                   Quantize(config=config, rounding=variant.rounding, balance=variant.balance)]
+                   Quantize(config=config, rounding=variant.rounding, balance=variant.balance,
+                            low_rank=variant.low_rank)]
     if variant.vc is not None:
         passes.append(VarianceCompensation(VCConfig(placement=vc_placement, form=variant.vc)))
     return passes
