@@ -224,7 +224,13 @@ class Quantize(Pass):
         table = StepTable(ctx.sampler.timesteps)
         state = StepState(num_steps=len(table))
         bind_step_state(gm, state)
-        set_mode(modules, "observe")
+
+        def run(mode: str, batches) -> None:  # every batch at its own step, every module in `mode`
+            set_mode(modules, mode)
+            for step, inputs in batches:
+                with state.calibrating(step):
+                    gm(*inputs)
+
         with torch.no_grad():
             divisor = ctx.adapter.inputs.timestep_divisor
             batches = [(table.index(t[0]), ctx.graph_inputs(x.to(dtype), model_timestep(t[0].item(), len(t), divisor=divisor)
@@ -232,24 +238,15 @@ class Quantize(Pass):
                        for x, t, y in pool.batches(self.batch_size)]
             balanced = [m for m in modules if getattr(m, "balance", None) is not None]
             if balanced:  # salience first: the observers must see the balanced inputs
-                set_mode(modules, "stats")
-                for step, inputs in batches:
-                    with state.calibrating(step):
-                        gm(*inputs)
+                run("stats", batches)
                 for m in balanced:
                     m.fit_balance()
-                set_mode(modules, "observe")
-            for step, inputs in batches:
-                with state.calibrating(step):
-                    gm(*inputs)
+            run("observe", batches)
             for m in modules:
                 m.finish_calibration()
             # Per-layer sensitivity: each op quantized alone, on batches spread over the steps.
-            set_mode(modules, "compare")
             stride = max(1, len(batches) // self.compare_batches)
-            for step, inputs in batches[::stride][: self.compare_batches]:
-                with state.calibrating(step):
-                    gm(*inputs)
+            run("compare", batches[::stride][: self.compare_batches])
 
 
 def _unique(owner: fx.GraphModule, name: str) -> str:
