@@ -65,6 +65,18 @@ MUTATIONS = [
      "if n not in self.unused}", 'if n not in self.unused and "mask" not in n}'),
     ("flux: timestep not divided as its pipeline divides it", "qc_compiler/models/adapters/flux.py",
      'timestep_dtype="float32", timestep_divisor=1000)', 'timestep_dtype="float32", timestep_divisor=1)'),
+    ("gptq: a column's error is not moved onto the columns after it", "qc_compiler/quant/gptq.py",
+     "            block[:, i:] -= err @ hblock[i:i + 1, i:]\n", ""),
+    ("gptq: no lazy update of the columns after a block", "qc_compiler/quant/gptq.py",
+     "        w[:, hi:] -= errors @ hinv[lo:hi, hi:]", "        pass"),
+    ("balance: ptq4dit favours the steps aligned with the weight", "qc_compiler/quant/balance.py",
+     "eta = torch.softmax(-rho, dim=0)", "eta = torch.softmax(rho, dim=0)"),
+    ("int8: a balanced input quantized with the scalar scale", "qc_compiler/backends/torch_int8.py",
+     "qscale = scale if channel is None else channel * scale", "qscale = scale"),
+    ("int8: the low-rank branch is dropped", "qc_compiler/backends/torch_int8.py",
+     "        if self.spec.low_rank is not None:  # SVDQuant's", "        if False:  # SVDQuant's"),
+    ("quant: observers see the unbalanced input", "qc_compiler/quant/fake_quant.py",
+     "xb = x / self.in_scale.to(x.dtype) if self.balance is not None else x", "xb = x"),
 ]
 
 
