@@ -20,8 +20,10 @@ calibration inputs and sW over the weight's column:
 
 Where s goes: the weight side folds into the weights (W s is what gets quantized). The input side
 folds into the quantizer the layer already runs on its input: codes = round(x / (s * a)) + z instead of
-round(x / a) + z, one elementwise pass either way. So the balanced layer costs what the plain one
-does on the torch INT8 backend. Backends whose INT8 op takes one scalar scale (onnx, inductor) refuse
+round(x / a) + z, one elementwise pass either way (measured: the same time). What it does cost on the
+torch INT8 backend is the fc1 -> fc2 requantization fusion, whose oneDNN output scale is a scalar:
+fc1 then writes float and fc2 quantizes it (+57% per forward on the embedded model, docs/RESULTS.md).
+Backends whose INT8 op takes one scalar scale (onnx, inductor) refuse
 it; folding s into the producing op (a LayerNorm affine, adaLN's scale and shift) would serve them
 and is open.
 
