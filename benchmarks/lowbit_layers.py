@@ -18,24 +18,22 @@ import torch
 
 import qc_compiler as qc
 from qc_compiler.quant import BalanceConfig, make_observer
-from qc_compiler.quant.balance import ChannelStats, balance_scales
+from qc_compiler.quant.balance import ChannelStats, balance_scales, quantized_output_error
 from qc_compiler.quant.gptq import HessianAccumulator, gptq_codes
 from qc_compiler.quant.qparams import fake_quantize, qparams_from_range
 from qc_compiler.tools.bench import machine_line, write_results
 
 
-def layer_error(w, x, s, act_bits, gptq=False):
+def gptq_error(w, x, s, act_bits):
+    """As ``quantized_output_error`` (round to nearest), with GPTQ's codes on the same grid instead."""
     wb, xb = w * s, x / s
     qa = qparams_from_range(xb.min(), xb.max(), act_bits, symmetric=False)
     obs = make_observer("mse", 4, symmetric=True, axis=0)
     obs.update(wb)
-    qw = obs.compute()
-    if gptq:
-        h = HessianAccumulator(w.shape[1])
-        h.update(xb)
-        wq = gptq_codes(wb, h.hessian(), qw.scale, 4).float() * qw.scale[:, None]
-    else:
-        wq = fake_quantize(wb, qw)
+    scale = obs.compute().scale
+    h = HessianAccumulator(w.shape[1])
+    h.update(xb)
+    wq = gptq_codes(wb, h.hessian(), scale, 4).float() * scale[:, None]
     ref = x @ w.T
     return float((fake_quantize(xb, qa) @ wq.T - ref).norm() / ref.norm())
 
@@ -68,11 +66,10 @@ def main(argv=None):
         smooth = balance_scales(stats, w, BalanceConfig(method="smoothquant", alpha=0.5), act_bits=args.act_bits, weight_bits=4)
         search = balance_scales(stats, w, BalanceConfig(method="search"), act_bits=args.act_bits, weight_bits=4)
         one = torch.ones(w.shape[1])
-        rows.append({"layer": name, "nearest": layer_error(w, x, one, args.act_bits),
-                     "smoothquant_0.5": layer_error(w, x, smooth, args.act_bits),
-                     "search": layer_error(w, x, search, args.act_bits),
-                     "gptq": layer_error(w, x, one, args.act_bits, gptq=True),
-                     "search_gptq": layer_error(w, x, search, args.act_bits, gptq=True)})
+        rtn = lambda s: quantized_output_error(x, w, s, args.act_bits, 4, "mse")  # noqa: E731
+        rows.append({"layer": name, "nearest": rtn(one), "smoothquant_0.5": rtn(smooth), "search": rtn(search),
+                     "gptq": gptq_error(w, x, one, args.act_bits),
+                     "search_gptq": gptq_error(w, x, search, args.act_bits)})
     keys = [k for k in rows[0] if k != "layer"]
     print(f"| W4A{args.act_bits}, mean over {len(rows)} linears | " + " | ".join(keys) + " |")
     print("|---|" + "---|" * len(keys))

@@ -115,15 +115,15 @@ def test_smoothquant_scales_follow_the_formula():
 
 
 def test_search_never_measures_worse_than_no_balancing_and_helps_at_a4():
-    from qc_compiler.quant.balance import _output_error
+    from qc_compiler.quant.balance import quantized_output_error
 
     w, x = _layer()
     x[:, :4] *= 20  # outlier channels, as DiT activations have
     stats = ChannelStats(w.shape[1])
     stats.update(x, 0)
     s = balance_scales(stats, w, BalanceConfig(method="search"), act_bits=4, weight_bits=4)
-    none = _output_error(x, w, torch.ones(w.shape[1]), 4, 4, "mse")
-    assert _output_error(x, w, s, 4, 4, "mse") < 0.7 * none
+    none = quantized_output_error(x, w, torch.ones(w.shape[1]), 4, 4, "mse")
+    assert quantized_output_error(x, w, s, 4, 4, "mse") < 0.7 * none
 
 
 def test_spearman_matches_sorting_by_hand():

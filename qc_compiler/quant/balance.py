@@ -46,7 +46,7 @@ from ..options import check_float, check_int
 from .observers import make_observer
 from .qparams import fake_quantize, qparams_from_range
 
-__all__ = ["BalanceConfig", "ChannelStats", "balance_scales", "spearman", "METHODS"]
+__all__ = ["BalanceConfig", "ChannelStats", "balance_scales", "quantized_output_error", "spearman", "METHODS"]
 
 METHODS = ("smoothquant", "ptq4dit", "search")
 _FLOOR = 1e-5  # salience floor: a channel never seen non-zero must not give s = 0 or inf
@@ -117,7 +117,7 @@ def _scales(sx: torch.Tensor, sw: torch.Tensor, alpha: float) -> torch.Tensor:
     return s / (s.max() * s.min()).sqrt()
 
 
-def _output_error(x: torch.Tensor, weight: torch.Tensor, s: torch.Tensor, act_bits: int, weight_bits: int,
+def quantized_output_error(x: torch.Tensor, weight: torch.Tensor, s: torch.Tensor, act_bits: int, weight_bits: int,
                   weight_observer: str) -> float:
     """Relative L2 error of the balanced, fake-quantized layer on rows ``x`` (round to nearest)."""
     xb, wb = x / s, weight * s
@@ -144,10 +144,10 @@ def balance_scales(stats: ChannelStats, weight: torch.Tensor, config: BalanceCon
         return _scales((eta[:, None] * per_step).sum(dim=0), sw, config.alpha)
     x, sx = stats.sample(), stats.overall()
     best = torch.ones_like(sx)
-    best_err = _output_error(x, w, best, act_bits, weight_bits, weight_observer)
+    best_err = quantized_output_error(x, w, best, act_bits, weight_bits, weight_observer)
     for i in range(config.grid):
         s = _scales(sx, sw, i / (config.grid - 1))
-        err = _output_error(x, w, s, act_bits, weight_bits, weight_observer)
+        err = quantized_output_error(x, w, s, act_bits, weight_bits, weight_observer)
         if err < best_err:
             best, best_err = s, err
     return best

@@ -67,9 +67,12 @@ class _ActRanges(StepAware, nn.Module):
     def uses_step(self) -> bool:  # one range for every step: the output does not depend on it
         return self.num_groups > 1
 
+    def current_step(self) -> int:
+        """The sampling step the step state holds, or -1 when none is known."""
+        return self.step_state.step if self.step_state is not None else -1
+
     def group(self) -> int:
-        step = self.step_state.step if self.step_state is not None else -1
-        return step_group(step, self.num_groups, self.num_steps)
+        return step_group(self.current_step(), self.num_groups, self.num_steps)
 
     def act_spec(self) -> Optional[QuantizedActSpec]:
         """The activation quantization as backends see it (None for a weight-only layer)."""
@@ -176,7 +179,7 @@ class QuantLinear(_ActRanges):
                                            weight_observer=self.spec.weight_observer))
         self._stats = None
 
-    def _balanced_weight(self) -> torch.Tensor:
+    def _grid_weight(self) -> torch.Tensor:
         """The weight that is quantized: (W - U V) s, with s when balanced (it folds into the weights)
         and U V the low-rank branch's part when there is one."""
         w = self.weight.detach()
@@ -197,12 +200,13 @@ class QuantLinear(_ActRanges):
     def finish_calibration(self) -> None:
         if self.low_rank:
             self._fit_low_rank()
+        w = self._grid_weight()
         obs = make_observer(self.spec.weight_observer, self.spec.weight_bits, symmetric=True, axis=0)
-        obs.update(self._balanced_weight())
+        obs.update(w)
         self.w_scale.copy_(obs.compute().scale)
         self.finish_activations()
         if self.gptq is not None:  # the same grid (the observer's scales), codes chosen against the inputs
-            self.w_codes.copy_(gptq_codes(self._balanced_weight(), self._hessian.hessian(), self.w_scale,
+            self.w_codes.copy_(gptq_codes(w, self._hessian.hessian(), self.w_scale,
                                           self.spec.weight_bits, self.gptq))
             self._hessian = None
         self._cache_weight()
@@ -211,7 +215,7 @@ class QuantLinear(_ActRanges):
         """The int8 weight codes (N, K): GPTQ's where fitted so, else round to nearest (of W s when balanced)."""
         if self.gptq is not None:
             return self.w_codes
-        return quantize(self._balanced_weight(), self.weight_qparams()).to(torch.int8)
+        return quantize(self._grid_weight(), self.weight_qparams()).to(torch.int8)
 
     def _cache_weight(self) -> None:
         self.w_fq = dequantize(self.weight_codes(), self.weight_qparams()).to(self.weight.dtype)
@@ -252,7 +256,7 @@ class QuantLinear(_ActRanges):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "stats":
             if self.balance is not None:
-                self._stats.update(x, self.step_state.step if self.step_state is not None else -1)
+                self._stats.update(x, self.current_step())
             return F.linear(x, self.weight, self.bias)
         if self.mode == "observe":
             xb = x / self.in_scale.to(x.dtype) if self.balance is not None else x

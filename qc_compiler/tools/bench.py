@@ -315,7 +315,6 @@ def run_variants(names: Sequence[str], *, model_name: str = "dit-mnist", model=N
         images, seconds = sample_timed(compiled, sampler, labels, seed=seed, batch=batch)
         if fp_seconds is None and name == "fp32":
             fp_seconds = seconds
-        variant = VARIANTS[name]
         row = {"variant": name, "bits": "-" if variant.bits_independent else (variant.bits or bits), "steps": steps,
                "cache": cache.describe() if variant.cache == RUN_CACHE else None,
                "compile_s": compile_s, "sample_s": seconds, "fp32_sample_s": fp_seconds, "fp32_250_s": fp250_seconds,
