@@ -19,11 +19,12 @@ from .runtime import CompiledModel
 from .schedules import CompiledSchedules
 from .sensitivity import MixedPrecision, mixed_precision
 from .step import StepTable
+from .tune import Candidate, QuantChoice, TuneResult, TuneSpace, tune
 
 __version__ = "0.2.0"
 
 __all__ = [
-    "MixedPrecision", "mixed_precision",
+    "MixedPrecision", "mixed_precision", "tune", "TuneSpace", "TuneResult", "Candidate", "QuantChoice",
     "compile", "compile_pipeline", "bind_pipeline", "load_model", "load_compiled", "capture",
     "DDPM", "DDIM", "FlowMatchEuler", "PipelineSampler", "ConditionBank", "CompiledModel", "CompiledSchedules",
     "StepTable", "ModelAdapter", "ModelInfo", "adapter_for", "register_adapter",

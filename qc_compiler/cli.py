@@ -2,6 +2,8 @@
 
     qc sample --model DiT-T/4 --input-size 16 --labels 0,1,2 --steps 20 --out grid.png
     qc compile --model dit-mnist --steps 50 --cfg 1.5 --pass tap_calibration --pass quantize --out dit_qc/
+    qc tune --model dit-mnist --min-speedup 3.5 --max-fid-increase 5% --time-budget 45m --out tune/
+    qc compile --recipe tune/recipe.json --out dit_tuned/
     qc export --compiled dit_qc/ --out dit_int8.onnx
     qc eval --model dit-mnist --n 1000 --out eval.json
     qc bench ablation --bits w8a8,w4a8 --steps 50,100 --cache interval=3 --n 2000 --out out/ablation.json
@@ -69,6 +71,41 @@ def _finite(text: str) -> float:
     if value != value or value in (float("inf"), float("-inf")):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     return value
+
+
+def _speedup(text: str) -> float:
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    from .tune import parse_fraction
+
+    try:
+        return parse_fraction(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _duration(text: str) -> float:
+    from .tune import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _backends(text: str):
+    from .backends.registry import BACKENDS
+
+    names = tuple(b.strip() for b in text.split(","))
+    bad = [b for b in names if b not in BACKENDS]
+    if bad or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"backends must be distinct names from {sorted(BACKENDS)}, got {text!r}")
+    return names
 
 
 def parse_pass_spec(spec: str):
@@ -165,8 +202,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampler_args(p, several=True)
     p.add_argument("--pass", dest="passes", action="append", default=[], metavar="NAME[:k=v,...]",
                    help=_pass_help())
-    p.add_argument("--backend", default="torch", help=_BACKEND_HELP)
+    p.add_argument("--backend", help=_BACKEND_HELP + " (default torch)")
+    p.add_argument("--recipe", type=Path, help="replay a recipe.json written by `qc tune` (instead of --pass, "
+                   "--steps, --cfg, --sampler, --backend); the result must equal the tuned model bit for bit")
+    p.add_argument("--no-verify", action="store_true", help="with --recipe: accept a result that differs from the "
+                   "tuned model (a recipe edited on purpose)")
     p.add_argument("--out", type=Path, required=True, help="folder to write")
+
+    p = sub.add_parser("tune", help="search bits, cache, calibration, VC and backend for the fastest schedule that "
+                       "keeps quality, within a time budget", parents=[common])
+    _add_model_args(p)
+    _add_sampler_args(p)
+    p.add_argument("--min-speedup", type=_speedup, help="sampling at least this many times FP32's speed (e.g. 3.5)")
+    p.add_argument("--max-fid-increase", type=_fraction, help="FID at most this much above FP32's (5%% or 0.05)")
+    p.add_argument("--time-budget", type=_duration, default=2700.0, help="wall time for the search (45m, 1h, 900s; "
+                   "default 45m)")
+    p.add_argument("--space", choices=["default", "quick"], default="default",
+                   help="default: W8A8/W4A8-GPTQ/mixed x TAP/uniform x 9 cache policies x VC; quick: a tiny one")
+    p.add_argument("--backends", type=_backends, default=("torch",),
+                   help="comma-separated backends to try, torch first (e.g. torch,inductor)")
+    p.add_argument("--n", type=_positive, default=500, help="samples per schedule for the metric suite (default 500)")
+    p.add_argument("--n-proxy", type=_positive, default=64, help="samples per candidate for the proxy (default 64)")
+    p.add_argument("--batch", type=_positive, default=250, help="samples per sampling batch of the suite (default 250)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder for log.json (a rerun resumes from it), pareto.md, front.png, recipe.json, compiled/")
 
     p = sub.add_parser("export", help="write a compiled model as INT8 ONNX (QDQ) for onnxruntime", parents=[common])
     p.add_argument("--compiled", required=True, help="a folder written by `qc compile`")
@@ -270,6 +329,11 @@ def cmd_compile(args) -> int:
     from .persist import check_output_folder
 
     check_output_folder(args.out)  # before the minutes of calibration, not after
+    if args.recipe is not None:
+        return _compile_recipe(args)
+    if args.no_verify:
+        raise QCError("--no-verify goes with --recipe")
+    args.backend = args.backend or "torch"
     rank, _ = init_distributed()  # under torchrun, calibration pools are gathered by all ranks
     passes = [parse_pass_spec(s) for s in args.passes]
     model = _model(args)
@@ -283,6 +347,54 @@ def cmd_compile(args) -> int:
         print(f"saved {args.out}")
     barrier()
     return 0
+
+
+def _compile_recipe(args) -> int:
+    """``qc compile --recipe``: the tuned schedule, replayed and checked bit for bit."""
+    from .tune import compile_recipe, load_recipe
+
+    given = [flag for flag, value in (("--pass", args.passes), ("--steps", args.steps), ("--cfg", args.cfg),
+                                      ("--sampler", args.sampler), ("--backend", args.backend),
+                                      ("--compiled", args.compiled), ("--seed", args.seed)) if value]
+    if given:
+        raise QCError(f"--recipe fixes the schedule; drop {', '.join(given)}")
+    recipe = load_recipe(args.recipe)
+    spec = recipe["model"] or {}
+    if not spec and not args.ckpt:
+        raise QCError("the recipe does not say which model it was tuned on (tuned from Python); give --ckpt")
+    for key in ("model", "input_size", "in_channels", "num_classes"):
+        setattr(args, key, spec.get(key, getattr(args, key)))
+    args.ckpt = args.ckpt or spec.get("ckpt")
+    compiled = compile_recipe(recipe, _model(args), verify=not args.no_verify)
+    compiled.save(args.out)
+    print(compiled.report())
+    print(f"saved {args.out} (recipe {args.recipe}; content digest {compiled.content_digest()[:16]}"
+          f"{', as tuned' if not args.no_verify else ''})")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from .tune import TuneSpace, check_tune_folder, tune
+
+    if args.compiled:
+        raise QCError("qc tune compiles from the source model; give --model (and --ckpt), not --compiled")
+    space = getattr(TuneSpace, args.space)(backends=args.backends)
+    if args.min_speedup is None and args.max_fid_increase is None:
+        raise QCError("give a bound: --min-speedup, --max-fid-increase, or both (e.g. --min-speedup 3.5 "
+                      "--max-fid-increase 5%)")
+    folder = check_tune_folder(args.out)
+    model = _model(args)
+    sampler = _sampler(args, model)
+    result = tune(model, sampler, min_speedup=args.min_speedup, max_fid_increase=args.max_fid_increase,
+                  time_budget=args.time_budget, space=space, n_proxy=args.n_proxy, n=args.n, batch=args.batch,
+                  seed=args.seed, log=folder / "log.json")
+    model_args = {"model": args.model, "ckpt": args.ckpt, "input_size": args.input_size,
+                  "in_channels": args.in_channels, "num_classes": args.num_classes}
+    written = result.write(folder, model=model_args, command="qc " + " ".join(sys.argv[1:]))
+    print(result.summary())
+    print(f"resumed {result.evaluated.get('resumed', 0)}, measured {result.evaluated.get('new', 0)}, "
+          f"left out for time {result.evaluated.get('skipped_for_time', 0)}; wrote {', '.join(str(p) for p in written)}")
+    return 0 if result.chosen is not None else 1
 
 
 def cmd_export(args) -> int:
@@ -450,7 +562,7 @@ def _check_labels(model, labels: Sequence[int]) -> None:
         raise QCError(f"labels {bad} are out of range for a model with {n} classes")
 
 
-COMMANDS = {"sample": cmd_sample, "compile": cmd_compile, "export": cmd_export, "eval": cmd_eval, "sample-ddp": cmd_sample_ddp,
+COMMANDS = {"sample": cmd_sample, "compile": cmd_compile, "tune": cmd_tune, "export": cmd_export, "eval": cmd_eval, "sample-ddp": cmd_sample_ddp,
             "bench": cmd_bench, "demo": cmd_demo}
 
 

@@ -1,0 +1,178 @@
+"""qc tune: the search, its budget, its log (resume), its outputs and the recipe replay."""
+import json
+import math
+
+import pytest
+import torch
+
+import qc_compiler as qc
+from qc_compiler.cli import main
+from qc_compiler.errors import QCError
+from qc_compiler.imaging import scatter_png
+from qc_compiler.specs import StepCacheConfig
+from qc_compiler.tune import (REFERENCE, Candidate, QuantChoice, TuneSpace, _choose, check_tune_folder, compile_recipe,
+                              load_recipe, pareto_front, parse_duration, parse_fraction, tune)
+
+STEPS = 4  # the quick space calibrates on 8 items: 2 labels x 4 steps
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return qc.load_model("dit-mnist")
+
+
+def _tiny(model, log, **kw):
+    opts = dict(max_fid_increase=10.0, space=TuneSpace.quick(), n_proxy=6, n=16, batch=8, log=log, progress=False)
+    opts.update(kw)
+    return tune(model, qc.DDPM(steps=STEPS, cfg_scale=1.5), **opts)
+
+
+@pytest.mark.slow
+def test_tune_end_to_end_resumes_and_the_recipe_replays_bit_for_bit(mnist, tmp_path, capsys):
+    folder = tmp_path / "tune"
+    log = folder / "log.json"
+    first = _tiny(mnist, log)
+    proxy, suite = first.proxy_rows(), first.suite_rows()
+    assert len(proxy) == 4 and first.evaluated["new"] == len(first.rows) and first.evaluated["resumed"] == 0
+    assert {r["stage"] for r in proxy} == {"quant", "cache"}
+    assert first.fp32 is not None and first.reference is not None and first.reference["stage"] == "reference"
+    for r in proxy:  # against FP32's outputs on the same noise, never zero for a quantized model
+        assert r["step_err"] > 1e-3 and r["final_err"] > 1e-3
+        assert r["proxy"] == pytest.approx(r["step_err"] + r["final_err"])
+        assert r["speed"] == pytest.approx(r["fp32_sample_s"] / r["sample_s"])
+    for r in suite:  # speed and FID are ratios of this run's own FP32 measurements
+        assert r["speed"] == pytest.approx(first.fp32["sample_s"] / r["sample_s"])
+        assert r["fid_increase"] == pytest.approx(r["fid"] / first.fp32["fid"] - 1)
+    # the chosen is the fastest within the bound
+    ok = [r for r in suite if r["fid_increase"] <= 10.0]
+    assert first.chosen is not None and first.chosen["speed"] == max(r["speed"] for r in ok)
+    saved = json.loads(log.read_text())
+    assert len(saved["rows"]) == len(first.rows) and saved["settings"]["n"] == 16
+
+    again = _tiny(mnist, log)  # a rerun measures nothing again
+    assert again.evaluated["new"] == 0 and again.evaluated["resumed"] == len(first.rows)
+    assert again.chosen["key"] == first.chosen["key"]
+    with pytest.raises(QCError, match="other settings .*seed"):
+        _tiny(mnist, log, seed=1)
+
+    written = again.write(folder, model={"model": "dit-mnist"}, command="test")
+    assert {p.name for p in written} == {"pareto.md", "front.png", "recipe.json", "compiled"}
+    assert "chosen" in (folder / "pareto.md").read_text()
+    recipe = load_recipe(folder / "recipe.json")
+    assert recipe["candidate"] == again.chosen["candidate"]
+    assert main(["compile", "--recipe", str(folder / "recipe.json"), "--out", str(tmp_path / "replayed")]) == 0
+    assert qc.load_compiled(tmp_path / "replayed").content_digest() == recipe["compiled_digest"]
+    # an edited recipe is caught, and --no-verify accepts it on purpose
+    edited = dict(recipe, passes=recipe["passes"][:-1])  # a pass dropped
+    (tmp_path / "edited.json").write_text(json.dumps(edited))
+    capsys.readouterr()
+    assert main(["compile", "--recipe", str(tmp_path / "edited.json"), "--out", str(tmp_path / "e")]) == 2
+    assert "differs from the tuned model" in capsys.readouterr().err
+    assert main(["compile", "--recipe", str(tmp_path / "edited.json"), "--no-verify", "--out", str(tmp_path / "e")]) == 0
+
+
+def test_an_exhausted_budget_measures_fp32_only_and_chooses_nothing(mnist, tmp_path):
+    result = _tiny(mnist, None, time_budget=1e-3)
+    assert result.chosen is None and result.proxy_rows() == [] and result.suite_rows() == []
+    assert result.evaluated["skipped_for_time"] == 2  # the quantization row (so no cache rows follow) and the reference
+    assert "no schedule met" in result.summary()
+    with pytest.raises(QCError, match="no schedule met"):
+        result.recipe()
+
+
+def test_recipe_refuses_other_weights(mnist, tmp_path):
+    other = qc.load_model("DiT-T/4", input_size=32, in_channels=1, num_classes=10)
+    recipe = {"weights_digest": "0" * 64, "passes": [], "sampler": qc.DDPM(steps=2).spec(), "seed": 0,
+              "backend": "torch", "compiled_digest": "", "threads": 1}
+    with pytest.raises(QCError, match="other weights"):
+        compile_recipe(recipe, other)
+    (tmp_path / "r.json").write_text(json.dumps({"format": "qc-recipe", "version": 1}))
+    with pytest.raises(QCError, match="lacks"):
+        load_recipe(tmp_path / "r.json")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({}, "give a bound"),
+    ({"min_speedup": 0}, "min_speedup"),
+    ({"min_speedup": float("nan")}, "min_speedup"),
+    ({"max_fid_increase": -0.1}, "max_fid_increase"),
+    ({"max_fid_increase": 0.05, "n": 1}, "n must be"),
+    ({"max_fid_increase": 0.05, "time_budget": 0}, "time_budget"),
+    ({"max_fid_increase": 0.05, "space": "quick"}, "TuneSpace"),
+])
+def test_tune_checks_its_options_before_any_work(mnist, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tune(mnist, qc.DDPM(steps=2), progress=False, **kwargs)
+
+
+def test_tune_refuses_models_the_suite_cannot_score():
+    model = qc.load_model("DiT-T/4", input_size=16, in_channels=1, num_classes=10)
+    with pytest.raises(QCError, match="1x32x32"):
+        tune(model, qc.DDPM(steps=2), max_fid_increase=0.05, progress=False)
+
+
+def test_space_and_candidate_options_are_checked():
+    with pytest.raises(ValueError, match="keep8"):
+        QuantChoice("w8a8", keep8=2)
+    with pytest.raises(ValueError, match="selector"):
+        Candidate(selector="nearest")
+    with pytest.raises(ValueError, match="backend"):
+        Candidate(backend="tensorrt")
+    with pytest.raises(ValueError, match="torch backend first"):
+        TuneSpace(backends=("inductor", "torch"))
+    with pytest.raises(ValueError, match="non-empty"):
+        TuneSpace(caches=())
+    c = Candidate(quant=QuantChoice("w4a8", "gptq", 4), cache=StepCacheConfig(policy="adaptive", threshold=0.1))
+    assert Candidate.from_json(json.loads(json.dumps(c.to_json()))) == c
+    assert REFERENCE.label() == "w8a8 tap800, interval 2, vc variance, torch"
+    assert TuneSpace.default().size() == 3 * 2 * 9 * 2
+
+
+def test_pareto_front_and_choice():
+    rows = [{"key": "a", "fid_increase": 0.01, "speed": 2.0}, {"key": "b", "fid_increase": 0.04, "speed": 3.0},
+            {"key": "c", "fid_increase": 0.20, "speed": 4.0}, {"key": "d", "fid_increase": 0.05, "speed": 2.5},
+            {"key": "e", "fid_increase": float("nan"), "speed": 9.0}]
+    assert [r["key"] for r in pareto_front(rows[:4], "fid_increase", "speed")] == ["c", "b", "a"]
+    assert [r["key"] for r in pareto_front(rows, "fid_increase", "speed")] == ["c", "b", "a"]  # NaN is not a point
+    assert _choose(rows[:4], None, 0.05)["key"] == "b"  # the fastest within +5%
+    assert _choose(rows[:4], 2.5, 0.05)["key"] == "b"
+    assert _choose(rows[:4], 2.5, None)["key"] == "b"  # a speed floor only: the best FID that fast
+    assert _choose(rows[:4], 5.0, None) is None
+
+
+def test_durations_and_fractions():
+    assert parse_duration("45m") == 2700 and parse_duration("2h") == 7200 and parse_duration("90s") == 90
+    assert parse_fraction("5%") == pytest.approx(0.05) and parse_fraction("0.1") == 0.1
+    for bad in ("soon", "-5m", "nanm", "0"):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+    for bad in ("five", "-1%", "nan"):
+        with pytest.raises(ValueError):
+            parse_fraction(bad)
+
+
+def test_tune_folder_is_checked_before_work(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(QCError, match="not a tune's outputs"):
+        check_tune_folder(tmp_path)
+    (tmp_path / "file").write_text("x")
+    assert main(["tune", "--max-fid-increase", "5%", "--out", str(tmp_path / "file")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert main(["tune", "--out", str(tmp_path / "new")]) == 2
+    assert "give a bound" in capsys.readouterr().err
+    assert main(["tune", "--max-fid-increase", "lots", "--out", str(tmp_path / "new")]) == 2
+    assert "a fraction is 5% or 0.05" in capsys.readouterr().err
+    assert main(["tune", "--min-speedup", "3", "--backends", "torch,tensorrt", "--out", str(tmp_path / "n")]) == 2
+    assert not (tmp_path / "new").exists() and not (tmp_path / "n").exists()
+
+
+def test_scatter_png_draws_points_and_refuses_nothing(tmp_path):
+    from PIL import Image
+
+    scatter_png([(1.0, 0.0, "point"), (2.0, 3.0, "front"), (3.0, 5.0, "front"), (2.5, 1.0, "chosen")],
+                tmp_path / "p.png", xlabel="speed", ylabel="FID %", hline=4.0, vline=2.0)
+    img = Image.open(tmp_path / "p.png").convert("RGB")
+    assert img.size == (720, 460)
+    assert (214, 39, 40) in {c for _, c in img.getcolors(1 << 16)}  # the chosen point is drawn
+    with pytest.raises(ValueError, match="no finite points"):
+        scatter_png([(math.nan, 1.0, "point")], tmp_path / "q.png", xlabel="x", ylabel="y")
