@@ -25,8 +25,9 @@ The search (why this shape: docs/tune.md):
    sampled on ``n`` samples at the run's batch and scored with the metric suite against FP32 sampled
    on the same noise in the same process; speed is the ratio of the two sampling times.
 
-The proxy stages stop at ``proxy_share`` of the time budget, the suite at the budget; an evaluation
-that its predecessors' median says would overrun is not started. Each result is appended to a JSON
+The quantization and cache stages stop at three quarters of ``proxy_share`` of the time budget, the
+backend stage at ``proxy_share``, the suite at the budget; an evaluation that its predecessors' median
+says would overrun is not started. Each result is appended to a JSON
 log (atomically); a rerun with the same log skips what is done, and refuses a log written under
 other settings.
 
@@ -509,6 +510,8 @@ def tune(model, sampler: Sampler, *, min_speedup: Optional[float] = None, max_fi
                 "threads": torch.get_num_threads()}
     book = _Log(log, settings)
     start = time.perf_counter()
+    # the quantization and cache stages get three quarters of the proxy share, so the backends get a turn
+    stage_deadline = start + 0.75 * proxy_share * time_budget
     proxy_deadline, deadline = start + proxy_share * time_budget, start + time_budget
     k = model.num_classes
     proxy_labels = [i % k for i in range(n_proxy)]
@@ -533,7 +536,7 @@ def tune(model, sampler: Sampler, *, min_speedup: Optional[float] = None, max_fi
         if done is not None:
             counts["resumed"] += 1
             return done
-        if not fits("proxy", proxy_deadline):
+        if not fits("proxy", proxy_deadline if stage == "backend" else stage_deadline):
             counts["skipped_for_time"] += 1
             return None
         t0 = time.perf_counter()
