@@ -18,6 +18,7 @@ import torch
 
 import qc_compiler as qc
 from qc_compiler.passes import Quantize, UniformCalibration
+from qc_compiler.quant.balance import BalanceConfig
 from qc_compiler.tools.bench import (benchmark_inputs, benchmark_model, interleaved_medians, machine_line, rel_err,
                                      write_results)
 
@@ -25,6 +26,8 @@ ROWS = [  # (label, bits, Quantize options)
     ("W4A8 round to nearest", "w4a8", {}),
     ("W4A8 GPTQ", "w4a8", {"rounding": "gptq"}),
     ("W4A8 GPTQ + balance", "w4a8", {"rounding": "gptq", "balance": "search"}),
+    ("W4A8 GPTQ + balance, fc2 left unbalanced", "w4a8",
+     {"rounding": "gptq", "balance": BalanceConfig(method="search", exclude=("*.fc2",))}),
     ("W4A4 balance", "w4a4", {"balance": "search"}),
     ("W4A4 GPTQ + balance", "w4a4", {"rounding": "gptq", "balance": "search"}),
     ("W4A4 GPTQ + balance + low rank 16", "w4a4", {"rounding": "gptq", "balance": "search", "low_rank": 16}),

@@ -7,6 +7,7 @@ from conftest import make_tiny
 
 import qc_compiler as qc
 from qc_compiler.backends.inductor import QDQLinear
+from qc_compiler.backends.registry import cpu_has_vnni
 from qc_compiler.passes import Quantize, StepCache, UniformCalibration
 from qc_compiler.quant import QuantConfig
 
@@ -21,9 +22,10 @@ def passes(**quant):
 def test_inductor_lowering_matches_the_reference_fuses_int8_and_never_recompiles():
     model, sampler = make_tiny(), qc.DDPM(steps=4)
     dynamo_utils.counters.clear()
-    fast = qc.compile(model, passes(preset="w8a8"), sampler=sampler, backend="inductor")
-    reference = qc.compile(model, passes(preset="w8a8"), sampler=sampler, backend="fakequant")
-    assert sum(isinstance(m, QDQLinear) for m in fast.modules()) == 12  # 9 W8A8 GEMMs + 3 weight-only
+    bits = "w8a8" if cpu_has_vnni() else "w4a8"  # without VNNI, W8A8 is refused (its GEMM would saturate)
+    fast = qc.compile(model, passes(preset=bits), sampler=sampler, backend="inductor")
+    reference = qc.compile(model, passes(preset=bits), sampler=sampler, backend="fakequant")
+    assert sum(isinstance(m, QDQLinear) for m in fast.modules()) == 12  # 9 INT8 GEMMs + 3 weight-only
     first = sampler.sample(fast, LABELS, seed=0)
     frames = dict(dynamo_utils.counters["frames"])
     # Inductor matched our quantize/dequantize form and lowered every W8A8 linear to a oneDNN INT8 GEMM
@@ -36,12 +38,15 @@ def test_inductor_lowering_matches_the_reference_fuses_int8_and_never_recompiles
     assert "first call (compile)" in fast.report() and "C" in fast.report()  # compile time; the cache ran
 
 
-def test_inductor_refuses_what_its_int8_patterns_cannot_take(tmp_path):
+def test_inductor_refuses_what_its_int8_patterns_cannot_take(tmp_path, monkeypatch):
     with pytest.raises(qc.ExportError, match="per-step-group"):
         qc.compile(make_tiny(), passes(config=QuantConfig(act_step_groups=2)), sampler=qc.DDPM(steps=4),
                    backend="inductor")
     with pytest.raises(qc.ExportError, match="4-bit activations"):
         qc.compile(make_tiny(), passes(preset="w4a4"), sampler=qc.DDPM(steps=4), backend="inductor")
+    monkeypatch.setenv("QC_CPU_VNNI", "0")
+    with pytest.raises(qc.ExportError, match="saturates W8A8 on this CPU"):
+        qc.compile(make_tiny(), passes(preset="w8a8"), sampler=qc.DDPM(steps=4), backend="inductor")
     plain = qc.compile(make_tiny(), [], sampler=qc.DDPM(steps=4), backend="inductor")  # compiles on first call only
     with pytest.raises(qc.ExportError, match="backend='torch'"):
         plain.export_onnx(tmp_path / "m.onnx")

@@ -149,7 +149,8 @@ def test_ptq4dit_weights_steps_by_their_spearman_rho():
     torch.testing.assert_close(s / s[0], sx / sx[0])
 
 
-@pytest.mark.parametrize("bad", [dict(method="awq"), dict(alpha=1.5), dict(alpha=float("nan")), dict(grid=1)])
+@pytest.mark.parametrize("bad", [dict(method="awq"), dict(alpha=1.5), dict(alpha=float("nan")), dict(grid=1),
+                                 dict(exclude="*.fc2"), dict(exclude=("",))])
 def test_balance_config_refuses_out_of_range(bad):
     with pytest.raises(ValueError):
         BalanceConfig(**bad)
@@ -209,6 +210,19 @@ def test_balanced_gptq_int8_layers_match_fake_quant():
             assert float((out - ref).norm() / ref.norm()) < 1e-4
     a, b = sampler.sample(fq, [1, 2], seed=0), sampler.sample(i8, [1, 2], seed=0)
     assert float((a - b).norm() / a.norm()) < 1e-3
+
+
+def test_balance_exclude_keeps_fc2_unbalanced_and_its_requant_fusion(tmp_path):
+    config = BalanceConfig(method="search", exclude=("*.fc2",))
+    cm = _compile("w4a8", backend="torch", balance=config)
+    lowered = {m.path: m for m in cm.graph_module.modules() if isinstance(m, Int8Linear)}
+    fc1, fc2 = lowered["blocks.0.mlp.fc1"], lowered["blocks.0.mlp.fc2"]
+    assert fc2.spec.act.channel_scale is None and fc1.spec.act.channel_scale is not None
+    assert fc1.requant_consumer is not None  # fc1 writes fc2's uint8 codes again
+    assert lowered["blocks.0.attn.qkv"].spec.act.channel_scale is not None
+    cm.save(tmp_path / "m")  # the option is saved: the reloaded model is the same
+    assert qc.load_compiled(tmp_path / "m").content_digest() == cm.content_digest()
+    assert "exclude" not in Quantize(balance="search").options()["balance"]  # older artefacts read the same
 
 
 def test_gptq_and_balance_are_saved_and_loaded_without_refitting(tmp_path, monkeypatch):

@@ -49,19 +49,21 @@ def test_tune_end_to_end_resumes_and_the_recipe_replays_bit_for_bit(mnist, tmp_p
     saved = json.loads(log.read_text())
     assert len(saved["rows"]) == len(first.rows) and saved["settings"]["n"] == 16
 
-    again = _tiny(mnist, log)  # a rerun measures nothing again
-    assert again.evaluated["new"] == 0 and again.evaluated["resumed"] == len(first.rows)
-    assert again.chosen["key"] == first.chosen["key"]
     with pytest.raises(QCError, match="other settings .*seed"):
         _tiny(mnist, log, seed=1)
-
-    written = again.write(folder, model={"model": "dit-mnist"}, command="test")
-    assert {p.name for p in written} == {"pareto.md", "front.png", "recipe.json", "compiled"}
+    # the CLI on the same folder resumes: it measures nothing again, and writes the outputs
+    capsys.readouterr()
+    assert main(["tune", "--steps", str(STEPS), "--space", "quick", "--n", "16", "--n-proxy", "6", "--batch", "8",
+                 "--max-fid-increase", "1000%", "--out", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert f"resumed {len(first.rows)}, measured 0" in out and "chosen" in out
+    assert {p.name for p in folder.iterdir()} == {"log.json", "pareto.md", "front.png", "recipe.json", "compiled"}
     assert "chosen" in (folder / "pareto.md").read_text()
     recipe = load_recipe(folder / "recipe.json")
-    assert recipe["candidate"] == again.chosen["candidate"]
+    assert recipe["candidate"] == first.chosen["candidate"] and recipe["model"]["model"] == "dit-mnist"
     assert main(["compile", "--recipe", str(folder / "recipe.json"), "--out", str(tmp_path / "replayed")]) == 0
     assert qc.load_compiled(tmp_path / "replayed").content_digest() == recipe["compiled_digest"]
+    assert qc.load_compiled(folder / "compiled").content_digest() == recipe["compiled_digest"]
     # an edited recipe is caught, and --no-verify accepts it on purpose
     edited = dict(recipe, passes=recipe["passes"][:-1])  # a pass dropped
     (tmp_path / "edited.json").write_text(json.dumps(edited))

@@ -17,7 +17,9 @@ region compiles once; a sampling run recompiles nothing (tested with ``torch._dy
 Compile time is paid on the first call (reported by ``report()``), and Inductor's FX graph cache
 (on by default, ``TORCHINDUCTOR_CACHE_DIR``) keeps it across processes. Per-step-group activation
 ranges and activations below 8 bits are refused before any pass runs: the INT8 patterns need one
-constant uint8 scale per tensor. ``export_onnx`` is refused: export from the ``torch`` backend, whose
+constant uint8 scale per tensor. On a CPU without VNNI, W8A8 is refused too: the oneDNN GEMM Inductor
+picks saturates there (``registry.cpu_has_vnni``), and Inductor's patterns leave no room for the split
+the torch backend makes. ``export_onnx`` is refused: export from the ``torch`` backend, whose
 INT8 graph is the same.
 
 Example:
@@ -39,7 +41,8 @@ import torch.nn.functional as F
 from ..errors import ExportError
 from ..quant.spec import QuantizedLinearSpec
 from ..step import StepAware
-from .registry import check_constant_uint8_activations, register_backend
+from ..quant.config import QuantConfig
+from .registry import check_constant_uint8_activations, cpu_has_vnni, register_backend
 
 __all__ = ["QDQLinear", "InductorModule", "lower_inductor", "check_inductor_passes", "freezing"]
 
@@ -58,6 +61,15 @@ def _qd():
 def check_inductor_passes(passes: Sequence[Any]) -> None:
     """Refuse, from the passes' typed configs, what the INT8 patterns cannot take."""
     check_constant_uint8_activations(passes, "inductor", "Inductor's INT8 GEMM", ", or backend='torch'")
+    if not cpu_has_vnni():  # its oneDNN GEMM would saturate 8-bit x 8-bit codes (see registry); torch splits them
+        for p in passes:
+            cfg = getattr(p, "config", None)
+            if not isinstance(cfg, QuantConfig):
+                continue
+            specs = [cfg.default] + [s for _, s in cfg.overrides if s is not None]
+            if any(s.weight_bits == 8 and s.act_bits == 8 for s in specs):
+                raise ExportError("the inductor backend's INT8 GEMM saturates W8A8 on this CPU (no VNNI: int16 pair "
+                                  "sums); use backend='torch', which runs it exactly, or 4-bit weights (w4a8)")
 
 
 class QDQLinear(nn.Module):

@@ -7,7 +7,30 @@ from typing import Any, Callable, Dict, Optional, Sequence
 from ..errors import ExportError
 from ..quant.config import QuantConfig
 
-__all__ = ["Backend", "BACKENDS", "register_backend", "get_backend", "check_constant_uint8_activations"]
+__all__ = ["Backend", "BACKENDS", "register_backend", "get_backend", "check_constant_uint8_activations", "cpu_has_vnni",
+           "SATURATING_WEIGHT_CODE"]
+
+# Without VNNI (AVX2, AVX-512 before Cascade Lake), x86 INT8 GEMMs multiply u8 x s8 pairs with
+# vpmaddubsw, which saturates each pair's sum to int16: 255 * (|w0| + |w1|) must stay <= 32767, so
+# weight codes above 64 in magnitude with 8-bit activation codes can overflow (measured on AMD Zen 3:
+# 9.5% relative error on random codes, docs/RESULTS.md). VNNI (vpdpbusd) and AMX accumulate in int32.
+SATURATING_WEIGHT_CODE = 64
+
+
+def cpu_has_vnni() -> bool:
+    """Whether this CPU's INT8 instructions accumulate in int32 (AVX512-VNNI, AVX-VNNI or AMX-INT8).
+    ``QC_CPU_VNNI=0|1`` overrides the detection (tests use it); unknown (not Linux) counts as no."""
+    import os
+
+    forced = os.environ.get("QC_CPU_VNNI")
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,10 @@ Kernels (one small function each, picked by :func:`default_kernel`, or ``QC_INT8
 | ``onednn`` | CPU | ``torch.ops.onednn.qlinear_pointwise``: u8 x s8 -> fp32 with bias, fused |
 | ``int_mm`` | CUDA, CPU | ``torch._int_mm`` (s8 x s8 -> s32), then a zero-point correction and the dequantize |
 
+On a CPU without VNNI, oneDNN's u8 x s8 GEMM saturates int16 pair sums; an 8-bit layer whose weight
+codes exceed 64 then runs as two exact GEMMs (``Int8Linear.split``), slower but equal to the reference.
+Activations at 7 bits (``act_bits=7``, what PyTorch's x86 ``reduce_range`` does) need no split.
+
 oneDNN is the CPU default because the ``_int_mm`` path's separate shift, zero-point, dequantize and
 bias passes cost more than the GEMM itself in a whole forward (measured: docs/RESULTS.md, "INT8
 kernels and speed"; ``benchmarks/gemm_peak.py`` and ``benchmarks/profile_forward.py --kernel``).
@@ -39,7 +43,7 @@ import torch.nn as nn
 from ..graph import iter_graph_modules
 from ..quant.spec import QuantizedLinearSpec
 from ..step import StepAware
-from .registry import register_backend
+from .registry import SATURATING_WEIGHT_CODE, cpu_has_vnni, register_backend
 
 __all__ = ["Int8Linear", "WeightOnlyLinear", "lower_torch", "KERNELS", "default_kernel"]
 
@@ -57,6 +61,12 @@ def _quantize_u8(x: torch.Tensor, scale: float, zero: int, qmax: int) -> torch.T
 def _onednn(xq: torch.Tensor, scale: float, zero: int, layer: "Int8Linear") -> torch.Tensor:
     if layer.packed is None:  # prepack once, lazily (the packed format is oneDNN's own)
         layer.packed = torch.ops.onednn.qlinear_prepack(layer.w_int8, None)
+    if layer.split:  # no VNNI: codes = 2 hi + lo, each GEMM free of int16 saturation (see registry)
+        lo = torch.ops.onednn.qlinear_pointwise(xq & 1, scale, zero, layer.packed, layer.w_scale, layer.w_zero, None,
+                                                1.0, 0, torch.float32, "none", [], "")
+        return torch.ops.onednn.qlinear_pointwise.binary(
+            xq >> 1, 2.0 * scale, 0, layer.packed, layer.w_scale, layer.w_zero, lo, layer.bias, 1.0, 0, torch.float32,
+            1.0, 0, "sum", 1.0, "none", [], "")
     post, algorithm = ("gelu", "tanh") if layer.post_op == "gelu_tanh" else ("none", "")
     out_scale, out_zero, out_dtype = 1.0, 0, torch.float32
     consumer = layer.requant_consumer
@@ -113,6 +123,11 @@ class Int8Linear(StepAware, nn.Module):
         self.register_buffer("w_sum", self.w_int8.to(torch.int32).sum(dim=1))
         self.bias = None if spec.bias is None else nn.Parameter(spec.bias.detach().clone(), requires_grad=False)
         self.packed = None
+        # Exact on a CPU without VNNI: 8-bit activation codes times weight codes above 64 would saturate
+        # oneDNN's int16 pair sums, so the activation codes are split in two GEMMs (hi: 7 bits, lo: 1 bit).
+        # Never fused with a GELU or a requantization (oneDNN has no GELU after a sum post-op).
+        self.split = (kernel == "onednn" and self.act_bits == 8 and not cpu_has_vnni()
+                      and int(self.w_int8.abs().max()) > SATURATING_WEIGHT_CODE)
         self.post_op = "none"  # "gelu_tanh" when lowering folded the following GELU into the kernel
         # The next Int8Linear, when this layer writes its input codes (fc1 -> fc2). Kept out of
         # the module tree: it is a pointer to a sibling, not a child.
@@ -147,7 +162,8 @@ class Int8Linear(StepAware, nn.Module):
         return out if out.dtype == torch.uint8 else out.to(torch.float32 if x.dtype == torch.uint8 else x.dtype)
 
     def report_section(self) -> str:
-        fused = " + GELU" if self.post_op == "gelu_tanh" else ""
+        fused = ", split for no VNNI" if self.split else ""
+        fused += " + GELU" if self.post_op == "gelu_tanh" else ""
         fused += f" -> u8 for {self.requant_consumer.path}" if self.requant_consumer is not None else ""
         return f"  {self.path:<30} INT8 ({self.kernel}{fused}) W{self.spec.weight_bits}A{self.act_bits}"
 
@@ -223,8 +239,9 @@ def _fuse_gelu(owner: fx.GraphModule) -> None:
         if node.op != "call_module" or not isinstance(owner.get_submodule(node.target), Int8Linear):
             continue
         users = list(node.users)
-        low_rank = owner.get_submodule(node.target).spec.low_rank is not None  # its branch adds before GELU
-        if len(users) == 1 and not low_rank and _is_tanh_gelu(owner, users[0]):
+        layer = owner.get_submodule(node.target)
+        unfusable = layer.spec.low_rank is not None or layer.split  # the branch/sum adds before GELU
+        if len(users) == 1 and not unfusable and _is_tanh_gelu(owner, users[0]):
             owner.get_submodule(node.target).post_op = "gelu_tanh"
             users[0].replace_all_uses_with(node)
             owner.graph.erase_node(users[0])
@@ -245,7 +262,7 @@ def _fuse_requant(owner: fx.GraphModule) -> None:
             continue
         producer, user = owner.get_submodule(node.target), next(iter(node.users))
         if (not isinstance(producer, Int8Linear) or producer.kernel != "onednn" or user.op != "call_module"
-                or producer.spec.low_rank is not None):
+                or producer.spec.low_rank is not None or producer.split):
             continue
         consumer = owner.get_submodule(user.target)
         if (isinstance(consumer, Int8Linear) and consumer.kernel == "onednn" and consumer.act_bits == 8

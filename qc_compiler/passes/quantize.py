@@ -123,7 +123,7 @@ class Quantize(Pass):
         if self.gptq is not None:  # left out when off, so artefacts saved before GPTQ existed read the same
             out.update(rounding=self.rounding, gptq=asdict(self.gptq))
         if self.balance is not None:
-            out["balance"] = asdict(self.balance)
+            out["balance"] = self.balance.options()
         if self.low_rank:
             out["low_rank"] = self.low_rank
         return out
@@ -183,7 +183,8 @@ class Quantize(Pass):
             if note.op == "linear":
                 module = QuantLinear(site.weight, site.bias, note.path, note.spec, num_groups=groups,
                                      num_steps=num_steps, gptq=self.gptq,
-                                     balance=self.balance if note.spec.act_bits is not None else None,
+                                     balance=(self.balance if note.spec.act_bits is not None and self.balance
+                                              and self.balance.applies_to(note.path) else None),
                                      low_rank=min(self.low_rank, *site.weight.shape))
                 self._replace(owner, node, module, "q_" + note.path, (node.args[0],))
                 modules.append(module)

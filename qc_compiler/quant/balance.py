@@ -36,8 +36,9 @@ Example:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict
+import fnmatch
+from dataclasses import asdict, dataclass
+from typing import Dict, Tuple
 
 import torch
 
@@ -60,6 +61,9 @@ class BalanceConfig:
     alpha: float = 0.5  # smoothquant/ptq4dit: the migration strength; search: ignored
     grid: int = 11  # search: alphas 0, 1/(grid-1), ..., 1
     max_rows: int = 2048  # search: input rows kept to measure each candidate's error
+    # glob patterns of layer paths left unbalanced: "*.fc2" keeps the torch backend's fc1 -> fc2
+    # requantization fusion, which a balanced fc2 (a vector input scale) turns off
+    exclude: Tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -67,6 +71,22 @@ class BalanceConfig:
         check_float("alpha", self.alpha, lo=0.0, hi=1.0)
         check_int("grid", self.grid, lo=2)
         check_int("max_rows", self.max_rows, lo=16)
+        if isinstance(self.exclude, str) or not all(isinstance(p, str) and p for p in self.exclude):
+            raise ValueError(f"exclude must be a list of glob patterns of layer paths, got {self.exclude!r}")
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    def applies_to(self, path: str) -> bool:
+        """Whether the layer at ``path`` is balanced (not matched by ``exclude``)."""
+        return not any(fnmatch.fnmatchcase(path, p) for p in self.exclude)
+
+    def options(self) -> Dict[str, object]:
+        """JSON-able fields; ``exclude`` only when set, so artefacts saved before it existed read the same."""
+        d = asdict(self)
+        if not self.exclude:
+            del d["exclude"]
+        else:
+            d["exclude"] = list(self.exclude)
+        return d
 
 
 class ChannelStats:

@@ -35,6 +35,7 @@ from ..models import adapter_for
 from ..passes import (AgglomerativeCalibration, DBSCANCalibration, KMeansCalibration, Quantize, RandomCalibration,
                       StepCache, TAPCalibration, UniformCalibration, VarianceCompensation)
 from ..quant import QuantConfig
+from ..quant.balance import BalanceConfig
 from ..specs import StepCacheConfig, VCConfig
 
 __all__ = ["Variant", "VARIANTS", "RUN_CACHE", "machine", "machine_line", "write_results", "median_seconds", "interleaved_medians", "compile_benchmark_w8a8",
@@ -65,7 +66,7 @@ class Variant:
     condq: bool = False
     vc: Optional[str] = None
     rounding: str = "nearest"
-    balance: Optional[str] = None
+    balance: Union[str, BalanceConfig, None] = None
     low_rank: int = 0
     mixed: int = 0
 
@@ -81,6 +82,10 @@ class Variant:
     def bits_independent(self) -> bool:
         """No quantization (FP32, cache only): one run serves every bit width."""
         return self.selector is None
+
+
+# balancing every layer but fc2, so the torch backend keeps its fc1 -> fc2 requantization fusion
+_BALANCE_NO_FC2 = BalanceConfig(method="search", exclude=("*.fc2",))
 
 
 def _table() -> Dict[str, Variant]:
@@ -104,7 +109,8 @@ def _table() -> Dict[str, Variant]:
                            ("gptq-bal", {"rounding": "gptq", "balance": "search"}),
                            ("sq", {"balance": "smoothquant"}), ("ptq4dit", {"balance": "ptq4dit"}),
                            ("mixed4", {"mixed": 4}), ("gptq-mixed4", {"rounding": "gptq", "mixed": 4}),
-                           ("gptq-bal-lr16", {"rounding": "gptq", "balance": "search", "low_rank": 16})):
+                           ("gptq-bal-lr16", {"rounding": "gptq", "balance": "search", "low_rank": 16}),
+                           ("gptq-bal-nofc2", {"rounding": "gptq", "balance": _BALANCE_NO_FC2})):
             table[f"quant-{sel}-{tag}"] = Variant(selector=sel, **extra)
             table[f"qc-{sel}-{tag}"] = Variant(cache=RUN_CACHE, selector=sel, **extra)
             table[f"qc-{sel}-{tag}-vcvar"] = Variant(cache=RUN_CACHE, selector=sel, vc="variance", **extra)
