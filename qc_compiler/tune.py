@@ -241,9 +241,8 @@ def proxy_errors(compiled, sampler, labels: List[int], seed: int, ref: _Referenc
 
     ``step_err``: the mean over steps of its denoiser output's relative L2 error against FP32's, with
     the candidate fed FP32's x_t at every step (teacher forcing: the step cache still carries its own
-    state from step to step). Errors of free-running trajectories are dominated by where chaotic
-    sampling amplifies them, not by how good the samples are: measured, they ranked W4A8 above W8A8
-    on dit-mnist, whose FIDs are +69% and -0.5% (docs/tune.md).
+    state from step to step). A free-running trajectory's difference from FP32's mixes the denoiser's
+    error with how much chaotic sampling amplifies it (docs/tune.md).
     ``final_err``: |spread ratio - 1| of its free-running samples against FP32's (the standard
     deviation over the batch per pixel, averaged), the drift of x_t's spread that quantization and
     caching cause and VC undoes. The free-running run is the one timed."""

@@ -67,7 +67,7 @@ from ..quant.spec import QuantizedActSpec, QuantizedLinearSpec
 from ..runtime import CompiledModel, register_exporter
 from ..specs import OUTPUT_PLACEMENTS, CacheLookupSpec, CacheSchedule, StepCacheConfig, VCTable
 from ..step import StepAware
-from .registry import check_constant_uint8_activations, register_backend
+from .registry import SATURATING_WEIGHT_CODE, check_constant_uint8_activations, cpu_has_vnni, register_backend
 
 __all__ = ["export_onnx", "onnx_bytes", "onnx_model", "write_model", "OrtGraph", "OrtDenoiser", "PROVIDERS", "optimized_op_counts",
            "session_options", "check_onnx_passes", "OPSETS"]
@@ -655,6 +655,11 @@ class OrtGraph(StepAware, nn.Module):
                               "OrtDenoiser(path)")
         self.model_bytes = meta.get(_DIGEST, "").encode() if large else model.SerializeToString()
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+        if provider == "cpu" and not cpu_has_vnni() and _full_range_int8_weights(model):
+            log.warning("%s: onnxruntime's u8 x s8 GEMM saturates int16 pair sums on this CPU (no VNNI); with "
+                        "8-bit weight codes above %d its outputs can differ from the reference (measured 5%% on "
+                        "dit-mnist W8A8, docs/onnx.md); the torch backend runs it exactly", source,
+                        SATURATING_WEIGHT_CODE)
         self.session = ort.InferenceSession(str(path) if path is not None else self.model_bytes, session_options(threads),
                                             providers=_providers(provider, provider_options))
         self.feeds = {i.name for i in self.session.get_inputs()}  # "step" is dropped when nothing reads it
@@ -745,6 +750,14 @@ def _forward_inputs(meta: Dict[str, str]) -> ForwardInputs:
     return ForwardInputs(latent=names[0], timestep=names[1], condition=names[2], extra=tuple(names[3:]),
                          timestep_dtype=meta.get("qc.timestep_dtype", "int64"),
                          timestep_divisor=int(meta.get("qc.timestep_divisor", "1")))
+
+
+def _full_range_int8_weights(model) -> bool:
+    """Whether any int8 weight initializer holds codes beyond what a non-VNNI u8 x s8 GEMM takes exactly."""
+    from onnx import numpy_helper
+
+    return any(int(np.abs(numpy_helper.to_array(t).astype(np.int16)).max(initial=0)) > SATURATING_WEIGHT_CODE
+               for t in model.graph.initializer if t.name.endswith("_int8"))
 
 
 def session_options(threads: Optional[int] = None):
