@@ -35,7 +35,7 @@ from .models.diffusers_model import set_loader
 from .models.zoo import load_model, load_state_strict
 from .options import check_int
 from .persist import load_artifact, split_schedules
-from .pipeline import PASS_REGISTRY, Pass, PassContext, PassManager, ProgressInstrument
+from .pipeline import PASS_REGISTRY, Pass, PassContext, PassManager, ProgressInstrument, passes_from_specs
 from .runtime import CompiledModel
 from .schedules import CompiledSchedules
 from .step import StepTable
@@ -301,14 +301,7 @@ def load_compiled(folder) -> CompiledModel:
     fits = [part for _, part in tables]
     conditions = (ConditionBank.from_tensors(adapter.inputs.conditions, fits[0])
                   if ConditionBank.has_tensors(fits[0]) else None)
-    passes = []
-    for p in specs:
-        if p["name"] not in PASS_REGISTRY:
-            raise ArtifactError(f"{folder} uses pass {p['name']!r}, which this installation does not know")
-        try:
-            passes.append(PASS_REGISTRY[p["name"]](**p.get("options", {})))
-        except (TypeError, ValueError) as e:
-            raise ArtifactError(f"{folder}: pass {p['name']!r} refuses its saved options: {e}") from None
+    passes = passes_from_specs(specs, str(folder), ArtifactError)
     return compile(model.eval(), passes=passes, sampler=samplers if len(samplers) > 1 else samplers[0],
                    backend=backend, seed=seed, fitted=fits if len(fits) > 1 else fits[0],
                    capture_mode=capture_mode, adapter=adapter, conditions=conditions, geometry=geometry)

@@ -31,7 +31,7 @@ from .runtime import CompiledModel
 
 __all__ = [
     "Pass", "PassResult", "graph_pass", "PassContext", "PassManager", "PassRecord", "PassInstrument",
-    "register_pass", "PASS_REGISTRY", "ProgressInstrument",
+    "register_pass", "PASS_REGISTRY", "ProgressInstrument", "passes_from_specs",
 ]
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,21 @@ def register_pass(cls: type) -> type:
     """Class decorator: make a pass constructible by name (``qc compile --pass NAME``, loading)."""
     PASS_REGISTRY[cls.name] = cls
     return cls
+
+
+def passes_from_specs(specs: Sequence[Dict[str, Any]], what: str, error: type = QCError) -> List["Pass"]:
+    """Rebuild passes from the ``{"name", "options"}`` specs a manifest or recipe saved. An unknown pass,
+    or options its typed config refuses, raise ``error`` naming ``what`` (the file they came from)."""
+    passes = []
+    for p in specs:
+        name = p.get("name") if isinstance(p, dict) else None
+        if name not in PASS_REGISTRY:
+            raise error(f"{what} uses pass {name!r}, which this installation does not know")
+        try:
+            passes.append(PASS_REGISTRY[name](**p.get("options", {})))
+        except (TypeError, ValueError) as e:
+            raise error(f"{what}: pass {name!r} refuses its saved options: {e}") from None
+    return passes
 
 
 @dataclass

@@ -35,6 +35,8 @@ other settings.
 Example:
     >>> TuneSpace.quick().size()
     4
+    >>> TuneSpace.default().size()
+    144
     >>> Candidate(cache=StepCacheConfig(interval=2), vc="variance").label()
     'w8a8 tap800, interval 2, vc variance, torch'
 """
@@ -76,17 +78,20 @@ _VERSION = 1
 @dataclass(frozen=True)
 class QuantChoice:
     """Bit widths of the quantized linears: a preset, its weight rounding, and with 4-bit weights how
-    many of the most sensitive linears stay at W8A8 (:func:`qc.mixed_precision`)."""
+    many of the most sensitive linears stay at W8A8 (:func:`qc.mixed_precision`). ``"fp32"``: no
+    quantization (a cache alone can be the best trade, e.g. where INT8 kernels are slow)."""
 
     bits: str = "w8a8"
     rounding: str = "nearest"
     keep8: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.bits, str) or self.bits.lower() not in PRESETS:
-            raise ValueError(f"bits must be one of {sorted(PRESETS)}, got {self.bits!r}")
+        if not isinstance(self.bits, str) or (self.bits.lower() not in PRESETS and self.bits != "fp32"):
+            raise ValueError(f"bits must be 'fp32' or one of {sorted(PRESETS)}, got {self.bits!r}")
         check_choice("rounding", self.rounding, ("nearest", "gptq"))
         check_int("keep8", self.keep8, lo=0)
+        if self.bits == "fp32" and (self.rounding != "nearest" or self.keep8):
+            raise ValueError("fp32 quantizes nothing: rounding and keep8 do not apply")
         if self.keep8 and PRESETS[self.bits.lower()][0] >= 8:
             raise ValueError(f"keep8 keeps layers at W8A8 among lower-bit ones; {self.bits} is already 8-bit")
 
@@ -143,7 +148,8 @@ class TuneSpace:
     """What the search may choose. ``default()`` is the space the RESULTS run used; ``quick()`` a
     tiny one for tests and smoke runs."""
 
-    quants: Tuple[QuantChoice, ...] = (QuantChoice(), QuantChoice("w4a8", "gptq"), QuantChoice("w4a8", "gptq", 8))
+    quants: Tuple[QuantChoice, ...] = (QuantChoice("fp32"), QuantChoice(), QuantChoice("w4a8", "gptq"),
+                                       QuantChoice("w4a8", "gptq", 8))
     calibrations: Tuple[Tuple[str, int], ...] = (("tap", 800), ("uniform", 256))
     caches: Tuple[Optional[StepCacheConfig], ...] = (
         None, StepCacheConfig(interval=2), StepCacheConfig(interval=3), StepCacheConfig(interval=4),
@@ -202,6 +208,9 @@ def candidate_passes(c: Candidate, model, sampler, *, pool_labels: int, seed: in
 
     first = [StepCache(c.cache)] if c.cache is not None else []
     q = c.quant
+    if q.bits == "fp32":  # a cache alone; VC still needs its calibration set
+        vc = [SELECTORS[c.selector](size=c.size, pool_labels=pool_labels), VarianceCompensation(VCConfig(form=c.vc))]
+        return first + (vc if c.vc is not None else [])
     if q.keep8:
         config = mixed_precision(model, sampler, low=q.bits, high="w8a8", keep=q.keep8, rounding=q.rounding,
                                  first_passes=first, seed=seed, conditions=conditions).config
@@ -602,8 +611,9 @@ def tune(model, sampler: Sampler, *, min_speedup: Optional[float] = None, max_fi
     first_backend = space.backends[0]
     best_per_quant = []
     for q in space.quants:
+        calibrations = space.calibrations[:1] if q.bits == "fp32" else space.calibrations  # FP32 needs none
         rows = [visit(Candidate(quant=q, selector=s, size=z, backend=first_backend), "quant")
-                for s, z in space.calibrations]
+                for s, z in calibrations]
         rows = [r for r in rows if r is not None and r.get("error") is None]
         if rows:
             best_per_quant.append(min(rows, key=lambda r: r["proxy"]))
@@ -733,18 +743,11 @@ def load_recipe(path) -> Dict[str, Any]:
 def compile_recipe(recipe: Dict[str, Any], model, *, verify: bool = True):
     """Compile ``model`` as the recipe says. The model must be the one tuned (its weight digest), and with
     ``verify`` the result must be the tuned model bit for bit (its content digest)."""
-    from .pipeline import PASS_REGISTRY
+    from .pipeline import passes_from_specs
 
     if tensor_digest(model.state_dict()) != recipe["weights_digest"]:
         raise QCError("the recipe was tuned on other weights (their digest differs); give the model it was tuned on")
-    passes = []
-    for p in recipe["passes"]:
-        if p.get("name") not in PASS_REGISTRY:
-            raise QCError(f"the recipe uses pass {p.get('name')!r}, which this installation does not know")
-        try:
-            passes.append(PASS_REGISTRY[p["name"]](**p.get("options", {})))
-        except (TypeError, ValueError) as e:
-            raise QCError(f"the recipe's pass {p['name']!r} refuses its options: {e}") from None
+    passes = passes_from_specs(recipe["passes"], "the recipe")
     try:
         sampler = sampler_from_spec(recipe["sampler"])
     except (KeyError, TypeError, ValueError) as e:

@@ -127,7 +127,9 @@ def test_space_and_candidate_options_are_checked():
     c = Candidate(quant=QuantChoice("w4a8", "gptq", 4), cache=StepCacheConfig(policy="adaptive", threshold=0.1))
     assert Candidate.from_json(json.loads(json.dumps(c.to_json()))) == c
     assert REFERENCE.label() == "w8a8 tap800, interval 2, vc variance, torch"
-    assert TuneSpace.default().size() == 3 * 2 * 9 * 2
+    assert TuneSpace.default().size() == 4 * 2 * 9 * 2
+    with pytest.raises(ValueError, match="fp32 quantizes nothing"):
+        QuantChoice("fp32", "gptq")
 
 
 def test_pareto_front_and_choice():
