@@ -209,8 +209,10 @@ def candidate_passes(c: Candidate, model, sampler, *, pool_labels: int, seed: in
     first = [StepCache(c.cache)] if c.cache is not None else []
     q = c.quant
     if q.bits == "fp32":  # a cache alone; VC still needs its calibration set
-        vc = [SELECTORS[c.selector](size=c.size, pool_labels=pool_labels), VarianceCompensation(VCConfig(form=c.vc))]
-        return first + (vc if c.vc is not None else [])
+        if c.vc is None:
+            return first
+        return first + [SELECTORS[c.selector](size=c.size, pool_labels=pool_labels),
+                        VarianceCompensation(VCConfig(form=c.vc))]
     if q.keep8:
         config = mixed_precision(model, sampler, low=q.bits, high="w8a8", keep=q.keep8, rounding=q.rounding,
                                  first_passes=first, seed=seed, conditions=conditions).config

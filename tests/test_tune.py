@@ -132,6 +132,16 @@ def test_space_and_candidate_options_are_checked():
         QuantChoice("fp32", "gptq")
 
 
+def test_fp32_candidates_are_a_cache_alone(mnist):
+    from qc_compiler.tune import candidate_passes
+
+    sampler, fp = qc.DDPM(steps=2), QuantChoice("fp32")
+    assert candidate_passes(Candidate(quant=fp), mnist, sampler, pool_labels=2) == []
+    names = [p.name for p in candidate_passes(Candidate(quant=fp, cache=StepCacheConfig(interval=2), vc="variance"),
+                                              mnist, sampler, pool_labels=2)]
+    assert names == ["step_cache", "tap_calibration", "variance_compensation"]  # VC needs its calibration set
+
+
 def test_pareto_front_and_choice():
     rows = [{"key": "a", "fid_increase": 0.01, "speed": 2.0}, {"key": "b", "fid_increase": 0.04, "speed": 3.0},
             {"key": "c", "fid_increase": 0.20, "speed": 4.0}, {"key": "d", "fid_increase": 0.05, "speed": 2.5},
