@@ -45,6 +45,8 @@ MUTATIONS = [
      "for s, r in zip(traj.steps, ref.outputs)", "for s, r in zip(traj.steps, [s.model_output for s in traj.steps])"),
     ("tune: a rerun ignores its log", "qc_compiler/tune.py",
      'done = book.find("proxy", c.key())', "done = None"),
+    ("inductor: sample-placement VC dropped", "qc_compiler/backends/inductor.py",
+     'self.meta = {"qc.sample_hooks": list(graph.meta.get("qc.sample_hooks", []))}', "self.meta = {}"),
     ("int8: no activation split without VNNI", "qc_compiler/backends/torch_int8.py",
      "and int(self.w_int8.abs().max()) > SATURATING_WEIGHT_CODE)", "and False)"),
     ("persist: manifest digest not checked", "qc_compiler/persist.py",

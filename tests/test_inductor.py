@@ -8,7 +8,7 @@ from conftest import make_tiny
 import qc_compiler as qc
 from qc_compiler.backends.inductor import QDQLinear
 from qc_compiler.backends.registry import cpu_has_vnni
-from qc_compiler.passes import Quantize, StepCache, UniformCalibration
+from qc_compiler.passes import Quantize, StepCache, UniformCalibration, VarianceCompensation
 from qc_compiler.quant import QuantConfig
 
 LABELS = [1, 2, 3]
@@ -23,8 +23,10 @@ def test_inductor_lowering_matches_the_reference_fuses_int8_and_never_recompiles
     model, sampler = make_tiny(), qc.DDPM(steps=4)
     dynamo_utils.counters.clear()
     bits = "w8a8" if cpu_has_vnni() else "w4a8"  # without VNNI, W8A8 is refused (its GEMM would saturate)
-    fast = qc.compile(model, passes(preset=bits), sampler=sampler, backend="inductor")
-    reference = qc.compile(model, passes(preset=bits), sampler=sampler, backend="fakequant")
+    vc = lambda: [VarianceCompensation(batch=4)]  # noqa: E731  (sample placement: a sampler hook, kept eager)
+    fast = qc.compile(model, passes(preset=bits) + vc(), sampler=sampler, backend="inductor")
+    reference = qc.compile(model, passes(preset=bits) + vc(), sampler=sampler, backend="fakequant")
+    assert len(fast.step_hooks) == 1 and len(reference.step_hooks) == 1  # VC was once dropped here, silently
     assert sum(isinstance(m, QDQLinear) for m in fast.modules()) == 12  # 9 INT8 GEMMs + 3 weight-only
     first = sampler.sample(fast, LABELS, seed=0)
     frames = dict(dynamo_utils.counters["frames"])

@@ -127,6 +127,9 @@ class InductorModule(nn.Module):
     def __init__(self, graph: fx.GraphModule):
         super().__init__()
         self.graph = graph
+        # what CompiledModel reads its sampler hooks from (sample-placement VC): dropping it would run
+        # the model without VC, silently
+        self.meta = {"qc.sample_hooks": list(graph.meta.get("qc.sample_hooks", []))}
         self.__dict__["compiled"] = torch.compile(graph)
         self.first_call_s: Optional[float] = None
 
