@@ -21,10 +21,12 @@ The search (why this shape: docs/tune.md):
      form. Thresholds are judged on the quantized model they will run in.
    - *Then the backend*: the proxy front is compiled again for each other backend of the space.
 
-2. **Suite rung** (successive halving's second rung): the proxy's Pareto front (error against
-   speed), fastest first, plus the reference schedule ``qandc(bits="w8a8", cache=interval 2)``, are
-   sampled on ``n`` samples at the run's batch and scored with the metric suite against FP32 sampled
-   on the same noise in the same process; speed is the ratio of the two sampling times.
+2. **Suite rung** (successive halving's second rung): the reference schedule
+   ``qandc(bits="w8a8", cache=interval 2)``, then members of the proxy's Pareto front (error against
+   speed) are sampled on ``n`` samples at the run's batch and scored with the metric suite against
+   FP32 sampled on the same noise in the same process; speed is the ratio of the two sampling times.
+   The front is ordered by speed and quality falls along it, so the fastest member that meets the
+   bounds is found by bisection (:func:`suite_order`), and the rest scored outwards from it.
 
 The quantization and cache stages stop at three quarters of ``proxy_share`` of the time budget, the
 backend stage at ``proxy_share``, the suite at the budget; an evaluation that its predecessors' median
@@ -66,7 +68,7 @@ from .specs import VC_FORMS, StepCacheConfig, VCConfig
 from .tools.bench import SELECTORS, sample_timed
 
 __all__ = ["Candidate", "QuantChoice", "TuneSpace", "TuneResult", "tune", "pareto_front", "candidate_passes",
-           "REFERENCE", "RECIPE_FORMAT", "OUTPUTS", "check_tune_folder", "load_recipe", "compile_recipe", "parse_duration", "parse_fraction", "proxy_errors"]
+           "REFERENCE", "RECIPE_FORMAT", "OUTPUTS", "check_tune_folder", "load_recipe", "compile_recipe", "parse_duration", "parse_fraction", "proxy_errors", "suite_order"]
 
 LOG_FORMAT = "qc-tune-log"
 PROXY = "teacher-forced step error + spread drift"  # in the log's settings: a log of another proxy is refused
@@ -674,12 +676,29 @@ def tune(model, sampler: Sampler, *, min_speedup: Optional[float] = None, max_fi
         return row
 
     fp = suite(None, "fp32")
-    promoted: List[Candidate] = [] if space.reference is None else [space.reference]
+    if space.reference is not None:
+        suite(space.reference, "reference")
     everything = pareto_front([r for r in book.rows if r["rung"] == "proxy" and r.get("error") is None],
                               "proxy", "speed")
-    promoted += [c for c in (Candidate.from_json(r["candidate"]) for r in everything) if c != space.reference]
-    for c in tqdm(promoted, desc="tune: suite", unit="candidate", disable=not progress, dynamic_ncols=True):
-        suite(c, "reference" if c == space.reference else "front")
+    front = [c for c in (Candidate.from_json(r["candidate"]) for r in everything) if c != space.reference]
+
+    def meets(row: Optional[Dict[str, Any]]) -> Optional[bool]:
+        if row is None or fp is None or fp.get("error") is not None:
+            return None  # not measured (out of time)
+        if row.get("error") is not None:
+            return False  # refused by its backend: it cannot be chosen
+        speed, increase = fp["sample_s"] / row["sample_s"], row["fid"] / fp["fid"] - 1.0
+        return ((min_speedup is None or speed >= min_speedup)
+                and (max_fid_increase is None or increase <= max_fid_increase))
+
+    bar = tqdm(total=len(front), desc="tune: suite", unit="candidate", disable=not progress, dynamic_ncols=True)
+
+    def measure(i: int) -> Optional[bool]:
+        bar.update(1)
+        return meets(suite(front[i], "front"))
+
+    suite_order(len(front), measure)
+    bar.close()
 
     # the speed and FID of each suite row against FP32's, and the proxy's agreement with FID
     proxy_of = {r["key"]: r for r in book.rows if r["rung"] == "proxy" and r.get("error") is None}
@@ -701,6 +720,40 @@ def tune(model, sampler: Sampler, *, min_speedup: Optional[float] = None, max_fi
     if chosen is not None:
         result.compiled = compiled_cache.get(chosen["key"]) or compile_candidate(Candidate.from_json(chosen["candidate"]))
     return result
+
+
+def suite_order(n: int, measure: Callable[[int], Optional[bool]]) -> List[int]:
+    """Which front members the suite scores, and in what order: the front runs fastest (index 0) to most
+    accurate, and quality falls as speed rises along it, so the fastest one that meets the bounds is
+    found by bisection (``measure(i)``: True meets, False misses, None could not be measured), then the
+    rest are scored from the boundary outwards while time allows. Returns the indices measured.
+
+    Example:
+        >>> ok = [False, False, True, True, True]           # the fastest two miss the bounds
+        >>> suite_order(5, lambda i: ok[i])
+        [2, 0, 1, 3, 4]
+    """
+    done: Dict[int, Optional[bool]] = {}
+
+    def ask(i: int) -> Optional[bool]:
+        if i not in done:
+            done[i] = measure(i)
+        return done[i]
+
+    lo, hi = 0, n - 1  # the boundary lies in [lo, hi]
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        verdict = ask(mid)
+        if verdict is None:  # out of time or refused: stop bisecting
+            break
+        if verdict:
+            hi = mid - 1  # it meets: look faster
+        else:
+            lo = mid + 1  # it misses: look more accurate
+    edge = min((i for i, v in done.items() if v), default=n)
+    for i in sorted(range(n), key=lambda i: abs(i - edge)):
+        ask(i)
+    return list(done)
 
 
 def _choose(rows: List[Dict[str, Any]], min_speedup, max_fid_increase) -> Optional[Dict[str, Any]]:
