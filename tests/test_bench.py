@@ -1,5 +1,7 @@
 import pytest
 
+from qc_compiler.quant.balance import BalanceConfig
+
 from qc_compiler.passes import Quantize
 from qc_compiler.specs import StepCacheConfig
 from qc_compiler.tools.bench import VARIANTS, Variant, ablation_rows, markdown, variant_passes
@@ -42,7 +44,8 @@ def test_every_listed_variant_builds_and_unknown_ones_fail():
         quant = [p for p in passes if isinstance(p, Quantize)]
         if quant:  # the low-bit options reach the pass
             assert quant[0].rounding == VARIANTS[name].rounding and quant[0].low_rank == VARIANTS[name].low_rank
-            assert (quant[0].balance and quant[0].balance.method) == VARIANTS[name].balance
+            want = VARIANTS[name].balance
+            assert quant[0].balance == (BalanceConfig(method=want) if isinstance(want, str) else want)
     assert VARIANTS["quant-uniform-gptq-bal-lr16"] == Variant(selector="uniform", rounding="gptq", balance="search",
                                                               low_rank=16)
     assert "qc-tap-vc" in ablation_rows() and "qc-uniform" in ablation_rows()

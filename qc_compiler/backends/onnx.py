@@ -52,7 +52,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Iterator, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -655,12 +655,13 @@ class OrtGraph(StepAware, nn.Module):
                               "OrtDenoiser(path)")
         self.model_bytes = meta.get(_DIGEST, "").encode() if large else model.SerializeToString()
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+        session_source = str(path) if path is not None else self.model_bytes
         if provider == "cpu" and not cpu_has_vnni() and _full_range_int8_weights(model):
-            log.warning("%s: onnxruntime's u8 x s8 GEMM saturates int16 pair sums on this CPU (no VNNI); with "
-                        "8-bit weight codes above %d its outputs can differ from the reference (measured 5%% on "
-                        "dit-mnist W8A8, docs/onnx.md); the torch backend runs it exactly", source,
-                        SATURATING_WEIGHT_CODE)
-        self.session = ort.InferenceSession(str(path) if path is not None else self.model_bytes, session_options(threads),
+            # onnxruntime's u8 x s8 GEMM saturates int16 pair sums without VNNI; its u8 x u8 one does not.
+            # The same weights as uint8 codes with zero point 128 dequantize to the same values.
+            session_source = _as_uint8_weights(model).SerializeToString()
+            log.info("%s: int8 weights run as uint8 (zero point 128) on this CPU (no VNNI)", source)
+        self.session = ort.InferenceSession(session_source, session_options(threads),
                                             providers=_providers(provider, provider_options))
         self.feeds = {i.name for i in self.session.get_inputs()}  # "step" is dropped when nothing reads it
         kinds = {"tensor(float)": np.float32, "tensor(int64)": np.int64}
@@ -752,12 +753,43 @@ def _forward_inputs(meta: Dict[str, str]) -> ForwardInputs:
                          timestep_divisor=int(meta.get("qc.timestep_divisor", "1")))
 
 
+def _graphs(graph) -> Iterator[Any]:
+    """``graph`` and every subgraph under it (the cache's If branches hold their regions' weights)."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.g is not None and attr.HasField("g"):
+                yield from _graphs(attr.g)
+            for sub in attr.graphs:
+                yield from _graphs(sub)
+
+
 def _full_range_int8_weights(model) -> bool:
     """Whether any int8 weight initializer holds codes beyond what a non-VNNI u8 x s8 GEMM takes exactly."""
     from onnx import numpy_helper
 
     return any(int(np.abs(numpy_helper.to_array(t).astype(np.int16)).max(initial=0)) > SATURATING_WEIGHT_CODE
-               for t in model.graph.initializer if t.name.endswith("_int8"))
+               for g in _graphs(model.graph) for t in g.initializer if t.name.endswith("_int8"))
+
+
+def _as_uint8_weights(model):
+    """A copy of ``model`` whose int8 weight codes are uint8 codes + 128 with zero point 128: the same
+    dequantized weights, run by onnxruntime's u8 x u8 kernel, which accumulates without saturating."""
+    import copy
+
+    from onnx import numpy_helper
+
+    out = copy.deepcopy(model)
+    for graph in _graphs(out.graph):
+        inits = {t.name: t for t in graph.initializer}
+        for t in list(graph.initializer):
+            zero = inits.get(t.name[:-5] + "_zero") if t.name.endswith("_int8") else None
+            if zero is None:
+                continue
+            t.CopyFrom(numpy_helper.from_array((numpy_helper.to_array(t).astype(np.int16) + 128).astype(np.uint8), t.name))
+            zero.CopyFrom(numpy_helper.from_array(
+                (numpy_helper.to_array(zero).astype(np.int16) + 128).astype(np.uint8), zero.name))
+    return out
 
 
 def session_options(threads: Optional[int] = None):
