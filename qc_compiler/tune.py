@@ -567,6 +567,17 @@ def tune(model, sampler: Sampler, *, min_speedup: Optional[float] = None, max_fi
 
     ref = _Reference.measure(model, sampler, proxy_labels, seed)
 
+    def record(row: Dict[str, Any], t0: float, rung: Optional[str]) -> Dict[str, Any]:
+        """Time a measured row, count it toward its rung's estimate, and append it to the log."""
+        row["seconds"] = time.perf_counter() - t0
+        if rung is not None:
+            durations[rung].append(row["seconds"])
+        counts["new"] += 1
+        book.add(row)
+        if on_row:
+            on_row(row)
+        return row
+
     def compile_candidate(c: Candidate):
         passes = candidate_passes(c, model, sampler, pool_labels=space.pool_labels, seed=seed)
         return qc_compile(model, passes=passes, sampler=sampler, seed=seed, backend=c.backend)
@@ -595,13 +606,7 @@ def tune(model, sampler: Sampler, *, min_speedup: Optional[float] = None, max_fi
                        speed=ref.seconds / errs["sample_s"])
             if not math.isfinite(row["proxy"]):  # NaN samples: a broken schedule ranks last, it is not dropped
                 row["proxy"] = float("inf")
-        row["seconds"] = time.perf_counter() - t0
-        durations["proxy"].append(row["seconds"])
-        counts["new"] += 1
-        book.add(row)
-        if on_row:
-            on_row(row)
-        return row
+        return record(row, t0, "proxy")
 
     bar = tqdm(total=None, desc="tune", unit="candidate", disable=not progress, dynamic_ncols=True)
 
@@ -666,14 +671,7 @@ def tune(model, sampler: Sampler, *, min_speedup: Optional[float] = None, max_fi
             row.update(sample_s=seconds, **evaluate(images, torch.tensor(labels)))
             if c is not None:
                 compiled_cache[key] = compiled
-        row["seconds"] = time.perf_counter() - t0
-        if c is not None:
-            durations["suite"].append(row["seconds"])
-        counts["new"] += 1
-        book.add(row)
-        if on_row:
-            on_row(row)
-        return row
+        return record(row, t0, "suite" if c is not None else None)
 
     fp = suite(None, "fp32")
     if space.reference is not None:
