@@ -136,7 +136,7 @@ def _cache_config(text: str):
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="dit-mnist",
-                   help="embedded model (dit-mnist), config name (DiT-XL/2 .. DiT-S/8, DiT-T/4) or .safetensors path")
+                   help="embedded model (dit-mnist; mmdit-mnist, text-conditioned), config name (DiT-XL/2 .. DiT-S/8, DiT-T/4) or .safetensors path")
     p.add_argument("--ckpt", help="local facebookresearch/DiT checkpoint (.pt) or qc weights file")
     p.add_argument("--compiled", help="a folder written by `qc compile` (overrides --model)")
     p.add_argument("--input-size", type=_positive, help="image/latent size, for config names (default 32)")
@@ -194,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_sampler_args(p)
     p.add_argument("--labels", type=_labels, default=list(range(10)), help="comma-separated class labels")
-    p.add_argument("--per-label", type=_positive, default=1, help="samples per label (one grid row each)")
+    p.add_argument("--per-label", type=_positive, default=1, help="samples per label or prompt (one grid row each)")
+    p.add_argument("--prompt", action="append", help="a prompt for a text-conditioned model (--model mmdit-mnist), "
+                   "e.g. 'a thin right-slanted seven'; repeat for several (default: the ten digits)")
     p.add_argument("--out", type=Path, default=Path("out/grid.png"), help="the PNG to write (default out/grid.png)")
 
     p = sub.add_parser("compile", help="compile a model with passes and save it", parents=[common])
@@ -312,6 +314,11 @@ def cmd_sample(args) -> int:
     from .io import check_output_file
 
     check_output_file(args.out, "grid")
+    if not args.compiled and not args.ckpt and args.model in TEXT_MODELS:
+        return _sample_prompts(args)
+    if args.prompt:
+        raise QCError(f"--prompt goes with a text-conditioned model ({', '.join(TEXT_MODELS)}); "
+                      f"{args.compiled or args.ckpt or args.model} takes --labels")
     model = _model(args)
     sampler = _sampler(args, model)
     labels = [label for label in args.labels for _ in range(args.per_label)]
@@ -320,6 +327,33 @@ def cmd_sample(args) -> int:
     images = sampler.sample(model, labels, seed=args.seed, progress=True)
     save_grid(images, args.out, nrow=args.per_label if args.per_label > 1 else min(len(labels), 10))
     print(f"wrote {args.out} ({len(labels)} samples, {sampler.steps} {sampler.name} steps, {time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+TEXT_MODELS = ("mmdit-mnist",)
+
+
+def _sample_prompts(args) -> int:
+    """``qc sample --model mmdit-mnist --prompt ...``: flow-matching Euler at the model's shift, with
+    guidance against the empty prompt; one grid row per prompt when ``--per-label`` > 1."""
+    from .imaging import save_grid
+    from .models.digit_text import DIGITS, describe, tokenize
+    from .models.mmdit_mnist import DEFAULT_CFG, DEFAULT_STEPS, load_mmdit, sample
+
+    if args.sampler is not None:
+        raise QCError(f"{args.model} is a flow-matching model: it samples by Euler flow matching, not --sampler")
+    if args.labels != list(range(10)):
+        raise QCError(f"{args.model} is text-conditioned: give --prompt, not --labels")
+    prompts = args.prompt or [describe(d) for d in range(len(DIGITS))]
+    tokenize(prompts)  # unknown words and long prompts are refused before any work
+    bundle = load_mmdit()
+    steps, cfg = args.steps or DEFAULT_STEPS, args.cfg if args.cfg is not None else DEFAULT_CFG
+    batch = [p for p in prompts for _ in range(args.per_label)]
+    t0 = time.perf_counter()
+    images = sample(bundle, batch, steps=steps, cfg_scale=cfg, seed=args.seed, progress=True)
+    save_grid(images, args.out, nrow=args.per_label if args.per_label > 1 else min(len(batch), 10))
+    print(f"wrote {args.out} ({len(batch)} samples of {len(prompts)} prompts, {steps} flow-matching Euler steps, "
+          f"guidance {cfg:g}, {time.perf_counter() - t0:.1f} s)")
     return 0
 
 

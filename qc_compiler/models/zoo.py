@@ -3,6 +3,7 @@
 Example:
     >>> model = load_model("DiT-T/4", input_size=16, num_classes=10)   # random init, by config name
     >>> model = load_model("dit-mnist")                                 # the embedded, trained weights
+    >>> model = load_model("mmdit-mnist")   # the embedded text-conditioned SD3 transformer  # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ DEFAULT_MODEL_CONFIG: Dict[str, Any] = dict(
     mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=10, learn_sigma=True,
 )
 EMBEDDED = {"dit-mnist": ASSETS / "dit-mnist.safetensors"}
+# text-conditioned embedded models: diffusers transformers, loaded by their own module
+EMBEDDED_TEXT = {"mmdit-mnist": ASSETS / "mmdit-mnist.safetensors"}
 
 
 def build_model(config: Dict[str, Any]) -> DiT:
@@ -124,8 +127,9 @@ def is_config_name(name: str) -> bool:
     return name in DiT_models
 
 
-def load_model(name_or_path: str, **overrides: Any) -> DiT:
-    """Load an embedded model (``"dit-mnist"``), a config name (random init), a local weights file
+def load_model(name_or_path: str, **overrides: Any) -> nn.Module:
+    """Load an embedded model (``"dit-mnist"``; ``"mmdit-mnist"``, diffusers' ``SD3Transformer2DModel``
+    whose text encoder :func:`~qc_compiler.models.mmdit_mnist.load_mmdit` gives), a config name (random init), a local weights file
     (``.safetensors`` written by qc-compiler), or an official DiT checkpoint (``.pt``/``.pth``).
 
     Names match exactly; an unknown one is refused with the close matches. ``overrides`` (config
@@ -136,6 +140,10 @@ def load_model(name_or_path: str, **overrides: Any) -> DiT:
     if set(overrides) - allowed:
         raise ArtifactError(f"{sorted(set(overrides) - allowed)} only go with a config name (random init), "
                             f"not {name_or_path!r}")
+    if name_or_path in EMBEDDED_TEXT:
+        from .mmdit_mnist import load_mmdit
+
+        return load_mmdit(EMBEDDED_TEXT[name_or_path]).transformer
     if name_or_path in EMBEDDED:
         path = EMBEDDED[name_or_path]
         if not path.is_file():
@@ -151,7 +159,7 @@ def load_model(name_or_path: str, **overrides: Any) -> DiT:
         return _load_torch_checkpoint(path, overrides.get("num_heads"))
     if path.suffix in (".safetensors", ".pt", ".pth"):
         raise ArtifactError(f"{path} is missing")
-    names = sorted(EMBEDDED) + sorted(DiT_models)
+    names = sorted(EMBEDDED) + sorted(EMBEDDED_TEXT) + sorted(DiT_models)
     close = [n for n in names if n.lower() == name_or_path.lower()]  # a case slip first
     close += [n for n in difflib.get_close_matches(name_or_path, names, n=3, cutoff=0.6) if n not in close]
     hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""

@@ -1,0 +1,138 @@
+"""mmdit-mnist: prompts and attributes, the file format, sampling by our sampler and by diffusers' pipeline."""
+import json
+import math
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+from qc_compiler.cli import main  # noqa: E402
+from qc_compiler.errors import ArtifactError  # noqa: E402
+from qc_compiler.io import load_tensors, save_tensors  # noqa: E402
+from qc_compiler.models.digit_text import (DIGITS, VOCAB, AttributeThresholds, DigitTextEncoder,  # noqa: E402
+                                           attribute_accuracy, describe, measure_attributes, parse_prompt, tokenize)
+from qc_compiler.models import mmdit_mnist as mm  # noqa: E402
+
+TINY = dict(sample_size=8, patch_size=2, in_channels=1, out_channels=1, num_layers=2, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16,
+            pos_embed_max_size=4, qk_norm="rms_norm")
+
+
+def _bar(slope: float, width: int, size: int = 32) -> torch.Tensor:
+    """A straight stroke through the centre, x = c + slope * (c - y), ``width`` pixels wide, in [-1, 1]."""
+    img = -torch.ones(1, size, size)
+    c = (size - 1) / 2
+    for y in range(6, size - 6):
+        x = c + slope * (c - y)
+        for dx in range(width):
+            img[0, y, math.floor(x - width / 2 + dx + 0.5)] = 1.0
+    return img
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("mm") / "tiny.safetensors"
+    table = torch.tensor([[[0.1, 0.12, 0.14], [-0.1, 0.0, 0.1]]] * 10)
+    mm.save_mmdit(mm.build_mmdit(TINY), DigitTextEncoder(width=16), AttributeThresholds(table), path, shift=3.0)
+    return mm.load_mmdit(path)
+
+
+def test_prompts_tokenize_parse_and_describe_agree():
+    for d in range(10):
+        for th in (-1, 0, 1):
+            for sl in (-1, 0, 1):
+                assert parse_prompt(describe(d, th, sl)) == (d, th, sl)
+    assert describe(8) == "an eight" and describe(7, 1, 1) == "a thick right-slanted seven"
+    ids = tokenize(["A thin, LEFT-slanted two.", ""])
+    assert [VOCAB[i] for i in ids[0] if i] == ["a", "thin", "left", "slanted", "two"] and not ids[1].any()
+    with pytest.raises(ValueError, match="unknown word 'purple'.*thin"):
+        tokenize(["a purple seven"])
+    with pytest.raises(ValueError, match="at most 8"):
+        tokenize(["a thin thin thin thin thin thin thin seven"])
+    with pytest.raises(ValueError, match="characters"):
+        tokenize(["a seven!"])
+    with pytest.raises(ValueError, match="both thin and thick"):
+        parse_prompt("a thin thick seven")
+    with pytest.raises(ValueError, match="more than one digit"):
+        parse_prompt("a seven two")
+
+
+def test_attributes_measure_stroke_mass_and_shear():
+    upright, right, left = _bar(0.0, 2), _bar(0.4, 2), _bar(-0.4, 2)
+    ink, slant = measure_attributes(torch.stack([upright, right, left, _bar(0.0, 4)]))
+    # a shear x = c + k (c - y) has -mu11/mu02 = k exactly; pixel rounding costs a little
+    assert abs(float(slant[0])) < 0.02
+    assert float(slant[1]) == pytest.approx(0.4, abs=0.03) and float(slant[2]) == pytest.approx(-0.4, abs=0.03)
+    # ink: stroke pixels over all pixels, and twice the width is twice the ink
+    assert float(ink[0]) == pytest.approx(2 * 20 / 1024, rel=1e-6) and float(ink[3]) == pytest.approx(2 * float(ink[0]), rel=1e-6)
+
+
+def test_thresholds_bin_by_digit_and_judge_prompts():
+    slopes, widths = torch.linspace(-0.5, 0.5, 9), [1, 2, 3]
+    images = torch.stack([_bar(float(s), w) for s in slopes for w in widths] * 10)
+    labels = torch.arange(10).repeat_interleave(27)
+    with pytest.raises(ValueError, match="digit 9"):
+        AttributeThresholds.fit(images[:27 * 9], labels[:27 * 9])
+    thr = AttributeThresholds.fit(images, labels)
+    th, sl = thr.bins(images, labels)
+    assert [int((th == k).sum()) for k in (-1, 0, 1)] == [90, 90, 90]
+    assert [int((sl == k).sum()) for k in (-1, 0, 1)] == [90, 90, 90]
+    thick_right, thin_left = images[26:27], images[0:1]  # width 3 at slope 0.5; width 1 at -0.5
+    good = attribute_accuracy(torch.cat([thick_right, thin_left]),
+                              ["a thick right-slanted zero", "a thin left-slanted one"], thr)
+    assert good["attributes"] == 1.0 and good["thickness_n"] == 2 and good["slant_n"] == 2
+    bad = attribute_accuracy(torch.cat([thin_left, thick_right]),
+                             ["a thick right-slanted zero", "a thin left-slanted one"], thr)
+    assert bad["attributes"] == 0.0
+    plain = attribute_accuracy(thin_left, ["a zero"], thr)
+    assert plain["thickness_n"] == 0 and plain["attributes"] != plain["attributes"]  # NaN: nothing named
+    with pytest.raises(ValueError, match="name a digit"):
+        attribute_accuracy(thin_left, ["a thin"], thr)
+
+
+def test_file_round_trip_and_refusals(bundle, tmp_path):
+    assert type(bundle.transformer).__name__ == "SD3Transformer2DModel" and bundle.shift == 3.0
+    assert bundle.transformer.config.num_layers == 2 and bundle.text_encoder.config["width"] == 16
+    path = tmp_path / "m.safetensors"
+    mm.save_mmdit(bundle.transformer, bundle.text_encoder, bundle.thresholds, path, shift=bundle.shift)
+    again = mm.load_mmdit(path)
+    tokens = tokenize(["a thin seven"])
+    assert torch.equal(again.text_encoder(tokens)[0], bundle.text_encoder(tokens)[0])  # fp16 -> fp16: exact
+    tensors, meta = load_tensors(path)
+    save_tensors(tensors, tmp_path / "nometa.safetensors", metadata={"config": meta["config"]})
+    with pytest.raises(ArtifactError, match="not an mmdit-mnist file"):
+        mm.load_mmdit(tmp_path / "nometa.safetensors")
+    tensors.pop("text.norm.weight")
+    save_tensors(tensors, tmp_path / "short.safetensors", metadata=meta)
+    with pytest.raises(ArtifactError, match="missing key 'norm.weight'"):
+        mm.load_mmdit(tmp_path / "short.safetensors")
+    with pytest.raises(ArtifactError, match="train_mmdit"):
+        mm.load_mmdit(tmp_path / "absent.safetensors")
+    assert json.loads(meta["config"])["qk_norm"] == "rms_norm"
+
+
+def test_our_sampler_equals_the_diffusers_pipeline(bundle):
+    prompts = ["a thin seven", "a thick left-slanted two", "a thin seven"]
+    noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    noise[1] = noise[2] = noise[0]
+    ours = mm.sample(bundle, prompts, steps=5, cfg_scale=2.5, noise=noise)
+    pipe = mm.pipeline(bundle)
+    theirs = pipe(**mm.pipeline_kwargs(bundle, prompts, 2.5), num_inference_steps=5, latents=noise.clone()).images
+    assert ours.shape == theirs.shape == (3, 1, 8, 8)
+    assert torch.allclose(ours, theirs, atol=1e-5), float((ours - theirs).abs().max())
+    assert torch.allclose(ours[0], ours[2], atol=1e-6) and (ours[0] - ours[1]).abs().max() > 1e-3  # the prompt matters
+    unguided = mm.sample(bundle, prompts, steps=5, cfg_scale=1.0, noise=noise)
+    assert not torch.allclose(unguided, ours)
+
+
+def test_cli_refuses_bad_prompts_before_work(capsys, tmp_path):
+    assert main(["sample", "--model", "mmdit-mnist", "--prompt", "a purple seven", "--out", str(tmp_path / "g.png")]) == 2
+    assert "unknown word 'purple'" in capsys.readouterr().err
+    assert main(["sample", "--model", "dit-mnist", "--prompt", "a seven", "--out", str(tmp_path / "g.png")]) == 2
+    assert "--prompt goes with a text-conditioned model" in capsys.readouterr().err
+    assert main(["sample", "--model", "mmdit-mnist", "--sampler", "ddim", "--out", str(tmp_path / "g.png")]) == 2
+    assert "flow-matching" in capsys.readouterr().err
+    assert main(["sample", "--model", "mmdit-mnist", "--labels", "1,2", "--out", str(tmp_path / "g.png")]) == 2
+    assert not (tmp_path / "g.png").exists()
