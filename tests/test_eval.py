@@ -75,8 +75,25 @@ def test_fid_rank_deficient_identical_is_zero():
     assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-4
 
 
+def test_trace_sqrt_product_equals_scipy_sqrtm_on_non_commuting_covariances():
+    from scipy import linalg
+
+    from qc_compiler.eval.metrics import trace_sqrt_product
+
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(60, 30)), rng.normal(size=(45, 30)) @ rng.normal(size=(30, 30))
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    assert np.abs(s1 @ s2 - s2 @ s1).max() > 1.0  # they do not commute
+    expected = float(np.trace(linalg.sqrtm(s1 @ s2)).real)
+    assert trace_sqrt_product(s1, s2) == pytest.approx(expected, rel=1e-9)
+    low = np.cov(rng.normal(size=(10, 30)), rowvar=False)  # rank 9: singular, as sFID's covariances are
+    assert trace_sqrt_product(low, s2) == pytest.approx(float(np.trace(linalg.sqrtm(low @ s2)).real), rel=1e-6)
+
+
 def test_fid_rejects_non_psd_and_bad_shapes():
-    with pytest.raises(MetricError, match="imaginary"):
+    with pytest.raises(MetricError, match="not symmetric"):
+        frechet_distance(np.zeros(2), np.array([[1.0, 0.5], [0.0, 1.0]]), np.zeros(2), np.eye(2))
+    with pytest.raises(MetricError, match="negative eigenvalue"):
         frechet_distance(np.zeros(2), np.diag([1.0, -1.0]), np.zeros(2), np.eye(2))
     with pytest.raises(MetricError, match="shapes"):
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2))

@@ -13,18 +13,18 @@ Example:
 """
 from __future__ import annotations
 
+import hashlib
 import logging
-import warnings
+from collections import OrderedDict
 from typing import Tuple
 
 import numpy as np
-from scipy import linalg
 
 from ..errors import QCError
 
 __all__ = [
     "MetricError", "frechet_distance", "gaussian_stats", "inception_score", "knn_radii", "precision_recall",
-    "class_accuracy",
+    "class_accuracy", "trace_sqrt_product",
 ]
 
 logger = logging.getLogger(__name__)
@@ -57,40 +57,51 @@ def gaussian_stats(features: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return f.mean(axis=0), np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1])
 
 
-def _sqrtm(a: np.ndarray) -> np.ndarray:
-    with warnings.catch_warnings():
-        # Rank-deficient covariances (fewer samples than dimensions, dead features) are the normal
-        # case for sFID; scipy warns "Matrix is singular" on each, and the result is checked below.
-        warnings.simplefilter("ignore", linalg.LinAlgWarning)
-        return linalg.sqrtm(a)
+def _psd_root(sigma: np.ndarray, name: str) -> np.ndarray:
+    """The symmetric square root of a covariance, refusing one that is not symmetric PSD (up to round-off)."""
+    scale = max(float(np.abs(sigma).max()), 1e-300)
+    if float(np.abs(sigma - sigma.T).max()) > 1e-8 * scale:
+        raise MetricError(f"{name} is not symmetric: are sigma1 and sigma2 symmetric positive semi-definite?")
+    w, v = np.linalg.eigh(sigma)
+    if float(w.min()) < -1e-6 * max(float(np.abs(w).max()), 1e-300):
+        raise MetricError(f"{name} has a negative eigenvalue ({float(w.min()):.3g}): are sigma1 and sigma2 symmetric "
+                          "positive semi-definite?")
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
 
 
-def _root_is_usable(root: np.ndarray, a: np.ndarray) -> bool:
-    if not np.isfinite(root).all():
-        return False
-    scale = max(float(np.abs(a).max()), 1e-300)
-    if np.iscomplexobj(root) and np.abs(np.diagonal(root).imag).max() > 1e-3 * np.sqrt(scale):
-        return False
-    return float(np.linalg.norm(root @ root - a)) <= 1e-4 * max(float(np.linalg.norm(a)), 1e-300)
+_ROOTS: "OrderedDict[str, np.ndarray]" = OrderedDict()  # the reference's root, computed once per process
 
 
-def _sqrtm_product(sigma1: np.ndarray, sigma2: np.ndarray, eps: float) -> np.ndarray:
-    """sqrtm(sigma1 @ sigma2), retried with ``eps * I`` added to both when the product is near singular."""
-    product = sigma1 @ sigma2
-    covmean = _sqrtm(product)
-    if not _root_is_usable(covmean, product):
-        # The usual fix (as in the reference FID code): a small diagonal offset makes the product
-        # well-posed and moves the distance by O(eps * D).
-        logger.warning("sqrtm of the covariance product is ill-conditioned; retrying with %g added to the diagonals", eps)
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
-        if not np.isfinite(covmean).all():
-            raise MetricError("matrix square root of the covariance product is not finite, even with an offset")
-    return covmean
+def _cached_root(sigma: np.ndarray, name: str) -> np.ndarray:
+    key = hashlib.sha1(np.ascontiguousarray(sigma).tobytes()).hexdigest() + str(sigma.shape)
+    if key not in _ROOTS:
+        _ROOTS[key] = _psd_root(sigma, name)
+        while len(_ROOTS) > 4:
+            _ROOTS.popitem(last=False)
+    return _ROOTS[key]
+
+
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """``Tr sqrt(sigma1 sigma2)`` for symmetric PSD covariances.
+
+    ``sigma1 sigma2`` is similar to the symmetric PSD ``R sigma1 R`` with ``R = sqrt(sigma2)``, so its
+    square root's trace is the sum of the square roots of that matrix's eigenvalues: two symmetric
+    eigendecompositions instead of a general Schur ``sqrtm`` (4x faster at 1024 dimensions, and no
+    complex round-off on the singular covariances sFID has). Eigenvalues below zero by round-off
+    count as zero. ``sigma2`` (the reference, in every use here) has its root cached.
+
+    Example:
+        >>> round(trace_sqrt_product(np.diag([1.0, 4.0]), np.diag([4.0, 1.0])), 6)
+        4.0
+    """
+    _psd_root(sigma1, "sigma1")  # validates; its root is not needed
+    root = _cached_root(sigma2, "sigma2")
+    m = root @ sigma1 @ root
+    return float(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0.0, None)).sum())
 
 
 def frechet_distance(
-    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, *, eps: float = 1e-6
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
 ) -> float:
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2):
     ``||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2))``.
@@ -109,19 +120,8 @@ def frechet_distance(
     for name, a in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
         if not np.isfinite(a).all():
             raise MetricError(f"{name} contains NaN or inf")
-    covmean = _sqrtm_product(sigma1, sigma2, eps)
-    if np.iscomplexobj(covmean):
-        # Round-off gives a tiny imaginary part on a PSD product; a large one means the inputs are
-        # not covariance matrices (or sqrtm failed), and dropping it would hide a wrong number.
-        diag_imag = float(np.abs(np.diagonal(covmean).imag).max())
-        if diag_imag > 1e-3 * max(1.0, float(np.abs(covmean.real).max())):
-            raise MetricError(
-                f"matrix square root has a large imaginary component ({diag_imag:.3g}); "
-                "are sigma1 and sigma2 symmetric positive semi-definite?"
-            )
-        covmean = covmean.real
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt_product(sigma1, sigma2))
 
 
 def inception_score(probs: np.ndarray, splits: int = 1) -> Tuple[float, float]:

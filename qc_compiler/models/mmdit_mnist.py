@@ -32,7 +32,8 @@ from .digit_text import AttributeThresholds, DigitTextEncoder
 from .zoo import load_state_strict
 
 __all__ = ["MMDIT_MNIST_CONFIG", "MMDIT_MNIST_PATH", "build_mmdit", "save_mmdit", "load_mmdit", "MMDiTMNIST",
-           "condition_bank", "denoiser", "flow_sampler", "sample", "pipeline", "pipeline_kwargs"]
+           "condition_bank", "denoiser", "flow_sampler", "sample", "pipeline", "pipeline_kwargs", "prompt_table",
+           "evaluation_labels"]
 
 MMDIT_MNIST_PATH = Path(__file__).resolve().parents[1] / "assets" / "mmdit-mnist.safetensors"
 
@@ -180,3 +181,20 @@ def pipeline_kwargs(bundle: "MMDiTMNIST", prompts: Sequence[str], guidance_scale
     # without a VAE the pipeline assumes 8 pixels per latent pixel: 256 "pixels" are our 32
     size = 8 * int(bundle.transformer.config.sample_size)
     return dict(kw, guidance_scale=guidance_scale, height=size, width=size, output_type="latent")
+
+
+# --- evaluation: prompts with attributes, as indices into one table ----------------------------------
+def prompt_table():
+    """Every prompt the evaluation uses, index ``9 d + 3 (thickness + 1) + (slant + 1)``: the ten digits,
+    each plain, thin or thick, and upright, left- or right-slanted (90 prompts)."""
+    from .digit_text import DIGITS, describe
+
+    return [describe(d, th, sl) for d in range(len(DIGITS)) for th in (-1, 0, 1) for sl in (-1, 0, 1)]
+
+
+def evaluation_labels(n: int, seed: int = 0):
+    """Indices into :func:`prompt_table` for ``n`` samples: digit ``i % 10``, thickness and slant drawn
+    uniformly from a generator seeded with ``seed`` (the same list for every variant of a run)."""
+    gen = torch.Generator().manual_seed(seed)
+    attrs = torch.randint(0, 9, (n,), generator=gen)
+    return [9 * (i % 10) + int(a) for i, a in enumerate(attrs)]

@@ -40,7 +40,7 @@ from ..specs import StepCacheConfig, VCConfig
 
 __all__ = ["Variant", "VARIANTS", "RUN_CACHE", "machine", "machine_line", "write_results", "median_seconds", "interleaved_medians", "compile_benchmark_w8a8",
            "rel_err", "variant_passes", "ablation_rows", "sample_timed", "run_variants", "markdown", "merge_results",
-           "benchmark_model", "benchmark_inputs", "variant_label"]
+           "benchmark_model", "benchmark_inputs", "variant_label", "Task", "make_task"]
 
 log = logging.getLogger(__name__)
 
@@ -283,6 +283,51 @@ def sample_timed(model, sampler, labels: Sequence[int], *, seed: int, batch: int
     return images, time.perf_counter() - t0
 
 
+@dataclass
+class Task:
+    """What a quality run samples: the model ``qc.compile`` takes, its sampler, the label of each sample,
+    and how samples are scored. A class-conditional DiT samples digits by label. A text model
+    (``mmdit-mnist``) samples prompts: ``labels`` index the rows of ``conditions`` (a ConditionBank),
+    ``classes`` are the prompted digits for the class-accuracy metric, and ``metrics`` adds the
+    attribute accuracy."""
+
+    model: torch.nn.Module
+    sampler: object
+    labels: List[int]
+    classes: List[int]
+    conditions: Optional[object] = None
+    geometry: Optional[object] = None
+    metrics: Optional[Callable[[torch.Tensor], Dict[str, float]]] = None
+
+    def bind(self, compiled):
+        """A compiled model as the sampler calls it (by label)."""
+        return self.conditions.bind(compiled) if self.conditions is not None else compiled
+
+    def compile(self, passes, *, seed: int, backend: str):
+        extra = {"conditions": self.conditions, "geometry": self.geometry} if self.conditions is not None else {}
+        return qc_compile(self.model, passes=passes, sampler=self.sampler, seed=seed, backend=backend, **extra)
+
+
+def make_task(model_name: str = "dit-mnist", model=None, *, n: int, steps: int, cfg: float, seed: int = 0) -> Task:
+    """The run's :class:`Task`: DDPM over labels ``i % 10`` for a class-conditional DiT; flow-matching Euler
+    over the 90 attribute prompts of ``mmdit_mnist.prompt_table`` for ``mmdit-mnist``."""
+    if model is None and model_name == "mmdit-mnist":
+        from ..models import mmdit_mnist as mm
+        from ..models.digit_text import attribute_accuracy
+
+        bundle = mm.load_mmdit()
+        table = mm.prompt_table()
+        labels = mm.evaluation_labels(n, seed)
+        prompts = [table[i] for i in labels]
+        return Task(bundle.transformer, mm.flow_sampler(bundle, steps, cfg), labels, [i // 9 for i in labels],
+                    conditions=mm.condition_bank(bundle.text_encoder, table), geometry=mm.geometry(bundle.transformer),
+                    metrics=lambda images: {"attr_" + k: v for k, v in
+                                            attribute_accuracy(images, prompts, bundle.thresholds).items()})
+    model = load_model(model_name) if model is None else model
+    labels = [i % model.num_classes for i in range(n)]
+    return Task(model, DDPM(steps=steps, cfg_scale=cfg), labels, labels)
+
+
 def run_variants(names: Sequence[str], *, model_name: str = "dit-mnist", model=None, n: int = 1000, steps: int = 50,
                  cfg: float = 1.5, seed: int = 0, batch: int = 250, bits: str = "w8a8",
                  cache: StepCacheConfig = StepCacheConfig(interval=2), size: int = 800, pool_labels: int = 32,
@@ -302,9 +347,10 @@ def run_variants(names: Sequence[str], *, model_name: str = "dit-mnist", model=N
     unknown = [name for name in names if name not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
-    model = load_model(model_name) if model is None else model
-    sampler = DDPM(steps=steps, cfg_scale=cfg)
-    labels = [i % model.num_classes for i in range(n)]
+    task = make_task(model_name, model, n=n, steps=steps, cfg=cfg, seed=seed)
+    model, sampler, labels = task.model, task.sampler, task.labels
+    if task.conditions is not None and (fp250 or any(VARIANTS[name].mixed for name in names)):
+        raise ValueError(f"{model_name}: --fp250 and mixed-precision variants are for class-conditional DiTs")
     rows: List[Dict] = []
     if fp250 and fp250_seconds is None:  # FP32 at 250 steps, timed on up to 100 samples and scaled per sample
         probe = labels[: min(batch, n, 100)]
@@ -316,9 +362,9 @@ def run_variants(names: Sequence[str], *, model_name: str = "dit-mnist", model=N
         config = mixed_config(variant, model, sampler, bits=bits, cache=cache, seed=seed) if variant.mixed else None
         passes = variant_passes(name, bits=bits, cache=cache, size=size, pool_labels=pool_labels, vc_placement=vc,
                                 config=config)
-        compiled = qc_compile(model, passes=passes, sampler=sampler, seed=seed, backend=backend)
+        compiled = task.compile(passes, seed=seed, backend=backend)
         compile_s = time.perf_counter() - t0
-        images, seconds = sample_timed(compiled, sampler, labels, seed=seed, batch=batch)
+        images, seconds = sample_timed(task.bind(compiled), sampler, labels, seed=seed, batch=batch)
         if fp_seconds is None and name == "fp32":
             fp_seconds = seconds
         row = {"variant": name, "bits": "-" if variant.bits_independent else (variant.bits or bits), "steps": steps,
@@ -326,7 +372,7 @@ def run_variants(names: Sequence[str], *, model_name: str = "dit-mnist", model=N
                "compile_s": compile_s, "sample_s": seconds, "fp32_sample_s": fp_seconds, "fp32_250_s": fp250_seconds,
                "speed_vs_fp32": (fp_seconds / seconds) if fp_seconds else float("nan"),
                "speed_vs_fp32_250": (fp250_seconds / seconds) if fp250_seconds else float("nan"),
-               **evaluate(images, torch.tensor(labels))}
+               **evaluate(images, torch.tensor(task.classes)), **(task.metrics(images) if task.metrics else {})}
         rows.append(row)
         if on_row:
             on_row(row)
@@ -343,12 +389,15 @@ def markdown(rows: List[Dict], n: int, cfg: float) -> str:
     """A results table: quality (FID also relative to an FP32 row, when there is one), then measured
     speed against FP32 (same steps, and 250 steps)."""
     fp_fid = {r["steps"]: r["fid"] for r in rows if r["variant"] == "fp32"}
+    attrs = any("attr_attributes" in r for r in rows)  # a text model's rows: attribute accuracy too
     head = (f"| variant ({n} samples, cfg {cfg}) | bits | steps | FID | FID vs FP32 | sFID | IS | precision | recall "
-            "| class acc | sampling s | speed vs FP32 | vs FP32 250 steps |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            f"| class acc |{' attribute acc |' if attrs else ''} sampling s | speed vs FP32 | vs FP32 250 steps |\n"
+            + "|---" * (13 + attrs) + "|")
     body = "\n".join(
         f"| {variant_label(r)} | {r['bits']} | {r['steps']} | {r['fid']:.2f} | {_relative(r['fid'], fp_fid.get(r['steps']))} | "
         f"{r['sfid']:.2f} | {r['is']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['class_acc']:.3f} | "
-        f"{r['sample_s']:.0f} | {_ratio(r['speed_vs_fp32'])} | {_ratio(r['speed_vs_fp32_250'])} |" for r in rows)
+        + (f"{r.get('attr_attributes', float('nan')):.3f} | " if attrs else "")
+        + f"{r['sample_s']:.0f} | {_ratio(r['speed_vs_fp32'])} | {_ratio(r['speed_vs_fp32_250'])} |" for r in rows)
     return head + "\n" + body
 
 
