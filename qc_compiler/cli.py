@@ -53,7 +53,7 @@ def _step_counts(text: str) -> List[int]:
     return counts
 
 
-def _seed(text: str) -> int:
+def _non_negative(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -61,6 +61,9 @@ def _seed(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
+
+
+_seed = _non_negative  # seeds are whole numbers >= 0
 
 
 def _finite(text: str) -> float:
@@ -277,10 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp250", action="store_true", help="also time FP32 at 250 steps")
     p.add_argument("--out", type=Path, help="write all rows as JSON here")
 
-    p = sub.add_parser("demo", help="the main job on the embedded model: grid, report", parents=[common])
+    p = sub.add_parser("demo", help="the main job on the embedded models: grids, report", parents=[common])
     p.add_argument("--out-dir", type=Path, default=Path("out"), help="folder for the grids, ONNX file and JSON (default out)")
     p.add_argument("--n", type=_positive, default=200, help="samples for the quality table")
-    p.add_argument("--steps", type=_positive, default=50, help="DDPM steps (default 50)")
+    p.add_argument("--steps", type=_positive, default=50, help="DDPM steps of dit-mnist (default 50)")
+    p.add_argument("--text-steps", type=_non_negative, default=28,
+                   help="flow-matching Euler steps of mmdit-mnist (default 28; 0 skips the text model)")
     p.add_argument("--rows", type=_positive, default=6, help="grid rows (samples of each digit)")
     p.add_argument("--calib-size", type=_positive, default=800, help="TAP calibration-set size")
     p.add_argument("--pool-labels", type=_positive, default=32, help="labels sampled for the calibration pool")
@@ -586,6 +591,16 @@ def cmd_demo(args) -> int:
 
     run_demo(out_dir=args.out_dir, n_eval=args.n, seed=args.seed, steps=args.steps, rows=args.rows,
              calib_size=min(args.calib_size, args.pool_labels * args.steps), pool_labels=args.pool_labels)
+    if args.text_steps:
+        import importlib.util
+
+        if importlib.util.find_spec("diffusers") is None:
+            print("mmdit-mnist skipped: it is a diffusers model (pip install 'qc-compiler[diffusers]')")
+            return 0
+        from .tools.demo import run_text_demo
+
+        run_text_demo(out_dir=args.out_dir, n_eval=args.n, seed=args.seed, steps=args.text_steps,
+                      calib_size=min(args.calib_size, args.pool_labels * args.text_steps), pool_labels=args.pool_labels)
     return 0
 
 

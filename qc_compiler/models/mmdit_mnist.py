@@ -132,7 +132,10 @@ def denoiser(transformer: nn.Module) -> nn.Module:
     one is: the reference every compiled variant is measured against."""
     from .adapter import adapter_for
 
-    return adapter_for(transformer).for_model(transformer, geometry(transformer)).wrap(transformer)
+    net = adapter_for(transformer).for_model(transformer, geometry(transformer)).wrap(transformer)
+    cfg = transformer.config
+    net.sample_shape = (int(cfg.in_channels), int(cfg.sample_size), int(cfg.sample_size))  # what samplers draw
+    return net
 
 
 def flow_sampler(bundle: "MMDiTMNIST", steps: int = DEFAULT_STEPS, cfg_scale: float = DEFAULT_CFG):
@@ -152,11 +155,9 @@ def sample(bundle: "MMDiTMNIST", prompts: Sequence[str], *, steps: int = DEFAULT
     bank = condition_bank(bundle.text_encoder, unique)
     labels = [unique.index(p) for p in prompts]
     net = model if model is not None else denoiser(bundle.transformer)
-    cfg = bundle.transformer.config
-    shape = (int(cfg.in_channels), int(cfg.sample_size), int(cfg.sample_size))
     with torch.no_grad():
         return flow_sampler(bundle, steps, cfg_scale).sample(bank.bind(net), labels, seed=seed, noise=noise,
-                                                                  shape=shape, progress=progress)
+                                                                  progress=progress)
 
 
 def pipeline(bundle: "MMDiTMNIST", transformer: Optional[nn.Module] = None):
