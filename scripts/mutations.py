@@ -56,7 +56,7 @@ MUTATIONS = [
      "                _weight_bytes(model) >= PROTOBUF_LIMIT // 2 or meta.get(_DIGEST) != _legacy_digest(model)):",
      "if False:"),
     ("metrics: FID drops the covariance cross term", "qc_compiler/eval/metrics.py",
-     "- 2.0 * np.trace(covmean))", ")"),
+     "- 2.0 * trace_sqrt_product(sigma1, sigma2))", ")"),
     ("step: step 0 does not start a new run", "qc_compiler/step.py",
      "            if self.step != 0 or self.stream in self._started:\n                self.reset()",
      "            if False:\n                self.reset()"),
@@ -88,6 +88,12 @@ MUTATIONS = [
      "        if self.spec.low_rank is not None:  # SVDQuant's", "        if False:  # SVDQuant's"),
     ("quant: observers see the unbalanced input", "qc_compiler/quant/fake_quant.py",
      "xb = x / self.in_scale.to(x.dtype) if self.balance is not None else x", "xb = x"),
+    ("mmdit-mnist: slant measured with the wrong sign", "qc_compiler/models/digit_text.py",
+     "return w.mean(1), -mu11 / mu02.clamp(min=1e-6)", "return w.mean(1), mu11 / mu02.clamp(min=1e-6)"),
+    ("mmdit-mnist: the pipeline gets no negative (empty) prompt under guidance", "qc_compiler/models/mmdit_mnist.py",
+     "    if guidance_scale > 1:\n        neg", "    if False:\n        neg"),
+    ("mmdit-mnist: pooled text embedding averages the padding too", "qc_compiler/models/digit_text.py",
+     "pooled = (emb * real).sum(1) / real.sum(1).clamp(min=1.0)", "pooled = emb.mean(1)"),
 ]
 
 

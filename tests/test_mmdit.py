@@ -59,6 +59,20 @@ def test_prompts_tokenize_parse_and_describe_agree():
         parse_prompt("a seven two")
 
 
+def test_text_encoder_gives_token_states_and_the_mean_word_embedding():
+    torch.manual_seed(0)
+    enc = DigitTextEncoder(width=16).eval()
+    with torch.no_grad():
+        kw = enc.encode(["a seven", ""])
+        words = enc.words.weight
+        assert kw["prompt_embeds"].shape == (2, 8, 16) and kw["pooled_prompt_embeds"].shape == (2, 16)
+        expected = (words[VOCAB.index("a")] + words[VOCAB.index("seven")]) / 2  # padding does not count
+        assert torch.allclose(kw["pooled_prompt_embeds"][0], expected, atol=1e-6)
+        assert torch.equal(kw["pooled_prompt_embeds"][1], torch.zeros(16))  # the empty prompt: unconditional
+        # token states: the LayerNorm of word plus position embeddings, padding included
+        assert torch.allclose(kw["prompt_embeds"][0, 1], enc.norm(words[VOCAB.index("seven")] + enc.positions[1]))
+
+
 def test_attributes_measure_stroke_mass_and_shear():
     upright, right, left = _bar(0.0, 2), _bar(0.4, 2), _bar(-0.4, 2)
     ink, slant = measure_attributes(torch.stack([upright, right, left, _bar(0.0, 4)]))
