@@ -150,3 +150,22 @@ def test_cli_refuses_bad_prompts_before_work(capsys, tmp_path):
     assert "flow-matching" in capsys.readouterr().err
     assert main(["sample", "--model", "mmdit-mnist", "--labels", "1,2", "--out", str(tmp_path / "g.png")]) == 2
     assert not (tmp_path / "g.png").exists()
+
+
+def test_quality_runs_sample_the_attribute_prompts_by_index():
+    from qc_compiler.tools.bench import make_task, markdown
+
+    table = mm.prompt_table()
+    assert len(table) == 90 and len(set(table)) == 90
+    assert [parse_prompt(table[9 * d + 3 * (th + 1) + sl + 1]) for d, th, sl in ((7, 1, -1), (0, -1, 1))] == \
+        [(7, 1, -1), (0, -1, 1)]
+    task = make_task("mmdit-mnist", n=40, steps=3, cfg=3.0, seed=5)
+    assert task.labels == mm.evaluation_labels(40, 5) != mm.evaluation_labels(40, 6)
+    assert task.classes == [i % 10 for i in range(40)]  # digit i % 10, whatever its attributes
+    assert [parse_prompt(table[i])[0] for i in task.labels] == task.classes
+    assert task.conditions.num_conditions == 90 and task.conditions.has_null
+    row = {"variant": "fp32", "bits": "-", "steps": 3, "fid": 1.0, "sfid": 1.0, "is": 9.0, "precision": 0.9,
+           "recall": 0.9, "class_acc": 0.95, "attr_attributes": 0.875, "sample_s": 1.0, "speed_vs_fp32": 1.0,
+           "speed_vs_fp32_250": float("nan")}
+    md = markdown([row], 40, 3.0)
+    assert "attribute acc" in md and "| 0.875 |" in md

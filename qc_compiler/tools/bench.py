@@ -93,6 +93,8 @@ def _table() -> Dict[str, Variant]:
     table.update({f"cache-i{i}": Variant(cache=StepCacheConfig(interval=i)) for i in (2, 3)})
     table.update({f"cache-adaptive-{t}": Variant(cache=StepCacheConfig(policy="adaptive", threshold=t)) for t in (0.1, 0.3)})
     table["cache-static-0.2"] = Variant(cache=StepCacheConfig(policy="static", threshold=0.2))
+    # First-Block-Cache (as the FLUX caches): skip the rest when the first block's residual barely moved
+    table.update({f"cache-fbc-{t}": Variant(cache=StepCacheConfig(policy="first_block", threshold=t)) for t in (0.05, 0.1)})
     for sel in SELECTORS:
         table[f"quant-{sel}"] = Variant(selector=sel)
         table[f"quant-{sel}-condq"] = Variant(selector=sel, condq=True)
