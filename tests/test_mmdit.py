@@ -7,6 +7,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
+import qc_compiler as qc  # noqa: E402
 from qc_compiler.cli import main  # noqa: E402
 from qc_compiler.errors import ArtifactError  # noqa: E402
 from qc_compiler.io import load_tensors, save_tensors  # noqa: E402
@@ -14,6 +15,8 @@ from qc_compiler.models.digit_text import (DIGITS, VOCAB, AttributeThresholds, D
                                            attribute_accuracy, describe, measure_attributes, parse_prompt, tokenize)
 from qc_compiler.models import mmdit_mnist as mm  # noqa: E402
 
+# measured on the shipped weights (20 samples, 12 steps): the bounds leave a margin below those figures
+ACC_BOUND, ATTR_BOUND = 0.5, 0.5
 TINY = dict(sample_size=8, patch_size=2, in_channels=1, out_channels=1, num_layers=2, attention_head_dim=8,
             num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16,
             pos_embed_max_size=4, qk_norm="rms_norm")
@@ -169,3 +172,20 @@ def test_quality_runs_sample_the_attribute_prompts_by_index():
            "speed_vs_fp32_250": float("nan")}
     md = markdown([row], 40, 3.0)
     assert "attribute acc" in md and "| 0.875 |" in md
+
+
+def test_shipped_model_draws_the_prompted_digits_and_attributes(tmp_path, capsys):
+    from qc_compiler.eval import evaluate
+
+    transformer = qc.load_model("mmdit-mnist")
+    assert type(transformer).__name__ == "SD3Transformer2DModel" and not transformer.training
+    bundle = mm.load_mmdit()
+    prompts = [describe(d, th, -th) for d in range(10) for th in (-1, 1)]
+    images = mm.sample(bundle, prompts, steps=12, cfg_scale=mm.DEFAULT_CFG, seed=0)
+    acc = evaluate(images, torch.tensor([d for d in range(10) for _ in (0, 1)]))["class_acc"]
+    attrs = attribute_accuracy(images, prompts, bundle.thresholds)
+    assert acc >= ACC_BOUND and attrs["attributes"] >= ATTR_BOUND, (acc, attrs)
+    out = tmp_path / "g.png"
+    assert main(["sample", "--model", "mmdit-mnist", "--prompt", "a thin seven", "--steps", "3", "--per-label", "2",
+                 "--out", str(out)]) == 0
+    assert out.stat().st_size > 100 and "2 samples of 1 prompts" in capsys.readouterr().out
