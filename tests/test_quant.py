@@ -250,3 +250,42 @@ def test_save_load_keeps_qparams_without_recalibrating(tmp_path, monkeypatch):
     for k in a:
         assert torch.equal(a[k].w_scale, b[k].w_scale) and torch.equal(a[k].a_scale, b[k].a_scale)
     assert torch.equal(sampler.sample(loaded, [1], seed=0), sampler.sample(cm, [1], seed=0))
+
+
+def _mse_search_loop(values, lo, hi, bits, symmetric, axis, ratios):
+    """The MSE search written as the definition: each ratio's fake-quant error, the first best kept."""
+    from qc_compiler.quant.qparams import QParams, fake_quantize, qparams_from_range
+
+    best_err, best = None, None
+    for r in ratios:
+        qp = qparams_from_range(lo * r, hi * r, bits, symmetric, axis=axis)
+        err = (fake_quantize(values, qp) - values) ** 2
+        err = err.mean() if axis is None else err.movedim(axis, -1).reshape(-1, values.shape[axis]).mean(dim=0)
+        if best_err is None:
+            best_err, best = err, qp
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = QParams(torch.where(better, qp.scale, best.scale), torch.where(better, qp.zero_point, best.zero_point),
+                       bits, symmetric, axis)
+    return best
+
+
+@pytest.mark.parametrize("bits,symmetric,axis", [(8, False, None), (4, True, 0), (8, True, 0), (4, False, None)])
+def test_mse_observer_equals_the_ratio_by_ratio_search(bits, symmetric, axis):
+    from qc_compiler.quant.observers import make_observer
+
+    gen = torch.Generator().manual_seed(bits + 2 * symmetric)
+    x = torch.randn(96, 40, generator=gen) * torch.rand(1, 40, generator=gen) * 3
+    x[5, 7], x[60, 1] = 25.0, -40.0  # outliers: clipping pays
+    obs = make_observer("mse", bits, symmetric, axis=axis)
+    obs.update(x)
+    got = obs.compute()
+    ref = _mse_search_loop(x, obs.lo, obs.hi, bits, symmetric, axis, obs.ratios)
+    assert got.scale.shape == ref.scale.shape and got.zero_point.dtype == ref.zero_point.dtype
+    assert torch.allclose(got.scale, ref.scale, rtol=0, atol=0) and torch.equal(got.zero_point, ref.zero_point)
+    from qc_compiler.quant.qparams import qparams_from_range
+
+    full = qparams_from_range(obs.lo, obs.hi, bits, symmetric, axis=axis).scale
+    assert bool((got.scale <= full).all())
+    assert bool((got.scale < full).any()) or bits == 8  # at 4 bits clipping pays somewhere
