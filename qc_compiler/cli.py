@@ -309,6 +309,10 @@ def _model(args):
 
     if args.compiled:
         return load_compiled(args.compiled)
+    if not args.ckpt and args.model in TEXT_MODELS:
+        raise QCError(f"{args.model} is text-conditioned: qc {args.command} takes class-conditional models; use "
+                      f"`qc sample --model {args.model} --prompt ...`, `qc bench quality --model {args.model}` or the "
+                      "Python API (docs/mmdit.md)")
     overrides = {k: getattr(args, a) for k, a in (("input_size", "input_size"), ("in_channels", "in_channels"),
                                                   ("num_classes", "num_classes")) if getattr(args, a) is not None}
     return load_model(args.ckpt or args.model, **overrides)

@@ -152,6 +152,8 @@ def test_cli_refuses_bad_prompts_before_work(capsys, tmp_path):
     assert main(["sample", "--model", "mmdit-mnist", "--sampler", "ddim", "--out", str(tmp_path / "g.png")]) == 2
     assert "flow-matching" in capsys.readouterr().err
     assert main(["sample", "--model", "mmdit-mnist", "--labels", "1,2", "--out", str(tmp_path / "g.png")]) == 2
+    assert main(["eval", "--model", "mmdit-mnist", "--n", "10", "--out", str(tmp_path / "e.json")]) == 2
+    assert "text-conditioned: qc eval takes class-conditional models" in capsys.readouterr().err
     assert not (tmp_path / "g.png").exists()
 
 
