@@ -323,7 +323,7 @@ def cmd_sample(args) -> int:
     from .io import check_output_file
 
     check_output_file(args.out, "grid")
-    if not args.compiled and not args.ckpt and args.model in TEXT_MODELS:
+    if (not args.compiled and not args.ckpt and args.model in TEXT_MODELS) or (args.compiled and args.prompt):
         return _sample_prompts(args)
     if args.prompt:
         raise QCError(f"--prompt goes with a text-conditioned model ({', '.join(TEXT_MODELS)}); "
@@ -343,8 +343,9 @@ TEXT_MODELS = ("mmdit-mnist",)
 
 
 def _sample_prompts(args) -> int:
-    """``qc sample --model mmdit-mnist --prompt ...``: flow-matching Euler at the model's shift, with
-    guidance against the empty prompt; one grid row per prompt when ``--per-label`` > 1."""
+    """``qc sample --model mmdit-mnist --prompt ...`` (or ``--compiled`` a compiled one): flow-matching
+    Euler at the model's shift, with guidance against the empty prompt; one grid row per prompt when
+    ``--per-label`` > 1."""
     from .imaging import save_grid
     from .models.digit_text import DIGITS, describe, tokenize
     from .models.mmdit_mnist import DEFAULT_CFG, DEFAULT_STEPS, load_mmdit, sample
@@ -356,14 +357,38 @@ def _sample_prompts(args) -> int:
     prompts = args.prompt or [describe(d) for d in range(len(DIGITS))]
     tokenize(prompts)  # unknown words and long prompts are refused before any work
     bundle = load_mmdit()
-    steps, cfg = args.steps or DEFAULT_STEPS, args.cfg if args.cfg is not None else DEFAULT_CFG
+    model, own = None, {"steps": DEFAULT_STEPS, "cfg_scale": DEFAULT_CFG}
+    if args.compiled:  # a compiled mmdit-mnist (qc compile --model mmdit-mnist): its own steps and guidance
+        from .api import load_compiled
+
+        model = load_compiled(args.compiled)
+        if model.build.get("adapter") != "sd3" or model.build.get("model_config", {}).get("sample_size") != \
+                bundle.transformer.config.sample_size:
+            raise QCError(f"{args.compiled} is not a compiled mmdit-mnist; --prompt goes with one")
+        own = model.sampler_spec
+    steps, cfg = args.steps or own["steps"], args.cfg if args.cfg is not None else own["cfg_scale"]
     batch = [p for p in prompts for _ in range(args.per_label)]
     t0 = time.perf_counter()
-    images = sample(bundle, batch, steps=steps, cfg_scale=cfg, seed=args.seed, progress=True)
+    images = sample(bundle, batch, steps=steps, cfg_scale=cfg, seed=args.seed, model=model, progress=True)
     save_grid(images, args.out, nrow=args.per_label if args.per_label > 1 else min(len(batch), 10))
     print(f"wrote {args.out} ({len(batch)} samples of {len(prompts)} prompts, {steps} flow-matching Euler steps, "
           f"guidance {cfg:g}, {time.perf_counter() - t0:.1f} s)")
     return 0
+
+
+def _text_compile_inputs(args):
+    """``qc compile --model mmdit-mnist``: the transformer, flow-matching samplers at its shift, and the
+    90 evaluation prompts as the condition bank that calibration draws from."""
+    from .models import mmdit_mnist as mm
+
+    if args.sampler is not None:
+        raise QCError(f"{args.model} is a flow-matching model: it samples by Euler flow matching, not --sampler")
+    bundle = mm.load_mmdit()
+    cfg = args.cfg if args.cfg is not None else mm.DEFAULT_CFG
+    samplers = [mm.flow_sampler(bundle, n or mm.DEFAULT_STEPS, cfg) for n in (args.steps or [None])]
+    extra = {"conditions": mm.condition_bank(bundle.text_encoder, mm.prompt_table()),
+             "geometry": mm.geometry(bundle.transformer)}
+    return bundle.transformer, samplers, extra
 
 
 def cmd_compile(args) -> int:
@@ -379,11 +404,15 @@ def cmd_compile(args) -> int:
     args.backend = args.backend or "torch"
     rank, _ = init_distributed()  # under torchrun, calibration pools are gathered by all ranks
     passes = [parse_pass_spec(s) for s in args.passes]
-    model = _model(args)
-    samplers = [_sampler(args, model, steps=n) for n in (args.steps or [None])]
+    extra = {}
+    if not args.ckpt and args.model in TEXT_MODELS:
+        model, samplers, extra = _text_compile_inputs(args)
+    else:
+        model = _model(args)
+        samplers = [_sampler(args, model, steps=n) for n in (args.steps or [None])]
     sampler = samplers if len(samplers) > 1 else samplers[0]
     compiled = qc_compile(model, passes=passes, sampler=sampler, backend=args.backend, seed=args.seed,
-                          progress=rank == 0)
+                          progress=rank == 0, **extra)
     if rank == 0:
         compiled.save(args.out)
         print(compiled.report())

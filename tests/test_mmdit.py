@@ -191,3 +191,17 @@ def test_shipped_model_draws_the_prompted_digits_and_attributes(tmp_path, capsys
     assert main(["sample", "--model", "mmdit-mnist", "--prompt", "a thin seven", "--steps", "3", "--per-label", "2",
                  "--out", str(out)]) == 0
     assert out.stat().st_size > 100 and "2 samples of 1 prompts" in capsys.readouterr().out
+
+
+def test_cli_compiles_the_text_model_and_samples_prompts_from_the_folder(tmp_path, capsys):
+    folder, grid = tmp_path / "mm_w8a8", tmp_path / "g.png"
+    assert main(["compile", "--model", "mmdit-mnist", "--steps", "2", "--cfg", "2", "--pass",
+                 "tap_calibration:size=8,pool_labels=4", "--pass", "quantize:preset=w8a8", "--out", str(folder)]) == 0
+    report = capsys.readouterr().out
+    assert "INT8 (" in report and "saved" in report
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert '"flow-euler"' in json.dumps(manifest) and '"sd3"' in json.dumps(manifest)
+    assert main(["sample", "--compiled", str(folder), "--prompt", "a thick seven", "--out", str(grid)]) == 0
+    assert grid.stat().st_size > 100 and "2 flow-matching Euler steps, guidance 2" in capsys.readouterr().out
+    assert main(["sample", "--compiled", str(folder), "--sampler", "ddim", "--prompt", "a seven",
+                 "--out", str(grid)]) == 2
