@@ -147,6 +147,26 @@ def main(args: argparse.Namespace) -> None:
         ema.load_state_dict(weights)
         print(f"initialised from {args.init_from}", flush=True)
     gen = torch.Generator().manual_seed(args.seed + state["step"])
+
+    def loss_of_batch(model: torch.nn.Module) -> torch.Tensor:
+        idx = torch.randint(0, len(x_train), (args.batch_size,), generator=gen)
+        x0, y = random_shift(x_train[idx], gen), y_train[idx]
+        t = torch.randint(0, schedule.num_steps, (args.batch_size,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        x_t = schedule.q_sample(x0, t, noise)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16):
+            out = model(x_t, t, y)
+        return hybrid_loss(out.float(), x0, x_t, t, noise=noise, schedule=schedule,
+                           min_snr_gamma=args.min_snr_gamma).mean()
+
+    train_loop(model, ema, opt, state, args, loss_of_batch, lambda: checkpoint(args, model, ema, opt, state))
+
+
+def train_loop(model, ema, opt, state: dict, args, loss_of_batch, save) -> None:
+    """The time-boxed loop both training scripts share: lr from progress (the larger of steps/max_steps
+    and elapsed/budget), a step with clipped gradients, the warm-up EMA, a log line every 100 steps,
+    ``save()`` every ``checkpoint_every`` seconds and at the end. ``loss_of_batch(model)`` draws a
+    batch and returns its loss."""
     model.train()
     t_start, last_ckpt, running = time.time() - state["elapsed"], time.time(), []
     while True:
@@ -157,15 +177,7 @@ def main(args: argparse.Namespace) -> None:
         lr = lr_at(step, progress, args)
         for group in opt.param_groups:
             group["lr"] = lr
-        idx = torch.randint(0, len(x_train), (args.batch_size,), generator=gen)
-        x0, y = random_shift(x_train[idx], gen), y_train[idx]
-        t = torch.randint(0, schedule.num_steps, (args.batch_size,), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
-        x_t = schedule.q_sample(x0, t, noise)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16):
-            out = model(x_t, t, y)
-        loss = hybrid_loss(out.float(), x0, x_t, t, noise=noise, schedule=schedule,
-                           min_snr_gamma=args.min_snr_gamma).mean()
+        loss = loss_of_batch(model)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -184,10 +196,10 @@ def main(args: argparse.Namespace) -> None:
             print(json.dumps(state["log"][-1]), flush=True)
         if time.time() - last_ckpt > args.checkpoint_every:
             state["elapsed"] = time.time() - t_start
-            checkpoint(args, model, ema, opt, state)
+            save()
             last_ckpt = time.time()
     state["elapsed"] = time.time() - t_start
-    checkpoint(args, model, ema, opt, state)
+    save()
     print(f"done: {state['step']} steps in {state['elapsed'] / 60:.1f} min", flush=True)
 
 

@@ -25,14 +25,13 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_default import load_checkpoint, lr_at, random_shift, save_checkpoint  # noqa: E402
+from train_default import load_checkpoint, random_shift, save_checkpoint, train_loop  # noqa: E402
 
 from qc_compiler.data.mnist import load_digits  # noqa: E402
 from qc_compiler.models.digit_text import AttributeThresholds, DigitTextEncoder, describe, tokenize  # noqa: E402
@@ -114,50 +113,22 @@ def main(args: argparse.Namespace) -> None:
         state = load_checkpoint(args.out, model, ema, opt)
         print(f"resumed at step {state['step']} ({state['elapsed'] / 60:.1f} min)", flush=True)
     gen = torch.Generator().manual_seed(args.seed + state["step"])
-    model.train()
-    t_start, last_ckpt, running = time.time() - state["elapsed"], time.time(), []
-    while True:
-        step, elapsed = state["step"], time.time() - t_start
-        progress = max(step / args.max_steps, elapsed / args.time_budget)
-        if progress >= 1.0:
-            break
-        lr = lr_at(step, progress, args)
-        for group in opt.param_groups:
-            group["lr"] = lr
+
+    def loss_of_batch(model: nn.Module) -> torch.Tensor:
         idx = torch.randint(0, len(x_train), (args.batch_size,), generator=gen)
         x0 = random_shift(x_train[idx], gen)
         tokens = tokenize(prompts_for(y_train[idx], thickness[idx], slant[idx], gen, args))
-        u = torch.sigmoid(torch.randn(args.batch_size, generator=gen))
-        sigma = args.shift * u / (1 + (args.shift - 1) * u)
+        u = torch.sigmoid(torch.randn(args.batch_size, generator=gen))  # logit-normal
+        sigma = args.shift * u / (1 + (args.shift - 1) * u)  # the scheduler's static shift
         noise = torch.randn(x0.shape, generator=gen)
         s = sigma.view(-1, 1, 1, 1)
         x_t = (1 - s) * x0 + s * noise
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             v = model(x_t, sigma * 1000, tokens)
-        loss = (v.float() - (noise - x0)).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        decay = min(args.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
-        running.append(loss.item())
-        state["step"] = step + 1
-        if state["step"] % 100 == 0:
-            state["elapsed"] = time.time() - t_start
-            state["log"].append({"step": state["step"], "elapsed": state["elapsed"],
-                                 "loss": sum(running) / len(running), "lr": lr})
-            running = []
-            print(json.dumps(state["log"][-1]), flush=True)
-        if time.time() - last_ckpt > args.checkpoint_every:
-            state["elapsed"] = time.time() - t_start
-            checkpoint(args, model, ema, opt, state, thresholds)
-            last_ckpt = time.time()
-    state["elapsed"] = time.time() - t_start
-    checkpoint(args, model, ema, opt, state, thresholds)
-    print(f"done: {state['step']} steps in {state['elapsed'] / 60:.1f} min", flush=True)
+        return (v.float() - (noise - x0)).pow(2).mean()
+
+    train_loop(model, ema, opt, state, args, loss_of_batch,
+               lambda: checkpoint(args, model, ema, opt, state, thresholds))
 
 
 def checkpoint(args, model, ema, opt, state, thresholds) -> None:

@@ -205,3 +205,22 @@ def test_cli_compiles_the_text_model_and_samples_prompts_from_the_folder(tmp_pat
     assert grid.stat().st_size > 100 and "2 flow-matching Euler steps, guidance 2" in capsys.readouterr().out
     assert main(["sample", "--compiled", str(folder), "--sampler", "ddim", "--prompt", "a seven",
                  "--out", str(grid)]) == 2
+
+
+def test_training_script_steps_checkpoints_resumes_and_writes_a_loadable_model(tmp_path, monkeypatch):
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))
+    train = __import__("train_mmdit")
+    argv = ["--out", str(tmp_path / "run"), "--asset", str(tmp_path / "m.safetensors"), "--log-md",
+            str(tmp_path / "log.md"), "--time-budget", "600", "--warmup", "2", "--batch-size", "4", "--threads", "1"]
+    train.main(train.parse_args(argv + ["--max-steps", "2"]))
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["step"] == 2
+    train.main(train.parse_args(argv + ["--max-steps", "3"]))  # resumes: one more step, not three
+    assert json.loads((tmp_path / "run" / "state.json").read_text())["step"] == 3
+    bundle = mm.load_mmdit(tmp_path / "m.safetensors")
+    assert bundle.metadata["train_steps"] == "3" and bundle.shift == 1.0
+    assert "Steps so far: 3" in (tmp_path / "log.md").read_text()
+    del sys.modules["train_mmdit"]
