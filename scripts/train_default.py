@@ -28,20 +28,28 @@ from qc_compiler.models.zoo import DEFAULT_MODEL_CONFIG, build_model, save_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=ROOT / "runs" / "train_default")
-    p.add_argument("--asset", type=Path, default=ROOT / "qc_compiler" / "assets" / "dit-mnist.safetensors")
-    p.add_argument("--log-md", type=Path, default=ROOT / "docs" / "training.md")
+def training_parser(description: str, name: str, asset: str, log_md: str, *, time_budget: float,
+                    batch_size: int) -> argparse.ArgumentParser:
+    """The options both training scripts share: where to write, and the time-boxed schedule."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / name)
+    p.add_argument("--asset", type=Path, default=ROOT / "qc_compiler" / "assets" / asset)
+    p.add_argument("--log-md", type=Path, default=ROOT / "docs" / log_md)
     p.add_argument("--max-steps", type=int, default=30000)
-    p.add_argument("--time-budget", type=float, default=6000.0, help="seconds of training, summed over resumes")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--time-budget", type=float, default=time_budget, help="seconds of training, summed over resumes")
+    p.add_argument("--batch-size", type=int, default=batch_size)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=500)
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--checkpoint-every", type=float, default=300.0, help="seconds")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = training_parser(__doc__.splitlines()[0], "train_default", "dit-mnist.safetensors", "training.md",
+                        time_budget=6000.0, batch_size=128)
     p.add_argument("--no-bf16", action="store_true")
     p.add_argument("--min-snr-gamma", type=float, default=None,
                    help="weight the MSE by min(SNR, gamma)/SNR (Min-SNR; 5 is the paper's choice)")
@@ -94,22 +102,12 @@ def load_checkpoint(out: Path, model, ema, opt) -> dict:
     return json.loads((out / "state.json").read_text())
 
 
-def write_log_md(path: Path, state: dict, args) -> None:
+def write_log(path: Path, header: str, state: dict) -> None:
+    """``header`` (title, command, recipe), then the progress and the loss curve, written atomically."""
     rows = "\n".join(
         f"| {r['step']} | {r['elapsed'] / 60:.1f} | {r['loss']:.4f} | {r['lr']:.2e} |" for r in state["log"][::5]
     )
-    snr = f", MSE weighted by Min-SNR-{args.min_snr_gamma:g}" if args.min_snr_gamma else ""
-    text = f"""# Training the embedded default model
-
-Written by `scripts/train_default.py` at each checkpoint. Command:
-
-    python scripts/train_default.py --time-budget {args.time_budget:.0f}
-
-Model: `DiT-MNIST` ({json.dumps(DEFAULT_MODEL_CONFIG)}), learned sigma, hybrid loss (MSE + VLB{snr}),
-bf16 autocast on CPU, batch {args.batch_size}, AdamW lr {args.lr} with {args.warmup} warmup steps and
-cosine decay, warm-up EMA (decay = min({args.ema_decay}, (1+n)/(10+n))), +-1 px random shifts,
-4,000 training digits (400 per class; the other 1,000 are held out for the evaluator).
-
+    text = f"""{header}
 Steps so far: {state['step']}, elapsed {state['elapsed'] / 60:.1f} min,
 {state['step'] / max(state['elapsed'], 1e-9):.2f} steps/s.
 
@@ -124,6 +122,33 @@ Loss curve (mean over the previous 100 steps; every 5th log point):
     os.replace(tmp, path)
 
 
+def write_log_md(path: Path, state: dict, args) -> None:
+    snr = f", MSE weighted by Min-SNR-{args.min_snr_gamma:g}" if args.min_snr_gamma else ""
+    write_log(path, f"""# Training the embedded default model
+
+Written by `scripts/train_default.py` at each checkpoint. Command:
+
+    python scripts/train_default.py --time-budget {args.time_budget:.0f}
+
+Model: `DiT-MNIST` ({json.dumps(DEFAULT_MODEL_CONFIG)}), learned sigma, hybrid loss (MSE + VLB{snr}),
+bf16 autocast on CPU, batch {args.batch_size}, AdamW lr {args.lr} with {args.warmup} warmup steps and
+cosine decay, warm-up EMA (decay = min({args.ema_decay}, (1+n)/(10+n))), +-1 px random shifts,
+4,000 training digits (400 per class; the other 1,000 are held out for the evaluator).
+""", state)
+
+
+def start_run(args, model, ema):
+    """(AdamW, state): the EMA starts as the model, and a checkpoint in ``args.out`` is resumed."""
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    state = {"step": 0, "elapsed": 0.0, "log": []}
+    if (args.out / "ckpt.safetensors").exists():
+        state = load_checkpoint(args.out, model, ema, opt)
+        print(f"resumed at step {state['step']} ({state['elapsed'] / 60:.1f} min)", flush=True)
+    return opt, state
+
+
 def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -132,14 +157,8 @@ def main(args: argparse.Namespace) -> None:
     schedule = Schedule.linear()
     model = build_model(DEFAULT_MODEL_CONFIG | {"fused_attn": False})
     ema = build_model(DEFAULT_MODEL_CONFIG | {"fused_attn": False})
-    ema.load_state_dict(model.state_dict())
-    ema.requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    state = {"step": 0, "elapsed": 0.0, "log": []}
-    if (args.out / "ckpt.safetensors").exists():
-        state = load_checkpoint(args.out, model, ema, opt)
-        print(f"resumed at step {state['step']} ({state['elapsed'] / 60:.1f} min)", flush=True)
-    elif args.init_from:
+    opt, state = start_run(args, model, ema)
+    if not (args.out / "ckpt.safetensors").exists() and args.init_from:
         from qc_compiler.io import load_tensors
 
         weights = {k: v.float() for k, v in load_tensors(args.init_from)[0].items()}

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -31,7 +30,8 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_default import load_checkpoint, random_shift, save_checkpoint, train_loop  # noqa: E402
+from train_default import (random_shift, save_checkpoint, start_run, train_loop, training_parser,  # noqa: E402
+                           write_log)
 
 from qc_compiler.data.mnist import load_digits  # noqa: E402
 from qc_compiler.models.digit_text import AttributeThresholds, DigitTextEncoder, describe, tokenize  # noqa: E402
@@ -41,22 +41,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=ROOT / "runs" / "train_mmdit")
-    p.add_argument("--asset", type=Path, default=ROOT / "qc_compiler" / "assets" / "mmdit-mnist.safetensors")
-    p.add_argument("--log-md", type=Path, default=ROOT / "docs" / "training_mmdit.md")
-    p.add_argument("--max-steps", type=int, default=30000)
-    p.add_argument("--time-budget", type=float, default=7200.0, help="seconds of training, summed over resumes")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=500)
-    p.add_argument("--ema-decay", type=float, default=0.999)
+    p = training_parser(__doc__.splitlines()[0], "train_mmdit", "mmdit-mnist.safetensors", "training_mmdit.md",
+                        time_budget=7200.0, batch_size=64)
     p.add_argument("--shift", type=float, default=1.0, help="the flow shift of training and sampling")
     p.add_argument("--drop-word", type=float, default=0.25, help="probability of leaving out an attribute word")
     p.add_argument("--drop-prompt", type=float, default=0.1, help="probability of the empty prompt")
-    p.add_argument("--checkpoint-every", type=float, default=300.0, help="seconds")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
                    help="bf16 autocast; auto: where the CPU has native bf16 (AVX512-BF16 or AMX), since "
                         "emulated bf16 is about 10x slower than fp32")
@@ -98,20 +87,14 @@ def prompts_for(labels, thickness, slant, gen, args) -> list:
 def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    bf16 = args.bf16 == "on" or (args.bf16 == "auto" and native_bf16())
+    bf16 = args.bf16_used = args.bf16 == "on" or (args.bf16 == "auto" and native_bf16())
     print(f"bf16 autocast: {bf16}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     x_train, y_train = load_digits("train")
     thresholds = AttributeThresholds.fit(x_train, y_train)
     thickness, slant = thresholds.bins(x_train, y_train)
     model, ema = Trainee(), Trainee()
-    ema.load_state_dict(model.state_dict())
-    ema.requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    state = {"step": 0, "elapsed": 0.0, "log": []}
-    if (args.out / "ckpt.safetensors").exists():
-        state = load_checkpoint(args.out, model, ema, opt)
-        print(f"resumed at step {state['step']} ({state['elapsed'] / 60:.1f} min)", flush=True)
+    opt, state = start_run(args, model, ema)
     gen = torch.Generator().manual_seed(args.seed + state["step"])
 
     def loss_of_batch(model: nn.Module) -> torch.Tensor:
@@ -139,10 +122,8 @@ def checkpoint(args, model, ema, opt, state, thresholds) -> None:
 
 
 def write_log_md(path: Path, state: dict, args) -> None:
-    rows = "\n".join(
-        f"| {r['step']} | {r['elapsed'] / 60:.1f} | {r['loss']:.4f} | {r['lr']:.2e} |" for r in state["log"][::5]
-    )
-    text = f"""# Training mmdit-mnist
+    precision = "bf16 autocast" if args.bf16_used else "fp32 (no native bf16 on this CPU)"
+    write_log(path, f"""# Training mmdit-mnist
 
 Written by `scripts/train_mmdit.py` at each checkpoint. Command:
 
@@ -150,23 +131,11 @@ Written by `scripts/train_mmdit.py` at each checkpoint. Command:
 
 Model: diffusers `SD3Transformer2DModel` ({json.dumps(MMDIT_MNIST_CONFIG)}) with the digit text encoder
 ({json.dumps(TEXT_CONFIG)}, 8 tokens), trained together by rectified flow: velocity target, logit-normal
-sigmas with shift {args.shift:g}, bf16 autocast on CPU, batch {args.batch_size}, AdamW lr {args.lr} with
+sigmas with shift {args.shift:g}, {precision}, batch {args.batch_size}, AdamW lr {args.lr} with
 {args.warmup} warmup steps and cosine decay, warm-up EMA (decay = min({args.ema_decay}, (1+n)/(10+n))),
 +-1 px random shifts, attribute words dropped with p={args.drop_word}, empty prompt with
 p={args.drop_prompt}, 4,000 training digits (the other 1,000 are held out for the evaluator).
-
-Steps so far: {state['step']}, elapsed {state['elapsed'] / 60:.1f} min,
-{state['step'] / max(state['elapsed'], 1e-9):.2f} steps/s.
-
-Loss curve (mean over the previous 100 steps; every 5th log point):
-
-| step | minutes | loss | lr |
-|---|---|---|---|
-{rows}
-"""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+""", state)
 
 
 if __name__ == "__main__":
