@@ -309,7 +309,7 @@ def _model(args):
 
     if args.compiled:
         return load_compiled(args.compiled)
-    if not args.ckpt and args.model in TEXT_MODELS:
+    if _text_model(args):
         raise QCError(f"{args.model} is text-conditioned: qc {args.command} takes class-conditional models; use "
                       f"`qc sample --model {args.model} --prompt ...`, `qc bench quality --model {args.model}` or the "
                       "Python API (docs/mmdit.md)")
@@ -323,10 +323,10 @@ def cmd_sample(args) -> int:
     from .io import check_output_file
 
     check_output_file(args.out, "grid")
-    if (not args.compiled and not args.ckpt and args.model in TEXT_MODELS) or (args.compiled and args.prompt):
+    if (not args.compiled and _text_model(args)) or (args.compiled and args.prompt):
         return _sample_prompts(args)
     if args.prompt:
-        raise QCError(f"--prompt goes with a text-conditioned model ({', '.join(TEXT_MODELS)}); "
+        raise QCError("--prompt goes with a text-conditioned model (mmdit-mnist); "
                       f"{args.compiled or args.ckpt or args.model} takes --labels")
     model = _model(args)
     sampler = _sampler(args, model)
@@ -339,7 +339,17 @@ def cmd_sample(args) -> int:
     return 0
 
 
-TEXT_MODELS = ("mmdit-mnist",)
+def _text_model(args) -> bool:
+    """True when ``--model`` names an embedded text-conditioned model (and no --ckpt overrides it)."""
+    from .models.zoo import EMBEDDED_TEXT
+
+    return not args.ckpt and args.model in EMBEDDED_TEXT
+
+
+def _refuse_sampler(args) -> None:
+    """A text model samples by flow-matching Euler at its own shift: ``--sampler`` is refused before any work."""
+    if args.sampler is not None:
+        raise QCError("mmdit-mnist is a flow-matching model: it samples by Euler flow matching, not --sampler")
 
 
 def _sample_prompts(args) -> int:
@@ -350,8 +360,7 @@ def _sample_prompts(args) -> int:
     from .models.digit_text import DIGITS, describe, tokenize
     from .models.mmdit_mnist import DEFAULT_CFG, DEFAULT_STEPS, load_mmdit, sample
 
-    if args.sampler is not None:
-        raise QCError(f"{args.model} is a flow-matching model: it samples by Euler flow matching, not --sampler")
+    _refuse_sampler(args)
     if args.labels != list(range(10)):
         raise QCError(f"{args.model} is text-conditioned: give --prompt, not --labels")
     prompts = args.prompt or [describe(d) for d in range(len(DIGITS))]
@@ -381,8 +390,7 @@ def _text_compile_inputs(args):
     90 evaluation prompts as the condition bank that calibration draws from."""
     from .models import mmdit_mnist as mm
 
-    if args.sampler is not None:
-        raise QCError(f"{args.model} is a flow-matching model: it samples by Euler flow matching, not --sampler")
+    _refuse_sampler(args)
     bundle = mm.load_mmdit()
     cfg = args.cfg if args.cfg is not None else mm.DEFAULT_CFG
     samplers = [mm.flow_sampler(bundle, n or mm.DEFAULT_STEPS, cfg) for n in (args.steps or [None])]
@@ -405,7 +413,7 @@ def cmd_compile(args) -> int:
     rank, _ = init_distributed()  # under torchrun, calibration pools are gathered by all ranks
     passes = [parse_pass_spec(s) for s in args.passes]
     extra = {}
-    if not args.ckpt and args.model in TEXT_MODELS:
+    if _text_model(args):
         model, samplers, extra = _text_compile_inputs(args)
     else:
         model = _model(args)

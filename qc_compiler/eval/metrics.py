@@ -57,15 +57,22 @@ def gaussian_stats(features: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return f.mean(axis=0), np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1])
 
 
-def _psd_root(sigma: np.ndarray, name: str) -> np.ndarray:
-    """The symmetric square root of a covariance, refusing one that is not symmetric PSD (up to round-off)."""
+def _check_covariance(sigma: np.ndarray, name: str, *, vectors: bool):
+    """A covariance's eigenvalues (and eigenvectors with ``vectors``), refusing one that is not symmetric
+    PSD up to round-off."""
     scale = max(float(np.abs(sigma).max()), 1e-300)
     if float(np.abs(sigma - sigma.T).max()) > 1e-8 * scale:
         raise MetricError(f"{name} is not symmetric: are sigma1 and sigma2 symmetric positive semi-definite?")
-    w, v = np.linalg.eigh(sigma)
+    w, v = np.linalg.eigh(sigma) if vectors else (np.linalg.eigvalsh(sigma), None)
     if float(w.min()) < -1e-6 * max(float(np.abs(w).max()), 1e-300):
         raise MetricError(f"{name} has a negative eigenvalue ({float(w.min()):.3g}): are sigma1 and sigma2 symmetric "
                           "positive semi-definite?")
+    return w, v
+
+
+def _psd_root(sigma: np.ndarray, name: str) -> np.ndarray:
+    """The symmetric square root of a covariance (checked by :func:`_check_covariance`)."""
+    w, v = _check_covariance(sigma, name, vectors=True)
     return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
 
 
@@ -94,7 +101,7 @@ def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
         >>> round(trace_sqrt_product(np.diag([1.0, 4.0]), np.diag([4.0, 1.0])), 6)
         4.0
     """
-    _psd_root(sigma1, "sigma1")  # validates; its root is not needed
+    _check_covariance(sigma1, "sigma1", vectors=False)  # its root is not needed
     root = _cached_root(sigma2, "sigma2")
     m = root @ sigma1 @ root
     return float(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0.0, None)).sum())

@@ -312,12 +312,13 @@ class Task:
 
 def make_task(model_name: str = "dit-mnist", model=None, *, n: int, steps: int, cfg: float, seed: int = 0) -> Task:
     """The run's :class:`Task`: DDPM over labels ``i % 10`` for a class-conditional DiT; flow-matching Euler
-    over the 90 attribute prompts of ``mmdit_mnist.prompt_table`` for ``mmdit-mnist``."""
-    if model is None and model_name == "mmdit-mnist":
+    over the 90 attribute prompts of ``mmdit_mnist.prompt_table`` for ``mmdit-mnist`` (``model``: its
+    loaded ``MMDiTMNIST`` bundle, or None to load it)."""
+    if model_name == "mmdit-mnist":
         from ..models import mmdit_mnist as mm
         from ..models.digit_text import attribute_accuracy
 
-        bundle = mm.load_mmdit()
+        bundle = model if model is not None else mm.load_mmdit()
         table = mm.prompt_table()
         labels = mm.evaluation_labels(n, seed)
         prompts = [table[i] for i in labels]
@@ -338,8 +339,8 @@ def run_variants(names: Sequence[str], *, model_name: str = "dit-mnist", model=N
                  fp250_seconds: Optional[float] = None) -> List[Dict]:
     """Compile, sample and score each variant; rows carry metrics, times and speed ratios.
 
-    ``model`` (a module) replaces ``model_name`` when given; it must sample (N, 1, 32, 32) images for
-    the metric suite.
+    ``model`` (a module; for ``mmdit-mnist`` its loaded bundle) replaces loading ``model_name``; it must
+    sample (N, 1, 32, 32) images for the metric suite.
 
     ``fp_seconds`` / ``fp250_seconds``: FP32 times from an earlier call in the same run (same n, steps
     and batch), so that a second bit width need not sample FP32 again.

@@ -32,9 +32,9 @@ from ..io import save_json
 from ..passes import Quantize, TAPCalibration
 from ..presets import qandc
 from ..specs import StepCacheConfig
-from .bench import machine, machine_line, sample_timed
+from .bench import machine, machine_line, make_task, sample_timed
 
-__all__ = ["run_demo", "run_text_demo", "format_table"]
+__all__ = ["run_demo", "run_text_demo", "measure", "format_table"]
 
 log = logging.getLogger(__name__)
 
@@ -55,19 +55,31 @@ def format_table(rows: List[Dict]) -> str:
     return "\n".join(lines)
 
 
+def measure(task, variants: Dict, seed: int) -> List[Dict]:
+    """Each variant samples the task's labels from the same noise, timed against the first (FP32), and
+    is scored by the digit suite (plus the task's own metrics: attribute accuracy for a text model)."""
+    from ..eval import evaluate
+
+    table, base, n = [], None, len(task.labels)
+    for name, m in variants.items():
+        images, seconds = sample_timed(task.bind(m), task.sampler, task.labels, seed=seed, batch=BATCH, progress=True)
+        base = base or seconds
+        table.append({"variant": name, "sec_per_sample": seconds / n, "speedup": base / seconds,
+                      **evaluate(images, torch.tensor(task.classes)), **(task.metrics(images) if task.metrics else {})})
+    return table
+
+
 def run_text_demo(out_dir="out", *, n_eval: int = 200, seed: int = 0, steps: int = 28, calib_size: int = 800,
                   pool_labels: int = 32) -> List[Dict]:
     """``mmdit-mnist``: FP32 beside Q&C W8A8 on a prompt grid, and both scored (with attribute accuracy)
     on ``n_eval`` samples of the evaluation prompts, same noise."""
-    from ..eval import evaluate
     from ..models import mmdit_mnist as mm
     from ..models.digit_text import describe
-    from .bench import make_task
 
     out_dir = Path(out_dir)
     bundle = mm.load_mmdit()
     cfg = mm.DEFAULT_CFG
-    task = make_task("mmdit-mnist", n=n_eval, steps=steps, cfg=cfg, seed=seed)
+    task = make_task("mmdit-mnist", bundle, n=n_eval, steps=steps, cfg=cfg, seed=seed)
     print(f"\nmmdit-mnist (SD3Transformer2DModel, flow matching, {steps} Euler steps, guidance {cfg:g}): "
           "compiling Q&C W8A8 ...")
     variants = {"FP32 eager": mm.denoiser(task.model),
@@ -78,12 +90,7 @@ def run_text_demo(out_dir="out", *, n_eval: int = 200, seed: int = 0, steps: int
     side_by_side(*grids, out_dir / "mmdit_fp32_vs_qandc.png", nrow=10)
     print(f"wrote {out_dir / 'mmdit_fp32_vs_qandc.png'} (rows: thin left-slanted, plain, thick right-slanted; "
           "same noise: FP32 left, Q&C W8A8 right)")
-    table, base = [], None
-    for name, m in variants.items():
-        images, seconds = sample_timed(task.bind(m), task.sampler, task.labels, seed=seed, batch=BATCH, progress=True)
-        base = base or seconds
-        table.append({"variant": name, "sec_per_sample": seconds / n_eval, "speedup": base / seconds,
-                      **evaluate(images, torch.tensor(task.classes)), **task.metrics(images)})
+    table = measure(task, variants, seed)
     print(f"\n{n_eval} samples per variant (prompts with attributes), same seeds:")
     print(format_table(table))
     save_json({"steps": steps, "cfg": cfg, "n": n_eval, "seed": seed, "machine": machine(), "rows": table},
@@ -94,8 +101,6 @@ def run_text_demo(out_dir="out", *, n_eval: int = 200, seed: int = 0, steps: int
 def run_demo(out_dir="out", *, n_eval: int = 200, seed: int = 0, steps: int = STEPS, rows: int = ROWS,
              calib_size: int = 800, pool_labels: int = 32) -> List[Dict]:
     """Grid to ``out_dir/grid.png``, metrics to ``out_dir/demo.json``; returns the table rows."""
-    from ..eval import evaluate
-
     out_dir = Path(out_dir)
     model = load_model("dit-mnist")
     sampler = DDPM(steps=steps, cfg_scale=CFG)
@@ -116,13 +121,7 @@ def run_demo(out_dir="out", *, n_eval: int = 200, seed: int = 0, steps: int = ST
     onnx_path = variants[QANDC].export_onnx(out_dir / "dit_int8.onnx")
     print(f"wrote {onnx_path} (INT8 QDQ with the cache and VC; run it with qc_compiler.backends.onnx.OrtDenoiser)")
 
-    labels = [i % model.num_classes for i in range(n_eval)]
-    table, base = [], None
-    for name, m in variants.items():
-        images, seconds = sample_timed(m, sampler, labels, seed=seed, batch=BATCH, progress=True)
-        base = base or seconds
-        scores = evaluate(images, torch.tensor(labels))
-        table.append({"variant": name, "sec_per_sample": seconds / n_eval, "speedup": base / seconds, **scores})
+    table = measure(make_task(model=model, n=n_eval, steps=steps, cfg=CFG, seed=seed), variants, seed)
     print(f"\n{n_eval} samples per variant, same seeds; speed is measured wall clock against FP32 eager "
           f"({torch.get_num_threads()} threads):\n{machine_line()}")
     print(format_table(table))
