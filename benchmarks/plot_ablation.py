@@ -24,7 +24,7 @@ def family(variant: str) -> str:
     return "quant" if head in ("quant", "w8a8", "w4a8", "w4a4") else head
 
 
-def plot(rows: List[Dict], out: Path) -> None:
+def plot(rows: List[Dict], out: Path, title: str = "Q&C ablation on the embedded model") -> None:
     """One panel per bit width (W8A8's rows sit within a few hundredths of FID of each other, W4A8's
     spread over several units: one shared axis would flatten the first), each with FP32 and the
     cache-only rows for reference."""
@@ -37,7 +37,7 @@ def plot(rows: List[Dict], out: Path) -> None:
     fig, axes = plt.subplots(1, len(widths), figsize=(7 * len(widths), 5), squeeze=False)
     for ax, bits in zip(axes[0], widths):
         _panel(ax, [r for r in rows if r["bits"] in ("-", bits)], bits)
-    fig.suptitle("Q&C ablation on the embedded model: quality against measured speed")
+    fig.suptitle(f"{title}: quality against measured speed")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
@@ -71,11 +71,12 @@ def main(argv=None) -> None:
     p.add_argument("results", type=Path, nargs="+", help="JSON written by qc bench --out")
     p.add_argument("--out", type=Path, default=Path("docs/fid_vs_speed.png"))
     p.add_argument("--steps", type=int, default=50, help="plot the rows at this step count")
+    p.add_argument("--title", default="Q&C ablation on the embedded model", help="the figure's title")
     args = p.parse_args(argv)
     rows = merge_results(args.results, args.steps)
     if not rows:
         raise SystemExit(f"no rows at {args.steps} steps in {args.results}")
-    plot(rows, args.out)
+    plot(rows, args.out, args.title)
     print(f"wrote {args.out}")
 
 
