@@ -68,11 +68,19 @@ if [[ $what == all || $what == mmdit ]]; then
         --variants fp32,quant-uniform,quant-tap,cache-i2,cache-fbc-0.05,cache-fbc-0.1,qc-uniform,qc-uniform-vcvar,qc-tap,qc-tap-vcvar \
         --out "$OUT/mmdit_w8a8_28.json"
     run mmdit_w4a8_28 $MM --steps 28 --bits w4a8 --cache interval=3 \
-        --variants cache-i3,quant-uniform,quant-tap,qc-uniform,qc-uniform-vcvar,qc-tap,qc-tap-vcvar,qc-tap-gptq-vcvar \
+        --variants cache-i3,quant-tap,qc-uniform,qc-uniform-vcvar,qc-tap,qc-tap-vcvar \
         --out "$OUT/mmdit_w4a8_28.json"
     run mmdit_w4a4_28 $MM --steps 28 --bits w4a4 --cache interval=2 \
-        --variants quant-tap,quant-tap-gptq-bal,quant-tap-gptq-bal-lr16,qc-tap-gptq-bal-lr16-vcvar \
+        --variants quant-tap,quant-tap-gptq-bal-lr16,qc-tap-gptq-bal-lr16-vcvar \
         --out "$OUT/mmdit_w4a4_28.json"
-    run mmdit_w8a8_50 $MM --steps 50 --bits w8a8 --cache interval=2 --variants fp32,quant-tap,cache-i2,qc-uniform,qc-tap-vcvar \
+    run mmdit_w8a8_50 $MM --steps 50 --bits w8a8 --cache interval=2 --variants fp32,quant-tap,cache-i2,qc-tap-vcvar \
         --out "$OUT/mmdit_w8a8_50.json"
+    run mmdit_ablation_28 $PY benchmarks/ablation_table.py --steps 28 "$OUT/mmdit_w8a8_28.json" "$OUT/mmdit_w4a8_28.json" \
+        "$OUT/mmdit_w4a4_28.json"
+    $PY benchmarks/plot_ablation.py --steps 28 --title "Q&C ablation on mmdit-mnist (SD3 MMDiT, 28 steps)" \
+        "$OUT/mmdit_w8a8_28.json" "$OUT/mmdit_w4a8_28.json" "$OUT/mmdit_w4a4_28.json" --out docs/mmdit_fid_vs_speed.png
+    # the quality runs time each row once; interleaved rounds separate the speed from the machine's drift
+    run mmdit_sampling_speed $PY benchmarks/sampling_speed.py --model mmdit-mnist --steps 28 --cfg 3 --n 100 \
+        --repeats 5 --variants fp32,quant-tap,cache-i2,cache-fbc-0.1,qc-tap,qc-tap-vcvar \
+        --json "$OUT/mmdit_sampling_speed.json"
 fi

@@ -588,7 +588,7 @@ def cmd_sample_ddp(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .tools.bench import VARIANTS, ablation_rows, machine, machine_line, markdown, run_variants
+    from .tools.bench import VARIANTS, FP32Run, ablation_rows, machine, machine_line, markdown, run_variants
 
     if args.variants:
         names = args.variants.split(",")
@@ -606,15 +606,13 @@ def cmd_bench(args) -> int:
     print(machine_line(), flush=True)
     rows = []
     for steps in (int(s) for s in args.steps.split(",")):
-        fp_ref = {}  # FP32 and cache-only rows do not depend on the bit width: run them once per step count
+        fp = FP32Run()  # FP32 and cache-only rows do not depend on the bit width: run them once per step count
         for i, bits in enumerate(args.bits.split(",")):
             todo = names if i == 0 else [n for n in names if not VARIANTS[n].bits_independent]
             new = run_variants(todo, model_name=args.model, n=args.n, steps=steps, cfg=args.cfg, seed=args.seed,
                                batch=args.batch, bits=bits, cache=args.cache, size=args.calib_size,
                                pool_labels=args.pool_labels, vc=args.vc, backend=args.backend, fp250=args.fp250,
-                               on_row=lambda r: print(json.dumps(r), flush=True), **fp_ref)
-            if new:
-                fp_ref = {"fp_seconds": new[0]["fp32_sample_s"], "fp250_seconds": new[0]["fp32_250_s"]}
+                               on_row=lambda r: print(json.dumps(r), flush=True), fp=fp)
             rows += new
     print(markdown(rows, args.n, args.cfg))
     if args.out:

@@ -94,12 +94,14 @@ def test_ablation_runs_fp32_and_cache_rows_once_per_step_count(monkeypatch):
 
     calls = []
 
-    def fake_run_variants(names, *, bits, cache, fp_seconds=None, fp250_seconds=None, **kwargs):
-        calls.append((list(names), bits, fp_seconds))
+    def fake_run_variants(names, *, bits, cache, fp, **kwargs):
+        calls.append((list(names), bits, fp.seconds))
         assert cache == StepCacheConfig(interval=3)
+        if "fp32" in names:
+            fp.seconds = 7.0
         return [dict(variant=n, bits="-" if bench.VARIANTS[n].bits_independent else bits, steps=50, fid=1.0, sfid=1.0,
                      precision=1.0, recall=1.0, class_acc=1.0, sample_s=7.0, speed_vs_fp32=1.0,
-                     speed_vs_fp32_250=float("nan"), fp32_sample_s=fp_seconds or 7.0, fp32_250_s=None,
+                     speed_vs_fp32_250=float("nan"), fp32_sample_s=fp.seconds, fp32_250_s=None,
                      **{"is": 1.0}) for n in names]
 
     monkeypatch.setattr(bench, "run_variants", fake_run_variants)

@@ -103,3 +103,18 @@ def test_pt2e_calibration_is_rebatched_to_the_exported_batch():
     assert len(batches) == 2 and all(b[0].shape == (4, 3) and b[1].dtype == torch.float32 for b in batches)
     few = _rebatch(items[:1], (torch.zeros(5, 3),) + like[1:])  # 2 items, a batch of 5: repeated to fill it
     assert len(few) == 1 and few[0][0].shape == (5, 3) and set(few[0][1].tolist()) == {0.0}
+
+
+def test_sampling_speed_times_variants_in_rounds_against_fp32(capsys, tmp_path):
+    import json
+
+    speed = load("sampling_speed")
+    speed.main(["--model", "dit-mnist", "--variants", "fp32,cache-i2", "--steps", "4", "--n", "2", "--repeats", "3",
+                "--threads", "1", "--json", str(tmp_path / "s.json")])
+    out = capsys.readouterr().out
+    assert out.startswith("machine: ") and "round 3/3" in out and "| cache-i2 (-) |" in out
+    rows = json.loads((tmp_path / "s.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["fp32", "cache-i2"]
+    assert rows[0]["speed_vs_fp32"] == 1.0 and all(len(r["times"]) == 3 and r["spread"] >= 1 for r in rows)
+    with pytest.raises(SystemExit):  # every speed is a ratio against FP32: a run without it is refused
+        speed.parse_args(["--variants", "cache-i2"])

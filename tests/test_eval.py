@@ -13,8 +13,8 @@ import torch
 from qc_compiler.errors import ArtifactError
 from qc_compiler.eval import (
     ClassifierConfig, DigitClassifier, MetricError, class_accuracy, evaluate, extract_features, frechet_distance,
-    gaussian_stats, inception_fid, inception_score, knn_radii, load_classifier, load_reference, precision_recall,
-    real_noise_floor, save_reference,
+    fidelity, gaussian_stats, inception_fid, inception_score, knn_radii, load_classifier, load_reference,
+    precision_recall, real_noise_floor, save_reference,
 )
 from qc_compiler.eval.classifier import DEFAULT_CLASSIFIER_PATH, classifier_config_json
 from qc_compiler.eval.suite import DEFAULT_REFERENCE_PATH
@@ -327,3 +327,20 @@ def test_inception_fid_without_weights(tmp_path):
     not_torchscript.write_bytes(b"\0" * 64)
     with pytest.raises(ArtifactError, match="TorchScript"):
         inception_fid(x, x, not_torchscript)
+
+
+@needs_digits
+def test_fidelity_scores_the_change_against_a_paired_reference(heldout, shipped):
+    x, y = heldout[0][::5], heldout[1][::5]  # 200 digits of every class
+    clf = shipped[0]
+    same = fidelity(x, x, classifier=clf)
+    assert same["rmse_vs_fp32"] == 0.0 and same["agree_vs_fp32"] == 1.0 and abs(same["fid_vs_fp32"]) < 1e-6
+    shifted = torch.roll(x, shifts=3, dims=-1)  # every digit moved 3 px: the pictures change, the set barely does
+    moved = fidelity(shifted, x, classifier=clf)
+    expected = float((shifted.clamp(-1, 1) - x.clamp(-1, 1)).double().pow(2).mean().sqrt())
+    assert moved["rmse_vs_fp32"] == pytest.approx(expected) and moved["rmse_vs_fp32"] > 0.3
+    # the same set, paired wrongly (digit classes 0-9 against 5-9, 0-4): every pair differs, the sets do not
+    swapped = fidelity(x[torch.argsort(y, stable=True)], x[torch.argsort((y + 5) % 10, stable=True)], classifier=clf)
+    assert swapped["agree_vs_fp32"] < 0.3 and abs(swapped["fid_vs_fp32"]) < 1e-6
+    with pytest.raises(MetricError, match="pair one to one"):
+        fidelity(x[:10], x[:12], classifier=clf)

@@ -177,3 +177,10 @@ def test_run_variants_compiles_samples_and_scores_for_real():
         assert r["n"] == 12 and math.isfinite(r["fid"]) and 0 <= r["class_acc"] <= 1 and r["sample_s"] > 0
     assert rows[0]["speed_vs_fp32"] == 1.0 and rows[1]["cache"] == "interval 2" and rows[2]["bits"] == "w8a8"
     assert rows[1]["fid"] != rows[0]["fid"]  # the cache changed the samples, and the suite saw it
+    # fidelity: each row after FP32 against FP32's samples from the same noise
+    assert "fid_vs_fp32" not in rows[0] and rows[1]["rmse_vs_fp32"] > 0 and rows[2]["rmse_vs_fp32"] > 0
+    assert all(0 <= r["agree_vs_fp32"] <= 1 for r in rows[1:])
+    from qc_compiler.tools.bench import markdown
+
+    table = markdown(rows, 12, 1.5)
+    assert "RMSE to FP32" in table and f"{rows[1]['rmse_vs_fp32']:.4f}" in table

@@ -14,7 +14,7 @@ from .metrics import (
     MetricError, class_accuracy, frechet_distance, gaussian_stats, inception_score, knn_radii, precision_recall,
 )
 from .suite import (
-    DEFAULT_REFERENCE_PATH, compute_reference, evaluate, extract_features, inception_fid, load_reference,
+    DEFAULT_REFERENCE_PATH, compute_reference, evaluate, extract_features, fidelity, inception_fid, load_reference,
     real_noise_floor, save_reference,
 )
 
@@ -22,6 +22,6 @@ __all__ = [
     "DEFAULT_CLASSIFIER_PATH", "ClassifierConfig", "DigitClassifier", "load_classifier",
     "MetricError", "class_accuracy", "frechet_distance", "gaussian_stats", "inception_score", "knn_radii",
     "precision_recall",
-    "DEFAULT_REFERENCE_PATH", "compute_reference", "evaluate", "extract_features", "inception_fid",
+    "DEFAULT_REFERENCE_PATH", "compute_reference", "evaluate", "extract_features", "fidelity", "inception_fid",
     "load_reference", "real_noise_floor", "save_reference",
 ]

@@ -40,7 +40,7 @@ from ..specs import StepCacheConfig, VCConfig
 
 __all__ = ["Variant", "VARIANTS", "RUN_CACHE", "machine", "machine_line", "write_results", "median_seconds", "interleaved_medians", "compile_benchmark_w8a8",
            "rel_err", "variant_passes", "ablation_rows", "sample_timed", "run_variants", "markdown", "merge_results",
-           "benchmark_model", "benchmark_inputs", "variant_label", "Task", "make_task"]
+           "benchmark_model", "benchmark_inputs", "variant_label", "Task", "make_task", "FP32Run"]
 
 log = logging.getLogger(__name__)
 
@@ -331,21 +331,34 @@ def make_task(model_name: str = "dit-mnist", model=None, *, n: int, steps: int, 
     return Task(model, DDPM(steps=steps, cfg_scale=cfg), labels, labels)
 
 
+@dataclass
+class FP32Run:
+    """FP32's results in one quality run: its sampling time (and at 250 steps) for the speed columns,
+    its images for the fidelity columns. One instance is shared by the calls for several bit widths."""
+
+    seconds: Optional[float] = None
+    seconds_250: Optional[float] = None
+    images: Optional[torch.Tensor] = None
+
+
 def run_variants(names: Sequence[str], *, model_name: str = "dit-mnist", model=None, n: int = 1000, steps: int = 50,
                  cfg: float = 1.5, seed: int = 0, batch: int = 250, bits: str = "w8a8",
                  cache: StepCacheConfig = StepCacheConfig(interval=2), size: int = 800, pool_labels: int = 32,
                  vc: str = "sample", backend: str = "torch", fp250: bool = False,
-                 on_row: Optional[Callable[[Dict], None]] = None, fp_seconds: Optional[float] = None,
-                 fp250_seconds: Optional[float] = None) -> List[Dict]:
+                 on_row: Optional[Callable[[Dict], None]] = None, fp: Optional["FP32Run"] = None) -> List[Dict]:
     """Compile, sample and score each variant; rows carry metrics, times and speed ratios.
 
     ``model`` (a module; for ``mmdit-mnist`` its loaded bundle) replaces loading ``model_name``; it must
     sample (N, 1, 32, 32) images for the metric suite.
 
-    ``fp_seconds`` / ``fp250_seconds``: FP32 times from an earlier call in the same run (same n, steps
-    and batch), so that a second bit width need not sample FP32 again.
+    ``fp``: FP32's results in this run (same n, steps, batch and seed), shared by the calls for several
+    bit widths so that a second one need not sample FP32 again; filled in when this call samples FP32.
+    Rows after FP32's also carry the fidelity scores (:func:`~qc_compiler.eval.fidelity`): how far each
+    sample moved from FP32's sample from the same noise.
     """
-    from ..eval import evaluate
+    from ..eval import evaluate, fidelity
+
+    fp = fp if fp is not None else FP32Run()
 
     unknown = [name for name in names if name not in VARIANTS]
     if unknown:
@@ -355,10 +368,10 @@ def run_variants(names: Sequence[str], *, model_name: str = "dit-mnist", model=N
     if task.conditions is not None and (fp250 or any(VARIANTS[name].mixed for name in names)):
         raise ValueError(f"{model_name}: --fp250 and mixed-precision variants are for class-conditional DiTs")
     rows: List[Dict] = []
-    if fp250 and fp250_seconds is None:  # FP32 at 250 steps, timed on up to 100 samples and scaled per sample
+    if fp250 and fp.seconds_250 is None:  # FP32 at 250 steps, timed on up to 100 samples and scaled per sample
         probe = labels[: min(batch, n, 100)]
         _, s = sample_timed(model, DDPM(steps=250, cfg_scale=cfg), probe, seed=seed, batch=batch)
-        fp250_seconds = s * n / len(probe)
+        fp.seconds_250 = s * n / len(probe)
     for name in names:
         t0 = time.perf_counter()
         variant = VARIANTS[name]
@@ -368,14 +381,15 @@ def run_variants(names: Sequence[str], *, model_name: str = "dit-mnist", model=N
         compiled = task.compile(passes, seed=seed, backend=backend)
         compile_s = time.perf_counter() - t0
         images, seconds = sample_timed(task.bind(compiled), sampler, labels, seed=seed, batch=batch)
-        if fp_seconds is None and name == "fp32":
-            fp_seconds = seconds
+        if name == "fp32" and fp.seconds is None:
+            fp.seconds, fp.images = seconds, images
         row = {"variant": name, "bits": "-" if variant.bits_independent else (variant.bits or bits), "steps": steps,
                "cache": cache.describe() if variant.cache == RUN_CACHE else None,
-               "compile_s": compile_s, "sample_s": seconds, "fp32_sample_s": fp_seconds, "fp32_250_s": fp250_seconds,
-               "speed_vs_fp32": (fp_seconds / seconds) if fp_seconds else float("nan"),
-               "speed_vs_fp32_250": (fp250_seconds / seconds) if fp250_seconds else float("nan"),
-               **evaluate(images, torch.tensor(task.classes)), **(task.metrics(images) if task.metrics else {})}
+               "compile_s": compile_s, "sample_s": seconds, "fp32_sample_s": fp.seconds, "fp32_250_s": fp.seconds_250,
+               "speed_vs_fp32": (fp.seconds / seconds) if fp.seconds else float("nan"),
+               "speed_vs_fp32_250": (fp.seconds_250 / seconds) if fp.seconds_250 else float("nan"),
+               **evaluate(images, torch.tensor(task.classes)), **(task.metrics(images) if task.metrics else {}),
+               **(fidelity(images, fp.images) if fp.images is not None else {})}
         rows.append(row)
         if on_row:
             on_row(row)
@@ -393,15 +407,24 @@ def markdown(rows: List[Dict], n: int, cfg: float) -> str:
     speed against FP32 (same steps, and 250 steps)."""
     fp_fid = {r["steps"]: r["fid"] for r in rows if r["variant"] == "fp32"}
     attrs = any("attr_attributes" in r for r in rows)  # a text model's rows: attribute accuracy too
+    paired = any("fid_vs_fp32" in r for r in rows)  # FP32 sampled in the same run: how far each row moved from it
     head = (f"| variant ({n} samples, cfg {cfg}) | bits | steps | FID | FID vs FP32 | sFID | IS | precision | recall "
-            f"| class acc |{' attribute acc |' if attrs else ''} sampling s | speed vs FP32 | vs FP32 250 steps |\n"
-            + "|---" * (13 + attrs) + "|")
+            f"| class acc |{' attribute acc |' if attrs else ''}"
+            f"{' FID to FP32 samples | RMSE to FP32 | same digit as FP32 |' if paired else ''}"
+            f" sampling s | speed vs FP32 | vs FP32 250 steps |\n" + "|---" * (13 + attrs + 3 * paired) + "|")
     body = "\n".join(
         f"| {variant_label(r)} | {r['bits']} | {r['steps']} | {r['fid']:.2f} | {_relative(r['fid'], fp_fid.get(r['steps']))} | "
         f"{r['sfid']:.2f} | {r['is']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['class_acc']:.3f} | "
         + (f"{r.get('attr_attributes', float('nan')):.3f} | " if attrs else "")
+        + (_paired(r) if paired else "")
         + f"{r['sample_s']:.0f} | {_ratio(r['speed_vs_fp32'])} | {_ratio(r['speed_vs_fp32_250'])} |" for r in rows)
     return head + "\n" + body
+
+
+def _paired(row: Dict) -> str:
+    if "fid_vs_fp32" not in row:  # FP32 itself, or a row from a file without FP32
+        return "- | - | - | "
+    return f"{row['fid_vs_fp32']:.3f} | {row['rmse_vs_fp32']:.4f} | {row['agree_vs_fp32']:.3f} | "
 
 
 def _ratio(value: float) -> str:
@@ -420,5 +443,5 @@ def merge_results(paths: Sequence[Path], steps: int) -> List[Dict]:
     for r in rows:
         if fp and r["speed_vs_fp32"] != r["speed_vs_fp32"]:  # NaN: its file had no FP32 row
             r["speed_vs_fp32"] = fp["sample_s"] / r["sample_s"]
-            r["speed_vs_fp32_250"] = fp.get("fp32_250_s", float("nan")) / r["sample_s"]
+            r["speed_vs_fp32_250"] = (fp.get("fp32_250_s") or float("nan")) / r["sample_s"]  # None: not timed
     return rows
