@@ -75,6 +75,9 @@ if [[ $what == all || $what == mmdit ]]; then
         --out "$OUT/mmdit_w4a4_28.json"
     run mmdit_w8a8_50 $MM --steps 50 --bits w8a8 --cache interval=2 --variants fp32,quant-tap,cache-i2,qc-tap-vcvar \
         --out "$OUT/mmdit_w8a8_50.json"
+    # W4A8 again with FP32 in the run: the fidelity columns (each sample against FP32's from the same noise)
+    run mmdit_w4a8_28_fidelity $MM --steps 28 --bits w4a8 --cache interval=3 \
+        --variants fp32,cache-i3,quant-tap,qc-tap,qc-tap-vcvar --out "$OUT/mmdit_w4a8_28_fidelity.json"
     run mmdit_ablation_28 $PY benchmarks/ablation_table.py --steps 28 "$OUT/mmdit_w8a8_28.json" "$OUT/mmdit_w4a8_28.json" \
         "$OUT/mmdit_w4a4_28.json"
     $PY benchmarks/plot_ablation.py --steps 28 --title "Q&C ablation on mmdit-mnist (SD3 MMDiT, 28 steps)" \

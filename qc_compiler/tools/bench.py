@@ -389,7 +389,7 @@ def run_variants(names: Sequence[str], *, model_name: str = "dit-mnist", model=N
                "speed_vs_fp32": (fp.seconds / seconds) if fp.seconds else float("nan"),
                "speed_vs_fp32_250": (fp.seconds_250 / seconds) if fp.seconds_250 else float("nan"),
                **evaluate(images, torch.tensor(task.classes)), **(task.metrics(images) if task.metrics else {}),
-               **(fidelity(images, fp.images) if fp.images is not None else {})}
+               **(fidelity(images, fp.images) if fp.images is not None and images is not fp.images else {})}
         rows.append(row)
         if on_row:
             on_row(row)
