@@ -94,6 +94,8 @@ MUTATIONS = [
      "    if guidance_scale > 1:\n        neg", "    if False:\n        neg"),
     ("mmdit-mnist: pooled text embedding averages the padding too", "qc_compiler/models/digit_text.py",
      "pooled = (emb * real).sum(1) / real.sum(1).clamp(min=1.0)", "pooled = emb.mean(1)"),
+    ("fidelity: each sample scored against itself, not FP32's", "qc_compiler/eval/suite.py",
+     '"rmse_vs_fp32": float((a.double() - b.double())', '"rmse_vs_fp32": float((a.double() - a.double())'),
 ]
 
 
