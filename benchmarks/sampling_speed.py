@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from qc_compiler.specs import StepCacheConfig
-from qc_compiler.tools.bench import VARIANTS, machine_line, make_task, sample_timed, variant_passes, write_results
+from qc_compiler.tools.bench import (VARIANTS, interleaved_times, machine_line, make_task, sample_timed, variant_passes,
+                                     write_results)
 
 
 def parse_args(argv=None):
@@ -64,15 +65,14 @@ def main(argv=None) -> None:
         compiled = task.compile(variant_passes(name, bits=args.bits, cache=cache), seed=args.seed, backend="torch")
         compile_s[name] = time.perf_counter() - t0
         bound = task.bind(compiled)
-        runs.append(lambda m=bound: sample_timed(m, task.sampler, task.labels, seed=args.seed, batch=args.n)[1])
+        runs.append(lambda m=bound: sample_timed(m, task.sampler, task.labels, seed=args.seed, batch=args.n))
         print(f"compiled {name} in {compile_s[name]:.1f} s", flush=True)
-    for run in runs:  # warm-up: oneDNN prepacking, allocator growth
-        run()
-    times = {name: [] for name in args.names}
-    for r in range(args.repeats):
-        for name, run in zip(args.names, runs):
-            times[name].append(run())
-        print(f"round {r + 1}/{args.repeats}: " + ", ".join(f"{n} {t[-1]:.1f} s" for n, t in times.items()), flush=True)
+
+    def progress(r, times):
+        print(f"round {r}/{args.repeats}: " + ", ".join(f"{n} {t[-1]:.1f} s" for n, t in zip(args.names, times)),
+              flush=True)
+
+    times = dict(zip(args.names, interleaved_times(runs, args.repeats, on_round=progress)))
     fp = statistics.median(times["fp32"])
     rows = []
     for name in args.names:

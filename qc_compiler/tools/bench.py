@@ -38,7 +38,7 @@ from ..quant import QuantConfig
 from ..quant.balance import BalanceConfig
 from ..specs import StepCacheConfig, VCConfig
 
-__all__ = ["Variant", "VARIANTS", "RUN_CACHE", "machine", "machine_line", "write_results", "median_seconds", "interleaved_medians", "compile_benchmark_w8a8",
+__all__ = ["Variant", "VARIANTS", "RUN_CACHE", "machine", "machine_line", "write_results", "median_seconds", "interleaved_medians", "interleaved_times", "compile_benchmark_w8a8",
            "rel_err", "variant_passes", "ablation_rows", "sample_timed", "run_variants", "markdown", "merge_results",
            "benchmark_model", "benchmark_inputs", "variant_label", "Task", "make_task", "FP32Run"]
 
@@ -214,25 +214,33 @@ def write_results(path: Optional[Path], benchmark: str, args: Dict, rows: List[D
                "rows": rows}, Path(path))
 
 
-def interleaved_medians(fns: Sequence[Callable], repeats: int, pause: float = 0.2) -> List[float]:
-    """Median wall seconds of each callable, after one untimed warm-up call of each (oneDNN
-    prepacking, allocator growth), timed in rounds (one call of each per round) so that a shared
-    machine's drift during the run hits every callable alike.
+def interleaved_times(fns: Sequence[Callable], repeats: int, pause: float = 0.2,
+                      on_round: Optional[Callable[[int, List[List[float]]], None]] = None) -> List[List[float]]:
+    """Wall seconds of every timed call of each callable, after one untimed warm-up call of each
+    (oneDNN prepacking, allocator growth), timed in rounds (one call of each per round) so that a
+    shared machine's drift during the run hits every callable alike.
 
     ``pause`` seconds of idle before each timed call: onnxruntime's pool threads spin for a while
     after a run, and on 2 cores they slow whatever runs next (measured: docs/RESULTS.md, "INT8
-    kernels and speed")."""
+    kernels and speed"). ``on_round(round, times)`` is called after each round (progress)."""
     for fn in fns:
         fn()
     times: List[List[float]] = [[] for _ in fns]
-    for _ in range(repeats):
+    for r in range(repeats):
         for fn, fn_times in zip(fns, times):
             if pause:
                 time.sleep(pause)
             t0 = time.perf_counter()
             fn()
             fn_times.append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
+        if on_round:
+            on_round(r + 1, times)
+    return times
+
+
+def interleaved_medians(fns: Sequence[Callable], repeats: int, pause: float = 0.2) -> List[float]:
+    """Median wall seconds of each callable, timed as :func:`interleaved_times` does."""
+    return [statistics.median(t) for t in interleaved_times(fns, repeats, pause)]
 
 
 def median_seconds(fn: Callable, repeats: int) -> float:
