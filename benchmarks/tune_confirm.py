@@ -23,7 +23,7 @@ from qc_compiler.eval import evaluate
 from qc_compiler.presets import qandc
 from qc_compiler.specs import StepCacheConfig
 from qc_compiler.tools.bench import machine_line, markdown, sample_timed, write_results
-from qc_compiler.tune import compile_recipe, load_recipe
+from qc_compiler.tune import REFERENCE, Candidate, compile_recipe, load_recipe
 
 
 def main(argv=None) -> None:
@@ -41,14 +41,16 @@ def main(argv=None) -> None:
     sampler = sampler_from_spec(recipe["sampler"])
     labels = [i % model.num_classes for i in range(args.n)]
     seed = recipe["seed"]
-    builds = [("fp32", lambda: model, "torch"),
-              ("reference qandc(w8a8, interval 2)",
+    tuned = Candidate.from_json(recipe["candidate"])
+    # (label, bits, cache, build, backend): labels are the tune's own, so rows read as in pareto.md.
+    builds = [("fp32", "-", None, lambda: model, "torch"),
+              ("reference qandc(w8a8, interval 2): " + REFERENCE.label(), "w8a8", REFERENCE.cache.describe(),
                lambda: qc.compile(model, passes=qandc(bits="w8a8", cache=StepCacheConfig(interval=2)),
                                   sampler=sampler, seed=seed), "torch"),
-              ("tuned: " + ", ".join(f"{k}={v}" for k, v in recipe["candidate"].items() if k != "quant")
-               + f", {recipe['candidate']['quant']['bits']}", lambda: compile_recipe(recipe, model), recipe["backend"])]
+              ("tuned: " + tuned.label(), tuned.quant.label(), tuned.cache.describe() if tuned.cache else None,
+               lambda: compile_recipe(recipe, model), recipe["backend"])]
     rows, fp_seconds = [], None
-    for name, build, backend in builds:
+    for name, bits, cache, build, backend in builds:
         t0 = time.perf_counter()
         compiled = build()
         if backend != "torch":
@@ -56,7 +58,7 @@ def main(argv=None) -> None:
         compile_s = time.perf_counter() - t0
         images, seconds = sample_timed(compiled, sampler, labels, seed=seed, batch=args.batch)
         fp_seconds = fp_seconds or seconds
-        row = {"variant": name, "bits": "-" if name == "fp32" else "w8a8", "steps": sampler.steps, "cache": None,
+        row = {"variant": name, "bits": bits, "steps": sampler.steps, "cache": cache,
                "compile_s": compile_s, "sample_s": seconds, "speed_vs_fp32": fp_seconds / seconds,
                "speed_vs_fp32_250": float("nan"), "backend": backend, **evaluate(images, torch.tensor(labels))}
         rows.append(row)

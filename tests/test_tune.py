@@ -1,6 +1,8 @@
 """qc tune: the search, its budget, its log (resume), its outputs and the recipe replay."""
+import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from qc_compiler.specs import StepCacheConfig
 from qc_compiler.tune import (REFERENCE, Candidate, QuantChoice, TuneSpace, _choose, check_tune_folder, compile_recipe,
                               load_recipe, pareto_front, parse_duration, parse_fraction, tune)
 
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 STEPS = 4  # the quick space calibrates on 8 items: 2 labels x 4 steps
 
 
@@ -71,6 +74,24 @@ def test_tune_end_to_end_resumes_and_the_recipe_replays_bit_for_bit(mnist, tmp_p
     assert main(["compile", "--recipe", str(tmp_path / "edited.json"), "--out", str(tmp_path / "e")]) == 2
     assert "differs from the tuned model" in capsys.readouterr().err
     assert main(["compile", "--recipe", str(tmp_path / "edited.json"), "--no-verify", "--out", str(tmp_path / "e")]) == 0
+
+    # the confirmation script: FP32, the reference and the tuned row, sampled from the same noise
+    spec = importlib.util.spec_from_file_location("tune_confirm", BENCHMARKS / "tune_confirm.py")
+    confirm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(confirm)
+    threads = torch.get_num_threads()
+    try:
+        confirm.main([str(folder / "recipe.json"), "--n", "16", "--batch", "8", "--threads", str(threads),
+                      "--json", str(tmp_path / "confirm.json")])
+    finally:
+        torch.set_num_threads(threads)
+    rows = json.loads((tmp_path / "confirm.json").read_text())["rows"]
+    tuned = Candidate.from_json(recipe["candidate"])
+    assert [r["variant"] for r in rows] == ["fp32", "reference qandc(w8a8, interval 2): " + REFERENCE.label(),
+                                            "tuned: " + tuned.label()]
+    assert rows[2]["bits"] == tuned.quant.label() and rows[2]["backend"] == recipe["backend"]
+    assert rows[0]["speed_vs_fp32"] == 1.0 and rows[1]["speed_vs_fp32"] == pytest.approx(
+        rows[0]["sample_s"] / rows[1]["sample_s"])
 
 
 def test_an_exhausted_budget_measures_fp32_only_and_chooses_nothing(mnist, tmp_path):
