@@ -96,6 +96,10 @@ MUTATIONS = [
      "pooled = (emb * real).sum(1) / real.sum(1).clamp(min=1.0)", "pooled = emb.mean(1)"),
     ("fidelity: each sample scored against itself, not FP32's", "qc_compiler/eval/suite.py",
      '"rmse_vs_fp32": float((a.double() - b.double())', '"rmse_vs_fp32": float((a.double() - a.double())'),
+    ("sequential GPTQ: the layers before the current one left in float", "qc_compiler/passes/quantize.py",
+     'only={id(m): "hessian", **{id(o): "quant" for o in order[:i]}}', 'only={id(m): "hessian"}'),
+    ("sequential GPTQ: the Hessian of the raw input, not of the input on its grid", "qc_compiler/quant/fake_quant.py",
+     "self._hessian.update(self._quantized_input(x))", "self._hessian.update(x)"),
 ]
 
 

@@ -181,6 +181,35 @@ def test_gptq_lowers_each_layers_measured_error():
     assert torch.equal(layer.export_spec().codes, layer.w_codes)  # the backends lower GPTQ's codes
 
 
+@pytest.mark.parametrize("extra", [{}, {"balance": "search"}])
+def test_sequential_gptq_fits_each_layer_to_the_quantized_inputs_before_it(monkeypatch, extra):
+    """Independent check: with every layer quantized, the input reaching a late layer (on its own
+    activation grid) gives a Hessian whose GPTQ codes are exactly the ones the pass chose."""
+    seen = {}
+    original = Quantize._sequential_gptq
+
+    def spy(modules, batches, run):
+        seen.update(batches=batches, run=run)
+        original(modules, batches, run)
+
+    monkeypatch.setattr(Quantize, "_sequential_gptq", staticmethod(spy))
+    seq = _compile(rounding="gptq", gptq={"sequential": True}, **extra)
+    plain = _compile(rounding="gptq", **extra)
+    layers, first = _layers(seq), "blocks.0.adaLN_modulation.1"  # runs first: nothing quantized before it
+    assert torch.equal(layers[first].w_codes, _layers(plain)[first].w_codes)
+    for path in ("blocks.1.attn.proj", "blocks.1.mlp.fc2"):
+        layer, h = layers[path], HessianAccumulator(layers[path].weight.shape[1])
+        hook = layer.register_forward_pre_hook(lambda mod, args: h.update(mod._quantized_input(args[0])))
+        seen["run"]("quant", seen["batches"])  # every op quantized, with its final codes
+        hook.remove()
+        ref = gptq_codes(layer._grid_weight(), h.hessian(), layer.w_scale, 4, layer.gptq)
+        assert torch.equal(layer.w_codes, ref), path
+        assert not torch.equal(layer.w_codes, _layers(plain)[path].w_codes), path  # a float-input Hessian differs
+    assert "sequential" not in GPTQConfig().options() and GPTQConfig(sequential=True).options()["sequential"]
+    with pytest.raises(ValueError):
+        GPTQConfig(sequential=1)
+
+
 def test_balancing_lowers_w4a4_error_and_keeps_the_float_model():
     plain, bal = _compile("w4a4"), _compile("w4a4", balance="search")
     assert _mean_layer_error(bal) < 0.9 * _mean_layer_error(plain)  # measured 0.84x (no outliers in a random model)

@@ -20,7 +20,7 @@ Example:
 from __future__ import annotations
 
 import operator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -121,7 +121,7 @@ class Quantize(Pass):
     def options(self) -> Dict[str, Any]:
         out = {"config": self.config.to_json(), "batch_size": self.batch_size, "compare_batches": self.compare_batches}
         if self.gptq is not None:  # left out when off, so artefacts saved before GPTQ existed read the same
-            out.update(rounding=self.rounding, gptq=asdict(self.gptq))
+            out.update(rounding=self.rounding, gptq=self.gptq.options())
         if self.balance is not None:
             out["balance"] = self.balance.options()
         if self.low_rank:
@@ -226,8 +226,11 @@ class Quantize(Pass):
         state = StepState(num_steps=len(table))
         bind_step_state(gm, state)
 
-        def run(mode: str, batches) -> None:  # every batch at its own step, every module in `mode`
+        def run(mode: str, batches, only: Optional[Dict[int, str]] = None) -> None:
+            """Every batch at its own step, every module in `mode` (or in its mode from `only`, by id)."""
             set_mode(modules, mode)
+            for m in modules:
+                m.mode = (only or {}).get(id(m), mode)
             for step, inputs in batches:
                 with state.calibrating(step):
                     gm(*inputs)
@@ -245,9 +248,33 @@ class Quantize(Pass):
             run("observe", batches)
             for m in modules:
                 m.finish_calibration()
+            if self.gptq is not None and self.gptq.sequential:
+                self._sequential_gptq(modules, batches, run)
             # Per-layer sensitivity: each op quantized alone, on batches spread over the steps.
             stride = max(1, len(batches) // self.compare_batches)
             run("compare", batches[::stride][: self.compare_batches])
+
+    @staticmethod
+    def _sequential_gptq(modules: List[Any], batches, run) -> None:
+        """GPTQ one layer after another, in the order the model runs them: each layer's Hessian is
+        gathered with every op before it quantized, so its codes correct the input it will really get.
+        One calibration pass per linear; ops after the current one run in float (they do not matter
+        to its input)."""
+        order: List[Any] = []
+        hooks = [m.register_forward_pre_hook(lambda mod, _a: None if any(mod is o for o in order) else order.append(mod))
+                 for m in modules]
+        try:
+            run("float", batches[:1])
+        finally:
+            for h in hooks:
+                h.remove()
+        order += [m for m in modules if not any(m is o for o in order)]  # never reached: nothing depends on it
+        for i, m in enumerate(order):
+            if getattr(m, "gptq", None) is None:
+                continue
+            m.begin_hessian()
+            run("float", batches, only={id(m): "hessian", **{id(o): "quant" for o in order[:i]}})
+            m.refit_gptq()
 
 
 def _unique(owner: fx.GraphModule, name: str) -> str:

@@ -8,7 +8,9 @@ activation (the operands of the attention matmuls). Both have three modes:
 - ``observe``: float forward, observers record the input range (per step group if configured);
 - ``quant``: fake-quantized forward;
 - ``compare``: float forward, but also accumulates the relative L2 error that quantizing this one
-  op adds, for the per-layer sensitivity report.
+  op adds, for the per-layer sensitivity report;
+- ``hessian`` (sequential GPTQ, linears only): float forward, while the GPTQ Hessian gathers the
+  input as the INT8 GEMM will see it (on the activation grid).
 
 Activation ranges may differ per group of sampling steps; the group comes from the step context
 (``step_state.step``, which calibration sets too, see ``StepState.calibrating``). With no step
@@ -40,7 +42,7 @@ from .spec import QuantizedActSpec, QuantizedLinearSpec, step_group
 
 __all__ = ["QuantLinear", "ActQuant", "set_mode"]
 
-MODES = ("stats", "observe", "quant", "compare", "float")
+MODES = ("stats", "observe", "quant", "compare", "float", "hessian")
 
 
 class _ActRanges(StepAware, nn.Module):
@@ -211,6 +213,17 @@ class QuantLinear(_ActRanges):
             self._hessian = None
         self._cache_weight()
 
+    def begin_hessian(self) -> None:
+        """Sequential GPTQ: start an empty Hessian, to be gathered in ``hessian`` mode."""
+        self._hessian = HessianAccumulator(self.weight.shape[1])
+
+    def refit_gptq(self) -> None:
+        """Sequential GPTQ: choose the codes again, on the same grid, against the Hessian just gathered."""
+        self.w_codes.copy_(gptq_codes(self._grid_weight(), self._hessian.hessian(), self.w_scale,
+                                      self.spec.weight_bits, self.gptq))
+        self._hessian = None
+        self._cache_weight()
+
     def weight_codes(self) -> torch.Tensor:
         """The int8 weight codes (N, K): GPTQ's where fitted so, else round to nearest (of W s when balanced)."""
         if self.gptq is not None:
@@ -263,7 +276,9 @@ class QuantLinear(_ActRanges):
             self.observe(xb)
             if self.gptq is not None:
                 self._hessian.update(xb)
-        if self.mode in ("observe", "float"):
+        if self.mode == "hessian":  # what the GEMM multiplies: x (/ s when balanced) on the activation grid
+            self._hessian.update(self._quantized_input(x))
+        if self.mode in ("observe", "float", "hessian"):
             return F.linear(x, self.weight, self.bias)
         out = F.linear(self._quantized_input(x), self.w_fq, self.bias)
         if self.low_rank:
@@ -287,7 +302,7 @@ class ActQuant(_ActRanges):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "observe":
             self.observe(x)
-        if self.mode in ("stats", "observe", "float"):
+        if self.mode in ("stats", "observe", "float", "hessian"):
             return x
         out = fake_quantize(x, self.act_qparams())
         if self.mode == "compare":

@@ -16,6 +16,10 @@ What is fixed here, and why:
   so the columns that matter most are rounded while there is the most freedom left to compensate.
 - ``block_size`` columns are updated lazily, then the rest of the matrix once per block: the same
   result as column by column, in fewer, larger matmuls.
+- ``sequential`` gathers each layer's Hessian from the inputs it will see at run time: every layer
+  that runs before it already quantized (its GPTQ codes fitted), its own input on the activation
+  grid. That is the paper's order (one layer after another through the network), as against one
+  float pass for every layer at once; the quantize pass runs it (one calibration pass per layer).
 
 All factorisations are torch.linalg's (Cholesky); there is nothing hand-written here.
 
@@ -31,7 +35,7 @@ Example:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -49,11 +53,20 @@ class GPTQConfig:
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = True
+    sequential: bool = False
 
     def __post_init__(self) -> None:
         check_float("damp", self.damp, lo=0.0, hi=1.0, lo_open=True)
         check_int("block_size", self.block_size, lo=1)
         check_bool("act_order", self.act_order)
+        check_bool("sequential", self.sequential)
+
+    def options(self) -> dict:
+        """The fields as saved; ``sequential`` only when on, so artefacts saved before it read the same."""
+        out = asdict(self)
+        if not self.sequential:
+            del out["sequential"]
+        return out
 
 
 class HessianAccumulator:

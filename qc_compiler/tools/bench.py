@@ -36,6 +36,7 @@ from ..passes import (AgglomerativeCalibration, DBSCANCalibration, KMeansCalibra
                       StepCache, TAPCalibration, UniformCalibration, VarianceCompensation)
 from ..quant import QuantConfig
 from ..quant.balance import BalanceConfig
+from ..quant.gptq import GPTQConfig
 from ..specs import StepCacheConfig, VCConfig
 
 __all__ = ["Variant", "VARIANTS", "RUN_CACHE", "machine", "machine_line", "write_results", "median_seconds", "interleaved_medians", "interleaved_times", "compile_benchmark_w8a8",
@@ -56,8 +57,8 @@ class Variant:
     ``cache``: a StepCacheConfig, ``RUN_CACHE`` for the run's, or None. ``selector``: the calibration
     selector (None: no quantization). ``bits``: fixed bit widths, or None for the run's.
     ``condq``: quantize the conditioning linears' inputs too (the paper's setting). ``vc``: a VC
-    form, or None. ``rounding``/``balance``/``low_rank``: the Quantize pass's (GPTQ, salience
-    balancing, SVDQuant's low-rank branch);
+    form, or None. ``rounding``/``gptq``/``balance``/``low_rank``: the Quantize pass's (GPTQ and its
+    options, salience balancing, SVDQuant's low-rank branch);
     ``mixed``: keep that many of the most sensitive linears at W8A8 (:func:`qc.mixed_precision`)."""
 
     cache: Union[StepCacheConfig, str, None] = None
@@ -69,12 +70,13 @@ class Variant:
     balance: Union[str, BalanceConfig, None] = None
     low_rank: int = 0
     mixed: int = 0
+    gptq: Optional[GPTQConfig] = None
 
     def __post_init__(self) -> None:
         if self.selector is not None and self.selector not in SELECTORS:
             raise ValueError(f"selector must be one of {sorted(SELECTORS)}, got {self.selector!r}")
         if self.selector is None and (self.bits or self.condq or self.vc or self.rounding != "nearest"
-                                      or self.balance or self.mixed or self.low_rank):
+                                      or self.balance or self.mixed or self.low_rank or self.gptq):
             raise ValueError("bits, condq, vc, rounding, balance and mixed need a calibration selector "
                              "(a quantized variant)")
 
@@ -86,6 +88,8 @@ class Variant:
 
 # balancing every layer but fc2, so the torch backend keeps its fc1 -> fc2 requantization fusion
 _BALANCE_NO_FC2 = BalanceConfig(method="search", exclude=("*.fc2",))
+# GPTQ layer after layer, each on the inputs of the already-quantized layers before it
+_SEQUENTIAL = GPTQConfig(sequential=True)
 
 
 def _table() -> Dict[str, Variant]:
@@ -112,7 +116,10 @@ def _table() -> Dict[str, Variant]:
                            ("sq", {"balance": "smoothquant"}), ("ptq4dit", {"balance": "ptq4dit"}),
                            ("mixed4", {"mixed": 4}), ("gptq-mixed4", {"rounding": "gptq", "mixed": 4}),
                            ("gptq-bal-lr16", {"rounding": "gptq", "balance": "search", "low_rank": 16}),
-                           ("gptq-bal-nofc2", {"rounding": "gptq", "balance": _BALANCE_NO_FC2})):
+                           ("gptq-bal-nofc2", {"rounding": "gptq", "balance": _BALANCE_NO_FC2}),
+                           ("sgptq", {"rounding": "gptq", "gptq": _SEQUENTIAL}),
+                           ("sgptq-bal-lr16", {"rounding": "gptq", "gptq": _SEQUENTIAL, "balance": "search",
+                                               "low_rank": 16})):
             table[f"quant-{sel}-{tag}"] = Variant(selector=sel, **extra)
             table[f"qc-{sel}-{tag}"] = Variant(cache=RUN_CACHE, selector=sel, **extra)
             table[f"qc-{sel}-{tag}-vcvar"] = Variant(cache=RUN_CACHE, selector=sel, vc="variance", **extra)
@@ -141,7 +148,7 @@ def variant_passes(variant: Union[str, Variant], *, bits: str = "w8a8",
         if config is None:
             config = QuantConfig.preset(variant.bits or bits, **({"weight_only": ()} if variant.condq else {}))
         passes += [SELECTORS[variant.selector](size=size, pool_labels=pool_labels),
-                   Quantize(config=config, rounding=variant.rounding, balance=variant.balance,
+                   Quantize(config=config, rounding=variant.rounding, gptq=variant.gptq, balance=variant.balance,
                             low_rank=variant.low_rank)]
     if variant.vc is not None:
         passes.append(VarianceCompensation(VCConfig(placement=vc_placement, form=variant.vc)))
