@@ -85,9 +85,11 @@ def _ticks(lo: float, hi: float, n: int = 5) -> List[float]:
 
 
 def scatter_png(points: Sequence[Tuple[float, float, str]], path, *, xlabel: str, ylabel: str, title: str = "",
-                hline: Optional[float] = None, vline: Optional[float] = None, size: Tuple[int, int] = (720, 460)) -> None:
+                hline: Optional[float] = None, vline: Optional[float] = None, line: Sequence[Tuple[float, float]] = (),
+                size: Tuple[int, int] = (720, 460)) -> None:
     """A scatter plot as PNG (pillow only, so no plotting library is needed): ``points`` are (x, y,
-    kind) with kind one of "point", "front" (joined by a line, in x order), "reference", "chosen";
+    kind) with kind one of "point", "front", "reference", "chosen" (its colour); ``line`` is a polyline
+    drawn under them in x order (the Pareto front, whatever the kinds of its members);
     ``hline``/``vline`` draw dashed bounds. Non-finite points are left out."""
     pts = [(float(x), float(y), k) for x, y, k in points if np.isfinite(x) and np.isfinite(y)]
     if not pts:
@@ -124,9 +126,9 @@ def scatter_png(points: Sequence[Tuple[float, float, str]], path, *, xlabel: str
         for i in range(0, n, 2):  # dashed
             d.line([a[0] + (b[0] - a[0]) * i / n, a[1] + (b[1] - a[1]) * i / n,
                     a[0] + (b[0] - a[0]) * (i + 1) / n, a[1] + (b[1] - a[1]) * (i + 1) / n], fill=(120, 120, 120))
-    front = sorted((p for p in pts if p[2] == "front"), key=lambda p: p[0])
-    if len(front) > 1:
-        d.line([at(x, y) for x, y, _ in front], fill=_KINDS["front"][0], width=2)
+    joined = sorted((float(x), float(y)) for x, y in line if np.isfinite(x) and np.isfinite(y))
+    if len(joined) > 1:
+        d.line([at(x, y) for x, y in joined], fill=_KINDS["front"][0], width=2)
     shown: Dict[str, bool] = {}
     for kind in ("point", "front", "reference", "chosen"):  # the chosen one drawn last, on top
         for x, y, k in pts:

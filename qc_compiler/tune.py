@@ -387,7 +387,8 @@ class TuneResult:
         """FID against measured speed (suite rows and FP32), the front joined, the bounds dashed."""
         from .imaging import scatter_png
 
-        front = {r["key"] for r in self.front()}
+        front_rows = self.front()
+        front = {r["key"] for r in front_rows}
         points = [(1.0, 0.0, "point")] if self.fp32 else []
         for r in self.suite_rows():
             kind = ("chosen" if self.chosen and r["key"] == self.chosen["key"] else
@@ -397,7 +398,7 @@ class TuneResult:
         scatter_png(points, path, xlabel="speed vs FP32 (sampling time, measured in the same run)",
                     ylabel="FID vs FP32 (%)", title=f"qc tune: {self.settings['n']} samples per schedule",
                     hline=None if b["max_fid_increase"] is None else 100.0 * b["max_fid_increase"],
-                    vline=b["min_speedup"])
+                    vline=b["min_speedup"], line=[(r["speed"], 100.0 * r["fid_increase"]) for r in front_rows])
 
     def write(self, folder, *, model: Optional[Dict[str, Any]] = None, command: str = "") -> List[Path]:
         """Write the outputs beside the log: ``pareto.md`` (machine, command, summary, table), ``front.png``,

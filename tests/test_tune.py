@@ -204,10 +204,16 @@ def test_tune_folder_is_checked_before_work(tmp_path, capsys):
 def test_scatter_png_draws_points_and_refuses_nothing(tmp_path):
     from PIL import Image
 
-    scatter_png([(1.0, 0.0, "point"), (2.0, 3.0, "front"), (3.0, 5.0, "front"), (2.5, 1.0, "chosen")],
-                tmp_path / "p.png", xlabel="speed", ylabel="FID %", hline=4.0, vline=2.0)
+    points = [(1.0, 0.0, "point"), (2.0, 3.0, "front"), (3.0, 5.0, "front"), (2.5, 1.0, "chosen")]
+    for name, line in (("p.png", [(2.0, 3.0), (2.5, 1.0), (3.0, 5.0)]), ("noline.png", [])):
+        scatter_png(points, tmp_path / name, xlabel="speed", ylabel="FID %", hline=4.0, vline=2.0, line=line)
     img = Image.open(tmp_path / "p.png").convert("RGB")
     assert img.size == (720, 460)
-    assert (214, 39, 40) in {c for _, c in img.getcolors(1 << 16)}  # the chosen point is drawn
+    colours = {c: n for n, c in img.getcolors(1 << 16)}
+    assert (214, 39, 40) in colours  # the chosen point is drawn
+    # the front's line runs through the chosen point too (it is a member, though drawn in its own colour)
+    without = {c: n for n, c in Image.open(tmp_path / "noline.png").convert("RGB").getcolors(1 << 16)}
+    blue = (31, 119, 180)
+    assert colours[blue] > without.get(blue, 0) + 100
     with pytest.raises(ValueError, match="no finite points"):
         scatter_png([(math.nan, 1.0, "point")], tmp_path / "q.png", xlabel="x", ylabel="y")
