@@ -99,7 +99,12 @@ MUTATIONS = [
     ("sequential GPTQ: the layers before the current one left in float", "qc_compiler/passes/quantize.py",
      'only={id(m): "hessian", **{id(o): "quant" for o in order[:i]}}', 'only={id(m): "hessian"}'),
     ("sequential GPTQ: the Hessian of the raw input, not of the input on its grid", "qc_compiler/quant/fake_quant.py",
-     "self._hessian.update(self._quantized_input(x))", "self._hessian.update(x)"),
+     "self._hessian.update(self._quantized_input(x), target)", "self._hessian.update(x, target)"),
+    ("float-target GPTQ: W' never formed (codes fitted to the layer's own output)", "qc_compiler/quant/fake_quant.py",
+     "w = float_target_weight(w, self._hessian.cross(), h, self.gptq.damp)", "w = w"),
+    ("float-target GPTQ: the 'float' inputs gathered with the layers before already quantized",
+     "qc_compiler/passes/quantize.py", 'run("float", batches, only={id(m): "target"})',
+     'run("float", batches, only={id(m): "target", **{id(o): "quant" for o in order[:i]}})'),
 ]
 
 

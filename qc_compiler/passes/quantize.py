@@ -258,8 +258,8 @@ class Quantize(Pass):
     def _sequential_gptq(modules: List[Any], batches, run) -> None:
         """GPTQ one layer after another, in the order the model runs them: each layer's Hessian is
         gathered with every op before it quantized, so its codes correct the input it will really get.
-        One calibration pass per linear; ops after the current one run in float (they do not matter
-        to its input)."""
+        One calibration pass per linear (two when fitted to the float model's output); ops after the
+        current one run in float (they do not matter to its input)."""
         order: List[Any] = []
         hooks = [m.register_forward_pre_hook(lambda mod, _a: None if any(mod is o for o in order) else order.append(mod))
                  for m in modules]
@@ -273,6 +273,8 @@ class Quantize(Pass):
             if getattr(m, "gptq", None) is None:
                 continue
             m.begin_hessian()
+            if m.gptq.target == "float":  # the float model's input to this layer, batch by batch
+                run("float", batches, only={id(m): "target"})
             run("float", batches, only={id(m): "hessian", **{id(o): "quant" for o in order[:i]}})
             m.refit_gptq()
 

@@ -10,7 +10,9 @@ activation (the operands of the attention matmuls). Both have three modes:
 - ``compare``: float forward, but also accumulates the relative L2 error that quantizing this one
   op adds, for the per-layer sensitivity report;
 - ``hessian`` (sequential GPTQ, linears only): float forward, while the GPTQ Hessian gathers the
-  input as the INT8 GEMM will see it (on the activation grid).
+  input as the INT8 GEMM will see it (on the activation grid);
+- ``target`` (sequential GPTQ with ``target="float"``, linears only): float forward, keeping the
+  float model's input batch by batch for the ``hessian`` pass that follows.
 
 Activation ranges may differ per group of sampling steps; the group comes from the step context
 (``step_state.step``, which calibration sets too, see ``StepState.calibrating``). With no step
@@ -25,24 +27,26 @@ Example:
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import replace
-from typing import Dict, List, Optional
+from typing import Deque, Dict, List, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import CalibrationError
 from ..step import StepAware
 from .balance import BalanceConfig, ChannelStats, balance_scales
 from .config import LayerQuant
-from .gptq import GPTQConfig, HessianAccumulator, gptq_codes
+from .gptq import GPTQConfig, HessianAccumulator, float_target_weight, gptq_codes
 from .observers import make_observer
 from .qparams import QParams, dequantize, fake_quantize, quantize
 from .spec import QuantizedActSpec, QuantizedLinearSpec, step_group
 
 __all__ = ["QuantLinear", "ActQuant", "set_mode"]
 
-MODES = ("stats", "observe", "quant", "compare", "float", "hessian")
+MODES = ("stats", "observe", "quant", "compare", "float", "hessian", "target")
 
 
 class _ActRanges(StepAware, nn.Module):
@@ -214,15 +218,28 @@ class QuantLinear(_ActRanges):
         self._cache_weight()
 
     def begin_hessian(self) -> None:
-        """Sequential GPTQ: start an empty Hessian, to be gathered in ``hessian`` mode."""
+        """Sequential GPTQ: start an empty Hessian, to be gathered in ``hessian`` mode (after a ``target``
+        pass over the same batches when the target is the float model)."""
         self._hessian = HessianAccumulator(self.weight.shape[1])
+        self._targets: Optional[Deque[torch.Tensor]] = deque() if self.gptq.target == "float" else None
 
     def refit_gptq(self) -> None:
-        """Sequential GPTQ: choose the codes again, on the same grid, against the Hessian just gathered."""
-        self.w_codes.copy_(gptq_codes(self._grid_weight(), self._hessian.hessian(), self.w_scale,
-                                      self.spec.weight_bits, self.gptq))
-        self._hessian = None
+        """Sequential GPTQ: choose the codes again, on the same grid, against the Hessian just gathered
+        (for ``target="float"``, GPTQ of the least-squares weight W' that maps the quantized model's
+        inputs onto the float model's output)."""
+        w = self._grid_weight()
+        h = self._hessian.hessian()
+        if self._targets is not None:
+            if self._targets:
+                raise CalibrationError(f"{self.path}: the float and quantized calibration passes saw different batches")
+            w = float_target_weight(w, self._hessian.cross(), h, self.gptq.damp)
+        self.w_codes.copy_(gptq_codes(w, h, self.w_scale, self.spec.weight_bits, self.gptq))
+        self._hessian = self._targets = None
         self._cache_weight()
+
+    def _balanced(self, x: torch.Tensor) -> torch.Tensor:
+        """x / s when balanced (the input the grid weight W s multiplies), else x."""
+        return x / self.in_scale.to(x.dtype) if self.balance is not None else x
 
     def weight_codes(self) -> torch.Tensor:
         """The int8 weight codes (N, K): GPTQ's where fitted so, else round to nearest (of W s when balanced)."""
@@ -272,13 +289,20 @@ class QuantLinear(_ActRanges):
                 self._stats.update(x, self.current_step())
             return F.linear(x, self.weight, self.bias)
         if self.mode == "observe":
-            xb = x / self.in_scale.to(x.dtype) if self.balance is not None else x
+            xb = self._balanced(x)
             self.observe(xb)
             if self.gptq is not None:
                 self._hessian.update(xb)
+        if self.mode == "target":  # the float model's input, for the hessian pass over the same batches
+            self._targets.append(self._balanced(x).detach().clone())
         if self.mode == "hessian":  # what the GEMM multiplies: x (/ s when balanced) on the activation grid
-            self._hessian.update(self._quantized_input(x))
-        if self.mode in ("observe", "float", "hessian"):
+            target = None
+            if self._targets is not None:
+                if not self._targets:
+                    raise CalibrationError(f"{self.path}: the quantized calibration pass saw more batches than the float one")
+                target = self._targets.popleft()
+            self._hessian.update(self._quantized_input(x), target)
+        if self.mode in ("observe", "float", "hessian", "target"):
             return F.linear(x, self.weight, self.bias)
         out = F.linear(self._quantized_input(x), self.w_fq, self.bias)
         if self.low_rank:
@@ -302,7 +326,7 @@ class ActQuant(_ActRanges):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "observe":
             self.observe(x)
-        if self.mode in ("stats", "observe", "float", "hessian"):
+        if self.mode in ("stats", "observe", "float", "hessian", "target"):
             return x
         out = fake_quantize(x, self.act_qparams())
         if self.mode == "compare":

@@ -20,6 +20,13 @@ What is fixed here, and why:
   that runs before it already quantized (its GPTQ codes fitted), its own input on the activation
   grid. That is the paper's order (one layer after another through the network), as against one
   float pass for every layer at once; the quantize pass runs it (one calibration pass per layer).
+- ``target="float"`` (sequential only) fits the layer to the *float model's* output, not to its own
+  weights applied to the input it gets: min ||X_f W^T - X_q Q^T||, with X_f the float model's input
+  to the layer and X_q the quantized model's, so each layer also corrects the error of the layers
+  before it (the asymmetric calibration of GPTAQ, Li et al., 2025). It splits exactly into two
+  parts: the least-squares weight W' = W C H^-1 (C = X_f^T X_q, H = X_q^T X_q, damped as GPTQ
+  damps, towards W), whose residual is orthogonal to X_q, and GPTQ of W' against H. So it is GPTQ on
+  W' (:func:`float_target_weight`), and costs one more calibration pass per layer.
 
 All factorisations are torch.linalg's (Cholesky); there is nothing hand-written here.
 
@@ -36,14 +43,18 @@ Example:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import torch
 
 from ..errors import CalibrationError
-from ..options import check_bool, check_float, check_int
+from ..options import check_bool, check_choice, check_float, check_int
 from .qparams import qrange
 
-__all__ = ["GPTQConfig", "HessianAccumulator", "gptq_codes"]
+__all__ = ["GPTQConfig", "HessianAccumulator", "gptq_codes", "float_target_weight"]
+
+#: What each layer's codes are fitted to: its own weights on the inputs it gets, or the float model.
+TARGETS = ("quantized", "float")
 
 
 @dataclass(frozen=True)
@@ -54,37 +65,70 @@ class GPTQConfig:
     block_size: int = 128
     act_order: bool = True
     sequential: bool = False
+    target: str = "quantized"
 
     def __post_init__(self) -> None:
         check_float("damp", self.damp, lo=0.0, hi=1.0, lo_open=True)
         check_int("block_size", self.block_size, lo=1)
         check_bool("act_order", self.act_order)
         check_bool("sequential", self.sequential)
+        check_choice("target", self.target, TARGETS)
+        if self.target == "float" and not self.sequential:
+            raise ValueError("GPTQ target='float' needs sequential=True: the quantized model's inputs exist "
+                             "only once the layers before are quantized")
 
     def options(self) -> dict:
-        """The fields as saved; ``sequential`` only when on, so artefacts saved before it read the same."""
+        """The fields as saved; ``sequential`` and ``target`` only when not their defaults, so artefacts
+        saved before them read the same."""
         out = asdict(self)
-        if not self.sequential:
-            del out["sequential"]
+        for name, default in (("sequential", False), ("target", "quantized")):
+            if out[name] == default:
+                del out[name]
         return out
 
 
 class HessianAccumulator:
-    """Running H = 2/n * sum x x^T over the rows of every input seen (the input's last axis is K)."""
+    """Running H = 2/n * sum x x^T over the rows of every input seen (the input's last axis is K).
+    With ``target`` given to :meth:`update` (the float model's input for the same rows), it also
+    gathers C = 2/n * sum x_target x^T for ``target="float"``."""
 
     def __init__(self, in_features: int):
         self.h = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.c: Optional[torch.Tensor] = None
         self.rows = 0
 
-    def update(self, x: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor, target: Optional[torch.Tensor] = None) -> None:
         flat = x.detach().reshape(-1, x.shape[-1]).double()
         self.h += flat.T @ flat
+        if target is not None:
+            if target.shape != x.shape:
+                raise CalibrationError(f"GPTQ: the float model's input {tuple(target.shape)} does not match the "
+                                       f"quantized model's {tuple(x.shape)}; the calibration passes differ")
+            self.c = (self.c if self.c is not None else torch.zeros_like(self.h))
+            self.c += target.detach().reshape(-1, x.shape[-1]).double().T @ flat
         self.rows += flat.shape[0]
 
     def hessian(self) -> torch.Tensor:
         if self.rows == 0:
             raise CalibrationError("GPTQ saw no calibration input: the calibration set never reached this layer")
         return (2.0 / self.rows) * self.h
+
+    def cross(self) -> torch.Tensor:
+        if self.c is None or self.rows == 0:
+            raise CalibrationError("GPTQ target='float' saw no float inputs for this layer")
+        return (2.0 / self.rows) * self.c
+
+
+def float_target_weight(weight: torch.Tensor, cross: torch.Tensor, hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """W' = W (C + d I)(H + d I)^-1, d = damp * mean diag(H): the weight that, applied to the quantized
+    model's inputs X_q, best reproduces W applied to the float model's X_f (C = X_f^T X_q,
+    H = X_q^T X_q), kept near W by a ridge of GPTQ's own damping. It is the minimiser of
+    ||X_f W^T - X_q W'^T||^2 + d' ||W' - W||^2, so where the inputs agree (X_q = X_f) W' = W exactly."""
+    h = hessian.double()
+    eye = damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    w = weight.detach().double()
+    # W' (H + d I) = W (C + d I), solved as (H + d I) W'^T = (C + d I)^T W^T (H symmetric)
+    return torch.linalg.solve(h + eye, (cross.double() + eye).T @ w.T).T.to(weight.dtype)
 
 
 def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, bits: int,

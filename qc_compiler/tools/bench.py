@@ -90,6 +90,8 @@ class Variant:
 _BALANCE_NO_FC2 = BalanceConfig(method="search", exclude=("*.fc2",))
 # GPTQ layer after layer, each on the inputs of the already-quantized layers before it
 _SEQUENTIAL = GPTQConfig(sequential=True)
+# ... each fitted to the float model's output (GPTAQ's asymmetric target)
+_FLOAT_TARGET = GPTQConfig(sequential=True, target="float")
 
 
 def _table() -> Dict[str, Variant]:
@@ -118,6 +120,7 @@ def _table() -> Dict[str, Variant]:
                            ("gptq-bal-lr16", {"rounding": "gptq", "balance": "search", "low_rank": 16}),
                            ("gptq-bal-nofc2", {"rounding": "gptq", "balance": _BALANCE_NO_FC2}),
                            ("sgptq", {"rounding": "gptq", "gptq": _SEQUENTIAL}),
+                           ("fgptq", {"rounding": "gptq", "gptq": _FLOAT_TARGET}),
                            ("sgptq-bal-lr16", {"rounding": "gptq", "gptq": _SEQUENTIAL, "balance": "search",
                                                "low_rank": 16})):
             table[f"quant-{sel}-{tag}"] = Variant(selector=sel, **extra)
