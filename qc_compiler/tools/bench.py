@@ -121,6 +121,8 @@ def _table() -> Dict[str, Variant]:
                            ("gptq-bal-nofc2", {"rounding": "gptq", "balance": _BALANCE_NO_FC2}),
                            ("sgptq", {"rounding": "gptq", "gptq": _SEQUENTIAL}),
                            ("fgptq", {"rounding": "gptq", "gptq": _FLOAT_TARGET}),
+                           ("fgptq-bal-lr16", {"rounding": "gptq", "gptq": _FLOAT_TARGET, "balance": "search",
+                                               "low_rank": 16}),
                            ("sgptq-bal-lr16", {"rounding": "gptq", "gptq": _SEQUENTIAL, "balance": "search",
                                                "low_rank": 16})):
             table[f"quant-{sel}-{tag}"] = Variant(selector=sel, **extra)
