@@ -181,10 +181,9 @@ def test_gptq_lowers_each_layers_measured_error():
     assert torch.equal(layer.export_spec().codes, layer.w_codes)  # the backends lower GPTQ's codes
 
 
-@pytest.mark.parametrize("extra", [{}, {"balance": "search"}])
-def test_sequential_gptq_fits_each_layer_to_the_quantized_inputs_before_it(monkeypatch, extra):
-    """Independent check: with every layer quantized, the input reaching a late layer (on its own
-    activation grid) gives a Hessian whose GPTQ codes are exactly the ones the pass chose."""
+@pytest.fixture
+def sequential_runs(monkeypatch):
+    """The calibration batches and runner of the last sequential-GPTQ compile, to rebuild its inputs."""
     seen = {}
     original = Quantize._sequential_gptq
 
@@ -193,6 +192,13 @@ def test_sequential_gptq_fits_each_layer_to_the_quantized_inputs_before_it(monke
         original(modules, batches, run)
 
     monkeypatch.setattr(Quantize, "_sequential_gptq", staticmethod(spy))
+    return seen
+
+
+@pytest.mark.parametrize("extra", [{}, {"balance": "search"}])
+def test_sequential_gptq_fits_each_layer_to_the_quantized_inputs_before_it(sequential_runs, extra):
+    """Independent check: with every layer quantized, the input reaching a late layer (on its own
+    activation grid) gives a Hessian whose GPTQ codes are exactly the ones the pass chose."""
     seq = _compile(rounding="gptq", gptq={"sequential": True}, **extra)
     plain = _compile(rounding="gptq", **extra)
     layers, first = _layers(seq), "blocks.0.adaLN_modulation.1"  # runs first: nothing quantized before it
@@ -200,7 +206,7 @@ def test_sequential_gptq_fits_each_layer_to_the_quantized_inputs_before_it(monke
     for path in ("blocks.1.attn.proj", "blocks.1.mlp.fc2"):
         layer, h = layers[path], HessianAccumulator(layers[path].weight.shape[1])
         hook = layer.register_forward_pre_hook(lambda mod, args: h.update(mod._quantized_input(args[0])))
-        seen["run"]("quant", seen["batches"])  # every op quantized, with its final codes
+        sequential_runs["run"]("quant", sequential_runs["batches"])  # every op quantized, with its final codes
         hook.remove()
         ref = gptq_codes(layer._grid_weight(), h.hessian(), layer.w_scale, 4, layer.gptq)
         assert torch.equal(layer.w_codes, ref), path
@@ -210,18 +216,10 @@ def test_sequential_gptq_fits_each_layer_to_the_quantized_inputs_before_it(monke
         GPTQConfig(sequential=1)
 
 
-def test_float_target_gptq_fits_each_layer_to_the_float_models_output(monkeypatch):
+def test_float_target_gptq_fits_each_layer_to_the_float_models_output(sequential_runs):
     """Independent check: W' from one stacked least-squares problem (quantized model's inputs -> float
     model's outputs, ridge towards W) and GPTQ on it give exactly the pass's codes; those codes
     reproduce the float model's output better than sequential GPTQ's own-output target does."""
-    seen = {}
-    original = Quantize._sequential_gptq
-
-    def spy(modules, batches, run):
-        seen.update(batches=batches, run=run)
-        original(modules, batches, run)
-
-    monkeypatch.setattr(Quantize, "_sequential_gptq", staticmethod(spy))
     seq = _layers(_compile(rounding="gptq", gptq={"sequential": True}))
     layers = _layers(_compile(rounding="gptq", gptq={"sequential": True, "target": "float"}))
     first = "blocks.0.adaLN_modulation.1"  # weight-only and first: the float and quantized inputs agree, W' = W
@@ -232,7 +230,7 @@ def test_float_target_gptq_fits_each_layer_to_the_float_models_output(monkeypatc
             hook = layer.register_forward_pre_hook(
                 lambda mod, args, mode=mode, rows=rows: rows.append(args[0] if mode == "float" else mod._quantized_input(args[0])))
             with torch.no_grad():
-                seen["run"](mode, seen["batches"])
+                sequential_runs["run"](mode, sequential_runs["batches"])
             hook.remove()
         xf, xq = (torch.cat([x.reshape(-1, x.shape[-1]) for x in xs[m]]).double() for m in ("float", "quant"))
         w = layer._grid_weight().double()
