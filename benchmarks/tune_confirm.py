@@ -44,7 +44,7 @@ def main(argv=None) -> None:
     tuned = Candidate.from_json(recipe["candidate"])
     # (label, bits, cache, build, backend): labels are the tune's own, so rows read as in pareto.md.
     builds = [("fp32", "-", None, lambda: model, "torch"),
-              ("reference qandc(w8a8, interval 2): " + REFERENCE.label(), "w8a8", REFERENCE.cache.describe(),
+              ("reference qandc(w8a8, interval 2): " + REFERENCE.label(), REFERENCE.quant.label(), REFERENCE.cache.describe(),
                lambda: qc.compile(model, passes=qandc(bits="w8a8", cache=StepCacheConfig(interval=2)),
                                   sampler=sampler, seed=seed), "torch"),
               ("tuned: " + tuned.label(), tuned.quant.label(), tuned.cache.describe() if tuned.cache else None,

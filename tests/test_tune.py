@@ -175,6 +175,22 @@ def test_pareto_front_and_choice():
     assert _choose(rows[:4], 5.0, None) is None
 
 
+def test_the_plotted_front_runs_through_its_chosen_member(tmp_path, monkeypatch):
+    """The front's line joins every front member, the chosen one included (it is drawn in its own colour)."""
+    import qc_compiler.imaging as imaging
+    from qc_compiler.tune import TuneResult
+
+    drawn = {}
+    monkeypatch.setattr(imaging, "scatter_png", lambda points, path, **kw: drawn.update(points=points, **kw))
+    rows = [{"key": k, "rung": "suite", "stage": "front", "fid_increase": f, "speed": v}
+            for k, f, v in (("a", 0.01, 2.0), ("b", 0.04, 3.0), ("c", 0.20, 4.0), ("d", 0.05, 2.5))]
+    result = TuneResult(rows=rows, chosen=rows[1], reference=None, fp32={"key": "fp32"}, agreement={},
+                        settings={"n": 16}, bounds={"min_speedup": None, "max_fid_increase": 0.05})
+    result.plot(tmp_path / "front.png")
+    assert sorted(drawn["line"]) == [(2.0, 1.0), (3.0, 4.0), (4.0, 20.0)]
+    assert (3.0, 4.0, "chosen") in drawn["points"] and (2.5, 5.0, "point") in drawn["points"]
+
+
 def test_durations_and_fractions():
     assert parse_duration("45m") == 2700 and parse_duration("2h") == 7200 and parse_duration("90s") == 90
     assert parse_fraction("5%") == pytest.approx(0.05) and parse_fraction("0.1") == 0.1

@@ -23,10 +23,11 @@ What is fixed here, and why:
 - ``target="float"`` (sequential only) fits the layer to the *float model's* output, not to its own
   weights applied to the input it gets: min ||X_f W^T - X_q Q^T||, with X_f the float model's input
   to the layer and X_q the quantized model's, so each layer also corrects the error of the layers
-  before it (the asymmetric calibration of GPTAQ, Li et al., 2025). It splits exactly into two
-  parts: the least-squares weight W' = W C H^-1 (C = X_f^T X_q, H = X_q^T X_q, damped as GPTQ
-  damps, towards W), whose residual is orthogonal to X_q, and GPTQ of W' against H. So it is GPTQ on
-  W' (:func:`float_target_weight`), and costs one more calibration pass per layer.
+  before it (the asymmetric calibration of GPTAQ, Li et al., 2025). Undamped, it splits exactly into
+  two parts: the least-squares weight W' = W C H^-1 (C = X_f^T X_q, H = X_q^T X_q), whose residual
+  is orthogonal to X_q, and GPTQ of W' against H. We damp W' towards W with GPTQ's own damping
+  (:func:`float_target_weight`). It costs one more calibration pass per layer, which holds that
+  layer's float inputs for the calibration set in memory.
 
 All factorisations are torch.linalg's (Cholesky); there is nothing hand-written here.
 
@@ -119,13 +120,18 @@ class HessianAccumulator:
         return (2.0 / self.rows) * self.c
 
 
+def _damping(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """damp * mean diag(H) * I: the paper's dampening, shared by GPTQ and the float-target weight."""
+    return damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
+
+
 def float_target_weight(weight: torch.Tensor, cross: torch.Tensor, hessian: torch.Tensor, damp: float) -> torch.Tensor:
     """W' = W (C + d I)(H + d I)^-1, d = damp * mean diag(H): the weight that, applied to the quantized
     model's inputs X_q, best reproduces W applied to the float model's X_f (C = X_f^T X_q,
     H = X_q^T X_q), kept near W by a ridge of GPTQ's own damping. It is the minimiser of
     ||X_f W^T - X_q W'^T||^2 + d' ||W' - W||^2, so where the inputs agree (X_q = X_f) W' = W exactly."""
     h = hessian.double()
-    eye = damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    eye = _damping(h, damp)
     w = weight.detach().double()
     # W' (H + d I) = W (C + d I), solved as (H + d I) W'^T = (C + d I)^T W^T (H symmetric)
     return torch.linalg.solve(h + eye, (cross.double() + eye).T @ w.T).T.to(weight.dtype)
@@ -148,7 +154,7 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor,
     w[:, dead] = 0.0
     perm = torch.argsort(torch.diagonal(h), descending=True) if config.act_order else torch.arange(k)
     w, h = w[:, perm], h[perm][:, perm]
-    h += config.damp * torch.diagonal(h).mean() * torch.eye(k, dtype=h.dtype)
+    h += _damping(h, config.damp)
     try:
         # The upper Cholesky factor of H^-1: row i holds how column i's error spreads to columns > i.
         hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
