@@ -1,5 +1,6 @@
 """Quantizer core: affine quantization math, observers, configs, fake-quant modules and the specs backends lower."""
 from .balance import BalanceConfig
+from .brecq import BRECQConfig
 from .config import PRESETS, LayerQuant, QuantConfig
 from .gptq import GPTQConfig
 from .fake_quant import ActQuant, QuantLinear, set_mode
@@ -8,7 +9,7 @@ from .qparams import QParams, check_bits, dequantize, fake_quantize, qparams_fro
 from .spec import QuantizedActSpec, QuantizedLinearSpec, step_group
 
 __all__ = [
-    "BalanceConfig", "GPTQConfig", "PRESETS", "LayerQuant", "QuantConfig", "ActQuant", "QuantLinear", "set_mode", "OBSERVERS", "MinMaxObserver",
+    "BalanceConfig", "BRECQConfig", "GPTQConfig", "PRESETS", "LayerQuant", "QuantConfig", "ActQuant", "QuantLinear", "set_mode", "OBSERVERS", "MinMaxObserver",
     "MSEObserver", "Observer", "PercentileObserver", "make_observer", "register_observer", "QParams", "check_bits",
     "dequantize", "fake_quantize", "qparams_from_range", "qrange", "quantize", "QuantizedActSpec",
     "QuantizedLinearSpec", "step_group",

@@ -12,7 +12,10 @@ activation (the operands of the attention matmuls). Both have three modes:
 - ``hessian`` (sequential GPTQ, linears only): float forward, while the GPTQ Hessian gathers the
   input as the INT8 GEMM will see it (on the activation grid);
 - ``target`` (sequential GPTQ with ``target="float"``, linears only): float forward, keeping the
-  float model's input batch by batch for the ``hessian`` pass that follows.
+  float model's input batch by batch for the ``hessian`` pass that follows;
+- ``soft`` (block reconstruction, :mod:`~qc_compiler.quant.brecq`): fake-quantized forward that
+  gradients pass: activations through a straight-through estimator, weights on their learned soft
+  rounding.
 
 Activation ranges may differ per group of sampling steps; the group comes from the step context
 (``step_state.step``, which calibration sets too, see ``StepState.calibrating``). With no step
@@ -38,6 +41,7 @@ import torch.nn.functional as F
 from ..errors import CalibrationError
 from ..step import StepAware
 from .balance import BalanceConfig, ChannelStats, balance_scales
+from .brecq import codes as brecq_codes, init_v, soft_weight
 from .config import LayerQuant
 from .gptq import GPTQConfig, HessianAccumulator, float_target_weight, gptq_codes
 from .observers import make_observer
@@ -46,7 +50,7 @@ from .spec import QuantizedActSpec, QuantizedLinearSpec, step_group
 
 __all__ = ["QuantLinear", "ActQuant", "set_mode"]
 
-MODES = ("stats", "observe", "quant", "compare", "float", "hessian", "target")
+MODES = ("stats", "observe", "quant", "compare", "float", "hessian", "target", "soft")
 
 
 class _ActRanges(StepAware, nn.Module):
@@ -142,6 +146,9 @@ class QuantLinear(_ActRanges):
     ``in_scale``, chosen in a ``stats`` pass before observing): the weight quantized is W s, the input
     is quantized as round(x / (s a)) + z. Only for layers whose input is quantized.
 
+    ``brecq``: the codes are learned by block reconstruction (the Quantize pass runs it, through
+    :meth:`begin_soft` and :meth:`end_soft`); until then they are round to nearest's. Fitted state.
+
     ``low_rank``: SVDQuant's low-rank float branch, rank r > 0. The top r singular directions of the
     (balanced) weight stay in float, y = Q(x) Q(W - U V)^T + (x V^T) U^T, so the 4-bit grid only
     has to hold the residual, whose range is smaller. ``lr_up`` (N, r) and ``lr_down`` (r, K), with
@@ -150,7 +157,7 @@ class QuantLinear(_ActRanges):
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], path: str, spec: LayerQuant,
                  *, num_groups: int, num_steps: int, gptq: Optional[GPTQConfig] = None,
-                 balance: Optional[BalanceConfig] = None, low_rank: int = 0):
+                 balance: Optional[BalanceConfig] = None, low_rank: int = 0, brecq: bool = False):
         super().__init__(path, spec, num_groups, num_steps)
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
         self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
@@ -158,8 +165,13 @@ class QuantLinear(_ActRanges):
         self.register_buffer("w_scale", torch.ones(out))
         self.register_buffer("w_fq", torch.empty(0))
         self.gptq = gptq
-        if gptq is not None:
+        if gptq is not None and brecq:
+            raise ValueError(f"{path}: GPTQ and block reconstruction both choose the codes; take one")
+        self.brecq = brecq
+        self._v: Optional[torch.Tensor] = None
+        if gptq is not None or brecq:
             self.register_buffer("w_codes", torch.zeros(weight.shape, dtype=torch.int8))
+        if gptq is not None:
             self._hessian: Optional[HessianAccumulator] = HessianAccumulator(weight.shape[1])
         if balance is not None and spec.act_bits is None:
             raise ValueError(f"{path}: balancing needs a quantized input; this layer is weight-only")
@@ -215,6 +227,19 @@ class QuantLinear(_ActRanges):
             self.w_codes.copy_(gptq_codes(w, self._hessian.hessian(), self.w_scale,
                                           self.spec.weight_bits, self.gptq))
             self._hessian = None
+        if self.brecq:  # round to nearest until the reconstruction learns better
+            self.w_codes.copy_(quantize(w, self.weight_qparams()).to(torch.int8))
+        self._cache_weight()
+
+    def begin_soft(self) -> torch.Tensor:
+        """Block reconstruction: start the soft rounding V (AdaRound's init) and return it to optimise."""
+        self._v = init_v(self._grid_weight(), self.w_scale[:, None]).requires_grad_(True)
+        return self._v
+
+    def end_soft(self) -> None:
+        """Block reconstruction: keep the rounding V learned, as integer codes on the same grid."""
+        self.w_codes.copy_(brecq_codes(self._grid_weight(), self.w_scale[:, None], self._v, self.spec.weight_bits))
+        self._v = None
         self._cache_weight()
 
     def begin_hessian(self) -> None:
@@ -243,7 +268,7 @@ class QuantLinear(_ActRanges):
 
     def weight_codes(self) -> torch.Tensor:
         """The int8 weight codes (N, K): GPTQ's where fitted so, else round to nearest (of W s when balanced)."""
-        if self.gptq is not None:
+        if self.gptq is not None or self.brecq:
             return self.w_codes
         return quantize(self._grid_weight(), self.weight_qparams()).to(torch.int8)
 
@@ -251,7 +276,7 @@ class QuantLinear(_ActRanges):
         self.w_fq = dequantize(self.weight_codes(), self.weight_qparams()).to(self.weight.dtype)
 
     def fitted_state(self) -> Dict[str, torch.Tensor]:
-        gptq = {"w_codes": self.w_codes} if self.gptq is not None else {}
+        gptq = {"w_codes": self.w_codes} if self.gptq is not None or self.brecq else {}
         balance = {"in_scale": self.in_scale} if self.balance is not None else {}
         low_rank = {"lr_up": self.lr_up, "lr_down": self.lr_down} if self.low_rank else {}
         return {**super().fitted_state(), "w_scale": self.w_scale, **gptq, **balance, **low_rank}
@@ -304,7 +329,13 @@ class QuantLinear(_ActRanges):
             self._hessian.update(self._quantized_input(x), target)
         if self.mode in ("observe", "float", "hessian", "target"):
             return F.linear(x, self.weight, self.bias)
-        out = F.linear(self._quantized_input(x), self.w_fq, self.bias)
+        if self.mode == "soft":
+            xq = self._quantized_input(x)
+            xq = x + (xq - x).detach() if self.balance is None else xq.detach() + (x - x.detach()) / self.in_scale.to(x.dtype)
+            weight = soft_weight(self._grid_weight(), self.w_scale[:, None], self._v, self.spec.weight_bits)
+            out = F.linear(xq, weight, self.bias)
+        else:
+            out = F.linear(self._quantized_input(x), self.w_fq, self.bias)
         if self.low_rank:
             out = out + F.linear(F.linear(x, self.lr_down.to(x.dtype)), self.lr_up.to(x.dtype))
         if self.mode == "compare":
@@ -329,6 +360,8 @@ class ActQuant(_ActRanges):
         if self.mode in ("stats", "observe", "float", "hessian", "target"):
             return x
         out = fake_quantize(x, self.act_qparams())
+        if self.mode == "soft":  # straight through: block reconstruction's gradients pass
+            return x + (out - x).detach()
         if self.mode == "compare":
             self._track(out, x)
             return x

@@ -124,7 +124,8 @@ def _table() -> Dict[str, Variant]:
                            ("fgptq-bal-lr16", {"rounding": "gptq", "gptq": _FLOAT_TARGET, "balance": "search",
                                                "low_rank": 16}),
                            ("sgptq-bal-lr16", {"rounding": "gptq", "gptq": _SEQUENTIAL, "balance": "search",
-                                               "low_rank": 16})):
+                                               "low_rank": 16}),
+                           ("brecq", {"rounding": "brecq"})):
             table[f"quant-{sel}-{tag}"] = Variant(selector=sel, **extra)
             table[f"qc-{sel}-{tag}"] = Variant(cache=RUN_CACHE, selector=sel, **extra)
             table[f"qc-{sel}-{tag}-vcvar"] = Variant(cache=RUN_CACHE, selector=sel, vc="variance", **extra)
