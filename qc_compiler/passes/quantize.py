@@ -168,7 +168,9 @@ class Quantize(Pass):
                 f"largest error {worst.path} ({worst.rel_error:.4f})")
         blocks = ctx.artifacts.get("brecq") if self.brecq is not None else None
         if blocks:  # fitted now (not loaded): how much the learned rounding moved each block toward float
-            note += ("; BRECQ block error vs float " + ", ".join(f"{b['nearest']:.3f}->{b['learned']:.3f}" for b in blocks))
+            note += ("; BRECQ block error vs float " + ", ".join(
+                f"{b['nearest']:.3f}->{b['learned']:.3f}" + ("" if b["kept"] == "learned" else " (kept nearest)")
+                for b in blocks))
         return PassResult(gm, modified=True, notes=note)
 
     # --- decide ---------------------------------------------------------------------------------
@@ -284,8 +286,10 @@ class Quantize(Pass):
         """BRECQ, block after block in graph order: each block's float output on the float model's
         inputs is the target; the quantized model's inputs (every block before already rounded) go in;
         the soft rounding of the block's linears is learned (activations straight through); then the
-        block runs hard-rounded to give the next block its inputs. Returns, per block with linears, the
-        relative error of its output against float before (round to nearest) and after."""
+        block runs hard-rounded to give the next block its inputs. A block whose learned codes measure
+        worse on the calibration set than round to nearest's keeps round to nearest's. Returns, per
+        block with linears, the relative error of its output against float before (round to nearest)
+        and after learning, and which codes it kept."""
         cfg = self.brecq
         slices = block_slices(gm, block_pattern)
         holders = placeholders(gm)
@@ -305,19 +309,26 @@ class Quantize(Pass):
             learn = [m for m in mods if isinstance(m, QuantLinear) and m.brecq]
             run_all(s, env_f, "float")
             if learn:
-                trial = [{n: e[n] for n in s.inputs} for e in env_q]  # round to nearest's error, for the report
+                nearest = {id(m): m.w_codes.clone() for m in learn}
+                trial = [{n: e[n] for n in s.inputs} for e in env_q]  # round to nearest's error
                 run_all(s, trial, "quant")
                 before = _rel_error(trial, env_f, s.outputs)
                 self._learn(gm, s, mods, learn, batches, env_f, env_q, state, gen)
+                trial = [{n: e[n] for n in s.inputs} for e in env_q]
+                run_all(s, trial, "quant")
+                after = _rel_error(trial, env_f, s.outputs)
+                if after >= before:  # hard rounding can undo what the soft one learned: never keep worse
+                    for m in learn:
+                        m.set_codes(nearest[id(m)])
+                report.append({"block": s.name, "linears": len(learn), "nearest": before, "learned": after,
+                               "kept": "learned" if after < before else "nearest"})
             run_all(s, env_q, "quant")
-            if learn:
-                report.append({"block": s.name, "linears": len(learn), "nearest": before,
-                               "learned": _rel_error(env_q, env_f, s.outputs)})
             for e in env_f + env_q:
                 free_after(slices, i, e)
         return report
 
-    def _learn(self, gm, s, mods, learn, batches, env_f, env_q, state, gen) -> None:
+    def _learn(self, gm: fx.GraphModule, s, mods: List[Any], learn: List[QuantLinear], batches, env_f, env_q,
+               state: StepState, gen: torch.Generator) -> None:
         """Optimise the soft rounding of ``learn`` (the linears of slice ``s``) against the float targets,
         on minibatches that mix timesteps (:func:`_minibatches`)."""
         cfg = self.brecq
@@ -392,7 +403,8 @@ def _minibatches(s, mods, batches, env_f, env_q, gen):
     every tensor input either the same in every batch (used as is) or one row per item (rows
     gathered), and no op in the slice reading the step (per-step activation ranges). Otherwise whole
     batches are drawn."""
-    rows = [int(next(iter(e.values())).shape[0]) for e in env_f]
+    # items per batch: the first tensor graph input's leading size (the inputs come first in each env)
+    rows = [int(next(v for v in e.values() if isinstance(v, torch.Tensor) and v.ndim > 0).shape[0]) for e in env_f]
     size = max(rows)
     full = [i for i, r in enumerate(rows) if r == size]
 

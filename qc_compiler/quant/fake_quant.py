@@ -242,6 +242,11 @@ class QuantLinear(_ActRanges):
         self._v = None
         self._cache_weight()
 
+    def set_codes(self, codes: torch.Tensor) -> None:
+        """Replace the fitted codes (a reconstruction that measured worse goes back to its start)."""
+        self.w_codes.copy_(codes)
+        self._cache_weight()
+
     def begin_hessian(self) -> None:
         """Sequential GPTQ: start an empty Hessian, to be gathered in ``hessian`` mode (after a ``target``
         pass over the same batches when the target is the float model)."""
