@@ -49,7 +49,7 @@ ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h reaches 0 and
 class BRECQConfig:
     """BRECQ's options (see the module docstring). Checked when built."""
 
-    iters: int = 1000  # optimiser steps per block
+    iters: int = 2000  # optimiser steps per block
     lr: float = 1e-2  # Adam's learning rate on V
     reg_weight: float = 0.01
     warmup: float = 0.2  # fraction of iters with the regulariser off
