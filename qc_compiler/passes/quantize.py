@@ -103,21 +103,9 @@ class Quantize(Pass):
         self.config = config
         if rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {list(ROUNDINGS)}, got {rounding!r}")
-        if gptq is not None and rounding != "gptq":
-            raise ValueError("gptq options were given, but rounding is not 'gptq': set rounding='gptq' or drop them")
-        if isinstance(gptq, dict):
-            gptq = config_or_keywords("gptq", GPTQConfig, None, gptq)
-        elif gptq is not None and not isinstance(gptq, GPTQConfig):
-            raise ValueError(f"gptq must be a GPTQConfig or a dict of its fields, got {type(gptq).__name__}")
-        if brecq is not None and rounding != "brecq":
-            raise ValueError("brecq options were given, but rounding is not 'brecq': set rounding='brecq' or drop them")
-        if isinstance(brecq, dict):
-            brecq = config_or_keywords("brecq", BRECQConfig, None, brecq)
-        elif brecq is not None and not isinstance(brecq, BRECQConfig):
-            raise ValueError(f"brecq must be a BRECQConfig or a dict of its fields, got {type(brecq).__name__}")
         self.rounding = rounding
-        self.gptq = (gptq or GPTQConfig()) if rounding == "gptq" else None
-        self.brecq = (brecq or BRECQConfig()) if rounding == "brecq" else None
+        self.gptq = _rounding_options("gptq", GPTQConfig, gptq, rounding)
+        self.brecq = _rounding_options("brecq", BRECQConfig, brecq, rounding)
         if isinstance(balance, str):
             balance = BalanceConfig(method=balance)
         elif isinstance(balance, dict):
@@ -375,6 +363,18 @@ class Quantize(Pass):
                 run("float", batches, only={id(m): "target"})
             run("float", batches, only={id(m): "hessian", **{id(o): "quant" for o in order[:i]}})
             m.refit_gptq()
+
+
+def _rounding_options(name: str, cls: type, value: Any, rounding: str) -> Any:
+    """The options of rounding ``name`` (a ``cls``, or a dict of its fields; its defaults when None) if
+    ``rounding`` is ``name``, else None; options for a rounding not chosen are refused."""
+    if value is not None and rounding != name:
+        raise ValueError(f"{name} options were given, but rounding is not '{name}': set rounding='{name}' or drop them")
+    if isinstance(value, dict):
+        value = config_or_keywords(name, cls, None, value)
+    elif value is not None and not isinstance(value, cls):
+        raise ValueError(f"{name} must be a {cls.__name__} or a dict of its fields, got {type(value).__name__}")
+    return (value or cls()) if rounding == name else None
 
 
 def _slice_modules(gm: fx.GraphModule, s) -> List[Any]:
