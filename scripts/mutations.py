@@ -105,6 +105,12 @@ MUTATIONS = [
     ("float-target GPTQ: the 'float' inputs gathered with the layers before already quantized",
      "qc_compiler/passes/quantize.py", 'run("float", batches, only={id(m): "target"})',
      'run("float", batches, only={id(m): "target", **{id(o): "quant" for o in order[:i]}})'),
+    ("BRECQ: the soft forward uses the fixed round-to-nearest weight (nothing learned)",
+     "qc_compiler/quant/fake_quant.py",
+     "weight = soft_weight(self._grid_weight(), self.w_scale[:, None], self._v, self.spec.weight_bits)",
+     "weight = self.w_fq + 0 * self._v.sum()"),
+    ("BRECQ: learned codes read the wrong side of one half", "qc_compiler/quant/brecq.py",
+     "(_h(v.detach()) > 0.5)", "(_h(v.detach()) < 0.5)"),
 ]
 
 
