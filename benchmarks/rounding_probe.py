@@ -1,0 +1,77 @@
+"""A quick probe of W4A8 weight rounding: how far each rounding's samples land from FP32's, same noise.
+
+    python benchmarks/rounding_probe.py --n 250 --rows nearest gptq fgptq brecq:1000 brecq:2000 brecq-unmixed:1000
+
+Samples ``--n`` digits (50 DDPM steps, cfg 1.5) with FP32 and with each row (uniform calibration, 800
+items, torch INT8 backend) from the same noise, and prints the pixel RMSE between each row's samples
+and FP32's: a 5-minute stand-in for the 2,000-sample FID table when choosing options
+(docs/RESULTS.md, "Low-bit fidelity"). ``brecq:N`` is BRECQ with N steps a block; ``brecq-unmixed``
+draws each minibatch from one calibration batch (one timestep) instead of mixing timesteps.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+import qc_compiler as qc
+from qc_compiler.passes import Quantize, UniformCalibration
+from qc_compiler.passes import quantize as quantize_pass
+from qc_compiler.tools.bench import machine_line, write_results
+
+
+def _options(row: str) -> dict:
+    name, _, iters = row.partition(":")
+    if name == "nearest":
+        return {}
+    if name == "gptq":
+        return {"rounding": "gptq"}
+    if name == "fgptq":
+        return {"rounding": "gptq", "gptq": {"sequential": True, "target": "float"}}
+    if name in ("brecq", "brecq-unmixed"):
+        return {"rounding": "brecq", "brecq": {"iters": int(iters)} if iters else {}}
+    raise SystemExit(f"unknown row {row!r}: nearest, gptq, fgptq, brecq[:iters], brecq-unmixed[:iters]")
+
+
+def _unmixed(s, mods, batches, env_f, env_q, gen):
+    """The minibatch draw with timesteps never mixed (whole calibration batches)."""
+    def whole():
+        b = int(torch.randint(len(batches), (1,), generator=gen))
+        return batches[b][0], {n: env_q[b][n] for n in s.inputs}, env_f[b]
+    return whole
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=250)
+    p.add_argument("--rows", nargs="+", default=["nearest", "gptq", "fgptq", "brecq"])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    options = {row: _options(row) for row in args.rows}  # refuse a bad row before any work
+    torch.set_num_threads(args.threads)
+    print(machine_line())
+    model, sampler = qc.load_model("dit-mnist"), qc.DDPM(steps=50, cfg_scale=1.5)
+    labels = [i % 10 for i in range(args.n)]
+    ref = sampler.sample(model, labels=labels, seed=0).clamp(-1, 1)
+    rows = []
+    for row, opts in options.items():
+        t0 = time.time()
+        patch = (mock.patch.object(quantize_pass, "_minibatches", _unmixed) if row.startswith("brecq-unmixed")
+                 else mock.patch.object(quantize_pass, "_minibatches", quantize_pass._minibatches))
+        with patch:
+            fast = qc.compile(model, passes=[UniformCalibration(size=800), Quantize(preset="w4a8", **opts)],
+                              sampler=sampler, backend="torch")
+        compile_s = time.time() - t0
+        out = sampler.sample(fast, labels=labels, seed=0).clamp(-1, 1)
+        rmse = float(((out - ref) ** 2).mean().sqrt())
+        rows.append({"row": row, "rmse_vs_fp32": rmse, "compile_s": compile_s})
+        print(f"| {row} | {rmse:.4f} | {compile_s:.0f} s |", flush=True)
+    write_results(args.json, "rounding_probe", vars(args), rows)
+
+
+if __name__ == "__main__":
+    main()
