@@ -305,7 +305,7 @@ def test_block_reconstruction_through_a_pipeline(monkeypatch):
     inputs that carry no batch axis): every block with linears is reconstructed, no block keeps codes
     that measure worse than round to nearest, and the pipeline's output moves closer to float."""
     reports, original = [], qc.passes.Quantize._reconstruct
-    monkeypatch.setattr(qc.passes.Quantize, "_reconstruct", lambda self, *a: reports.append(original(self, *a)) or reports[-1])
+    monkeypatch.setattr(qc.passes.Quantize, "_reconstruct", lambda self, *a, **kw: reports.append(original(self, *a, **kw)) or reports[-1])
     errors = {}
     for tag, options in (("nearest", {}), ("brecq", {"rounding": "brecq", "brecq": {"iters": 60}})):
         pipe, kw = _build("flux")

@@ -447,8 +447,8 @@ def brecq_runs(monkeypatch):
     seen = []
     original = Quantize._reconstruct
 
-    def spy(self, gm, modules, batches, state, pattern):
-        report = original(self, gm, modules, batches, state, pattern)
+    def spy(self, gm, modules, batches, state, pattern, **kw):
+        report = original(self, gm, modules, batches, state, pattern, **kw)
         seen.append({"report": report, "batches": batches})
         return report
 

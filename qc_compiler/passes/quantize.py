@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.fx as fx
+from tqdm.auto import tqdm
 
 from ..diffusion.samplers import model_timestep
 from ..errors import PassError
@@ -264,13 +265,13 @@ class Quantize(Pass):
                 self._sequential_gptq(modules, batches, run)
             if self.brecq is not None:
                 ctx.artifacts["brecq"] = self._reconstruct(gm, modules, batches_of(self.brecq.batch_size), state,
-                                                           ctx.adapter.blocks.pattern)
+                                                           ctx.adapter.blocks.pattern, progress=ctx.progress)
             # Per-layer sensitivity: each op quantized alone, on batches spread over the steps.
             stride = max(1, len(batches) // self.compare_batches)
             run("compare", batches[::stride][: self.compare_batches])
 
     def _reconstruct(self, gm: fx.GraphModule, modules: List[Any], batches, state: StepState,
-                     block_pattern: str) -> List[Dict[str, Any]]:
+                     block_pattern: str, progress: bool = False) -> List[Dict[str, Any]]:
         """BRECQ, block after block in graph order: each block's float output on the float model's
         inputs is the target; the quantized model's inputs (every block before already rounded) go in;
         the soft rounding of the block's linears is learned (activations straight through); then the
@@ -301,7 +302,7 @@ class Quantize(Pass):
                 trial = [{n: e[n] for n in s.inputs} for e in env_q]  # round to nearest's error
                 run_all(s, trial, "quant")
                 before = _rel_error(trial, env_f, s.outputs)
-                self._learn(gm, s, mods, learn, batches, env_f, env_q, state, gen)
+                self._learn(gm, s, mods, learn, batches, env_f, env_q, state, gen, progress)
                 trial = [{n: e[n] for n in s.inputs} for e in env_q]
                 run_all(s, trial, "quant")
                 after = _rel_error(trial, env_f, s.outputs)
@@ -316,7 +317,7 @@ class Quantize(Pass):
         return report
 
     def _learn(self, gm: fx.GraphModule, s, mods: List[Any], learn: List[QuantLinear], batches, env_f, env_q,
-               state: StepState, gen: torch.Generator) -> None:
+               state: StepState, gen: torch.Generator, progress: bool = False) -> None:
         """Optimise the soft rounding of ``learn`` (the linears of slice ``s``) against the float targets,
         on minibatches that mix timesteps (:func:`_minibatches`)."""
         cfg = self.brecq
@@ -325,7 +326,7 @@ class Quantize(Pass):
         set_mode(mods, "soft")
         opt = torch.optim.Adam(vs, lr=cfg.lr)
         with torch.enable_grad():
-            for it in range(cfg.iters):
+            for it in tqdm(range(cfg.iters), desc=f"brecq {s.name}", disable=not progress, leave=False):
                 step, env, target = draw()
                 with state.calibrating(step):
                     run_slice(gm, s, env)
