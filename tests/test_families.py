@@ -318,4 +318,4 @@ def test_block_reconstruction_through_a_pipeline(monkeypatch):
     assert {"transformer.transformer_blocks.0", "transformer.single_transformer_blocks.0", "tail"} <= set(blocks)
     assert all(r["learned"] < r["nearest"] or r["kept"] == "nearest" for r in blocks.values())
     assert "(BRECQ)" in compiled.report()
-    assert errors["brecq"] < 0.95 * errors["nearest"], errors  # measured 0.86x (60 steps a block)
+    assert errors["brecq"] < 0.95 * errors["nearest"], errors  # measured 0.84x (60 steps a block)

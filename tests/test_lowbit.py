@@ -496,3 +496,31 @@ def test_brecq_runs_under_a_step_cache_and_is_saved_and_loaded_without_refitting
     monkeypatch.setattr(Quantize, "_calibrate", lambda *a: (_ for _ in ()).throw(AssertionError("recalibrated")))
     loaded = qc.load_compiled(tmp_path / "m")
     assert torch.equal(sampler.sample(loaded, [4, 2], seed=0), sampler.sample(cm, [4, 2], seed=0))
+
+
+def test_brecq_minibatches_mix_timesteps_and_keep_inputs_and_targets_aligned():
+    """Rows are drawn across calibration batches (one timestep each), a value every batch shares is
+    passed as is, and each drawn input row comes with its own target row; a value that differs between
+    batches but has no row axis falls back to whole batches."""
+    from types import SimpleNamespace
+
+    from qc_compiler.passes.quantize import _minibatches
+
+    x, const, y = object(), object(), object()  # stand-ins for graph nodes
+    sizes = [4, 4, 3]  # an uneven last batch
+    batches = [(step, (torch.zeros(r, 2),)) for step, r in enumerate(sizes)]
+    env_q = [{x: torch.arange(r, dtype=torch.float32)[:, None] + 10 * b, const: torch.ones(5)} for b, r in enumerate(sizes)]
+    env_f = [{y: 2 * e[x]} for e in env_q]
+    s = SimpleNamespace(inputs=[x, const], outputs=[y])
+    draw = _minibatches(s, [], batches, env_f, env_q, torch.Generator().manual_seed(0))
+    seen = set()
+    for _ in range(20):
+        _, inputs, targets = draw()
+        assert inputs[x].shape[0] == 4 and inputs[const] is env_q[0][const]
+        assert torch.equal(targets[y], 2 * inputs[x])
+        seen |= {int(v) // 10 for v in inputs[x].flatten()}
+    assert seen == {0, 1, 2}
+    for e in env_q:
+        e[const] = torch.rand(5)  # differs per batch, no row axis: cannot be mixed
+    step, inputs, targets = _minibatches(s, [], batches, env_f, env_q, torch.Generator().manual_seed(0))()
+    assert len({int(v) // 10 for v in inputs[x].flatten()}) == 1 and targets is env_f[step]

@@ -303,15 +303,15 @@ class Quantize(Pass):
                 run_all(s, trial, "quant")
                 before = _rel_error(trial, env_f, s.outputs)
                 self._learn(gm, s, mods, learn, batches, env_f, env_q, state, gen, progress)
-                trial = [{n: e[n] for n in s.inputs} for e in env_q]
-                run_all(s, trial, "quant")
-                after = _rel_error(trial, env_f, s.outputs)
+            run_all(s, env_q, "quant")
+            if learn:
+                after = _rel_error(env_q, env_f, s.outputs)
                 if after >= before:  # hard rounding can undo what the soft one learned: never keep worse
                     for m in learn:
                         m.set_codes(nearest[id(m)])
+                    run_all(s, env_q, "quant")
                 report.append({"block": s.name, "linears": len(learn), "nearest": before, "learned": after,
                                "kept": "learned" if after < before else "nearest"})
-            run_all(s, env_q, "quant")
             for e in env_f + env_q:
                 free_after(slices, i, e)
         return report
@@ -387,11 +387,22 @@ def _slice_modules(gm: fx.GraphModule, s) -> List[Any]:
     return out
 
 
+def _same(a: Any, b: Any) -> bool:
+    """The same value: equal tensors (shape and content), or equal plain values."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    return a is b or a == b
+
+
+def _float_outputs(target: Dict, outputs) -> List[fx.Node]:
+    """The outputs of a slice that are float tensors (the ones a reconstruction compares)."""
+    return [o for o in outputs if isinstance(target[o], torch.Tensor) and target[o].is_floating_point()]
+
+
 def _rec_loss(env: Dict, target: Dict, outputs) -> torch.Tensor:
     """BRECQ's reconstruction loss over a slice's tensor outputs: squared error summed over the last
     axis, averaged over the rest."""
-    return sum(((env[o] - target[o]) ** 2).sum(-1).mean() for o in outputs
-               if isinstance(target[o], torch.Tensor) and target[o].is_floating_point())
+    return sum(((env[o] - target[o]) ** 2).sum(-1).mean() for o in _float_outputs(target, outputs))
 
 
 def _minibatches(s, mods, batches, env_f, env_q, gen):
@@ -400,47 +411,42 @@ def _minibatches(s, mods, batches, env_f, env_q, gen):
     Each calibration batch holds one timestep. Learning from one timestep at a time makes Adam chase
     whichever step it saw last (measured on the embedded model, W4A8, 1,000 steps a block: samples
     0.111 RMS from FP32's against 0.088 with mixed rows), so rows are drawn from every batch at once
-    where the slice allows it:
-    every tensor input either the same in every batch (used as is) or one row per item (rows
-    gathered), and no op in the slice reading the step (per-step activation ranges). Otherwise whole
-    batches are drawn."""
-    # items per batch: the first tensor graph input's leading size (the inputs come first in each env)
-    rows = [int(next(v for v in e.values() if isinstance(v, torch.Tensor) and v.ndim > 0).shape[0]) for e in env_f]
+    where the slice allows it: every input and output either the same in every batch (used as is) or
+    a tensor with one row per item (rows gathered), and no op in the slice reading the step (per-step
+    activation ranges). Otherwise whole batches are drawn. A minibatch has as many items as the
+    largest calibration batch."""
+    # items per batch: the leading size of each batch's first tensor graph input
+    rows = [int(next(v for v in inputs if isinstance(v, torch.Tensor) and v.ndim > 0).shape[0]) for _, inputs in batches]
     size = max(rows)
-    full = [i for i, r in enumerate(rows) if r == size]
 
-    def mixable() -> bool:
-        if any(getattr(m, "num_groups", 1) > 1 for m in mods) or len(full) < 2:
-            return False
-        for n in list(s.inputs) + list(s.outputs):
-            vals = [(env_q if n in s.inputs else env_f)[i][n] for i in full]
-            if not isinstance(vals[0], torch.Tensor) or all(v is vals[0] or torch.equal(v, vals[0]) for v in vals):
-                continue
-            if any(v.ndim == 0 or v.shape[0] != size for v in vals):
-                return False
-        return True
+    def pooled(envs, nodes):
+        """node -> (rowwise, value): one value where every batch holds the same, else the batches' rows
+        stacked; None where a value differs between batches but has no row axis (cannot be mixed)."""
+        out = {}
+        for n in nodes:
+            vals = [env[n] for env in envs]
+            if all(_same(v, vals[0]) for v in vals):
+                out[n] = (False, vals[0])
+            elif all(isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == r for v, r in zip(vals, rows)):
+                out[n] = (True, torch.cat(vals))
+            else:
+                return None
+        return out
 
-    if not mixable():
+    steps_read = any(getattr(m, "num_groups", 1) > 1 for m in mods)
+    inputs = pooled(env_q, s.inputs) if len(batches) > 1 and not steps_read else None
+    targets = pooled(env_f, s.outputs) if inputs is not None else None
+    if targets is None:
         def whole():
             b = int(torch.randint(len(batches), (1,), generator=gen))
             return batches[b][0], {n: env_q[b][n] for n in s.inputs}, env_f[b]
         return whole
-
-    def pooled(envs, nodes):
-        out = {}
-        for n in nodes:
-            vals = [envs[i][n] for i in full]
-            same = not isinstance(vals[0], torch.Tensor) or all(v is vals[0] or torch.equal(v, vals[0]) for v in vals)
-            out[n] = (False, vals[0]) if same else (True, torch.cat(vals))
-        return out
-
-    inputs, targets = pooled(env_q, s.inputs), pooled(env_f, s.outputs)
-    total = size * len(full)
+    total = sum(rows)
 
     def mixed():
         idx = torch.randperm(total, generator=gen)[:size]
         pick = lambda d: {n: v[idx] if rowwise else v for n, (rowwise, v) in d.items()}  # noqa: E731
-        return batches[full[0]][0], pick(inputs), pick(targets)
+        return batches[0][0], pick(inputs), pick(targets)
     return mixed
 
 
@@ -448,10 +454,9 @@ def _rel_error(envs: List[Dict], targets: List[Dict], outputs) -> float:
     """Relative L2 error of a slice's outputs in ``envs`` against ``targets``, over every batch."""
     err = ref = 0.0
     for env, target in zip(envs, targets):
-        for o in outputs:
-            if isinstance(target[o], torch.Tensor) and target[o].is_floating_point():
-                err += float(((env[o] - target[o]) ** 2).sum())
-                ref += float((target[o] ** 2).sum())
+        for o in _float_outputs(target, outputs):
+            err += float(((env[o] - target[o]) ** 2).sum())
+            ref += float((target[o] ** 2).sum())
     return (err / ref) ** 0.5 if ref > 0 else 0.0
 
 
