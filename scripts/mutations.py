@@ -111,6 +111,10 @@ MUTATIONS = [
      "weight = self.w_fq + 0 * self._v.sum()"),
     ("BRECQ: learned codes read the wrong side of one half", "qc_compiler/quant/brecq.py",
      "(_h(v.detach()) > 0.5)", "(_h(v.detach()) < 0.5)"),
+    ("BRECQ: minibatches never mix timesteps", "qc_compiler/passes/quantize.py",
+     "inputs = pooled(env_q, s.inputs) if len(batches) > 1 and not steps_read else None", "inputs = None"),
+    ("BRECQ: learned codes kept even where they measure worse than round to nearest",
+     "qc_compiler/passes/quantize.py", "if after >= before:  # hard", "if False:  # hard"),
 ]
 
 

@@ -524,3 +524,16 @@ def test_brecq_minibatches_mix_timesteps_and_keep_inputs_and_targets_aligned():
         e[const] = torch.rand(5)  # differs per batch, no row axis: cannot be mixed
     step, inputs, targets = _minibatches(s, [], batches, env_f, env_q, torch.Generator().manual_seed(0))()
     assert len({int(v) // 10 for v in inputs[x].flatten()}) == 1 and targets is env_f[step]
+
+
+def test_brecq_keeps_round_to_nearest_where_the_learned_codes_measure_worse(brecq_runs):
+    """One Adam step at a huge rate throws every weight to floor or ceil by its gradient's sign: worse
+    than nearest on every block, so every block must come back with round to nearest's codes."""
+    model = make_tiny()
+    rtn = _compile(model=model)
+    cm = _compile(model=model, rounding="brecq", brecq={"iters": 1, "lr": 1e3, "warmup": 0.0})
+    report = brecq_runs[-1]["report"]
+    assert report and all(r["kept"] == "nearest" and r["learned"] >= r["nearest"] for r in report), report
+    ref = _layers(rtn)
+    for path, layer in _layers(cm).items():
+        assert torch.equal(layer.export_spec().codes, ref[path].export_spec().codes), path
