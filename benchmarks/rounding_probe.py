@@ -7,6 +7,12 @@ items, torch INT8 backend) from the same noise, and prints the pixel RMSE betwee
 and FP32's: a 5-minute stand-in for the 2,000-sample FID table when choosing options
 (docs/RESULTS.md, "Low-bit fidelity"). ``brecq:N`` is BRECQ with N steps a block; ``brecq-unmixed``
 draws each minibatch from one calibration batch (one timestep) instead of mixing timesteps.
+``brecq+lsq=1e-2+drop=0.5+branch=1e-3:2000`` adds BRECQ's options for 4-bit activations: the
+learning rate of the activation step sizes (``act_lr``), QDrop's rate (``drop``) and the learning
+rate of the low-rank branch (``branch_lr``, with ``--low-rank``). ``--bits``, ``--balance`` and
+``--low-rank`` apply to every row, e.g. for W4A4:
+
+    python benchmarks/rounding_probe.py --bits w4a4 --balance search --low-rank 16 --rows gptq brecq:1000 brecq+lsq=1e-3:1000
 """
 from __future__ import annotations
 
@@ -23,6 +29,9 @@ from qc_compiler.passes import quantize as quantize_pass
 from qc_compiler.tools.bench import machine_line, write_results
 
 
+_EXTRAS = {"lsq": "act_lr", "drop": "drop", "branch": "branch_lr"}
+
+
 def _options(row: str) -> dict:
     name, _, iters = row.partition(":")
     if name == "nearest":
@@ -31,9 +40,17 @@ def _options(row: str) -> dict:
         return {"rounding": "gptq"}
     if name == "fgptq":
         return {"rounding": "gptq", "gptq": {"sequential": True, "target": "float"}}
-    if name in ("brecq", "brecq-unmixed"):
-        return {"rounding": "brecq", "brecq": {"iters": int(iters)} if iters else {}}
-    raise SystemExit(f"unknown row {row!r}: nearest, gptq, fgptq, brecq[:iters], brecq-unmixed[:iters]")
+    base, *extras = name.split("+")
+    if base in ("brecq", "brecq-unmixed"):
+        brecq = {"iters": int(iters)} if iters else {}
+        for extra in extras:  # +lsq=LR (act_lr), +drop=P, +branch=LR (branch_lr)
+            key, _, value = extra.partition("=")
+            if key not in _EXTRAS or not value:
+                raise SystemExit(f"unknown BRECQ extra {extra!r}: lsq=LR, drop=P, branch=LR")
+            brecq[_EXTRAS[key]] = float(value)
+        return {"rounding": "brecq", "brecq": brecq}
+    raise SystemExit(f"unknown row {row!r}: nearest, gptq, fgptq, brecq[+lsq=LR][+drop=P][+branch=LR][:iters], "
+                     "brecq-unmixed[:iters]")
 
 
 def _unmixed(s, mods, batches, env_f, env_q, gen):
@@ -48,10 +65,15 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=250)
     p.add_argument("--rows", nargs="+", default=["nearest", "gptq", "fgptq", "brecq"])
+    p.add_argument("--bits", choices=["w4a8", "w4a4"], default="w4a8")
+    p.add_argument("--balance", choices=["search", "smoothquant", "ptq4dit"], help="salience balancing on every row")
+    p.add_argument("--low-rank", type=int, default=0, help="SVDQuant's float branch of this rank on every row")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
-    options = {row: _options(row) for row in args.rows}  # refuse a bad row before any work
+    common = {"balance": args.balance} if args.balance else {}
+    common.update({"low_rank": args.low_rank} if args.low_rank else {})
+    options = {row: {**_options(row), **common} for row in args.rows}  # refuse a bad row before any work
     torch.set_num_threads(args.threads)
     print(machine_line())
     model, sampler = qc.load_model("dit-mnist"), qc.DDPM(steps=50, cfg_scale=1.5)
@@ -63,7 +85,7 @@ def main(argv=None):
         patch = (mock.patch.object(quantize_pass, "_minibatches", _unmixed) if row.startswith("brecq-unmixed")
                  else mock.patch.object(quantize_pass, "_minibatches", quantize_pass._minibatches))
         with patch:
-            fast = qc.compile(model, passes=[UniformCalibration(size=800), Quantize(preset="w4a8", **opts)],
+            fast = qc.compile(model, passes=[UniformCalibration(size=800), Quantize(preset=args.bits, **opts)],
                               sampler=sampler, backend="torch")
         compile_s = time.time() - t0
         out = sampler.sample(fast, labels=labels, seed=0).clamp(-1, 1)

@@ -116,6 +116,8 @@ class Quantize(Pass):
                              f"got {type(balance).__name__}")
         self.balance = balance
         self.low_rank = check_int("low_rank", low_rank, lo=0)
+        if self.brecq is not None and self.brecq.branch_lr and not self.low_rank:
+            raise ValueError("brecq branch_lr learns the low-rank branch, but low_rank is 0: set low_rank=r or drop branch_lr")
         self.batch_size = check_int("batch_size", batch_size, lo=1)
         self.compare_batches = check_int("compare_batches", compare_batches, lo=1)
 
@@ -276,7 +278,8 @@ class Quantize(Pass):
         inputs is the target; the quantized model's inputs (every block before already rounded) go in;
         the soft rounding of the block's linears is learned (activations straight through); then the
         block runs hard-rounded to give the next block its inputs. A block whose learned codes measure
-        worse on the calibration set than round to nearest's keeps round to nearest's. Returns, per
+        worse on the calibration set than round to nearest's, or whose loss diverged, keeps round to
+        nearest's (and the observers' step sizes, and the SVD's branches). Returns, per
         block with linears, the relative error of its output against float before (round to nearest)
         and after learning, and which codes it kept."""
         cfg = self.brecq
@@ -298,17 +301,17 @@ class Quantize(Pass):
             learn = [m for m in mods if isinstance(m, QuantLinear) and m.brecq]
             run_all(s, env_f, "float")
             if learn:
-                nearest = {id(m): m.w_codes.clone() for m in learn}
+                start = _learned_state(mods, learn)
                 trial = [{n: e[n] for n in s.inputs} for e in env_q]  # round to nearest's error
                 run_all(s, trial, "quant")
                 before = _rel_error(trial, env_f, s.outputs)
-                self._learn(gm, s, mods, learn, batches, env_f, env_q, state, gen, progress)
+                if not self._learn(gm, s, mods, learn, batches, env_f, env_q, state, gen, progress):
+                    _restore(mods, learn, start)  # the loss diverged: nothing learned is kept
             run_all(s, env_q, "quant")
             if learn:
                 after = _rel_error(env_q, env_f, s.outputs)
-                if after >= before:  # hard rounding can undo what the soft one learned: never keep worse
-                    for m in learn:
-                        m.set_codes(nearest[id(m)])
+                if not after < before:  # hard rounding can undo what the soft one learned: never keep worse
+                    _restore(mods, learn, start)
                     run_all(s, env_q, "quant")
                 report.append({"block": s.name, "linears": len(learn), "nearest": before, "learned": after,
                                "kept": "learned" if after < before else "nearest"})
@@ -317,29 +320,44 @@ class Quantize(Pass):
         return report
 
     def _learn(self, gm: fx.GraphModule, s, mods: List[Any], learn: List[QuantLinear], batches, env_f, env_q,
-               state: StepState, gen: torch.Generator, progress: bool = False) -> None:
+               state: StepState, gen: torch.Generator, progress: bool = False) -> bool:
         """Optimise the soft rounding of ``learn`` (the linears of slice ``s``) against the float targets,
-        on minibatches that mix timesteps (:func:`_minibatches`)."""
+        on minibatches that mix timesteps (:func:`_minibatches`); with ``act_lr``, the step sizes of the
+        slice's activations too (LSQ), with ``branch_lr`` the low-rank branches, and with ``drop``,
+        QDrop's float elements. False when the loss or what was learned went non-finite."""
         cfg = self.brecq
         draw = _minibatches(s, mods, batches, env_f, env_q, gen)
-        vs = [m.begin_soft() for m in learn]
+        vs, branch = [], []
+        for m in learn:
+            v, factors = m.begin_soft(cfg.branch_lr > 0)
+            vs.append(v)
+            branch += factors
+        drops = torch.Generator().manual_seed(cfg.seed + 1)
+        steps = [a for a in (m.begin_soft_acts(cfg.act_lr > 0, cfg.drop, drops) for m in mods) if a is not None]
         set_mode(mods, "soft")
-        opt = torch.optim.Adam(vs, lr=cfg.lr)
+        groups = [(vs, cfg.lr), (steps, cfg.act_lr), (branch, cfg.branch_lr)]
+        opt = torch.optim.Adam([{"params": p, "lr": lr} for p, lr in groups if p])
         with torch.enable_grad():
             for it in tqdm(range(cfg.iters), desc=f"brecq {s.name}", disable=not progress, leave=False):
                 step, env, target = draw()
                 with state.calibrating(step):
                     run_slice(gm, s, env)
                 loss = _rec_loss(env, target, s.outputs)
+                if not torch.isfinite(loss):
+                    break
                 beta = cfg.beta(it)
                 if beta:
                     loss = loss + cfg.reg_weight * sum(rounding_regularizer(v, beta) for v in vs)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+        finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(p).all()) for params, _ in groups for p in params)
         for m in learn:
             m.end_soft()
+        for m in mods:
+            m.end_soft_acts()
         set_mode(mods, "quant")
+        return finite
 
     @staticmethod
     def _sequential_gptq(modules: List[Any], batches, run) -> None:
@@ -364,6 +382,23 @@ class Quantize(Pass):
                 run("float", batches, only={id(m): "target"})
             run("float", batches, only={id(m): "hessian", **{id(o): "quant" for o in order[:i]}})
             m.refit_gptq()
+
+
+def _learned_state(mods: List[Any], learn: List[QuantLinear]) -> Dict[str, Dict[int, Any]]:
+    """What block reconstruction may change in a slice, as it stands before learning: codes (round to
+    nearest's), activation step sizes (the observers') and low-rank branches (the SVD's)."""
+    return {"codes": {id(m): m.w_codes.clone() for m in learn},
+            "steps": {id(m): m.a_scale.clone() for m in mods},
+            "branch": {id(m): (m.lr_up.clone(), m.lr_down.clone()) for m in learn if m.low_rank}}
+
+
+def _restore(mods: List[Any], learn: List[QuantLinear], start: Dict[str, Dict[int, Any]]) -> None:
+    for m in learn:
+        m.set_codes(start["codes"][id(m)])
+        if m.low_rank:
+            m.set_branch(*start["branch"][id(m)])
+    for m in mods:
+        m.set_act_scale(start["steps"][id(m)])
 
 
 def _rounding_options(name: str, cls: type, value: Any, rounding: str) -> Any:

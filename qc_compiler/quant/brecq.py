@@ -25,6 +25,18 @@ What is fixed here, and why:
 - V starts at the rounding to nearest's side (AdaRound's initialisation), the batches are drawn by a
   seeded generator: the same calibration set gives the same codes.
 
+Two options for 4-bit activations, off by default (at A8 the activation grid is fine enough):
+- ``act_lr`` learns each activation's step size with the rounding, as BRECQ does at A4, by LSQ's
+  estimator (Esser et al., 2020; :func:`lsq_fake_quantize`). A log-multiplier per step group is
+  learned, so the step stays positive; the zero point stays the observer's. The result is new
+  ``a_scale`` values: the backends' formats are unchanged.
+- ``drop`` is QDrop's probability (Wei et al., 2022) that an activation element stays float in the
+  learning loop, so the weights are not fitted to one draw of activation rounding noise.
+- ``branch_lr`` learns SVDQuant's low-rank float branch (``Quantize(low_rank=r)``) with the rounding,
+  starting from the SVD's factors: the branch then absorbs what the 4-bit grid gets wrong, for the
+  block's output, not just the weight's top singular directions. The residual the grid holds is
+  fixed when learning starts (the codes stay floor or ceil of it).
+
 Example:
     >>> w, s = torch.tensor([[0.26, -0.74]]), torch.tensor([[0.5]])
     >>> v = init_v(w, s)
@@ -40,8 +52,9 @@ import torch
 from ..options import check_float, check_int
 from .qparams import qrange
 
-__all__ = ["BRECQConfig", "init_v", "soft_weight", "codes", "rounding_regularizer"]
+__all__ = ["BRECQConfig", "init_v", "soft_weight", "codes", "rounding_regularizer", "lsq_fake_quantize"]
 
+_LATER = ("act_lr", "drop", "branch_lr")  # options added after the first release
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h reaches 0 and 1 exactly
 
 
@@ -57,6 +70,9 @@ class BRECQConfig:
     beta_end: float = 2.0
     batch_size: int = 32  # calibration items per step
     seed: int = 0
+    act_lr: float = 0.0  # Adam's learning rate on each activation step size's log (LSQ); 0: the observers' steps
+    drop: float = 0.0  # QDrop: probability that an activation element stays float while learning
+    branch_lr: float = 0.0  # Adam's learning rate on the low-rank float branch (needs low_rank); 0: SVD's
 
     def __post_init__(self) -> None:
         check_int("iters", self.iters, lo=1)
@@ -70,9 +86,14 @@ class BRECQConfig:
             raise ValueError(f"beta_end ({self.beta_end}) must not exceed beta_start ({self.beta_start}): beta anneals down")
         check_int("batch_size", self.batch_size, lo=1)
         check_int("seed", self.seed, lo=0)
+        check_float("act_lr", self.act_lr, lo=0.0)
+        check_float("branch_lr", self.branch_lr, lo=0.0)
+        if check_float("drop", self.drop, lo=0.0, hi=1.0) == 1.0:
+            raise ValueError("drop must be below 1: with every activation float nothing learns the activation grid")
 
     def options(self) -> dict:
-        return asdict(self)
+        # the 4-bit options are left out when off, so artefacts saved before they existed read the same
+        return {k: v for k, v in asdict(self).items() if k not in _LATER or v}
 
     def beta(self, it: int) -> float:
         """The regulariser's exponent at step ``it``, or 0 while it is off (warm-up)."""
@@ -111,3 +132,21 @@ def codes(weight: torch.Tensor, scale: torch.Tensor, v: torch.Tensor, bits: int)
 def rounding_regularizer(v: torch.Tensor, beta: float) -> torch.Tensor:
     """Sum of 1 - |2 h(V) - 1|^beta: zero once every h is 0 or 1."""
     return (1 - (2 * _h(v) - 1).abs().pow(beta)).sum()
+
+
+def lsq_fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Asymmetric fake quantization (clamp(round(x / scale) + zero) - zero) * scale whose gradient
+    reaches ``scale`` by LSQ's estimator: round(x / s) - x / s inside the grid, qmin - zero or
+    qmax - zero where clamped (the rounding passes straight through). ``x`` gets no gradient here:
+    callers add their own straight-through path for it.
+
+    Example:
+        >>> s = torch.tensor(0.5, requires_grad=True)
+        >>> y = lsq_fake_quantize(torch.tensor([0.3, 0.6, 9.0]), s, torch.tensor(0), bits=4)
+        >>> y.tolist(), torch.autograd.grad(y.sum(), s)[0].item()  # 0.5 + 0.5 + 3.5; (1 - 0.6) + (1 - 1.2) + 7
+        ([0.5, 0.5, 3.5], 7.2...)
+    """
+    qmin, qmax = qrange(bits, symmetric=False)
+    t = x.detach() / scale
+    t = t + (torch.round(t) - t).detach()
+    return (torch.clamp(t + zero, qmin, qmax) - zero) * scale

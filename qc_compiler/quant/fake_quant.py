@@ -14,7 +14,8 @@ activation (the operands of the attention matmuls). Both have three modes:
 - ``target`` (sequential GPTQ with ``target="float"``, linears only): float forward, keeping the
   float model's input batch by batch for the ``hessian`` pass that follows;
 - ``soft`` (block reconstruction, :mod:`~qc_compiler.quant.brecq`): fake-quantized forward that
-  gradients pass: activations through a straight-through estimator, weights on their learned soft
+  gradients pass: activations through a straight-through estimator (and, when learned, to their
+  step sizes by LSQ's; with QDrop, a random share of elements float), weights on their learned soft
   rounding.
 
 Activation ranges may differ per group of sampling steps; the group comes from the step context
@@ -30,9 +31,10 @@ Example:
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import replace
-from typing import Deque, Dict, List, Optional
+from typing import Deque, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -41,15 +43,16 @@ import torch.nn.functional as F
 from ..errors import CalibrationError
 from ..step import StepAware
 from .balance import BalanceConfig, ChannelStats, balance_scales
-from .brecq import codes as brecq_codes, init_v, soft_weight
+from .brecq import codes as brecq_codes, init_v, lsq_fake_quantize, soft_weight
 from .config import LayerQuant
 from .gptq import GPTQConfig, HessianAccumulator, float_target_weight, gptq_codes
 from .observers import make_observer
-from .qparams import QParams, dequantize, fake_quantize, quantize
+from .qparams import QParams, dequantize, fake_quantize, qrange, quantize
 from .spec import QuantizedActSpec, QuantizedLinearSpec, step_group
 
 __all__ = ["QuantLinear", "ActQuant", "set_mode"]
 
+LOG_STEP_BOUND = math.log(16.0)  # how far block reconstruction may move an activation step size
 MODES = ("stats", "observe", "quant", "compare", "float", "hessian", "target", "soft")
 
 
@@ -67,6 +70,9 @@ class _ActRanges(StepAware, nn.Module):
         self.register_buffer("a_lo", torch.zeros(num_groups + 1))
         self.register_buffer("a_hi", torch.zeros(num_groups + 1))
         self.err_sq, self.ref_sq = 0.0, 0.0
+        # soft mode (block reconstruction): the learned log step multiplier, QDrop's rate and generator
+        self._log_a: Optional[torch.Tensor] = None
+        self._drop, self._drop_gen = 0.0, None
 
     @property
     def weight_only(self) -> bool:
@@ -115,6 +121,59 @@ class _ActRanges(StepAware, nn.Module):
             self.a_lo[g] = (qp.qmin - qp.zero_point) * qp.scale
             self.a_hi[g] = (qp.qmax - qp.zero_point) * qp.scale
         self.observers = []  # free the samples
+
+    def _set_range(self) -> None:
+        """a_lo and a_hi from a_scale and a_zero (the grid's ends, in float)."""
+        qmin, qmax = qrange(self.spec.act_bits, symmetric=False)
+        self.a_lo.copy_((qmin - self.a_zero) * self.a_scale)
+        self.a_hi.copy_((qmax - self.a_zero) * self.a_scale)
+
+    def set_act_scale(self, scale: torch.Tensor) -> None:
+        """Replace the step sizes (a reconstruction that measured worse goes back to the observers')."""
+        self.a_scale.copy_(scale)
+        if not self.weight_only:
+            self._set_range()
+
+    def begin_soft_acts(self, learn_scale: bool, drop: float, generator: torch.Generator) -> Optional[torch.Tensor]:
+        """Block reconstruction's activation options for soft mode: with ``learn_scale``, returns a log
+        multiplier of every group's step size to optimise (None for a weight-only layer); ``drop`` is
+        QDrop's probability that an element stays float, drawn from ``generator``."""
+        self._drop, self._drop_gen = drop, generator
+        self._log_a = None
+        if learn_scale and not self.weight_only:
+            self._log_a = torch.zeros_like(self.a_scale, requires_grad=True)
+        return self._log_a
+
+    def end_soft_acts(self) -> None:
+        """Keep the learned step sizes (a_scale times the multiplier; the zero points stay)."""
+        if self._log_a is not None:
+            with torch.no_grad():
+                self.a_scale.mul_(self._step_multiplier().detach())
+                self._set_range()
+        self._log_a, self._drop, self._drop_gen = None, 0.0, None
+
+    def _step_multiplier(self) -> torch.Tensor:
+        """exp of the learned log multiplier, kept within [1/16, 16] of the observer's step: beyond
+        that the grid covers a 16th of the observed range, or spends one level on all of it."""
+        return self._log_a.clamp(-LOG_STEP_BOUND, LOG_STEP_BOUND).exp()
+
+    def _soft(self, x: torch.Tensor, xq: torch.Tensor, channel_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Soft mode: ``xq`` (x fake-quantized, in the grid's units: x / s when balanced) as the value,
+        gradients to x straight through, to the step size by LSQ's estimator when it is learned (then
+        the value is recomputed on the learned step); with QDrop, some elements are x (/ s) itself."""
+        xs = x if channel_scale is None else x / channel_scale.to(x.dtype)
+        if self._log_a is not None:
+            g = self.group()
+            xq = lsq_fake_quantize(xs, self.a_scale[g] * self._step_multiplier()[g], self.a_zero[g], self.spec.act_bits)
+            out = xq.to(x.dtype) + (xs - xs.detach())
+        elif channel_scale is None:
+            out = x + (xq - x).detach()
+        else:
+            out = xq.detach() + (xs - xs.detach())
+        if self._drop:
+            keep = torch.rand(x.shape, generator=self._drop_gen) < self._drop
+            out = torch.where(keep, xs, out)
+        return out
 
     def fitted_state(self) -> Dict[str, torch.Tensor]:
         return {"a_scale": self.a_scale, "a_zero": self.a_zero, "a_lo": self.a_lo, "a_hi": self.a_hi}
@@ -169,6 +228,7 @@ class QuantLinear(_ActRanges):
             raise ValueError(f"{path}: GPTQ and block reconstruction both choose the codes; take one")
         self.brecq = brecq
         self._v: Optional[torch.Tensor] = None
+        self._soft_base: Optional[torch.Tensor] = None
         if gptq is not None or brecq:
             self.register_buffer("w_codes", torch.zeros(weight.shape, dtype=torch.int8))
         if gptq is not None:
@@ -231,16 +291,29 @@ class QuantLinear(_ActRanges):
             self.w_codes.copy_(quantize(w, self.weight_qparams()).to(torch.int8))
         self._cache_weight()
 
-    def begin_soft(self) -> torch.Tensor:
-        """Block reconstruction: start the soft rounding V (AdaRound's init) and return it to optimise."""
-        self._v = init_v(self._grid_weight(), self.w_scale[:, None]).requires_grad_(True)
-        return self._v
+    def begin_soft(self, learn_branch: bool = False) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Block reconstruction: start the soft rounding V (AdaRound's init) and return what to
+        optimise: V, and with ``learn_branch`` the low-rank branch's factors (else none). The weight
+        the grid rounds is fixed here, so a branch that moves does not move the codes' floor and ceil."""
+        self._soft_base = self._grid_weight().clone()
+        self._v = init_v(self._soft_base, self.w_scale[:, None]).requires_grad_(True)
+        if not learn_branch or not self.low_rank:
+            return self._v, []
+        return self._v, [self.lr_up.requires_grad_(True), self.lr_down.requires_grad_(True)]
 
     def end_soft(self) -> None:
         """Block reconstruction: keep the rounding V learned, as integer codes on the same grid."""
-        self.w_codes.copy_(brecq_codes(self._grid_weight(), self.w_scale[:, None], self._v, self.spec.weight_bits))
-        self._v = None
+        self.w_codes.copy_(brecq_codes(self._soft_base, self.w_scale[:, None], self._v, self.spec.weight_bits))
+        self._v = self._soft_base = None
+        if self.low_rank:
+            self.lr_up.requires_grad_(False)
+            self.lr_down.requires_grad_(False)
         self._cache_weight()
+
+    def set_branch(self, up: torch.Tensor, down: torch.Tensor) -> None:
+        """Replace the low-rank branch's factors (a reconstruction that measured worse goes back)."""
+        self.lr_up.copy_(up)
+        self.lr_down.copy_(down)
 
     def set_codes(self, codes: torch.Tensor) -> None:
         """Replace the fitted codes (a reconstruction that measured worse goes back to its start)."""
@@ -335,9 +408,8 @@ class QuantLinear(_ActRanges):
         if self.mode in ("observe", "float", "hessian", "target"):
             return F.linear(x, self.weight, self.bias)
         if self.mode == "soft":
-            xq = self._quantized_input(x)
-            xq = x + (xq - x).detach() if self.balance is None else xq.detach() + (x - x.detach()) / self.in_scale.to(x.dtype)
-            weight = soft_weight(self._grid_weight(), self.w_scale[:, None], self._v, self.spec.weight_bits)
+            xq = x if self.weight_only else self._soft(x, self._quantized_input(x), self.in_scale if self.balance is not None else None)
+            weight = soft_weight(self._soft_base, self.w_scale[:, None], self._v, self.spec.weight_bits)
             out = F.linear(xq, weight, self.bias)
         else:
             out = F.linear(self._quantized_input(x), self.w_fq, self.bias)
@@ -366,7 +438,7 @@ class ActQuant(_ActRanges):
             return x
         out = fake_quantize(x, self.act_qparams())
         if self.mode == "soft":  # straight through: block reconstruction's gradients pass
-            return x + (out - x).detach()
+            return self._soft(x, out)
         if self.mode == "compare":
             self._track(out, x)
             return x
