@@ -82,8 +82,12 @@ def test_merge_results_sets_speed_of_a_second_file_against_the_first_fp32(tmp_pa
     second = {"rows": [dict(variant="quant-tap", steps=50, sample_s=40.0, speed_vs_fp32=nan, speed_vs_fp32_250=nan)]}
     (tmp_path / "a.json").write_text(json.dumps(first))
     (tmp_path / "b.json").write_text(json.dumps(second))
-    rows = merge_results([tmp_path / "a.json", tmp_path / "b.json"], steps=50)
-    assert [r["variant"] for r in rows] == ["fp32", "quant-tap"]
+    rerun = {"rows": [dict(variant="fp32", steps=50, sample_s=90.0, speed_vs_fp32=1.0),  # measured again elsewhere
+                      dict(variant="quant-tap", bits="w4a8", steps=50, sample_s=30.0, speed_vs_fp32=3.0)]}
+    (tmp_path / "c.json").write_text(json.dumps(rerun))
+    rows = merge_results([tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"], steps=50)
+    assert [(r["variant"], r.get("bits")) for r in rows] == [("fp32", None), ("quant-tap", None), ("quant-tap", "w4a8")]
+    assert rows[0]["sample_s"] == 100.0  # a row two files measured comes from the first
     assert rows[1]["speed_vs_fp32"] == 2.5 and rows[1]["speed_vs_fp32_250"] == 12.5
 
 

@@ -458,8 +458,16 @@ def _relative(value: float, reference: Optional[float]) -> str:
 
 def merge_results(paths: Sequence[Path], steps: int) -> List[Dict]:
     """Rows at ``steps`` from several ``qc bench --out`` files. A file that ran without an FP32 row
-    (e.g. a second bit width) has NaN speeds; they are set against the first FP32 row's time."""
-    rows = [r for path in paths for r in json.loads(Path(path).read_text())["rows"] if r["steps"] == steps]
+    (e.g. a second bit width) has NaN speeds; they are set against the first FP32 row's time. A row
+    that several files measured (same variant, bits and cache: a reference rerun) is taken from the
+    first file only."""
+    rows, seen = [], set()
+    for path in paths:
+        for r in json.loads(Path(path).read_text())["rows"]:
+            key = (r["variant"], r.get("bits"), json.dumps(r.get("cache"), sort_keys=True))
+            if r["steps"] == steps and key not in seen:
+                seen.add(key)
+                rows.append(r)
     fp = next((r for r in rows if r["variant"] == "fp32"), None)
     for r in rows:
         if fp and r["speed_vs_fp32"] != r["speed_vs_fp32"]:  # NaN: its file had no FP32 row
