@@ -25,6 +25,7 @@ import torch
 
 import qc_compiler as qc
 from qc_compiler.passes import Quantize, UniformCalibration
+from qc_compiler.quant import OBSERVERS, LayerQuant, QuantConfig
 from qc_compiler.passes import quantize as quantize_pass
 from qc_compiler.tools.bench import machine_line, write_results
 
@@ -68,12 +69,16 @@ def main(argv=None):
     p.add_argument("--bits", choices=["w4a8", "w4a4"], default="w4a8")
     p.add_argument("--balance", choices=["search", "smoothquant", "ptq4dit"], help="salience balancing on every row")
     p.add_argument("--low-rank", type=int, default=0, help="SVDQuant's float branch of this rank on every row")
+    p.add_argument("--act-observer", choices=sorted(OBSERVERS), default="minmax", help="activation observer, every row")
+    p.add_argument("--act-groups", type=int, default=1, help="activation ranges per group of steps, every row")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     common = {"balance": args.balance} if args.balance else {}
     common.update({"low_rank": args.low_rank} if args.low_rank else {})
     options = {row: {**_options(row), **common} for row in args.rows}  # refuse a bad row before any work
+    w, a = int(args.bits[1]), int(args.bits[3])
+    config = QuantConfig(default=LayerQuant(w, a, act_observer=args.act_observer), act_step_groups=args.act_groups)
     torch.set_num_threads(args.threads)
     print(machine_line())
     model, sampler = qc.load_model("dit-mnist"), qc.DDPM(steps=50, cfg_scale=1.5)
@@ -85,7 +90,7 @@ def main(argv=None):
         patch = (mock.patch.object(quantize_pass, "_minibatches", _unmixed) if row.startswith("brecq-unmixed")
                  else mock.patch.object(quantize_pass, "_minibatches", quantize_pass._minibatches))
         with patch:
-            fast = qc.compile(model, passes=[UniformCalibration(size=800), Quantize(preset=args.bits, **opts)],
+            fast = qc.compile(model, passes=[UniformCalibration(size=800), Quantize(config=config, **opts)],
                               sampler=sampler, backend="torch")
         compile_s = time.time() - t0
         out = sampler.sample(fast, labels=labels, seed=0).clamp(-1, 1)

@@ -1,5 +1,6 @@
 import pytest
 
+from qc_compiler.quant import LayerQuant
 from qc_compiler.quant.balance import BalanceConfig
 
 from qc_compiler.passes import Quantize
@@ -46,6 +47,7 @@ def test_every_listed_variant_builds_and_unknown_ones_fail():
             assert quant[0].rounding == VARIANTS[name].rounding and quant[0].low_rank == VARIANTS[name].low_rank
             want = VARIANTS[name].balance
             assert quant[0].balance == (BalanceConfig(method=want) if isinstance(want, str) else want)
+            assert quant[0].config.default.act_observer == (VARIANTS[name].act_observer or "minmax")
     assert VARIANTS["quant-uniform-gptq-bal-lr16"] == Variant(selector="uniform", rounding="gptq", balance="search",
                                                               low_rank=16)
     assert "qc-tap-vc" in ablation_rows() and "qc-uniform" in ablation_rows()
@@ -55,6 +57,11 @@ def test_every_listed_variant_builds_and_unknown_ones_fail():
             variant_passes(bad)
     with pytest.raises(ValueError, match="selector"):
         Variant(vc="exact")
+    with pytest.raises(ValueError, match="selector"):
+        Variant(act_observer="mse")
+    amse = variant_passes("qc-uniform-brecq-bal-lr16-amse-vcvar", bits="w4a4")
+    assert names(amse) == ["step_cache", "uniform_calibration", "quantize", "variance_compensation"]
+    assert amse[2].config.default == LayerQuant(4, 4, act_observer="mse") and amse[2].rounding == "brecq"
 
 
 def test_markdown_table_has_a_row_per_variant():

@@ -21,7 +21,7 @@ import logging
 import re
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
@@ -59,7 +59,8 @@ class Variant:
     ``condq``: quantize the conditioning linears' inputs too (the paper's setting). ``vc``: a VC
     form, or None. ``rounding``/``gptq``/``balance``/``low_rank``: the Quantize pass's (GPTQ and its
     options, salience balancing, SVDQuant's low-rank branch);
-    ``mixed``: keep that many of the most sensitive linears at W8A8 (:func:`qc.mixed_precision`)."""
+    ``mixed``: keep that many of the most sensitive linears at W8A8 (:func:`qc.mixed_precision`);
+    ``act_observer``: the activation observer (None: the preset's, min-max)."""
 
     cache: Union[StepCacheConfig, str, None] = None
     selector: Optional[str] = None
@@ -71,12 +72,13 @@ class Variant:
     low_rank: int = 0
     mixed: int = 0
     gptq: Optional[GPTQConfig] = None
+    act_observer: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.selector is not None and self.selector not in SELECTORS:
             raise ValueError(f"selector must be one of {sorted(SELECTORS)}, got {self.selector!r}")
         if self.selector is None and (self.bits or self.condq or self.vc or self.rounding != "nearest"
-                                      or self.balance or self.mixed or self.low_rank or self.gptq):
+                                      or self.balance or self.mixed or self.low_rank or self.gptq or self.act_observer):
             raise ValueError("bits, condq, vc, rounding, balance and mixed need a calibration selector "
                              "(a quantized variant)")
 
@@ -129,6 +131,13 @@ def _table() -> Dict[str, Variant]:
             table[f"quant-{sel}-{tag}"] = Variant(selector=sel, **extra)
             table[f"qc-{sel}-{tag}"] = Variant(cache=RUN_CACHE, selector=sel, **extra)
             table[f"qc-{sel}-{tag}-vcvar"] = Variant(cache=RUN_CACHE, selector=sel, vc="variance", **extra)
+        # ... with MSE-searched activation ranges instead of min-max (what makes A4 work: RESULTS.md)
+        for tag, extra in (("gptq", {"rounding": "gptq"}), ("brecq", {"rounding": "brecq"}),
+                           ("gptq-bal-lr16", {"rounding": "gptq", "balance": "search", "low_rank": 16}),
+                           ("brecq-bal-lr16", {"rounding": "brecq", "balance": "search", "low_rank": 16})):
+            table[f"quant-{sel}-{tag}-amse"] = Variant(selector=sel, act_observer="mse", **extra)
+            table[f"qc-{sel}-{tag}-amse-vcvar"] = Variant(cache=RUN_CACHE, selector=sel, vc="variance",
+                                                          act_observer="mse", **extra)
     return table
 
 
@@ -153,6 +162,8 @@ def variant_passes(variant: Union[str, Variant], *, bits: str = "w8a8",
             raise ValueError("a mixed-precision variant needs its config: mixed_config(variant, ...)")
         if config is None:
             config = QuantConfig.preset(variant.bits or bits, **({"weight_only": ()} if variant.condq else {}))
+            if variant.act_observer is not None:
+                config = replace(config, default=replace(config.default, act_observer=variant.act_observer))
         passes += [SELECTORS[variant.selector](size=size, pool_labels=pool_labels),
                    Quantize(config=config, rounding=variant.rounding, gptq=variant.gptq, balance=variant.balance,
                             low_rank=variant.low_rank)]
