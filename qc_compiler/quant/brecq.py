@@ -25,7 +25,7 @@ What is fixed here, and why:
 - V starts at the rounding to nearest's side (AdaRound's initialisation), the batches are drawn by a
   seeded generator: the same calibration set gives the same codes.
 
-Two options for 4-bit activations, off by default (at A8 the activation grid is fine enough):
+Three options for 4-bit activations, off by default (at A8 the activation grid is fine enough):
 - ``act_lr`` learns each activation's step size with the rounding, as BRECQ does at A4, by LSQ's
   estimator (Esser et al., 2020; :func:`lsq_fake_quantize`). A log-multiplier per step group is
   learned, so the step stays positive; the zero point stays the observer's. The result is new

@@ -118,8 +118,7 @@ class _ActRanges(StepAware, nn.Module):
         for g, obs in enumerate(self.observers):
             qp = obs.compute() if obs.lo is not None else overall
             self.a_scale[g], self.a_zero[g] = qp.scale, qp.zero_point
-            self.a_lo[g] = (qp.qmin - qp.zero_point) * qp.scale
-            self.a_hi[g] = (qp.qmax - qp.zero_point) * qp.scale
+        self._set_range()
         self.observers = []  # free the samples
 
     def _set_range(self) -> None:
