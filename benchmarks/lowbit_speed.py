@@ -1,11 +1,13 @@
 """What each low-bit technique costs per forward, against eager FP32 and plain round-to-nearest, in one run.
 
     python benchmarks/lowbit_speed.py --model dit-mnist --batch 250 --threads 2 --json out.json
+    python benchmarks/lowbit_speed.py --only "per-token" "low rank 16" --json out.json   # some rows
 
 GPTQ changes only which codes are stored, so it must cost nothing; salience balancing moves a
 per-channel scale into the quantizer the INT8 layer already runs (a vector instead of a scalar), and
 turns off the fc1 -> fc2 requantization fusion that needs one scalar; the low-rank branch adds two thin
-float GEMMs per layer and turns off the GELU fusion. Rows are timed in interleaved rounds (one call
+float GEMMs per layer and turns off the GELU fusion; per-token activations take each row's min and
+max and rescale each output row (no fusion either). Rows are timed in interleaved rounds (one call
 of each per round) on the same inputs; each row's error is its output's relative L2 against FP32.
 All rows use the torch INT8 backend on one calibration (uniform, 256 items).
 """
@@ -32,6 +34,12 @@ ROWS = [  # (label, bits, Quantize options)
     ("W4A4 GPTQ + balance", "w4a4", {"rounding": "gptq", "balance": "search"}),
     ("W4A4 GPTQ + balance + low rank 16", "w4a4", {"rounding": "gptq", "balance": "search", "low_rank": 16}),
     ("W4A4 GPTQ + balance + low rank 32", "w4a4", {"rounding": "gptq", "balance": "search", "low_rank": 32}),
+    # per-token activations: a min/max per row and a per-row rescale after the GEMM, fusions off
+    ("W4A8 GPTQ, per-token activations", "w4a8", {"rounding": "gptq", "act_granularity": "token"}),
+    ("W4A4 GPTQ + balance, per-token activations", "w4a4",
+     {"rounding": "gptq", "balance": "search", "act_granularity": "token"}),
+    ("W4A4 GPTQ + balance + low rank 16, per-token activations", "w4a4",
+     {"rounding": "gptq", "balance": "search", "low_rank": 16, "act_granularity": "token"}),
 ]
 
 
@@ -42,7 +50,10 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path)
+    p.add_argument("--only", nargs="+", metavar="TEXT",
+                   help="time only the rows whose label contains one of these (FP32 and W4A8 RTN always run)")
     args = p.parse_args(argv)
+    rows_run = [r for i, r in enumerate(ROWS) if i == 0 or not args.only or any(t in r[0] for t in args.only)]
     torch.set_num_threads(args.threads)
     print(machine_line(), flush=True)
     model = benchmark_model(args.model)
@@ -51,7 +62,7 @@ def main(argv=None) -> None:
     with torch.no_grad():
         ref = model(*inputs)
     calls, labels, compiled = [lambda: model(*inputs)], ["eager FP32"], {}
-    for label, bits, options in ROWS:
+    for label, bits, options in rows_run:
         cm = qc.compile(model, passes=[UniformCalibration(size=256, pool_labels=16), Quantize(preset=bits, **options)],
                         sampler=sampler, backend="torch")
         compiled[label] = cm

@@ -10,7 +10,7 @@ draws each minibatch from one calibration batch (one timestep) instead of mixing
 ``brecq+lsq=1e-2+drop=0.5+branch=1e-3:2000`` adds BRECQ's options for 4-bit activations: the
 learning rate of the activation step sizes (``act_lr``), QDrop's rate (``drop``) and the learning
 rate of the low-rank branch (``branch_lr``, with ``--low-rank``). ``--bits``, ``--balance`` and
-``--low-rank`` apply to every row, e.g. for W4A4:
+``--low-rank`` apply to every row (and ``--act-observer``, ``--act-groups``, ``--act-granularity``), e.g. for W4A4:
 
     python benchmarks/rounding_probe.py --bits w4a4 --balance search --low-rank 16 --rows gptq brecq:1000 brecq+lsq=1e-3:1000
 """
@@ -71,6 +71,8 @@ def main(argv=None):
     p.add_argument("--low-rank", type=int, default=0, help="SVDQuant's float branch of this rank on every row")
     p.add_argument("--act-observer", choices=sorted(OBSERVERS), default="minmax", help="activation observer, every row")
     p.add_argument("--act-groups", type=int, default=1, help="activation ranges per group of steps, every row")
+    p.add_argument("--act-granularity", choices=["tensor", "token"], default="tensor",
+                   help="activation ranges per tensor (calibrated) or per token (at run time), every row")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
@@ -78,7 +80,8 @@ def main(argv=None):
     common.update({"low_rank": args.low_rank} if args.low_rank else {})
     options = {row: {**_options(row), **common} for row in args.rows}  # refuse a bad row before any work
     w, a = int(args.bits[1]), int(args.bits[3])
-    config = QuantConfig(default=LayerQuant(w, a, act_observer=args.act_observer), act_step_groups=args.act_groups)
+    config = QuantConfig(default=LayerQuant(w, a, act_observer=args.act_observer, act_granularity=args.act_granularity),
+                         act_step_groups=args.act_groups)
     torch.set_num_threads(args.threads)
     print(machine_line())
     model, sampler = qc.load_model("dit-mnist"), qc.DDPM(steps=50, cfg_scale=1.5)

@@ -85,6 +85,9 @@ _DIGEST = "qc.digest"
 def _refuse_activation(act: Optional[QuantizedActSpec], where: str) -> None:
     if act is None:
         return
+    if act.per_token:
+        raise ExportError(f"{where}: per-token activations (ranges taken at run time) are not exported to ONNX "
+                          "(QuantizeLinear fuses only with constant scales); compile with act_granularity='tensor'")
     if act.num_groups > 1:
         raise ExportError(f"{where}: per-step-group activation ranges cannot be exported to ONNX "
                           "(QuantizeLinear fuses only with constant scales); compile with act_step_groups=1")

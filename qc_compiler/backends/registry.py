@@ -66,8 +66,8 @@ def get_backend(name: str) -> Backend:
 
 def check_constant_uint8_activations(passes: Sequence[Any], backend: str, op: str, alternative: str = "") -> None:
     """Refuse, from the Quantize passes' typed configs, what a backend whose INT8 ``op`` takes one
-    constant uint8 scale per tensor cannot run: per-step-group activation ranges and activations
-    below 8 bits. ``alternative`` ends each message (e.g. ", or backend='torch'")."""
+    constant uint8 scale per tensor cannot run: per-step-group activation ranges, per-token
+    activations and activations below 8 bits. ``alternative`` ends each message (e.g. ", or backend='torch'")."""
     for p in passes:
         cfg = getattr(p, "config", None)
         if not isinstance(cfg, QuantConfig):
@@ -82,6 +82,10 @@ def check_constant_uint8_activations(passes: Sequence[Any], backend: str, op: st
             raise ExportError(f"the {backend} backend cannot run per-step-group activation ranges ({op} takes one "
                               f"constant scale); use act_step_groups=1{alternative}")
         specs = [cfg.default] + [s for _, s in cfg.overrides if s is not None]
+        if any(s.per_token for s in specs):
+            raise ExportError(f"the {backend} backend cannot run per-token activations ({op} takes one constant "
+                              f"scale per tensor; per-token ranges are taken at run time): use "
+                              f"act_granularity='tensor'{alternative}")
         low = sorted({s.act_bits for s in specs if s.act_bits is not None and s.act_bits != 8})
         if low:
             raise ExportError(f"the {backend} backend cannot run {low[0]}-bit activations ({op} takes uint8); use "

@@ -3,7 +3,8 @@
 Each fake-quant linear (the reference) is lowered from its ``export_spec()`` (a
 :class:`~qc_compiler.quant.QuantizedLinearSpec`) to an ``Int8Linear``: int8 weights per output
 channel, the activation quantized to uint8 with its calibrated per-tensor scale and zero point (per
-step group where configured), int32 accumulation, and a fused dequantize with bias. A tanh-GELU
+step group where configured) or per token at run time (``act_granularity="token"``), int32
+accumulation, and a fused dequantize with bias. A tanh-GELU
 right after a linear (the MLP's fc1) is folded into that kernel as a post-op. A weight-only layer
 (``act_bits=None``: the conditioning linears, one row per sample) becomes a ``WeightOnlyLinear``:
 int8 weights, dequantized for a float GEMM of those few rows. Cache lookups, VC nodes and anything
@@ -41,6 +42,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..graph import iter_graph_modules
+from ..quant.qparams import quantize_per_token
 from ..quant.spec import QuantizedLinearSpec
 from ..step import StepAware
 from .registry import SATURATING_WEIGHT_CODE, cpu_has_vnni, register_backend
@@ -58,14 +60,14 @@ def _quantize_u8(x: torch.Tensor, scale: float, zero: int, qmax: int) -> torch.T
     return x.div(scale).round_().add_(zero).clamp_(0, qmax).to(torch.uint8)
 
 
-def _onednn(xq: torch.Tensor, scale: float, zero: int, layer: "Int8Linear") -> torch.Tensor:
+def _onednn(xq: torch.Tensor, scale: float, zero: int, layer: "Int8Linear", bias: Optional[torch.Tensor]) -> torch.Tensor:
     if layer.packed is None:  # prepack once, lazily (the packed format is oneDNN's own)
         layer.packed = torch.ops.onednn.qlinear_prepack(layer.w_int8, None)
     if layer.split:  # no VNNI: codes = 2 hi + lo, each GEMM free of int16 saturation (see registry)
         lo = torch.ops.onednn.qlinear_pointwise(xq & 1, scale, zero, layer.packed, layer.w_scale, layer.w_zero, None,
                                                 1.0, 0, torch.float32, "none", [], "")
         return torch.ops.onednn.qlinear_pointwise.binary(
-            xq >> 1, 2.0 * scale, 0, layer.packed, layer.w_scale, layer.w_zero, lo, layer.bias, 1.0, 0, torch.float32,
+            xq >> 1, 2.0 * scale, 0, layer.packed, layer.w_scale, layer.w_zero, lo, bias, 1.0, 0, torch.float32,
             1.0, 0, "sum", 1.0, "none", [], "")
     post, algorithm = ("gelu", "tanh") if layer.post_op == "gelu_tanh" else ("none", "")
     out_scale, out_zero, out_dtype = 1.0, 0, torch.float32
@@ -74,11 +76,11 @@ def _onednn(xq: torch.Tensor, scale: float, zero: int, layer: "Int8Linear") -> t
         out_scale, out_zero = consumer.act_qparams()
         out_dtype = torch.uint8
     return torch.ops.onednn.qlinear_pointwise(
-        xq, scale, zero, layer.packed, layer.w_scale, layer.w_zero, layer.bias, out_scale, out_zero,
+        xq, scale, zero, layer.packed, layer.w_scale, layer.w_zero, bias, out_scale, out_zero,
         out_dtype, post, [], algorithm)
 
 
-def _int_mm(xq: torch.Tensor, scale: float, zero: int, layer: "Int8Linear") -> torch.Tensor:
+def _int_mm(xq: torch.Tensor, scale: float, zero: int, layer: "Int8Linear", bias: Optional[torch.Tensor]) -> torch.Tensor:
     # _int_mm is signed x signed: shift u8 codes by 128. sum_k (q - z) w = sum_k (q-128) w - (z-128) sum_k w.
     xs8 = (xq.to(torch.int16) - 128).to(torch.int8)
     m = xs8.shape[0]
@@ -87,7 +89,7 @@ def _int_mm(xq: torch.Tensor, scale: float, zero: int, layer: "Int8Linear") -> t
     acc = torch._int_mm(xs8, layer.w_int8.t())[:m]
     acc = acc - (zero - 128) * layer.w_sum
     out = acc.to(torch.float32) * (layer.w_scale * scale)
-    out = out + layer.bias if layer.bias is not None else out
+    out = out + bias if bias is not None else out
     return torch.nn.functional.gelu(out, approximate="tanh") if layer.post_op == "gelu_tanh" else out
 
 
@@ -138,22 +140,18 @@ class Int8Linear(StepAware, nn.Module):
 
     @property
     def uses_step(self) -> bool:
-        return self.spec.act.num_groups > 1
+        return self.spec.act.num_groups > 1 and not self.spec.act.per_token
 
     def act_qparams(self) -> Tuple[float, int]:
         """This step's activation scale and zero point (per step group where calibrated so)."""
         return self.spec.act.act_qparams(self.step_state.step if self.step_state is not None else -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale, zero = self.act_qparams()
         lead, k = x.shape[:-1], x.shape[-1]
-        if x.dtype == torch.uint8:  # already this layer's codes, written by the layer before
-            xq = x.reshape(-1, k)
+        if self.spec.act.per_token:
+            out = self._per_token(x.reshape(-1, k))
         else:
-            channel = self.spec.act.channel_scale  # balanced: round(x / (s a)) + z, same pass, a vector scale
-            qscale = scale if channel is None else channel * scale
-            xq = _quantize_u8(x.reshape(-1, k).float(), qscale, zero, 2 ** self.act_bits - 1)  # (M, K) u8
-        out = KERNELS[self.kernel](xq, scale, zero, self)  # (M, N) float32, or uint8 codes for the consumer
+            out = self._per_tensor(x, k)
         if self.spec.low_rank is not None:  # SVDQuant's float branch on the raw input (never fused, below)
             up, down = self.spec.low_rank
             xf = x.reshape(-1, k).to(up.dtype)
@@ -161,8 +159,29 @@ class Int8Linear(StepAware, nn.Module):
         out = out.reshape(*lead, -1)
         return out if out.dtype == torch.uint8 else out.to(torch.float32 if x.dtype == torch.uint8 else x.dtype)
 
+    def _per_token(self, x: torch.Tensor) -> torch.Tensor:
+        """Each row's own scale s and zero point z (the reference's rule): the GEMM runs on the codes at
+        unit scale, then s (acc - z sum_k w) + b per row. Never fused with a GELU or a requantization."""
+        channel = self.spec.act.channel_scale
+        xs = x.float() if channel is None else x.float() / channel
+        codes, scale, zero = quantize_per_token(xs, self.act_bits)
+        acc = KERNELS[self.kernel](codes.to(torch.uint8), 1.0, 0, self, None)  # (M, N): sum_k q w w_scale
+        acc.addr_(zero.squeeze(1), self.w_sum * self.w_scale, alpha=-1.0).mul_(scale)
+        return acc.add_(self.bias) if self.bias is not None else acc
+
+    def _per_tensor(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        scale, zero = self.act_qparams()
+        if x.dtype == torch.uint8:  # already this layer's codes, written by the layer before
+            xq = x.reshape(-1, k)
+        else:
+            channel = self.spec.act.channel_scale  # balanced: round(x / (s a)) + z, same pass, a vector scale
+            qscale = scale if channel is None else channel * scale
+            xq = _quantize_u8(x.reshape(-1, k).float(), qscale, zero, 2 ** self.act_bits - 1)  # (M, K) u8
+        return KERNELS[self.kernel](xq, scale, zero, self, self.bias)  # (M, N) float32, or u8 codes for the consumer
+
     def report_section(self) -> str:
         fused = ", split for no VNNI" if self.split else ""
+        fused += ", per-token activations" if self.spec.act.per_token else ""
         fused += " + GELU" if self.post_op == "gelu_tanh" else ""
         fused += f" -> u8 for {self.requant_consumer.path}" if self.requant_consumer is not None else ""
         return f"  {self.path:<30} INT8 ({self.kernel}{fused}) W{self.spec.weight_bits}A{self.act_bits}"
@@ -240,7 +259,8 @@ def _fuse_gelu(owner: fx.GraphModule) -> None:
             continue
         users = list(node.users)
         layer = owner.get_submodule(node.target)
-        unfusable = layer.spec.low_rank is not None or layer.split  # the branch/sum adds before GELU
+        # the branch/sum/per-token rescale come before the GELU
+        unfusable = layer.spec.low_rank is not None or layer.split or layer.spec.act.per_token
         if len(users) == 1 and not unfusable and _is_tanh_gelu(owner, users[0]):
             owner.get_submodule(node.target).post_op = "gelu_tanh"
             users[0].replace_all_uses_with(node)
@@ -262,11 +282,12 @@ def _fuse_requant(owner: fx.GraphModule) -> None:
             continue
         producer, user = owner.get_submodule(node.target), next(iter(node.users))
         if (not isinstance(producer, Int8Linear) or producer.kernel != "onednn" or user.op != "call_module"
-                or producer.spec.low_rank is not None or producer.split):
+                or producer.spec.low_rank is not None or producer.split or producer.spec.act.per_token):
             continue
         consumer = owner.get_submodule(user.target)
         if (isinstance(consumer, Int8Linear) and consumer.kernel == "onednn" and consumer.act_bits == 8
                 and consumer.spec.act.channel_scale is None and consumer.spec.low_rank is None
+                and not consumer.spec.act.per_token
                 and user.args[:1] == (node,)):
             producer.__dict__["requant_consumer"] = consumer
 

@@ -20,7 +20,7 @@ Example:
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -73,6 +73,10 @@ class Quantize(Pass):
     (:mod:`qc_compiler.quant.balance`: ``"search"``, ``"smoothquant"``, ``"ptq4dit"``, or a
     ``BalanceConfig``/dict); None for none. It runs on the torch INT8 backend (and fake-quant).
 
+    ``act_observer``/``act_granularity``: the default layer's activation observer (``"minmax"``,
+    ``"mse"``, ``"percentile"``) and granularity (``"tensor"``, or ``"token"``: each token's range at
+    run time), for a preset or bits; a full ``config`` sets them in its ``LayerQuant``.
+
     ``low_rank``: rank r of SVDQuant's float branch beside every quantized linear (0: none); the 4-bit
     grid then holds only the residual weight. Torch INT8 backend (and fake-quant) only; its cost is
     two thin float GEMMs per layer (measured in docs/RESULTS.md).
@@ -87,7 +91,8 @@ class Quantize(Pass):
                  batch_size: int = 64, compare_batches: int = 6, rounding: str = "nearest",
                  gptq: Union[GPTQConfig, Dict[str, Any], None] = None,
                  balance: Union[BalanceConfig, Dict[str, Any], str, None] = None, low_rank: int = 0,
-                 brecq: Union[BRECQConfig, Dict[str, Any], None] = None):
+                 brecq: Union[BRECQConfig, Dict[str, Any], None] = None,
+                 act_observer: Optional[str] = None, act_granularity: Optional[str] = None):
         given = [name for name, v in (("bits", weight_bits if weight_bits is not None else act_bits),
                                       ("preset", preset), ("config", config)) if v is not None]
         if len(given) > 1:
@@ -101,6 +106,12 @@ class Quantize(Pass):
         elif config is None:
             config = QuantConfig(default=LayerQuant(8 if weight_bits is None else weight_bits,
                                                     8 if act_bits is None else act_bits))
+        layer = {k: v for k, v in (("act_observer", act_observer), ("act_granularity", act_granularity)) if v is not None}
+        if layer:  # recorded in the config itself, so options() (and artefacts saved before) are unchanged
+            if "config" in given:
+                raise ValueError(f"{' and '.join(layer)} change the default of a preset or of bits; with a full "
+                                 "config, set them in its LayerQuant")
+            config = replace(config, default=replace(config.default, **layer))
         self.config = config
         if rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {list(ROUNDINGS)}, got {rounding!r}")
@@ -116,6 +127,9 @@ class Quantize(Pass):
                              f"got {type(balance).__name__}")
         self.balance = balance
         self.low_rank = check_int("low_rank", low_rank, lo=0)
+        if self.brecq is not None and self.brecq.act_lr and config.default.per_token:
+            raise ValueError("brecq act_lr learns the activations' step sizes, but act_granularity='token' takes "
+                             "each token's at run time: drop act_lr or use act_granularity='tensor'")
         if self.brecq is not None and self.brecq.branch_lr and not self.low_rank:
             raise ValueError("brecq branch_lr learns the low-rank branch, but low_rank is 0: set low_rank=r or drop branch_lr")
         self.batch_size = check_int("batch_size", batch_size, lo=1)

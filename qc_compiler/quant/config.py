@@ -3,7 +3,8 @@
 Defaults follow docs/method.md section 2: every linear layer the model adapter lists as quantizable
 (for DiT: qkv, proj, fc1, fc2 and the adaLN modulation in the blocks, and the final layer), weights
 per output channel (symmetric, MSE-searched), activations per tensor (asymmetric, min-max); norms
-and softmax stay in float; the two attention matmuls are optional.
+and softmax stay in float; the two attention matmuls are optional. ``act_granularity="token"``
+quantizes a layer's input per token at run time instead (no calibrated range; torch INT8 backend).
 
 One departure, ours: the conditioning linears (the adapter's ``conditioning_linears``: DiT's adaLN
 modulation and diffusers' equivalents) keep int8 weights but take their input in float
@@ -47,6 +48,9 @@ class LayerQuant:
     act_bits: Optional[int] = 8  # None: weight-only (the input stays float)
     weight_observer: str = "mse"
     act_observer: str = "minmax"
+    # "tensor": one calibrated range per tensor (per step group); "token": each token's own range,
+    # taken at run time (dynamic; qparams.token_qparams), nothing calibrated. Torch INT8 backend only.
+    act_granularity: str = "tensor"
 
     def __post_init__(self) -> None:
         check_bits(self.weight_bits, "weight_bits")
@@ -55,6 +59,26 @@ class LayerQuant:
         for name in (self.weight_observer, self.act_observer):
             if name not in OBSERVERS:
                 raise ValueError(f"unknown observer {name!r}; known: {sorted(OBSERVERS)}")
+        if self.act_granularity not in GRANULARITIES:
+            raise ValueError(f"act_granularity must be one of {list(GRANULARITIES)}, got {self.act_granularity!r}")
+        if self.per_token and self.act_bits is None:
+            raise ValueError("act_granularity='token' quantizes the input, but act_bits is None (weight-only): "
+                             "set act_bits or leave act_granularity='tensor'")
+        if self.per_token and self.act_observer != "minmax":
+            raise ValueError(f"act_granularity='token' takes each token's own min and max at run time; "
+                             f"act_observer={self.act_observer!r} has nothing to observe: leave it 'minmax'")
+
+    @property
+    def per_token(self) -> bool:
+        """True when the input is quantized per token, at run time."""
+        return self.act_granularity == "token"
+
+    def to_json(self) -> Dict[str, Any]:
+        """Its fields; ``act_granularity`` only when per token, so configs saved before it read the same."""
+        d = asdict(self)
+        if not self.per_token:
+            del d["act_granularity"]
+        return d
 
 
 def _globs(name: str, value: Any) -> Optional[Tuple[str, ...]]:
@@ -81,6 +105,9 @@ class QuantConfig:
         object.__setattr__(self, "weight_only", _globs("weight_only", self.weight_only))
         check_bool("attn_matmuls", self.attn_matmuls)
         check_int("act_step_groups", self.act_step_groups, lo=1)
+        if self.act_step_groups > 1 and self.default.per_token:
+            raise ValueError("act_step_groups > 1 calibrates a range per group of steps, but the default "
+                             "act_granularity='token' takes its ranges at run time: use one or the other")
         for item in self.overrides:
             if len(item) != 2 or not isinstance(item[0], str) or not (item[1] is None or isinstance(item[1], LayerQuant)):
                 raise ValueError(f"overrides must be (pattern, LayerQuant or None) pairs, got {item!r}")
@@ -119,7 +146,7 @@ class QuantConfig:
         else:
             chosen = self.default if any(fnmatch.fnmatchcase(path, p) for p in self.include) else None
             if chosen is not None and op == "linear" and any(fnmatch.fnmatchcase(path, p) for p in self.weight_only):
-                chosen = replace(chosen, act_bits=None)
+                chosen = replace(chosen, act_bits=None, act_granularity="tensor")
         for pattern, spec in self.overrides:
             hit = pattern == f"op:{op}" if pattern.startswith("op:") else fnmatch.fnmatchcase(path, pattern)
             if hit:
@@ -128,7 +155,8 @@ class QuantConfig:
 
     def to_json(self) -> Dict[str, Any]:
         d = asdict(self)
-        d["overrides"] = [[p, s] for p, s in d["overrides"]]
+        d["default"] = self.default.to_json()
+        d["overrides"] = [[p, s.to_json() if s is not None else None] for p, s in self.overrides]
         return d
 
     @classmethod
@@ -144,3 +172,4 @@ class QuantConfig:
 
 
 PRESETS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4)}
+GRANULARITIES = ("tensor", "token")

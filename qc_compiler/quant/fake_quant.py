@@ -1,8 +1,8 @@
 """Fake-quant graph modules: the float reference of what the INT8 backends compute.
 
-``QuantLinear`` quantizes its input per tensor (asymmetric, uint) and its weight per output channel
-(symmetric, int), then runs a float linear on the dequantized values; with ``act_bits=None`` (a
-weight-only layer) the input stays float. ``ActQuant`` quantizes one
+``QuantLinear`` quantizes its input per tensor (asymmetric, uint; per token at run time with
+``act_granularity="token"``) and its weight per output channel (symmetric, int), then runs a float
+linear on the dequantized values; with ``act_bits=None`` (a weight-only layer) the input stays float. ``ActQuant`` quantizes one
 activation (the operands of the attention matmuls). Both have three modes:
 
 - ``observe``: float forward, observers record the input range (per step group if configured);
@@ -47,7 +47,7 @@ from .brecq import codes as brecq_codes, init_v, lsq_fake_quantize, soft_weight
 from .config import LayerQuant
 from .gptq import GPTQConfig, HessianAccumulator, float_target_weight, gptq_codes
 from .observers import make_observer
-from .qparams import QParams, dequantize, fake_quantize, qrange, quantize
+from .qparams import QParams, dequantize, fake_quantize, fake_quantize_per_token, qrange, quantize
 from .spec import QuantizedActSpec, QuantizedLinearSpec, step_group
 
 __all__ = ["QuantLinear", "ActQuant", "set_mode"]
@@ -63,7 +63,7 @@ class _ActRanges(StepAware, nn.Module):
         super().__init__()
         self.path, self.spec, self.num_groups, self.num_steps = path, spec, num_groups, max(1, num_steps)
         self.mode = "observe"
-        self.observers = [] if self.weight_only else [
+        self.observers = [] if self.weight_only or self.per_token else [
             make_observer(spec.act_observer, spec.act_bits, symmetric=False) for _ in range(num_groups + 1)]
         self.register_buffer("a_scale", torch.ones(num_groups + 1))
         self.register_buffer("a_zero", torch.zeros(num_groups + 1, dtype=torch.int32))
@@ -80,8 +80,13 @@ class _ActRanges(StepAware, nn.Module):
         return self.spec.act_bits is None
 
     @property
-    def uses_step(self) -> bool:  # one range for every step: the output does not depend on it
-        return self.num_groups > 1
+    def per_token(self) -> bool:
+        """True when the input is quantized per token at run time (no calibrated range)."""
+        return self.spec.act_bits is not None and self.spec.per_token
+
+    @property
+    def uses_step(self) -> bool:  # one range for every step (or per token): the output does not depend on it
+        return self.num_groups > 1 and not self.per_token
 
     def current_step(self) -> int:
         """The sampling step the step state holds, or -1 when none is known."""
@@ -95,10 +100,10 @@ class _ActRanges(StepAware, nn.Module):
         if self.weight_only:
             return None
         return QuantizedActSpec(self.path, self.spec.act_bits, self.a_scale.detach().clone(),
-                                self.a_zero.detach().clone(), self.num_steps)
+                                self.a_zero.detach().clone(), self.num_steps, per_token=self.per_token)
 
     def observe(self, x: torch.Tensor) -> None:
-        if self.weight_only:
+        if self.weight_only or self.per_token:
             return
         self.observers[self.num_groups].update(x)
         if self.num_groups > 1:
@@ -112,7 +117,7 @@ class _ActRanges(StepAware, nn.Module):
 
     def finish_activations(self) -> None:
         """Turn observations into qparams; groups that saw nothing take the all-steps range."""
-        if self.weight_only:
+        if self.weight_only or self.per_token:
             return
         overall = self.observers[self.num_groups].compute()
         for g, obs in enumerate(self.observers):
@@ -139,7 +144,7 @@ class _ActRanges(StepAware, nn.Module):
         QDrop's probability that an element stays float, drawn from ``generator``."""
         self._drop, self._drop_gen = drop, generator
         self._log_a = None
-        if learn_scale and not self.weight_only:
+        if learn_scale and not self.weight_only and not self.per_token:
             self._log_a = torch.zeros_like(self.a_scale, requires_grad=True)
         return self._log_a
 
@@ -377,6 +382,8 @@ class QuantLinear(_ActRanges):
         """The input as the INT8 GEMM sees it (dequantized): x / s on the activation grid when balanced."""
         if self.weight_only:
             return x
+        if self.per_token:  # each token's own range, of x / s when balanced (in those units, as below)
+            return fake_quantize_per_token(self._balanced(x), self.spec.act_bits)
         qp = self.act_qparams()
         if self.balance is None:
             return fake_quantize(x, qp)
@@ -422,7 +429,8 @@ class QuantLinear(_ActRanges):
 
     def report_line(self) -> str:
         g = self.num_groups
-        act = "act float" if self.weight_only else f"act [{float(self.a_lo[g]):+.3g}, {float(self.a_hi[g]):+.3g}]"
+        act = ("act float" if self.weight_only else "act per token" if self.per_token
+               else f"act [{float(self.a_lo[g]):+.3g}, {float(self.a_hi[g]):+.3g}]")
         return (f"  {self.path:<30} W{self.spec.weight_bits}A{self.spec.act_bits or '-'}  {act}  |w|max {float(self.weight.detach().abs().max()):.3g}  "
                 f"rel.err {self.rel_error:.4f}")
 
@@ -435,7 +443,7 @@ class ActQuant(_ActRanges):
             self.observe(x)
         if self.mode in ("stats", "observe", "float", "hessian", "target"):
             return x
-        out = fake_quantize(x, self.act_qparams())
+        out = fake_quantize_per_token(x, self.spec.act_bits) if self.per_token else fake_quantize(x, self.act_qparams())
         if self.mode == "soft":  # straight through: block reconstruction's gradients pass
             return self._soft(x, out)
         if self.mode == "compare":
@@ -451,7 +459,8 @@ class ActQuant(_ActRanges):
 
     def report_line(self) -> str:
         g = self.num_groups
-        return (f"  {self.path:<30} A{self.spec.act_bits}    act [{float(self.a_lo[g]):+.3g}, {float(self.a_hi[g]):+.3g}]"
+        act = "act per token" if self.per_token else f"act [{float(self.a_lo[g]):+.3g}, {float(self.a_hi[g]):+.3g}]"
+        return (f"  {self.path:<30} A{self.spec.act_bits}    {act}"
                 f"  rel.err {self.rel_error:.4f}")
 
 

@@ -11,6 +11,10 @@ These are the reference semantics that every backend is tested against (docs/met
 Ranges are widened to include 0 so that zero (padding, ReLU/GELU outputs) is exact. Rounding is
 half to even, as ``torch.round`` and ONNX ``QuantizeLinear`` both do.
 
+Per-token (dynamic) activations take the asymmetric rule above per row of the last axis, from the
+row's own min and max at run time (:func:`token_qparams`): no calibrated range, so neither the spread
+across tokens nor the drift across timesteps has to fit one grid (ViDiT-Q's choice for DiTs).
+
 Example:
     >>> qp = qparams_from_range(torch.tensor(-1.0), torch.tensor(3.0), bits=8, symmetric=False)
     >>> round(float(qp.scale), 6), int(qp.zero_point)
@@ -21,11 +25,12 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["QParams", "check_bits", "qrange", "qparams_from_range", "quantize", "dequantize", "fake_quantize"]
+__all__ = ["QParams", "check_bits", "qrange", "qparams_from_range", "quantize", "dequantize", "fake_quantize",
+           "token_qparams", "quantize_per_token", "fake_quantize_per_token"]
 
 
 def check_bits(bits: int, what: str = "bits") -> int:
@@ -108,3 +113,35 @@ def dequantize(q: torch.Tensor, qp: QParams) -> torch.Tensor:
 def fake_quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
     """dequantize(quantize(x)): what the INT8 kernels compute, in float."""
     return dequantize(quantize(x, qp), qp).to(x.dtype)
+
+
+def token_qparams(x: torch.Tensor, bits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-token asymmetric (scale, zero point) of ``x`` (..., K), each (..., 1) float32: every row's
+    own range, widened to include 0, on the uint grid 0..2^b - 1. A row holding NaN gets a NaN scale,
+    so the NaN reaches the output (no check, no sync: this runs in every forward)."""
+    qmax = 2 ** bits - 1
+    xf = x.float()
+    lo = xf.amin(dim=-1, keepdim=True).clamp_(max=0.0)
+    hi = xf.amax(dim=-1, keepdim=True).clamp_(min=0.0)
+    scale = (hi - lo).div_(qmax).clamp_(min=_EPS)
+    zero = (-lo).div_(scale).round_().clamp_(0, qmax)
+    return scale, zero
+
+
+def quantize_per_token(x: torch.Tensor, bits: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes, scale, zero) of ``x`` (..., K) quantized per token: codes are float integers in
+    0..2^b - 1 (cast them for a kernel), scale and zero (..., 1). The one rule every backend follows."""
+    scale, zero = token_qparams(x, bits)
+    codes = x.float().div(scale).round_().add_(zero).clamp_(0, 2 ** bits - 1)
+    return codes, scale, zero
+
+
+def fake_quantize_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """dequantize(quantize_per_token(x)): what the INT8 kernels compute for a per-token input, in float.
+
+    >>> fake_quantize_per_token(torch.tensor([[0.0, 1.5, 3.0], [-1.0, 0.0, 2.0]]), bits=2)
+    tensor([[ 0.,  2.,  3.],
+            [-1.,  0.,  2.]])
+    """
+    codes, scale, zero = quantize_per_token(x, bits)
+    return ((codes - zero) * scale).to(x.dtype)

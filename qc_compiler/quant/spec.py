@@ -6,7 +6,8 @@ torch INT8 backend and the ONNX exporter build their layers from it.
 
 Activation ranges may differ per group of sampling steps: slot ``g`` of ``a_scale``/``a_zero`` is
 group ``g``, and the last slot is the range fitted over all steps (used when no step is known).
-:func:`step_group` is the one rule that picks the slot.
+:func:`step_group` is the one rule that picks the slot. A per-token activation (``per_token``) has no
+calibrated range: each token's is taken at run time.
 
 Example:
     >>> step_group(step=-1, num_groups=1, num_steps=50), step_group(step=30, num_groups=2, num_steps=50)
@@ -44,6 +45,9 @@ class QuantizedActSpec:
     # Salience balancing (quant/balance.py): the input is quantized as round(x / (channel_scale * a)) + z,
     # channel_scale (K,) per input channel; None: per tensor, round(x / a) + z.
     channel_scale: Optional[torch.Tensor] = field(default=None, compare=False)
+    # Per token, at run time (qparams.quantize_per_token, after / channel_scale when balanced):
+    # a_scale/a_zero are then unused (ones/zeros, one slot).
+    per_token: bool = False
 
     @property
     def num_groups(self) -> int:

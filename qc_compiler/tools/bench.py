@@ -60,7 +60,8 @@ class Variant:
     form, or None. ``rounding``/``gptq``/``balance``/``low_rank``: the Quantize pass's (GPTQ and its
     options, salience balancing, SVDQuant's low-rank branch);
     ``mixed``: keep that many of the most sensitive linears at W8A8 (:func:`qc.mixed_precision`);
-    ``act_observer``: the activation observer (None: the preset's, min-max)."""
+    ``act_observer``: the activation observer (None: the preset's, min-max); ``act_granularity``:
+    ``"token"`` quantizes activations per token at run time (None: the preset's, per tensor)."""
 
     cache: Union[StepCacheConfig, str, None] = None
     selector: Optional[str] = None
@@ -73,12 +74,14 @@ class Variant:
     mixed: int = 0
     gptq: Optional[GPTQConfig] = None
     act_observer: Optional[str] = None
+    act_granularity: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.selector is not None and self.selector not in SELECTORS:
             raise ValueError(f"selector must be one of {sorted(SELECTORS)}, got {self.selector!r}")
         if self.selector is None and (self.bits or self.condq or self.vc or self.rounding != "nearest"
-                                      or self.balance or self.mixed or self.low_rank or self.gptq or self.act_observer):
+                                      or self.balance or self.mixed or self.low_rank or self.gptq or self.act_observer
+                                      or self.act_granularity):
             raise ValueError("bits, condq, vc, rounding, balance and mixed need a calibration selector "
                              "(a quantized variant)")
 
@@ -138,6 +141,10 @@ def _table() -> Dict[str, Variant]:
             table[f"quant-{sel}-{tag}-amse"] = Variant(selector=sel, act_observer="mse", **extra)
             table[f"qc-{sel}-{tag}-amse-vcvar"] = Variant(cache=RUN_CACHE, selector=sel, vc="variance",
                                                           act_observer="mse", **extra)
+            # ... per-token activation ranges, taken at run time (no calibrated range at all)
+            table[f"quant-{sel}-{tag}-atok"] = Variant(selector=sel, act_granularity="token", **extra)
+            table[f"qc-{sel}-{tag}-atok-vcvar"] = Variant(cache=RUN_CACHE, selector=sel, vc="variance",
+                                                          act_granularity="token", **extra)
     return table
 
 
@@ -164,6 +171,8 @@ def variant_passes(variant: Union[str, Variant], *, bits: str = "w8a8",
             config = QuantConfig.preset(variant.bits or bits, **({"weight_only": ()} if variant.condq else {}))
             if variant.act_observer is not None:
                 config = replace(config, default=replace(config.default, act_observer=variant.act_observer))
+            if variant.act_granularity is not None:
+                config = replace(config, default=replace(config.default, act_granularity=variant.act_granularity))
         passes += [SELECTORS[variant.selector](size=size, pool_labels=pool_labels),
                    Quantize(config=config, rounding=variant.rounding, gptq=variant.gptq, balance=variant.balance,
                             low_rank=variant.low_rank)]
