@@ -286,18 +286,22 @@ def test_what_diffusers_model_tests_call_a_transformer_with(tmp_path):
 
 @pytest.mark.parametrize("name", ["flux"])  # the paper's W4A4 family; PixArt also passed (below 0.8x), left out for suite time
 def test_low_bit_techniques_through_the_pipeline(name):
-    """GPTQ, salience balancing and the low-rank branch on a diffusers family's transformer: fitted,
-    lowered to INT8, and closer to the float pipeline than plain W4A4."""
-    errors = {}
-    for tag, options in (("plain", {}), ("all", {"rounding": "gptq", "balance": "search", "low_rank": 4})):
+    """GPTQ, salience balancing and the low-rank branch on a diffusers family's transformer, and
+    per-token activations: fitted, lowered to INT8, and closer to the float pipeline than plain W4A4."""
+    errors, reports = {}, {}
+    for tag, options in (("plain", {}), ("all", {"rounding": "gptq", "balance": "search", "low_rank": 4}),
+                         ("token", {"act_granularity": "token"})):
         pipe, kw = _build(name)
         reference = _run(pipe, kw)
         passes = [qc.passes.UniformCalibration(size=16, pool_labels=2, num_steps=STEPS),
                   qc.passes.Quantize(preset="w4a4", **options)]
         compiled = qc.compile_pipeline(pipe, passes, num_inference_steps=STEPS, **_compile_args(kw))
         errors[tag] = float((_run(pipe, kw) - reference).norm() / reference.norm())
-    assert "GPTQ, balance search, low rank 4" in compiled.report() and compiled.report().count("INT8 (") >= 8
+        reports[tag] = compiled.report()
+    assert "GPTQ, balance search, low rank 4" in reports["all"] and reports["all"].count("INT8 (") >= 8
+    assert reports["token"].count("per-token activations") >= 8
     assert errors["all"] < 0.95 * errors["plain"], errors  # measured 0.85x (flux), tiny random weights
+    assert errors["token"] < 0.9 * errors["plain"], errors  # measured 0.77x
 
 
 def test_block_reconstruction_through_a_pipeline(monkeypatch):

@@ -92,6 +92,9 @@ class QDQLinear(nn.Module):
         if spec.act is not None and spec.act.channel_scale is not None:
             raise ExportError(f"{spec.path}: the inductor backend takes one activation scale per tensor; a "
                               "salience-balanced input needs one per channel: compile without balance, or backend='torch'")
+        if spec.act is not None and spec.act.per_token:
+            raise ExportError(f"{spec.path}: the inductor backend takes one constant activation scale per tensor; "
+                              "per-token ranges are taken at run time: compile with act_granularity='tensor', or backend='torch'")
         # one group (checked before the passes ran): the step-0 slot is the all-steps range
         self.act_qparams = None if spec.act is None else spec.act.act_qparams(0)
 

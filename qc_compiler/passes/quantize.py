@@ -127,9 +127,9 @@ class Quantize(Pass):
                              f"got {type(balance).__name__}")
         self.balance = balance
         self.low_rank = check_int("low_rank", low_rank, lo=0)
-        if self.brecq is not None and self.brecq.act_lr and config.default.per_token:
-            raise ValueError("brecq act_lr learns the activations' step sizes, but act_granularity='token' takes "
-                             "each token's at run time: drop act_lr or use act_granularity='tensor'")
+        if self.brecq is not None and self.brecq.act_lr and config.all_per_token:
+            raise ValueError("brecq act_lr learns the activations' step sizes, but every quantized activation is "
+                             "act_granularity='token' (taken at run time): drop act_lr or use act_granularity='tensor'")
         if self.brecq is not None and self.brecq.branch_lr and not self.low_rank:
             raise ValueError("brecq branch_lr learns the low-rank branch, but low_rank is 0: set low_rank=r or drop branch_lr")
         self.batch_size = check_int("batch_size", batch_size, lo=1)

@@ -45,7 +45,7 @@ import torch
 from ..errors import CalibrationError
 from ..options import check_float, check_int
 from .observers import make_observer
-from .qparams import fake_quantize, qparams_from_range
+from .qparams import fake_quantize, fake_quantize_per_token, qparams_from_range
 
 __all__ = ["BalanceConfig", "ChannelStats", "balance_scales", "quantized_output_error", "spearman", "METHODS"]
 
@@ -138,20 +138,25 @@ def _scales(sx: torch.Tensor, sw: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def quantized_output_error(x: torch.Tensor, weight: torch.Tensor, s: torch.Tensor, act_bits: int, weight_bits: int,
-                  weight_observer: str) -> float:
-    """Relative L2 error of the balanced, fake-quantized layer on rows ``x`` (round to nearest)."""
+                  weight_observer: str, per_token: bool = False) -> float:
+    """Relative L2 error of the balanced, fake-quantized layer on rows ``x`` (round to nearest), its
+    input quantized per tensor or, with ``per_token``, per row as the layer will run."""
     xb, wb = x / s, weight * s
-    qa = qparams_from_range(xb.min(), xb.max(), act_bits, symmetric=False)
+    if per_token:
+        xq = fake_quantize_per_token(xb, act_bits)
+    else:
+        xq = fake_quantize(xb, qparams_from_range(xb.min(), xb.max(), act_bits, symmetric=False))
     obs = make_observer(weight_observer, weight_bits, symmetric=True, axis=0)
     obs.update(wb)
     ref = x @ weight.T
-    out = fake_quantize(xb, qa) @ fake_quantize(wb, obs.compute()).T
+    out = xq @ fake_quantize(wb, obs.compute()).T
     return float((out - ref).norm() / ref.norm().clamp_min(1e-12))
 
 
 def balance_scales(stats: ChannelStats, weight: torch.Tensor, config: BalanceConfig, *, act_bits: int,
-                   weight_bits: int, weight_observer: str = "mse") -> torch.Tensor:
-    """The balancing vector s (K,) for a layer of ``weight`` (N, K) whose inputs ``stats`` saw."""
+                   weight_bits: int, weight_observer: str = "mse", per_token: bool = False) -> torch.Tensor:
+    """The balancing vector s (K,) for a layer of ``weight`` (N, K) whose inputs ``stats`` saw
+    (``per_token``: the search scores each candidate with the input quantized per row)."""
     w = weight.detach().float()
     sw = w.abs().amax(dim=0)
     if config.method == "smoothquant":
@@ -164,10 +169,10 @@ def balance_scales(stats: ChannelStats, weight: torch.Tensor, config: BalanceCon
         return _scales((eta[:, None] * per_step).sum(dim=0), sw, config.alpha)
     x, sx = stats.sample(), stats.overall()
     best = torch.ones_like(sx)
-    best_err = quantized_output_error(x, w, best, act_bits, weight_bits, weight_observer)
+    best_err = quantized_output_error(x, w, best, act_bits, weight_bits, weight_observer, per_token)
     for i in range(config.grid):
         s = _scales(sx, sw, i / (config.grid - 1))
-        err = quantized_output_error(x, w, s, act_bits, weight_bits, weight_observer)
+        err = quantized_output_error(x, w, s, act_bits, weight_bits, weight_observer, per_token)
         if err < best_err:
             best, best_err = s, err
     return best

@@ -105,13 +105,20 @@ class QuantConfig:
         object.__setattr__(self, "weight_only", _globs("weight_only", self.weight_only))
         check_bool("attn_matmuls", self.attn_matmuls)
         check_int("act_step_groups", self.act_step_groups, lo=1)
-        if self.act_step_groups > 1 and self.default.per_token:
-            raise ValueError("act_step_groups > 1 calibrates a range per group of steps, but the default "
-                             "act_granularity='token' takes its ranges at run time: use one or the other")
+        if self.act_step_groups > 1 and self.all_per_token:
+            raise ValueError("act_step_groups > 1 calibrates a range per group of steps, but every quantized "
+                             "activation is act_granularity='token' (ranges taken at run time): use one or the other")
         for item in self.overrides:
             if len(item) != 2 or not isinstance(item[0], str) or not (item[1] is None or isinstance(item[1], LayerQuant)):
                 raise ValueError(f"overrides must be (pattern, LayerQuant or None) pairs, got {item!r}")
         object.__setattr__(self, "overrides", tuple(tuple(o) for o in self.overrides))
+
+    @property
+    def all_per_token(self) -> bool:
+        """True when every layer whose input this config quantizes takes it per token (none calibrated)."""
+        specs = [self.default] + [s for _, s in self.overrides if s is not None]
+        quantized = [s for s in specs if s.act_bits is not None]
+        return bool(quantized) and all(s.per_token for s in quantized)
 
     def resolve(self, adapter: Any) -> "QuantConfig":
         """This config with ``include``/``weight_only`` left at None taken from a model adapter."""

@@ -112,6 +112,8 @@ class _ActRanges(StepAware, nn.Module):
                 self.observers[g].update(x)
 
     def act_qparams(self) -> QParams:
+        if self.per_token:
+            raise CalibrationError(f"{self.path}: per-token activations have no calibrated scale")
         g = self.group()
         return QParams(self.a_scale[g], self.a_zero[g], self.spec.act_bits, symmetric=False)
 
@@ -135,7 +137,7 @@ class _ActRanges(StepAware, nn.Module):
     def set_act_scale(self, scale: torch.Tensor) -> None:
         """Replace the step sizes (a reconstruction that measured worse goes back to the observers')."""
         self.a_scale.copy_(scale)
-        if not self.weight_only:
+        if not self.weight_only and not self.per_token:  # per token: a_scale is a placeholder
             self._set_range()
 
     def begin_soft_acts(self, learn_scale: bool, drop: float, generator: torch.Generator) -> Optional[torch.Tensor]:
@@ -258,7 +260,7 @@ class QuantLinear(_ActRanges):
         """Choose s from what the ``stats`` pass saw (called once, before observing)."""
         self.in_scale.copy_(balance_scales(self._stats, self.weight, self.balance, act_bits=self.spec.act_bits,
                                            weight_bits=self.spec.weight_bits,
-                                           weight_observer=self.spec.weight_observer))
+                                           weight_observer=self.spec.weight_observer, per_token=self.per_token))
         self._stats = None
 
     def _grid_weight(self) -> torch.Tensor:
@@ -382,8 +384,10 @@ class QuantLinear(_ActRanges):
         """The input as the INT8 GEMM sees it (dequantized): x / s on the activation grid when balanced."""
         if self.weight_only:
             return x
-        if self.per_token:  # each token's own range, of x / s when balanced (in those units, as below)
-            return fake_quantize_per_token(self._balanced(x), self.spec.act_bits)
+        if self.per_token:  # each token's own range, of x / s when balanced (in those units, as below),
+            # divided in float32 as the INT8 kernel does, so half-precision models get the same codes
+            xs = x.float() / self.in_scale if self.balance is not None else x
+            return fake_quantize_per_token(xs, self.spec.act_bits).to(x.dtype)
         qp = self.act_qparams()
         if self.balance is None:
             return fake_quantize(x, qp)
@@ -438,12 +442,18 @@ class QuantLinear(_ActRanges):
 class ActQuant(_ActRanges):
     """Fake-quantizes one activation tensor (e.g. an operand of an attention matmul)."""
 
+    def __init__(self, path: str, spec: LayerQuant, num_groups: int, num_steps: int):
+        if spec.per_token and spec.act_bits is not None:  # k^T's rows are channels, v's scale would vary along the sum
+            raise ValueError(f"{path}: per-token ranges are for linear inputs; quantize the attention matmuls per "
+                             "tensor (an override for 'op:matmul' with act_granularity='tensor') or set attn_matmuls=False")
+        super().__init__(path, spec, num_groups, num_steps)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "observe":
             self.observe(x)
         if self.mode in ("stats", "observe", "float", "hessian", "target"):
             return x
-        out = fake_quantize_per_token(x, self.spec.act_bits) if self.per_token else fake_quantize(x, self.act_qparams())
+        out = fake_quantize(x, self.act_qparams())
         if self.mode == "soft":  # straight through: block reconstruction's gradients pass
             return self._soft(x, out)
         if self.mode == "compare":
@@ -459,8 +469,7 @@ class ActQuant(_ActRanges):
 
     def report_line(self) -> str:
         g = self.num_groups
-        act = "act per token" if self.per_token else f"act [{float(self.a_lo[g]):+.3g}, {float(self.a_hi[g]):+.3g}]"
-        return (f"  {self.path:<30} A{self.spec.act_bits}    {act}"
+        return (f"  {self.path:<30} A{self.spec.act_bits}    act [{float(self.a_lo[g]):+.3g}, {float(self.a_hi[g]):+.3g}]"
                 f"  rel.err {self.rel_error:.4f}")
 
 

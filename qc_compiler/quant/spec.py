@@ -46,7 +46,7 @@ class QuantizedActSpec:
     # channel_scale (K,) per input channel; None: per tensor, round(x / a) + z.
     channel_scale: Optional[torch.Tensor] = field(default=None, compare=False)
     # Per token, at run time (qparams.quantize_per_token, after / channel_scale when balanced):
-    # a_scale/a_zero are then unused (ones/zeros, one slot).
+    # a_scale/a_zero are then placeholders, never read (act_qparams refuses).
     per_token: bool = False
 
     @property
@@ -54,6 +54,9 @@ class QuantizedActSpec:
         return int(self.a_scale.numel()) - 1
 
     def act_qparams(self, step: int = -1) -> Tuple[float, int]:
+        if self.per_token:
+            raise ValueError(f"{self.path}: per-token activations have no calibrated scale; quantize each row "
+                             "with qparams.quantize_per_token")
         g = step_group(step, self.num_groups, self.num_steps)
         return float(self.a_scale[g]), int(self.a_zero[g])
 

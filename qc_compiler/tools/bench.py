@@ -82,8 +82,11 @@ class Variant:
         if self.selector is None and (self.bits or self.condq or self.vc or self.rounding != "nearest"
                                       or self.balance or self.mixed or self.low_rank or self.gptq or self.act_observer
                                       or self.act_granularity):
-            raise ValueError("bits, condq, vc, rounding, balance and mixed need a calibration selector "
-                             "(a quantized variant)")
+            raise ValueError("bits, condq, vc, rounding, balance, low_rank, mixed, gptq, act_observer and "
+                             "act_granularity need a calibration selector (a quantized variant)")
+        if self.mixed and (self.act_observer or self.act_granularity):
+            raise ValueError("a mixed variant's config comes from the sensitivity ranking; act_observer and "
+                             "act_granularity are not applied to it: drop them or mixed")
 
     @property
     def bits_independent(self) -> bool:
