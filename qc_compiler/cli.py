@@ -588,7 +588,8 @@ def cmd_sample_ddp(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .tools.bench import VARIANTS, FP32Run, ablation_rows, machine, machine_line, markdown, run_variants
+    from .tools.bench import (VARIANTS, FP32Run, ablation_rows, machine, machine_line, markdown, run_variants,
+                              unknown_variants)
 
     if args.variants:
         names = args.variants.split(",")
@@ -596,9 +597,9 @@ def cmd_bench(args) -> int:
         names = ["fp32", "quant-uniform", "quant-tap", "cache"] + ablation_rows()
     else:
         names = ["fp32", "quant-uniform", "quant-tap"]
-    unknown = [n for n in names if n not in VARIANTS]
+    unknown = unknown_variants(names)
     if unknown:
-        raise QCError(f"unknown variants {unknown}; known: {', '.join(sorted(VARIANTS))}")
+        raise QCError(unknown)
     if args.out is not None:
         from .io import check_output_file
 

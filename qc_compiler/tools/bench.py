@@ -146,12 +146,27 @@ def _table() -> Dict[str, Variant]:
                                                           act_observer="mse", **extra)
             # ... per-token activation ranges, taken at run time (no calibrated range at all)
             table[f"quant-{sel}-{tag}-atok"] = Variant(selector=sel, act_granularity="token", **extra)
+            table[f"qc-{sel}-{tag}-atok"] = Variant(cache=RUN_CACHE, selector=sel, act_granularity="token", **extra)
             table[f"qc-{sel}-{tag}-atok-vcvar"] = Variant(cache=RUN_CACHE, selector=sel, vc="variance",
                                                           act_granularity="token", **extra)
     return table
 
 
 VARIANTS: Dict[str, Variant] = _table()
+
+
+def unknown_variants(names: List[str]) -> Optional[str]:
+    """None when every name is a variant; else one line naming the unknown ones and, for each, the
+    closest known names (the table has hundreds: listing them all helps no one)."""
+    import difflib
+
+    unknown = [n for n in names if n not in VARIANTS]
+    if not unknown:
+        return None
+    close = {n: difflib.get_close_matches(n, list(VARIANTS), n=3, cutoff=0.6) for n in unknown}
+    hints = "; ".join(f"{n}: did you mean {', '.join(c)}?" for n, c in close.items() if c)
+    return (f"unknown variants {unknown}" + (f" ({hints})" if hints else "") +
+            f"; {len(VARIANTS)} variants are defined in qc_compiler/tools/bench.py (_table)")
 
 
 def variant_passes(variant: Union[str, Variant], *, bits: str = "w8a8",
@@ -404,9 +419,9 @@ def run_variants(names: Sequence[str], *, model_name: str = "dit-mnist", model=N
 
     fp = fp if fp is not None else FP32Run()
 
-    unknown = [name for name in names if name not in VARIANTS]
+    unknown = unknown_variants(names)
     if unknown:
-        raise ValueError(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
+        raise ValueError(unknown)
     task = make_task(model_name, model, n=n, steps=steps, cfg=cfg, seed=seed)
     model, sampler, labels = task.model, task.sampler, task.labels
     if task.conditions is not None and (fp250 or any(VARIANTS[name].mixed for name in names)):
