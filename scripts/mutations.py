@@ -125,6 +125,9 @@ MUTATIONS = [
      "qc_compiler/quant/fake_quant.py", "        if self.per_token:  # each token's own range", "        if False:  # each token's own range"),
     ("per token: each row's range not widened to include 0", "qc_compiler/quant/qparams.py",
      "lo = xf.amin(dim=-1, keepdim=True).clamp_(max=0.0)", "lo = xf.amin(dim=-1, keepdim=True)"),
+    ("per token: the balance search scores its candidates per tensor", "qc_compiler/quant/fake_quant.py",
+     "weight_observer=self.spec.weight_observer, per_token=self.per_token))",
+     "weight_observer=self.spec.weight_observer, per_token=False))"),
 ]
 
 
