@@ -275,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "policy=adaptive,threshold=0.1, ...")
     p.add_argument("--calib-size", type=_positive, default=800, help="calibration-set size (default 800)")
     p.add_argument("--pool-labels", type=_positive, default=32, help="labels sampled for the calibration pool (default 32)")
+    p.add_argument("--calib-seed", type=_seed, default=0,
+                   help="seed of the calibration pool and draw (default 0); vary it for error bars over calibrations")
     p.add_argument("--vc", choices=["eps", "velocity", "sample"], default="sample", help="VC placement of the +VC rows (default sample)")
     p.add_argument("--backend", default="torch", help=_BACKEND_HELP)
     p.add_argument("--fp250", action="store_true", help="also time FP32 at 250 steps")
@@ -613,7 +615,7 @@ def cmd_bench(args) -> int:
             new = run_variants(todo, model_name=args.model, n=args.n, steps=steps, cfg=args.cfg, seed=args.seed,
                                batch=args.batch, bits=bits, cache=args.cache, size=args.calib_size,
                                pool_labels=args.pool_labels, vc=args.vc, backend=args.backend, fp250=args.fp250,
-                               on_row=lambda r: print(json.dumps(r), flush=True), fp=fp)
+                               on_row=lambda r: print(json.dumps(r), flush=True), fp=fp, calib_seed=args.calib_seed)
             rows += new
     print(markdown(rows, args.n, args.cfg))
     if args.out:

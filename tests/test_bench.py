@@ -28,6 +28,10 @@ def test_variants_map_to_pass_lists_built_from_configs():
     assert adaptive_run[0].config.policy == "adaptive" and variant_passes("cache", cache=StepCacheConfig(interval=5))[0].config.every == 5
     assert variant_passes("qc-tap-vcvar")[-1].form == "variance"
     assert variant_passes("quant-tap")[-1].config.weight_only is None  # the adapter's conditioning linears
+    # the calibration seed reaches the selector (pool runs and draw): error bars over calibrations
+    assert variant_passes("quant-tap")[0].seed == 0 and variant_passes("quant-tap", calib_seed=3)[0].seed == 3
+    tok = variant_passes("qc-uniform-gptq-bal-lr16-atok-vcvar", bits="w4a4")
+    assert tok[2].config.default.per_token and tok[2].low_rank == 16 and tok[-1].form == "variance"
     assert variant_passes("quant-tap-condq")[-1].config.weight_only == ()
     assert variant_passes("qc-tap-condq-vc")[2].config.weight_only == ()
     assert names(variant_passes("qc-kmeans")) == ["step_cache", "kmeans_calibration", "quantize"]
@@ -107,6 +111,7 @@ def test_ablation_runs_fp32_and_cache_rows_once_per_step_count(monkeypatch):
 
     def fake_run_variants(names, *, bits, cache, fp, **kwargs):
         calls.append((list(names), bits, fp.seconds))
+        assert kwargs["calib_seed"] == 5
         assert cache == StepCacheConfig(interval=3)
         if "fp32" in names:
             fp.seconds = 7.0
@@ -116,7 +121,8 @@ def test_ablation_runs_fp32_and_cache_rows_once_per_step_count(monkeypatch):
                      **{"is": 1.0}) for n in names]
 
     monkeypatch.setattr(bench, "run_variants", fake_run_variants)
-    assert main(["bench", "ablation", "--bits", "w8a8,w4a8", "--steps", "50", "--n", "10", "--cache", "interval=3"]) == 0
+    assert main(["bench", "ablation", "--bits", "w8a8,w4a8", "--steps", "50", "--n", "10", "--cache", "interval=3",
+                 "--calib-seed", "5"]) == 0
     (first, bits1, ref1), (second, bits2, ref2) = calls
     assert (bits1, bits2) == ("w8a8", "w4a8") and ref1 is None and ref2 == 7.0
     assert "fp32" in first and "cache" in first and "quant-tap" in first

@@ -171,9 +171,10 @@ def unknown_variants(names: List[str]) -> Optional[str]:
 
 def variant_passes(variant: Union[str, Variant], *, bits: str = "w8a8",
                    cache: StepCacheConfig = StepCacheConfig(interval=2), size: int = 800, pool_labels: int = 32,
-                   vc_placement: str = "sample", config: Optional[QuantConfig] = None) -> List:
+                   vc_placement: str = "sample", config: Optional[QuantConfig] = None, calib_seed: int = 0) -> List:
     """The passes of a variant (a :data:`VARIANTS` name or a :class:`Variant`); ``cache`` is the run's.
-    ``config``: the QuantConfig of a ``mixed`` variant (chosen by :func:`mixed_config`)."""
+    ``config``: the QuantConfig of a ``mixed`` variant (chosen by :func:`mixed_config`). ``calib_seed``:
+    the calibration selector's seed (its pool's sampling runs and its draw), for error bars over calibrations."""
     if isinstance(variant, str):
         if variant not in VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; known: {sorted(VARIANTS)}")
@@ -191,7 +192,7 @@ def variant_passes(variant: Union[str, Variant], *, bits: str = "w8a8",
                 config = replace(config, default=replace(config.default, act_observer=variant.act_observer))
             if variant.act_granularity is not None:
                 config = replace(config, default=replace(config.default, act_granularity=variant.act_granularity))
-        passes += [SELECTORS[variant.selector](size=size, pool_labels=pool_labels),
+        passes += [SELECTORS[variant.selector](size=size, pool_labels=pool_labels, seed=calib_seed),
                    Quantize(config=config, rounding=variant.rounding, gptq=variant.gptq, balance=variant.balance,
                             low_rank=variant.low_rank)]
     if variant.vc is not None:
@@ -404,7 +405,8 @@ def run_variants(names: Sequence[str], *, model_name: str = "dit-mnist", model=N
                  cfg: float = 1.5, seed: int = 0, batch: int = 250, bits: str = "w8a8",
                  cache: StepCacheConfig = StepCacheConfig(interval=2), size: int = 800, pool_labels: int = 32,
                  vc: str = "sample", backend: str = "torch", fp250: bool = False,
-                 on_row: Optional[Callable[[Dict], None]] = None, fp: Optional["FP32Run"] = None) -> List[Dict]:
+                 on_row: Optional[Callable[[Dict], None]] = None, fp: Optional["FP32Run"] = None,
+                 calib_seed: int = 0) -> List[Dict]:
     """Compile, sample and score each variant; rows carry metrics, times and speed ratios.
 
     ``model`` (a module; for ``mmdit-mnist`` its loaded bundle) replaces loading ``model_name``; it must
@@ -436,7 +438,7 @@ def run_variants(names: Sequence[str], *, model_name: str = "dit-mnist", model=N
         variant = VARIANTS[name]
         config = mixed_config(variant, model, sampler, bits=bits, cache=cache, seed=seed) if variant.mixed else None
         passes = variant_passes(name, bits=bits, cache=cache, size=size, pool_labels=pool_labels, vc_placement=vc,
-                                config=config)
+                                config=config, calib_seed=calib_seed)
         compiled = task.compile(passes, seed=seed, backend=backend)
         compile_s = time.perf_counter() - t0
         images, seconds = sample_timed(task.bind(compiled), sampler, labels, seed=seed, batch=batch)
@@ -444,6 +446,7 @@ def run_variants(names: Sequence[str], *, model_name: str = "dit-mnist", model=N
             fp.seconds, fp.images = seconds, images
         row = {"variant": name, "bits": "-" if variant.bits_independent else (variant.bits or bits), "steps": steps,
                "cache": cache.describe() if variant.cache == RUN_CACHE else None,
+               **({"calib_seed": calib_seed} if calib_seed and variant.selector is not None else {}),
                "compile_s": compile_s, "sample_s": seconds, "fp32_sample_s": fp.seconds, "fp32_250_s": fp.seconds_250,
                "speed_vs_fp32": (fp.seconds / seconds) if fp.seconds else float("nan"),
                "speed_vs_fp32_250": (fp.seconds_250 / seconds) if fp.seconds_250 else float("nan"),
