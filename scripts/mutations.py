@@ -120,7 +120,7 @@ MUTATIONS = [
     ("BRECQ at A4: a block that measured worse keeps its learned low-rank branch", "qc_compiler/passes/quantize.py",
      "            m.set_branch(*start[\"branch\"][id(m)])", "            pass"),
     ("per token: the INT8 kernel adds the zero-point correction instead of subtracting it",
-     "qc_compiler/backends/torch_int8.py", "self.w_sum * self.w_scale, alpha=-1.0)", "self.w_sum * self.w_scale, alpha=1.0)"),
+     "qc_compiler/backends/torch_int8.py", "self.w_sum_scaled, alpha=-1.0)", "self.w_sum_scaled, alpha=1.0)"),
     ("per token: the fake-quant reference falls back to the calibrated per-tensor range",
      "qc_compiler/quant/fake_quant.py", "        if self.per_token:  # each token's own range", "        if False:  # each token's own range"),
     ("per token: each row's range not widened to include 0", "qc_compiler/quant/qparams.py",

@@ -66,8 +66,7 @@ def check_inductor_passes(passes: Sequence[Any]) -> None:
             cfg = getattr(p, "config", None)
             if not isinstance(cfg, QuantConfig):
                 continue
-            specs = [cfg.default] + [s for _, s in cfg.overrides if s is not None]
-            if any(s.weight_bits == 8 and s.act_bits == 8 for s in specs):
+            if any(s.weight_bits == 8 and s.act_bits == 8 for s in cfg.specs):
                 raise ExportError("the inductor backend's INT8 GEMM saturates W8A8 on this CPU (no VNNI: int16 pair "
                                   "sums); use backend='torch', which runs it exactly, or 4-bit weights (w4a8)")
 

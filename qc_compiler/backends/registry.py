@@ -81,7 +81,7 @@ def check_constant_uint8_activations(passes: Sequence[Any], backend: str, op: st
         if cfg.act_step_groups > 1:
             raise ExportError(f"the {backend} backend cannot run per-step-group activation ranges ({op} takes one "
                               f"constant scale); use act_step_groups=1{alternative}")
-        specs = [cfg.default] + [s for _, s in cfg.overrides if s is not None]
+        specs = cfg.specs
         if any(s.per_token for s in specs):
             raise ExportError(f"the {backend} backend cannot run per-token activations ({op} takes one constant "
                               f"scale per tensor; per-token ranges are taken at run time): use "

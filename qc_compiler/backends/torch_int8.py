@@ -123,6 +123,8 @@ class Int8Linear(StepAware, nn.Module):
         self.register_buffer("w_scale", spec.w_scale.float())
         self.register_buffer("w_zero", torch.zeros_like(spec.w_scale, dtype=torch.long))
         self.register_buffer("w_sum", self.w_int8.to(torch.int32).sum(dim=1))
+        # per-token inputs: the zero-point correction's row term, in the GEMM's output units (not saved)
+        self.register_buffer("w_sum_scaled", self.w_sum * self.w_scale, persistent=False)
         self.bias = None if spec.bias is None else nn.Parameter(spec.bias.detach().clone(), requires_grad=False)
         self.packed = None
         # Exact on a CPU without VNNI: 8-bit activation codes times weight codes above 64 would saturate
@@ -166,7 +168,7 @@ class Int8Linear(StepAware, nn.Module):
         xs = x.float() if channel is None else x.float() / channel
         codes, scale, zero = quantize_per_token(xs, self.act_bits)
         acc = KERNELS[self.kernel](codes.to(torch.uint8), 1.0, 0, self, None)  # (M, N): sum_k q w w_scale
-        acc.addr_(zero.squeeze(1), self.w_sum * self.w_scale, alpha=-1.0).mul_(scale)
+        acc.addr_(zero.squeeze(1), self.w_sum_scaled, alpha=-1.0).mul_(scale)
         return acc.add_(self.bias) if self.bias is not None else acc
 
     def _per_tensor(self, x: torch.Tensor, k: int) -> torch.Tensor:

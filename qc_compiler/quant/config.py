@@ -114,10 +114,14 @@ class QuantConfig:
         object.__setattr__(self, "overrides", tuple(tuple(o) for o in self.overrides))
 
     @property
+    def specs(self) -> Tuple[LayerQuant, ...]:
+        """Every LayerQuant this config can give an op: the default and each override's (not float's)."""
+        return (self.default,) + tuple(s for _, s in self.overrides if s is not None)
+
+    @property
     def all_per_token(self) -> bool:
         """True when every layer whose input this config quantizes takes it per token (none calibrated)."""
-        specs = [self.default] + [s for _, s in self.overrides if s is not None]
-        quantized = [s for s in specs if s.act_bits is not None]
+        quantized = [s for s in self.specs if s.act_bits is not None]
         return bool(quantized) and all(s.per_token for s in quantized)
 
     def resolve(self, adapter: Any) -> "QuantConfig":

@@ -82,7 +82,7 @@ class _ActRanges(StepAware, nn.Module):
     @property
     def per_token(self) -> bool:
         """True when the input is quantized per token at run time (no calibrated range)."""
-        return self.spec.act_bits is not None and self.spec.per_token
+        return self.spec.per_token  # LayerQuant refuses per token on a weight-only layer
 
     @property
     def uses_step(self) -> bool:  # one range for every step (or per token): the output does not depend on it
@@ -443,7 +443,7 @@ class ActQuant(_ActRanges):
     """Fake-quantizes one activation tensor (e.g. an operand of an attention matmul)."""
 
     def __init__(self, path: str, spec: LayerQuant, num_groups: int, num_steps: int):
-        if spec.per_token and spec.act_bits is not None:  # k^T's rows are channels, v's scale would vary along the sum
+        if spec.per_token:  # k^T's rows are channels, v's scale would vary along the sum
             raise ValueError(f"{path}: per-token ranges are for linear inputs; quantize the attention matmuls per "
                              "tensor (an override for 'op:matmul' with act_granularity='tensor') or set attn_matmuls=False")
         super().__init__(path, spec, num_groups, num_steps)

@@ -94,9 +94,16 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric:
         scale = (torch.maximum(-lo, hi) / qmax).clamp_min(_EPS)
         zero = torch.zeros_like(scale, dtype=torch.int32)
     else:
-        scale = ((hi - lo) / (qmax - qmin)).clamp_min(_EPS)
-        zero = torch.clamp(torch.round(-lo / scale), qmin, qmax).to(torch.int32)
+        scale, zero = _asymmetric(lo, hi, qmax)
+        zero = zero.to(torch.int32)
     return QParams(scale, zero, bits, symmetric, axis)
+
+
+def _asymmetric(lo: torch.Tensor, hi: torch.Tensor, qmax: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The asymmetric rule on a range already widened to include 0: (scale, zero point), both float
+    (shared by calibrated ranges and per-token ones; no check, so NaN passes through)."""
+    scale = ((hi - lo) / qmax).clamp_min(_EPS)
+    return scale, torch.round(-lo / scale).clamp_(0, qmax)
 
 
 def quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
@@ -119,13 +126,10 @@ def token_qparams(x: torch.Tensor, bits: int) -> Tuple[torch.Tensor, torch.Tenso
     """Per-token asymmetric (scale, zero point) of ``x`` (..., K), each (..., 1) float32: every row's
     own range, widened to include 0, on the uint grid 0..2^b - 1. A row holding NaN gets a NaN scale,
     so the NaN reaches the output (no check, no sync: this runs in every forward)."""
-    qmax = 2 ** bits - 1
     xf = x.float()
     lo = xf.amin(dim=-1, keepdim=True).clamp_(max=0.0)
     hi = xf.amax(dim=-1, keepdim=True).clamp_(min=0.0)
-    scale = (hi - lo).div_(qmax).clamp_(min=_EPS)
-    zero = (-lo).div_(scale).round_().clamp_(0, qmax)
-    return scale, zero
+    return _asymmetric(lo, hi, 2 ** bits - 1)
 
 
 def quantize_per_token(x: torch.Tensor, bits: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
