@@ -2,6 +2,7 @@ import pytest
 
 from qc_compiler.quant import LayerQuant
 from qc_compiler.quant.balance import BalanceConfig
+from qc_compiler.quant.brecq import BRECQConfig
 
 from qc_compiler.passes import Quantize
 from qc_compiler.specs import StepCacheConfig
@@ -66,6 +67,13 @@ def test_every_listed_variant_builds_and_unknown_ones_fail():
     amse = variant_passes("qc-uniform-brecq-bal-lr16-amse-vcvar", bits="w4a4")
     assert names(amse) == ["step_cache", "uniform_calibration", "quantize", "variance_compensation"]
     assert amse[2].config.default == LayerQuant(4, 4, act_observer="mse") and amse[2].rounding == "brecq"
+    # BRECQ's options reach the pass (4,000 steps a block), the default variant keeps the defaults
+    assert variant_passes("qc-uniform-brecq4k-vcvar", bits="w4a8")[2].brecq.iters == 4000
+    assert variant_passes("quant-uniform-brecq", bits="w4a8")[1].brecq.iters == 2000
+    with pytest.raises(ValueError, match="selector"):
+        Variant(brecq=BRECQConfig(iters=10))
+    with pytest.raises(ValueError, match="brecq"):  # options for a rounding not chosen: refused by the pass
+        variant_passes(Variant(selector="uniform", rounding="gptq", brecq=BRECQConfig(iters=10)))
 
 
 def test_markdown_table_has_a_row_per_variant():
