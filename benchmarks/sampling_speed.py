@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from qc_compiler.specs import StepCacheConfig
-from qc_compiler.tools.bench import (VARIANTS, interleaved_times, machine_line, make_task, sample_timed, variant_passes,
-                                     write_results)
+from qc_compiler.tools.bench import (VARIANTS, interleaved_times, machine_line, make_task, sample_timed, unknown_variants,
+                                     variant_passes, write_results)
 
 
 def parse_args(argv=None):
@@ -40,9 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     names = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in names if v not in VARIANTS]
+    unknown = unknown_variants(names)
     if unknown:
-        p.error(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
+        p.error(unknown)
     if "fp32" not in names:
         p.error("--variants must include fp32 (every speed is a ratio against it)")
     if args.repeats < 3 or args.n < 1 or args.steps < 1 or args.interval < 1 or args.threads < 1:

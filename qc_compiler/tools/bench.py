@@ -180,8 +180,9 @@ def variant_passes(variant: Union[str, Variant], *, bits: str = "w8a8",
     ``config``: the QuantConfig of a ``mixed`` variant (chosen by :func:`mixed_config`). ``calib_seed``:
     the calibration selector's seed (its pool's sampling runs and its draw), for error bars over calibrations."""
     if isinstance(variant, str):
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown variant {variant!r}; known: {sorted(VARIANTS)}")
+        unknown = unknown_variants([variant])
+        if unknown:
+            raise ValueError(unknown)
         variant = VARIANTS[variant]
     passes: List = []
     chosen = cache if variant.cache == RUN_CACHE else variant.cache
