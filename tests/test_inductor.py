@@ -52,3 +52,31 @@ def test_inductor_refuses_what_its_int8_patterns_cannot_take(tmp_path, monkeypat
     plain = qc.compile(make_tiny(), [], sampler=qc.DDPM(steps=4), backend="inductor")  # compiles on first call only
     with pytest.raises(qc.ExportError, match="backend='torch'"):
         plain.export_onnx(tmp_path / "m.onnx")
+
+
+@pytest.mark.slow
+def test_int_mm_route_compiles_the_torch_int8_layers_in_and_never_recompiles(monkeypatch):
+    """The CUDA route (forced here on the CPU): the torch backend's _int_mm layers inside the compiled
+    graph, equal to that backend, and a constant-range layer never makes a step-dependent guard."""
+    from qc_compiler.backends import inductor
+    from qc_compiler.backends.torch_int8 import Int8Linear
+
+    monkeypatch.setattr(inductor, "_int_mm_route", lambda gm: True)
+    monkeypatch.setenv("QC_INT8_KERNEL", "int_mm")
+    model, sampler = make_tiny(), qc.DDPM(steps=3)
+    quant = lambda: [UniformCalibration(size=12, pool_labels=4), Quantize(preset="w8a8")]  # noqa: E731
+    fast = qc.compile(model, quant(), sampler=sampler, backend="inductor")
+    eager = qc.compile(model, quant(), sampler=sampler, backend="torch")
+    layers = [m for m in fast.modules() if isinstance(m, Int8Linear)]
+    assert len(layers) == 9 and all(not m.uses_step and "_torchdynamo" not in repr(m.forward) for m in layers)
+    dynamo_utils.counters.clear()
+    first = sampler.sample(fast, LABELS, seed=0)
+    frames = dict(dynamo_utils.counters["frames"])
+    # one graph, compiled once for three steps (measured: 2 frames; a layer that read the step state
+    # would guard on it and break the graph: 29 frames)
+    assert 1 <= frames.get("ok", 0) == frames["total"] <= 2
+    again = sampler.sample(fast, LABELS, seed=1)
+    assert dict(dynamo_utils.counters["frames"]) == frames  # three steps, two runs: one compile
+    want = sampler.sample(eager, LABELS, seed=0)
+    assert float((first - want).norm() / want.norm()) < 1e-4
+    assert not torch.equal(first, again) and "torch._int_mm layers" in fast.report()

@@ -14,6 +14,13 @@ rescales, fake-quant activations of attention matmuls) runs eagerly, as a graph 
 lookup's region is compiled on its own, so the compute-or-reuse decision never enters a guard. Each
 region compiles once; a sampling run recompiles nothing (tested with ``torch._dynamo`` counters).
 
+On CUDA the x86 patterns do not apply, so the INT8 layers are the torch backend's (``torch._int_mm``,
+taken through the backend registry) and Inductor compiles around them: it fuses the activation's
+quantization into the op before each GEMM and the dequantize, bias and GELU after it. A layer whose
+range is one constant (one step group) reads no step state, so it is compiled in, not kept eager.
+Freezing stays off there (no weight prepacking to gain), so the cache's block regions, alike but for
+their weights, share one FX-graph-cache entry.
+
 Compile time is paid on the first call (reported by ``report()``), and Inductor's FX graph cache
 (on by default, ``TORCHINDUCTOR_CACHE_DIR``) keeps it across processes. Per-step-group activation
 ranges and activations below 8 bits are refused before any pass runs: the INT8 patterns need one
@@ -42,7 +49,7 @@ from ..errors import ExportError
 from ..quant.spec import QuantizedLinearSpec
 from ..step import StepAware
 from ..quant.config import QuantConfig
-from .registry import check_constant_uint8_activations, cpu_has_vnni, register_backend
+from .registry import check_constant_uint8_activations, cpu_has_vnni, get_backend, register_backend
 
 __all__ = ["QDQLinear", "InductorModule", "lower_inductor", "check_inductor_passes", "freezing"]
 
@@ -126,9 +133,9 @@ class InductorModule(nn.Module):
     """Runs its graph through ``torch.compile`` (freezing on, no autograd). The graph stays a submodule,
     so the compiled model binds its step state to the graph's step-aware nodes as for any backend."""
 
-    def __init__(self, graph: fx.GraphModule):
+    def __init__(self, graph: fx.GraphModule, freeze: bool = True):
         super().__init__()
-        self.graph = graph
+        self.graph, self.freeze = graph, freeze
         # what CompiledModel reads its sampler hooks from (sample-placement VC): dropping it would run
         # the model without VC, silently
         self.meta = {"qc.sample_hooks": list(graph.meta.get("qc.sample_hooks", []))}
@@ -136,7 +143,7 @@ class InductorModule(nn.Module):
         self.first_call_s: Optional[float] = None
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), freezing():
+        with torch.no_grad(), (freezing() if self.freeze else contextlib.nullcontext()):
             if self.first_call_s is None:
                 t0 = time.perf_counter()
                 out = self.compiled(*args)
@@ -146,7 +153,8 @@ class InductorModule(nn.Module):
 
     def report_section(self) -> str:
         first = "not called yet" if self.first_call_s is None else f"first call (compile) {self.first_call_s:.1f} s"
-        return f"  Inductor (torch.compile, freezing): {first}"
+        how = "freezing" if self.freeze else "CUDA, torch._int_mm layers"
+        return f"  Inductor (torch.compile, {how}): {first}"
 
 
 def _eager(module: nn.Module) -> None:
@@ -154,20 +162,30 @@ def _eager(module: nn.Module) -> None:
     module.forward = torch._dynamo.disable(module.forward)
 
 
+def _int_mm_route(gm: fx.GraphModule) -> bool:
+    """Whether the graph lives on CUDA, where the INT8 layers are ``_int_mm`` ones (tests force it on CPU)."""
+    return next((p.device.type == "cuda" for p in gm.parameters()), False)
+
+
 @register_backend("inductor", check=check_inductor_passes)
 def lower_inductor(gm: fx.GraphModule, ctx) -> nn.Module:
-    """Swap every fake-quant linear for a QDQLinear, keep step-aware nodes eager (a cache lookup's
-    region compiled on its own), and compile the graph with Inductor on its first call."""
+    """Swap every fake-quant linear for a QDQLinear (on CUDA: the torch backend's ``_int_mm`` layers),
+    keep step-aware nodes eager (a cache lookup's region compiled on its own), and compile the graph
+    with Inductor on its first call."""
+    cuda = _int_mm_route(gm)
+    if cuda:
+        gm = get_backend("torch").lower(gm, ctx, kernel="int_mm")
     for name, module in list(gm.named_modules()):
-        spec = module.export_spec() if hasattr(module, "export_spec") else None
+        spec = module.export_spec() if hasattr(module, "export_spec") and not cuda else None
         if not isinstance(spec, QuantizedLinearSpec):
             continue
         parent_name, _, child = name.rpartition(".")
         setattr(gm.get_submodule(parent_name) if parent_name else gm, child, QDQLinear(spec))
     for module in list(gm.modules()):
-        if isinstance(module, StepAware):
+        # a lowered linear with one constant range reads no step: compiled in (the CUDA route)
+        if isinstance(module, StepAware) and (module.uses_step or not hasattr(module, "export_spec")):
             _eager(module)
             region = getattr(module, "region", None)
             if isinstance(region, nn.Module):  # a cache lookup: its region is compute, compiled on its own
                 module.region = torch.compile(region)
-    return InductorModule(gm)
+    return InductorModule(gm, freeze=not cuda)

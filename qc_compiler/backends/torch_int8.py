@@ -17,6 +17,13 @@ Kernels (one small function each, picked by :func:`default_kernel`, or ``QC_INT8
 |---|---|---|
 | ``onednn`` | CPU | ``torch.ops.onednn.qlinear_pointwise``: u8 x s8 -> fp32 with bias, fused |
 | ``int_mm`` | CUDA, CPU | ``torch._int_mm`` (s8 x s8 -> s32), then a zero-point correction and the dequantize |
+| ``fp8`` | CUDA (sm89+), CPU | ``torch._scaled_mm`` on e4m3 codes (an ``Fp8Linear``; see below) |
+
+``fp8`` is a lowering beside INT8, not INT8: each W*A8 layer becomes an :class:`Fp8Linear`, its
+weights (the spec's weight grid) re-encoded in e4m3 per output channel, its input scaled per row at
+run time (row amax / 448), as torchao's float8 dynamic rowwise recipe does, so the calibrated
+activation ranges go unused (e4m3 carries its own range). A layer whose sizes are not multiples of 16
+(what the CUDA FP8 GEMM takes) stays on ``int_mm``, and ``report()`` says so.
 
 On a CPU without VNNI, oneDNN's u8 x s8 GEMM saturates int16 pair sums; an 8-bit layer whose weight
 codes exceed 64 then runs as two exact GEMMs (``Int8Linear.split``), slower but equal to the reference.
@@ -47,7 +54,7 @@ from ..quant.spec import QuantizedLinearSpec
 from ..step import StepAware
 from .registry import SATURATING_WEIGHT_CODE, cpu_has_vnni, register_backend
 
-__all__ = ["Int8Linear", "WeightOnlyLinear", "lower_torch", "KERNELS", "default_kernel"]
+__all__ = ["Int8Linear", "Fp8Linear", "WeightOnlyLinear", "lower_torch", "KERNELS", "LOWERINGS", "default_kernel"]
 
 
 def _quantize_u8(x: torch.Tensor, scale: float, zero: int, qmax: int) -> torch.Tensor:
@@ -94,14 +101,16 @@ def _int_mm(xq: torch.Tensor, scale: float, zero: int, layer: "Int8Linear", bias
 
 
 KERNELS: Dict[str, Callable] = {"onednn": _onednn, "int_mm": _int_mm}
+LOWERINGS = (*sorted(KERNELS), "fp8")  # what QC_INT8_KERNEL (or lower_torch's kernel) may name
+E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
 
 
 def default_kernel(device: torch.device) -> str:
     """``QC_INT8_KERNEL`` if set; else int_mm on CUDA, onednn on CPU where it exists, int_mm otherwise."""
     chosen = os.environ.get("QC_INT8_KERNEL")
     if chosen:
-        if chosen not in KERNELS:
-            raise ValueError(f"QC_INT8_KERNEL must be one of {sorted(KERNELS)}, got {chosen!r}")
+        if chosen not in LOWERINGS:
+            raise ValueError(f"QC_INT8_KERNEL must be one of {list(LOWERINGS)}, got {chosen!r}")
         return chosen
     if device.type == "cuda":
         return "int_mm"
@@ -119,6 +128,10 @@ class Int8Linear(StepAware, nn.Module):
             raise ValueError(f"{spec.path}: a weight-only layer lowers to WeightOnlyLinear, not Int8Linear")
         self.spec, self.path, self.kernel = spec, spec.path, kernel
         self.act_bits = spec.act.act_bits
+        # One range for every step: a constant, read without the step state, so torch.compile traces
+        # it as a constant and guards on nothing that changes per step (the inductor backend on CUDA).
+        single = not spec.act.per_token and spec.act.num_groups == 1
+        self.fixed_qparams = spec.act.act_qparams(0) if single else None
         self.register_buffer("w_int8", spec.codes.to(torch.int8))  # (N, K), codes in +-(2^(b-1)-1)
         self.register_buffer("w_scale", spec.w_scale.float())
         self.register_buffer("w_zero", torch.zeros_like(spec.w_scale, dtype=torch.long))
@@ -146,6 +159,8 @@ class Int8Linear(StepAware, nn.Module):
 
     def act_qparams(self) -> Tuple[float, int]:
         """This step's activation scale and zero point (per step group where calibrated so)."""
+        if self.fixed_qparams is not None:
+            return self.fixed_qparams
         return self.spec.act.act_qparams(self.step_state.step if self.step_state is not None else -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -189,6 +204,47 @@ class Int8Linear(StepAware, nn.Module):
         return f"  {self.path:<30} INT8 ({self.kernel}{fused}) W{self.spec.weight_bits}A{self.act_bits}"
 
 
+def fp8_shapes_ok(spec: QuantizedLinearSpec) -> bool:
+    """The CUDA FP8 GEMM takes K and N in multiples of 16."""
+    n, k = spec.codes.shape
+    return n % 16 == 0 and k % 16 == 0
+
+
+class Fp8Linear(nn.Module):
+    """A linear on ``torch._scaled_mm`` in float8 e4m3: per-output-channel weight scales, per-row input
+    scales taken at run time, bf16 output, then the bias (see the module docstring). A NaN in a row
+    makes that row's scale NaN, so NaN comes out, as in FP32."""
+
+    def __init__(self, spec: QuantizedLinearSpec):
+        super().__init__()
+        if spec.act is None or spec.act.act_bits != 8:
+            raise ValueError(f"{spec.path}: the fp8 lowering takes W*A8 layers with a quantized input")
+        self.spec, self.path = spec, spec.path
+        w = spec.codes.float() * spec.w_scale.float()[:, None]  # the spec's weight grid, (N, K)
+        scale = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / E4M3_MAX
+        self.register_buffer("w_fp8", (w / scale[:, None]).to(torch.float8_e4m3fn))
+        self.register_buffer("w_scale", scale[None, :].contiguous())  # (1, N), as _scaled_mm takes it
+        self.bias = None if spec.bias is None else nn.Parameter(spec.bias.detach().clone(), requires_grad=False)
+
+    def export_spec(self) -> QuantizedLinearSpec:
+        return self.spec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead, k = x.shape[:-1], x.shape[-1]
+        xf = x.reshape(-1, k).float()
+        scale = xf.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / E4M3_MAX  # (M, 1)
+        codes = (xf / scale).to(torch.float8_e4m3fn)
+        out = torch._scaled_mm(codes, self.w_fp8.t(), scale_a=scale, scale_b=self.w_scale, out_dtype=torch.bfloat16)
+        out = out.float() if self.bias is None else out.float() + self.bias.float()
+        if self.spec.low_rank is not None:  # SVDQuant's float branch, as Int8Linear runs it
+            up, down = self.spec.low_rank
+            out = out + torch.nn.functional.linear(torch.nn.functional.linear(xf.to(up.dtype), down), up)
+        return out.reshape(*lead, -1).to(x.dtype)
+
+    def report_section(self) -> str:
+        return f"  {self.path:<30} FP8 e4m3 (torch._scaled_mm, per-row input scales) from W{self.spec.weight_bits}"
+
+
 class WeightOnlyLinear(nn.Module):
     """A linear with int8 weights (per output channel) and a float input.
 
@@ -225,17 +281,25 @@ class WeightOnlyLinear(nn.Module):
 @register_backend("torch")
 def lower_torch(gm: fx.GraphModule, ctx, kernel: Optional[str] = None) -> nn.Module:
     """Swap every fake-quant linear (in the graph and in nested region graphs) for an Int8Linear, or a
-    WeightOnlyLinear where its input is not quantized, built from its ``export_spec()``."""
+    WeightOnlyLinear where its input is not quantized, built from its ``export_spec()``. ``kernel="fp8"``
+    lowers the W*A8 layers to Fp8Linear instead (those whose sizes the FP8 GEMM takes)."""
     kernel = kernel or default_kernel(next((p.device for p in gm.parameters()), torch.device("cpu")))
+    if kernel not in LOWERINGS:
+        raise ValueError(f"unknown kernel {kernel!r}; known: {list(LOWERINGS)}")
     for name, module in list(gm.named_modules()):
-        if isinstance(module, (Int8Linear, WeightOnlyLinear)) or not hasattr(module, "export_spec"):
+        if isinstance(module, (Int8Linear, Fp8Linear, WeightOnlyLinear)) or not hasattr(module, "export_spec"):
             continue
         spec = module.export_spec()
         if not isinstance(spec, QuantizedLinearSpec):
             continue
         parent_name, _, child = name.rpartition(".")
         parent = gm.get_submodule(parent_name) if parent_name else gm
-        lowered = WeightOnlyLinear(spec) if spec.weight_only else Int8Linear(spec, kernel)
+        if spec.weight_only:
+            lowered = WeightOnlyLinear(spec)
+        elif kernel == "fp8" and spec.act.act_bits == 8 and fp8_shapes_ok(spec):
+            lowered = Fp8Linear(spec)
+        else:  # fp8 asked, but activation bits or sizes it cannot take: INT8 on _int_mm
+            lowered = Int8Linear(spec, "int_mm" if kernel == "fp8" else kernel)
         setattr(parent, child, lowered)  # buffers are on the spec's device
     for _, graph_module in iter_graph_modules(gm):
         _fuse_gelu(graph_module)
