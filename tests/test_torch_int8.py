@@ -165,3 +165,38 @@ def test_cuda_int_mm_matches_fake_quant():
     for q, lowered in pairs(fq, i8):
         x = torch.randn(64, q.weight.shape[1])
         torch.testing.assert_close(lowered(x.cuda()).cpu(), q(x), rtol=1e-3, atol=1e-3)
+
+
+def _e4m3_reference(x, layer):
+    """FP8 by an independent route: per-row amax/448 scales, e4m3 rounding of both operands, a float GEMM."""
+    w = layer.spec.codes.float() * layer.spec.w_scale[:, None]
+    ws = w.abs().amax(1, keepdim=True) / 448
+    xs = x.abs().amax(1, keepdim=True) / 448
+    wq = (w / ws).to(torch.float8_e4m3fn).float() * ws
+    xq = (x / xs).to(torch.float8_e4m3fn).float() * xs
+    return xq @ wq.t() + layer.bias
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_fp8_lowering_is_e4m3_with_per_row_scales_and_propagates_nan(monkeypatch, device):
+    from qc_compiler.backends.torch_int8 import Fp8Linear
+
+    monkeypatch.setenv("QC_INT8_KERNEL", "fp8")
+    model, sampler = make_tiny(), qc.DDPM(steps=3)
+    f8 = qc.compile(model.to(device), passes=PASSES(), sampler=sampler, backend="torch")
+    layers = [m for m in f8.graph_module.modules() if isinstance(m, Fp8Linear)]
+    assert len(layers) == 9 and "FP8 e4m3" in f8.report()  # every token linear; adaLN stays weight-only
+    torch.manual_seed(0)
+    for layer in layers:
+        k = layer.w_fp8.shape[1]
+        x = torch.randn(20, k, device=device) * torch.logspace(-4, 1, 20, device=device)[:, None]  # rows 1e-4..10
+        got, want = layer(x), _e4m3_reference(x, layer)
+        # equal up to the bf16 output rounding; one scale for all rows would flush the small rows' codes
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-3 * want.abs().amax(1, keepdim=True).expand_as(want).min().item())
+        exact = torch.nn.functional.linear(x, layer.spec.codes.float() * layer.spec.w_scale[:, None], layer.bias)
+        row = ((got - exact).norm(dim=1) / exact.norm(dim=1))
+        assert 1e-3 < float(row.max()) < 0.1  # e4m3 rounding, in every row, small rows too
+        x[3, 0] = float("nan")
+        out = layer(x)
+        assert out[3].isnan().all() and out[torch.arange(20, device=device) != 3].isfinite().all()
