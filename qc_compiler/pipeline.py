@@ -313,6 +313,7 @@ class PassManager:
         self.check_order(ctx.artifacts)
         report = ReportInstrument()
         instruments = [report] + list(ctx.instruments)
+        device = next((p.device for p in gm.parameters()), None)
         for p in self.passes:
             for ins in instruments:
                 ins.before_pass(p, gm, ctx)
@@ -322,6 +323,8 @@ class PassManager:
                 raise
             except Exception as e:
                 raise PassError(p.name, f"{type(e).__name__}: {e}") from e
+            if device is not None:  # what a pass made on the CPU (buffers, tables) joins the model's device
+                gm.to(device)
             for ins in instruments:
                 ins.after_pass(p, gm, ctx)
             log.info("pass %s done", p.name)

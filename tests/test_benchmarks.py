@@ -118,3 +118,34 @@ def test_sampling_speed_times_variants_in_rounds_against_fp32(capsys, tmp_path):
     assert rows[0]["speed_vs_fp32"] == 1.0 and all(len(r["times"]) == 3 and r["spread"] >= 1 for r in rows)
     with pytest.raises(SystemExit):  # every speed is a ratio against FP32: a run without it is refused
         speed.parse_args(["--variants", "cache-i2"])
+
+
+def test_gpu_speed_runs_every_section_and_keeps_failures_apart(capsys, tmp_path, monkeypatch):
+    """benchmarks/gpu_speed.py (gpu_check.sh's table) on the CPU: every section, its rows and errors."""
+    import json
+
+    gpu_speed = load("gpu_speed")
+    with pytest.raises(SystemExit):  # arguments are refused before any work
+        gpu_speed.parse_args(["--ours", "int_mm,nope", "--device", "cpu"])
+    with pytest.raises(SystemExit):
+        gpu_speed.parse_args(["--repeats", "2", "--device", "cpu"])
+    with pytest.raises(SystemExit):
+        gpu_speed.parse_args(["--json", str(tmp_path / "missing" / "g.json"), "--device", "cpu"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            gpu_speed.parse_args([])  # cuda is the default device
+    res = gpu_speed.main(["--device", "cpu", "--model", "DiT-T/4", "--batch", "4", "--steps", "2", "--repeats", "3",
+                          "--e2e-repeats", "1", "--no-compile", "--ours", "int_mm,fp8",
+                          "--json", str(tmp_path / "g.json"), "--md", str(tmp_path / "g.md")])
+    assert json.loads((tmp_path / "g.json").read_text()) == json.loads(json.dumps(res))
+    assert not res["failures"], res["failures"]
+    fwd = {r["row"]: r for r in res["forward"]}
+    assert list(fwd) == ["eager FP32", "eager bf16 autocast", "ours W8A8, torch backend", "ours FP8, torch._scaled_mm"]
+    assert fwd["eager FP32"]["rel_err"] == 0 and 0 < fwd["ours W8A8, torch backend"]["rel_err"] < 0.05
+    assert 0 < fwd["ours FP8, torch._scaled_mm"]["rel_err"] < 0.1
+    e2e = [r["row"] for r in res["e2e"]]
+    assert len(e2e) == 7 and e2e[-1] == "ours FP8, torch._scaled_mm + cache i2"  # FP32 + 3 rows x (no cache, cache)
+    onnx = res["onnx"][0]
+    assert onnx["ms"] > 0 and onnx["rel_err"] < 0.05  # the CPU provider here; CUDA's on a GPU machine
+    md = (tmp_path / "g.md").read_text()
+    assert "| ours FP8, torch._scaled_mm + cache i2 |" in md and "CPUExecutionProvider" in md

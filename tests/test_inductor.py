@@ -80,3 +80,20 @@ def test_int_mm_route_compiles_the_torch_int8_layers_in_and_never_recompiles(mon
     want = sampler.sample(eager, LABELS, seed=0)
     assert float((first - want).norm() / want.norm()) < 1e-4
     assert not torch.equal(first, again) and "torch._int_mm layers" in fast.report()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_inductor_runs_int_mm_layers_compiled_with_the_cache_and_never_recompiles():
+    from qc_compiler.backends.torch_int8 import Int8Linear
+
+    model, sampler = make_tiny().cuda(), qc.DDPM(steps=4)
+    fast = qc.compile(model, passes(preset="w8a8"), sampler=sampler, backend="inductor")
+    eager = qc.compile(model, passes(preset="w8a8"), sampler=sampler, backend="torch")
+    assert sum(isinstance(m, Int8Linear) and m.kernel == "int_mm" for m in fast.modules()) == 9
+    dynamo_utils.counters.clear()
+    first = sampler.sample(fast, LABELS, seed=0)
+    frames = dict(dynamo_utils.counters["frames"])
+    again = sampler.sample(fast, LABELS, seed=0)
+    assert dict(dynamo_utils.counters["frames"]) == frames and torch.equal(first, again)
+    want = sampler.sample(eager, LABELS, seed=0)
+    assert first.is_cuda and float((first - want).norm() / want.norm()) < 1e-3

@@ -190,13 +190,14 @@ def test_fp8_lowering_is_e4m3_with_per_row_scales_and_propagates_nan(monkeypatch
     torch.manual_seed(0)
     for layer in layers:
         k = layer.w_fp8.shape[1]
-        x = torch.randn(20, k, device=device) * torch.logspace(-4, 1, 20, device=device)[:, None]  # rows 1e-4..10
+        x = torch.randn(21, k, device=device) * torch.logspace(-4, 1, 21, device=device)[:, None]  # rows 1e-4..10
         got, want = layer(x), _e4m3_reference(x, layer)
-        # equal up to the bf16 output rounding; one scale for all rows would flush the small rows' codes
-        torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-3 * want.abs().amax(1, keepdim=True).expand_as(want).min().item())
+        # equal up to the bf16 output rounding, row by row; one scale for all rows would flush the small rows' codes
+        per_row = (got - want).abs().amax(1) / want.abs().amax(1)
+        assert float(per_row.max()) < 1e-2, per_row
         exact = torch.nn.functional.linear(x, layer.spec.codes.float() * layer.spec.w_scale[:, None], layer.bias)
         row = ((got - exact).norm(dim=1) / exact.norm(dim=1))
         assert 1e-3 < float(row.max()) < 0.1  # e4m3 rounding, in every row, small rows too
         x[3, 0] = float("nan")
         out = layer(x)
-        assert out[3].isnan().all() and out[torch.arange(20, device=device) != 3].isfinite().all()
+        assert out[3].isnan().all() and out[torch.arange(21, device=device) != 3].isfinite().all()

@@ -234,7 +234,11 @@ class Fp8Linear(nn.Module):
         xf = x.reshape(-1, k).float()
         scale = xf.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / E4M3_MAX  # (M, 1)
         codes = (xf / scale).to(torch.float8_e4m3fn)
-        out = torch._scaled_mm(codes, self.w_fp8.t(), scale_a=scale, scale_b=self.w_scale, out_dtype=torch.bfloat16)
+        m = codes.shape[0]
+        if m % 16:  # the CUDA FP8 GEMM takes rows in multiples of 16: pad (zero rows add nothing)
+            pad = 16 - m % 16
+            codes, scale = torch.cat([codes, codes.new_zeros(pad, k)]), torch.cat([scale, scale.new_ones(pad, 1)])
+        out = torch._scaled_mm(codes, self.w_fp8.t(), scale_a=scale, scale_b=self.w_scale, out_dtype=torch.bfloat16)[:m]
         out = out.float() if self.bias is None else out.float() + self.bias.float()
         if self.spec.low_rank is not None:  # SVDQuant's float branch, as Int8Linear runs it
             up, down = self.spec.low_rank

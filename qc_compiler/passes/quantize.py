@@ -249,6 +249,9 @@ class Quantize(Pass):
         table = StepTable(ctx.sampler.timesteps)
         state = StepState(num_steps=len(table))
         bind_step_state(gm, state)
+        # the pool lives on the CPU; the graph (and the modules just emitted, made on the CPU) on the model's
+        device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+        gm.to(device)
 
         def run(mode: str, batches, only: Optional[Dict[int, str]] = None) -> None:
             """Every batch at its own step, every module in `mode` (or in its mode from `only`, by id)."""
@@ -263,8 +266,8 @@ class Quantize(Pass):
 
         def batches_of(size: int):
             """The calibration set in batches of ``size`` items: (step index, graph inputs)."""
-            return [(table.index(t[0]), ctx.graph_inputs(x.to(dtype), model_timestep(t[0].item(), len(t), divisor=divisor)
-                                                         .to(t_dtype), y))
+            return [(table.index(t[0]), tuple(v.to(device) for v in ctx.graph_inputs(
+                        x.to(dtype), model_timestep(t[0].item(), len(t), divisor=divisor).to(t_dtype), y)))
                     for x, t, y in pool.batches(size)]
 
         with torch.no_grad():

@@ -275,7 +275,7 @@ class QuantLinear(_ActRanges):
         """The top singular directions of the balanced weight W s = U S V^T go to the float branch:
         lr_up = U_r S_r, lr_down = V_r^T / s (so the branch reads x, not x / s)."""
         w = self.weight.detach().double()
-        s = self.in_scale.double() if self.balance is not None else torch.ones(w.shape[1], dtype=w.dtype)
+        s = self.in_scale.double() if self.balance is not None else torch.ones(w.shape[1], dtype=w.dtype, device=w.device)
         u, sv, vh = torch.linalg.svd(w * s, full_matrices=False)
         r = self.low_rank
         self.lr_up.copy_((u[:, :r] * sv[:r]).float())

@@ -125,7 +125,7 @@ class PercentileObserver(_SamplingObserver):
         self._require_data()
         if self.axis is not None:
             flat = self._channels_last(self._values())
-            q = torch.tensor([1 - self.percentile / 100, self.percentile / 100])
+            q = torch.tensor([1 - self.percentile / 100, self.percentile / 100], device=flat.device)
             lo, hi = torch.quantile(flat, q[0], dim=0), torch.quantile(flat, q[1], dim=0)
         else:
             v = self._values()
@@ -153,12 +153,12 @@ class MSEObserver(_SamplingObserver):
         per_channel = self.axis is not None
         # (C, M): one row per channel, so each error is a reduction over contiguous memory
         values = self._channels_last(self._values()).t().contiguous() if per_channel else self._values().reshape(1, -1)
-        lo, hi = self.lo.reshape(1, -1).float(), self.hi.reshape(1, -1).float()  # (1, C)
+        lo, hi = self.lo.reshape(1, -1).float().to(values.device), self.hi.reshape(1, -1).float().to(values.device)  # (1, C)
         qmin, qmax = qrange(self.bits, self.symmetric)
         chunk = max(1, (1 << 20) // max(values.numel(), 1))  # ratios per pass: about 4 MB of floats
         scales, zeros, errs = [], [], []
         for i in range(0, len(self.ratios), chunk):
-            r = self.ratios[i:i + chunk].reshape(-1, 1)  # (k, 1)
+            r = self.ratios[i:i + chunk].reshape(-1, 1).to(values.device)  # (k, 1)
             qp = qparams_from_range(lo * r, hi * r, self.bits, self.symmetric, axis=-1)  # (k, C)
             scale, zero = qp.scale[:, :, None], qp.zero_point[:, :, None].float()  # (k, C, 1)
             codes = torch.clamp(torch.round(values / scale) + zero, qmin, qmax)  # integers, as quantize()
@@ -166,7 +166,7 @@ class MSEObserver(_SamplingObserver):
             scales.append(qp.scale)
             zeros.append(qp.zero_point)
         best = torch.cat(errs).argmin(dim=0)  # the first minimum: the smallest ratio among equals
-        channels = torch.arange(best.numel())
+        channels = torch.arange(best.numel(), device=best.device)
         scale, zero = torch.cat(scales)[best, channels], torch.cat(zeros)[best, channels]
         shape = self.lo.shape
         return QParams(scale.reshape(shape), zero.reshape(shape), self.bits, self.symmetric, self.axis)
