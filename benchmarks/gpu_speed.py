@@ -53,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=20, help="timed forwards per row (median reported; at least 3)")
     p.add_argument("--e2e-repeats", type=int, default=3, help="timed sampling runs per row (at least 1)")
     p.add_argument("--sections", default="forward,e2e,onnx", help=f"comma-separated, of {','.join(SECTIONS[1:])}")
+    p.add_argument("--e2e-cache", default="both", choices=("both", "no", "yes"),
+                   help="end-to-end rows without the cache, with it, or both (FP32, the reference, always runs)")
     p.add_argument("--ours", default="int_mm,inductor,fp8", help=f"our lowerings to time, of {','.join(OURS)}")
     p.add_argument("--no-compile", action="store_true", help="skip every torch.compile row (slow to build)")
     p.add_argument("--device", default="cuda")
@@ -226,8 +228,12 @@ def e2e_section(run: Run, model, sampler) -> None:
     # batch equal to the per-forward rows' (one compiled shape serves both sections)
     labels = [int(v) for v in torch.randint(0, 1000, (args.batch // 2,), generator=torch.Generator().manual_seed(2))]
     ref = None
-    for cache in (False, True):
-        for name, build in rows_for(run, model, sampler, cache):
+    settings = {"both": (False, True), "no": (False,), "yes": (False, True)}[args.e2e_cache]
+    for cache in settings:
+        rows = rows_for(run, model, sampler, cache)
+        if args.e2e_cache == "yes" and not cache:
+            rows = rows[:1]  # the FP32 reference alone
+        for name, build in rows:
             full = f"{name}{' + cache i2' if cache else ''}"
             try:
                 fn, amp, build_s = build()

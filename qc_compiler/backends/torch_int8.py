@@ -48,6 +48,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ..errors import ExportError
 from ..graph import iter_graph_modules
 from ..quant.qparams import quantize_per_token
 from ..quant.spec import QuantizedLinearSpec
@@ -204,6 +205,23 @@ class Int8Linear(StepAware, nn.Module):
         return f"  {self.path:<30} INT8 ({self.kernel}{fused}) W{self.spec.weight_bits}A{self.act_bits}"
 
 
+_ROWWISE: Dict[str, bool] = {}
+
+
+def fp8_rowwise_supported(device: torch.device) -> bool:
+    """Whether this torch's ``_scaled_mm`` takes per-row scales on ``device`` (CUDA sm89+; the CPU from
+    torch 2.13; torch 2.11's CPU kernel takes per-tensor scales only). Asked once per device type."""
+    if device.type not in _ROWWISE:
+        try:
+            a = torch.zeros(16, 16, device=device).to(torch.float8_e4m3fn)
+            torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1, device=device),
+                             scale_b=torch.ones(1, 16, device=device), out_dtype=torch.bfloat16)
+            _ROWWISE[device.type] = True
+        except (RuntimeError, AttributeError, TypeError):
+            _ROWWISE[device.type] = False
+    return _ROWWISE[device.type]
+
+
 def fp8_shapes_ok(spec: QuantizedLinearSpec) -> bool:
     """The CUDA FP8 GEMM takes K and N in multiples of 16."""
     n, k = spec.codes.shape
@@ -290,6 +308,11 @@ def lower_torch(gm: fx.GraphModule, ctx, kernel: Optional[str] = None) -> nn.Mod
     kernel = kernel or default_kernel(next((p.device for p in gm.parameters()), torch.device("cpu")))
     if kernel not in LOWERINGS:
         raise ValueError(f"unknown kernel {kernel!r}; known: {list(LOWERINGS)}")
+    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+    if kernel == "fp8" and not fp8_rowwise_supported(device):
+        raise ExportError(f"the fp8 lowering needs torch._scaled_mm with per-row scales on {device.type}, which this "
+                          f"torch ({torch.__version__}) lacks: use a CUDA GPU of compute capability 8.9+, torch>=2.13 "
+                          "on the CPU, or another QC_INT8_KERNEL")
     for name, module in list(gm.named_modules()):
         if isinstance(module, (Int8Linear, Fp8Linear, WeightOnlyLinear)) or not hasattr(module, "export_spec"):
             continue

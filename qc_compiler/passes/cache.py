@@ -162,7 +162,9 @@ class StepCache(Pass):
         if not regions:
             raise PassError(self.name, f"found no {wanted} branch regions in the {adapter.name!r} blocks "
                                        f"({adapter.blocks.pattern}) to cache")
-        flops, block_flops = region_flops(gm, regions, adapter.example_inputs(info, batch=1), adapter.blocks.pattern)
+        device = next((p.device for p in gm.parameters()), torch.device("cpu"))  # shapes are traced on the model's device
+        example = tuple(v.to(device) for v in adapter.example_inputs(info, batch=1))
+        flops, block_flops = region_flops(gm, regions, example, adapter.blocks.pattern)
         names = tuple(r.qualname for r in regions)
         schedule = self._schedule(cfg, names, flops, block_flops, ctx)
         lookups = []
