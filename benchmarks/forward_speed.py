@@ -16,7 +16,8 @@ Rows (each with its output error against eager FP32 on the same inputs, and its 
 - torch.ao dynamic INT8 (``quantize_dynamic`` on nn.Linear);
 - ours: W8A8 (uniform calibration, 2 sampling runs of pool) lowered to INT8 kernels (the ``torch``
   backend's, and the ``inductor`` backend's: the same calibration through torch.compile), and our INT8
-  ONNX file under onnxruntime.
+  ONNX file under onnxruntime; through Inductor once more with every linear's input quantized (the
+  conditioning linears too), the layer set of PT2E's all-layers row.
 End-to-end: 50-step DDPM sampling (same noise) for eager FP32, ``torch.compile`` bf16, PT2E INT8 +
 ``torch.compile``, onnxruntime FP32 (our exporter, no passes), ours torch INT8, Inductor INT8 and ONNX
 INT8, each without and with the cache (interval 2); the error is that of the final samples against
@@ -168,6 +169,11 @@ def main(args):
                 rows.append(("ours W8A8 Inductor INT8", lambda: ours_ind.graph_module(*inputs),
                              rel_err(ours_ind.graph_module(*inputs), ref)))
                 first_call["ours W8A8 Inductor INT8"] = ours_ind.graph_module.first_call_s
+                # the layer set of PT2E's all-layers row: the conditioning linears' inputs quantized too
+                ours_all = compile_benchmark_w8a8(model, sampler, backend="inductor", every_linear=True)
+                label = "ours W8A8 Inductor INT8, every linear (as PT2E all layers)"
+                rows.append((label, lambda: ours_all.graph_module(*inputs), rel_err(ours_all.graph_module(*inputs), ref)))
+                first_call[label] = ours_all.graph_module.first_call_s
             rows.append(ours_onnx_row(ours, model, inputs, args))
             seconds = interleaved_medians([fn for _, fn, _ in rows], args.repeats)
             rows = [(label, sec, err) for (label, _, err), sec in zip(rows, seconds)] + failed

@@ -147,3 +147,18 @@ def test_bench_cache_option_is_typed(cache, needle, capsys):
     assert main(["bench", "quality", "--cache", cache]) == 2
     err = capsys.readouterr().err
     assert needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_benchmark_recipe_every_linear_quantizes_the_conditioning_inputs_too():
+    """forward_speed.py's like-for-like row against PT2E's all-layers one: 12 INT8 layers, not 9 + 3 weight-only."""
+    from conftest import make_tiny
+
+    import qc_compiler as qc
+    from qc_compiler.backends.torch_int8 import Int8Linear, WeightOnlyLinear
+    from qc_compiler.tools.bench import compile_benchmark_w8a8
+
+    sampler = qc.DDPM(steps=2)
+    default = compile_benchmark_w8a8(make_tiny(), sampler)
+    every = compile_benchmark_w8a8(make_tiny(), sampler, every_linear=True)
+    kinds = lambda m: [type(x).__name__ for x in m.modules() if isinstance(x, (Int8Linear, WeightOnlyLinear))]  # noqa: E731
+    assert sorted(kinds(default)).count("WeightOnlyLinear") == 3 and kinds(every) == ["Int8Linear"] * 12

@@ -319,10 +319,14 @@ def benchmark_model(name: str):
     return model.eval()
 
 
-def compile_benchmark_w8a8(model, sampler, first_passes: Sequence = (), backend: str = "torch"):
+def compile_benchmark_w8a8(model, sampler, first_passes: Sequence = (), backend: str = "torch",
+                           every_linear: bool = False):
     """The speed benchmarks' W8A8 recipe (uniform calibration over 2 sampling runs, 64 items) after
-    ``first_passes`` (e.g. a ``StepCache``), lowered with ``backend`` (the torch INT8 one by default)."""
-    passes = [*first_passes, UniformCalibration(size=64, pool_labels=2), Quantize(preset="w8a8")]
+    ``first_passes`` (e.g. a ``StepCache``), lowered with ``backend`` (the torch INT8 one by default).
+    ``every_linear`` quantizes the conditioning linears' inputs too (our default keeps them weight-only),
+    the layer set of PT2E's all-layers baseline."""
+    quant = Quantize(config=QuantConfig.preset("w8a8", weight_only=())) if every_linear else Quantize(preset="w8a8")
+    passes = [*first_passes, UniformCalibration(size=64, pool_labels=2), quant]
     with torch.no_grad():
         return qc_compile(model, passes=passes, sampler=sampler, backend=backend)
 
