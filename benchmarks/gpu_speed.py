@@ -164,35 +164,30 @@ def compile_ours(model, sampler, lowering: str, cache: bool):
 
 
 def rows_for(run: Run, model, sampler, cache: bool) -> List[tuple]:
-    """(name, build) pairs: build() returns (callable model, autocast on, build seconds)."""
+    """(name, build) pairs, eager rows first, compiled ones last (a run cut short keeps the cheap rows):
+    build() returns (callable model, autocast on, build seconds)."""
     device, args = run.device, run.args
-    rows = []
+    eager, compiled = [], []
     if not cache:
-        rows.append(("eager FP32", lambda: (model, False, 0.0)))
-    rows.append(("eager bf16 autocast", lambda: (
+        eager.append(("eager FP32", lambda: (model, False, 0.0)))
+    eager.append(("eager bf16 autocast", lambda: (
         model if not cache else qc.compile(model, passes=[StepCache(interval=2)], sampler=sampler), True, 0.0)))
-    if not args.no_compile:  # placed before ours' inductor row, after the eager ones (see below)
-        compiled_bf16 = ("torch.compile bf16 autocast", lambda: (
+    if not args.no_compile:
+        compiled.append(("torch.compile bf16 autocast", lambda: (
             torch.compile(model) if not cache else
-            qc.compile(model, passes=[StepCache(interval=2)], sampler=sampler, backend="inductor"), True, 0.0))
-    for lowering in sorted(args.ours_list, key=lambda name: name == "inductor"):  # compiled rows last
-        if lowering == "inductor" and args.no_compile:
-            continue
-        if lowering == "fp8" and not fp8_supported(device):
+            qc.compile(model, passes=[StepCache(interval=2)], sampler=sampler, backend="inductor"), True, 0.0)))
+    for lowering in args.ours_list:
+        if (lowering == "inductor" and args.no_compile) or (lowering == "fp8" and not fp8_supported(device)):
             continue
         label = {"int_mm": "ours W8A8, torch._int_mm" if device.type == "cuda" else "ours W8A8, torch backend",
                  "inductor": "ours W8A8, inductor", "fp8": "ours FP8, torch._scaled_mm"}[lowering]
 
         def build(lowering=lowering):
             t0 = time.perf_counter()
-            compiled = compile_ours(model, sampler, lowering, cache)
-            return compiled, True, time.perf_counter() - t0
-        if lowering == "inductor":
-            rows.append(compiled_bf16)
-        rows.append((label, build))
-    if not args.no_compile and compiled_bf16 not in rows:
-        rows.append(compiled_bf16)
-    return [(name, run.built(name, cache, build)) for name, build in rows]
+            built = compile_ours(model, sampler, lowering, cache)
+            return built, True, time.perf_counter() - t0
+        (compiled if lowering == "inductor" else eager).append((label, build))
+    return [(name, run.built(name, cache, build)) for name, build in eager + compiled]
 
 
 def forward_section(run: Run, model, sampler) -> None:

@@ -155,6 +155,11 @@ def test_default_kernel_and_override(monkeypatch):
     monkeypatch.setenv("QC_INT8_KERNEL", "nope")
     with pytest.raises(ValueError, match="QC_INT8_KERNEL"):
         default_kernel(torch.device("cpu"))
+    def never(*args, **kwargs):
+        raise AssertionError("a pass ran before the kernel was checked")
+    monkeypatch.setattr(UniformCalibration, "run", never)
+    with pytest.raises(qc.ExportError, match="QC_INT8_KERNEL must be one of"):  # refused before any pass runs
+        qc.compile(make_tiny(), passes=PASSES(), sampler=qc.DDPM(steps=2), backend="torch")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

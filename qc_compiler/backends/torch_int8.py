@@ -300,7 +300,19 @@ class WeightOnlyLinear(nn.Module):
         return f"  {self.path:<30} weight-only: W{self.spec.weight_bits} codes in int8, float input"
 
 
-@register_backend("torch")
+def check_torch_kernel(passes) -> None:
+    """Before any pass runs: a ``QC_INT8_KERNEL`` this backend does not know, or ``fp8`` where no device
+    here can run it (no CUDA, and a CPU ``_scaled_mm`` without per-row scales), is refused."""
+    chosen = os.environ.get("QC_INT8_KERNEL")
+    if chosen and chosen not in LOWERINGS:
+        raise ExportError(f"QC_INT8_KERNEL must be one of {list(LOWERINGS)}, got {chosen!r}")
+    if chosen == "fp8" and not torch.cuda.is_available() and not fp8_rowwise_supported(torch.device("cpu")):
+        raise ExportError(f"QC_INT8_KERNEL=fp8 needs torch._scaled_mm with per-row scales, which this torch "
+                          f"({torch.__version__}) has on neither a GPU nor the CPU: use a CUDA GPU of compute "
+                          "capability 8.9+ or torch>=2.13, or unset QC_INT8_KERNEL")
+
+
+@register_backend("torch", check=check_torch_kernel)
 def lower_torch(gm: fx.GraphModule, ctx, kernel: Optional[str] = None) -> nn.Module:
     """Swap every fake-quant linear (in the graph and in nested region graphs) for an Int8Linear, or a
     WeightOnlyLinear where its input is not quantized, built from its ``export_spec()``. ``kernel="fp8"``
