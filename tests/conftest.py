@@ -23,3 +23,13 @@ def make_tiny(seed: int = 0, fused_attn: bool = True, **kwargs):
 @pytest.fixture
 def tiny():
     return make_tiny()
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """A CLI test's ``--threads 1`` sets the whole process's torch threads: restore them after each
+    test, so no test's speed (or a timing-free result that depends on thread count) hangs on the order
+    the tests ran in."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
