@@ -53,8 +53,12 @@ def parse_args(argv=None):
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end sampling rows")
     p.add_argument("--no-compiled", action="store_true",
                    help="skip every torch.compile row, ours through Inductor included (each compiles for minutes)")
+    p.add_argument("--e2e-only", default="",
+                   help="comma-separated parts of end-to-end row labels to run (eager FP32, the reference, always runs)")
     p.add_argument("--json", type=Path, help="also write every row, with the machine, as JSON here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.e2e_only = [part.strip() for part in args.e2e_only.split(",") if part.strip()]
+    return args
 
 
 def ort_rows(model, inputs, ref, threads, calibration):
@@ -196,6 +200,8 @@ def main(args):
         base_e2e = ort_e2e = ref_samples = None
         for label, make in e2e_rows(model, sampler, ours, args, built, ours_ind):
             if args.no_compiled and "Inductor" in label:
+                continue
+            if args.e2e_only and label != "eager FP32" and not any(part in label for part in args.e2e_only):
                 continue
             try:
                 m = make()
