@@ -20,6 +20,7 @@ import resource
 import sys
 import time
 import tracemalloc
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -42,6 +43,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="BLAS/OpenMP threads and TAP's parallel rounds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-landmarks", type=int, default=None, help="cap on TAP's N/20 landmarks (linear cost)")
+    p.add_argument("--json", type=Path, help="also write the rows, with the machine, as JSON here")
     return p.parse_args(argv)
 
 
@@ -81,7 +83,7 @@ def exact_spectral(x: np.ndarray, step: np.ndarray, clusters: int, alpha: float,
     from qc_compiler.calibration.tap import l2_normalize, tap_affinity
 
     xn = l2_normalize(x)
-    affinity = tap_affinity(xn, step, xn, step, alpha)  # (N, N): what TAP's landmarks avoid
+    affinity = tap_affinity(xn, step, xn, step, alpha=alpha)  # (N, N): what TAP's landmarks avoid
     model = SpectralClustering(n_clusters=clusters, affinity="precomputed", random_state=seed)
     return model.fit_predict(affinity)
 
@@ -152,12 +154,13 @@ def main(args: Optional[Sequence[str]] = None) -> int:
         for row in rows:
             row["exact"] = run_exact(int(row["n"]), ns)
             log.info("exact N=%d: %s", row["n"], row["exact"])
-    from qc_compiler.tools.bench import machine_line
+    from qc_compiler.tools.bench import machine_line, write_results
 
     print(machine_line())
     print(f"TAP scaling: dim {ns.dim}, {ns.clusters} clusters, {ns.true_clusters} true clusters, "
           f"{ns.threads} threads, landmarks N/20 capped at {ns.max_landmarks}, size {ns.size}\n")
     print(table(rows))
+    write_results(ns.json, "tap_scaling", vars(ns), rows)
     return 0
 
 

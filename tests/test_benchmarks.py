@@ -150,3 +150,15 @@ def test_gpu_speed_runs_every_section_and_keeps_failures_apart(capsys, tmp_path,
     assert onnx["ms"] > 0 and onnx["rel_err"] < 0.05  # the CPU provider here; CUDA's on a GPU machine
     md = (tmp_path / "g.md").read_text()
     assert "| ours FP8, torch._scaled_mm + cache i2 |" in md and "CPUExecutionProvider" in md
+
+
+def test_tap_scaling_runs_tap_and_the_exact_spectral_baseline(capsys, tmp_path):
+    """The exact N x N baseline once broke silently (tap_affinity's alpha became keyword-only)."""
+    import json
+
+    tap_scaling = load("tap_scaling")
+    assert tap_scaling.main(["--sizes", "300", "--dim", "16", "--clusters", "4", "--steps", "5", "--size", "20",
+                             "--exact-limit", "300", "--threads", "1", "--json", str(tmp_path / "t.json")]) == 0
+    rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["tap_ari"] > 0.5 and "ARI" in rows[0]["exact"]
+    assert "| 300 |" in capsys.readouterr().out
