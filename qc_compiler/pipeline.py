@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 
 from .diffusion.conditions import ConditionBank
+from .diffusion.samplers import model_device
 from .errors import PassError, PassOrderError, QCError
 from .models.adapter import ModelAdapter, ModelInfo
 from .runtime import CompiledModel
@@ -313,7 +314,7 @@ class PassManager:
         self.check_order(ctx.artifacts)
         report = ReportInstrument()
         instruments = [report] + list(ctx.instruments)
-        device = next((p.device for p in gm.parameters()), None)
+        device = model_device(gm)
         for p in self.passes:
             for ins in instruments:
                 ins.before_pass(p, gm, ctx)
@@ -323,8 +324,7 @@ class PassManager:
                 raise
             except Exception as e:
                 raise PassError(p.name, f"{type(e).__name__}: {e}") from e
-            if device is not None:  # what a pass made on the CPU (buffers, tables) joins the model's device
-                gm.to(device)
+            gm.to(device)  # what a pass made on the CPU (buffers, tables) joins the model's device
             for ins in instruments:
                 ins.after_pass(p, gm, ctx)
             log.info("pass %s done", p.name)

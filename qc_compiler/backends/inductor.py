@@ -45,6 +45,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..diffusion.samplers import model_device
 from ..errors import ExportError
 from ..quant.spec import QuantizedLinearSpec
 from ..step import StepAware
@@ -164,7 +165,7 @@ def _eager(module: nn.Module) -> None:
 
 def _int_mm_route(gm: fx.GraphModule) -> bool:
     """Whether the graph lives on CUDA, where the INT8 layers are ``_int_mm`` ones (tests force it on CPU)."""
-    return next((p.device.type == "cuda" for p in gm.parameters()), False)
+    return model_device(gm).type == "cuda"
 
 
 @register_backend("inductor", check=check_inductor_passes)

@@ -48,6 +48,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ..diffusion.samplers import model_device
 from ..errors import ExportError
 from ..graph import iter_graph_modules
 from ..quant.qparams import quantize_per_token
@@ -307,9 +308,13 @@ def check_torch_kernel(passes) -> None:
     if chosen and chosen not in LOWERINGS:
         raise ExportError(f"QC_INT8_KERNEL must be one of {list(LOWERINGS)}, got {chosen!r}")
     if chosen == "fp8" and not torch.cuda.is_available() and not fp8_rowwise_supported(torch.device("cpu")):
-        raise ExportError(f"QC_INT8_KERNEL=fp8 needs torch._scaled_mm with per-row scales, which this torch "
-                          f"({torch.__version__}) has on neither a GPU nor the CPU: use a CUDA GPU of compute "
-                          "capability 8.9+ or torch>=2.13, or unset QC_INT8_KERNEL")
+        raise _no_fp8("on a GPU or the CPU")
+
+
+def _no_fp8(where: str) -> ExportError:
+    return ExportError(f"QC_INT8_KERNEL=fp8 needs torch._scaled_mm with per-row scales {where}, which this torch "
+                       f"({torch.__version__}) lacks: use a CUDA GPU of compute capability 8.9+ or torch>=2.13 on the "
+                       "CPU, or another QC_INT8_KERNEL")
 
 
 @register_backend("torch", check=check_torch_kernel)
@@ -317,14 +322,12 @@ def lower_torch(gm: fx.GraphModule, ctx, kernel: Optional[str] = None) -> nn.Mod
     """Swap every fake-quant linear (in the graph and in nested region graphs) for an Int8Linear, or a
     WeightOnlyLinear where its input is not quantized, built from its ``export_spec()``. ``kernel="fp8"``
     lowers the W*A8 layers to Fp8Linear instead (those whose sizes the FP8 GEMM takes)."""
-    kernel = kernel or default_kernel(next((p.device for p in gm.parameters()), torch.device("cpu")))
+    device = model_device(gm)
+    kernel = kernel or default_kernel(device)
     if kernel not in LOWERINGS:
         raise ValueError(f"unknown kernel {kernel!r}; known: {list(LOWERINGS)}")
-    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
     if kernel == "fp8" and not fp8_rowwise_supported(device):
-        raise ExportError(f"the fp8 lowering needs torch._scaled_mm with per-row scales on {device.type}, which this "
-                          f"torch ({torch.__version__}) lacks: use a CUDA GPU of compute capability 8.9+, torch>=2.13 "
-                          "on the CPU, or another QC_INT8_KERNEL")
+        raise _no_fp8(f"on {device.type}")
     for name, module in list(gm.named_modules()):
         if isinstance(module, (Int8Linear, Fp8Linear, WeightOnlyLinear)) or not hasattr(module, "export_spec"):
             continue

@@ -40,6 +40,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ..diffusion.samplers import model_device
 from ..errors import PassError, StepError
 from ..graph import find_branch_regions, outline_region, region_flops
 from ..options import config_or_keywords
@@ -162,7 +163,7 @@ class StepCache(Pass):
         if not regions:
             raise PassError(self.name, f"found no {wanted} branch regions in the {adapter.name!r} blocks "
                                        f"({adapter.blocks.pattern}) to cache")
-        device = next((p.device for p in gm.parameters()), torch.device("cpu"))  # shapes are traced on the model's device
+        device = model_device(gm)  # shapes are traced on the model's device
         example = tuple(v.to(device) for v in adapter.example_inputs(info, batch=1))
         flops, block_flops = region_flops(gm, regions, example, adapter.blocks.pattern)
         names = tuple(r.qualname for r in regions)

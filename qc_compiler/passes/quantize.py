@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 from tqdm.auto import tqdm
 
-from ..diffusion.samplers import model_timestep
+from ..diffusion.samplers import model_device, model_timestep
 from ..errors import PassError
 from ..graph import LinearSite, block_slices, find_linears, free_after, iter_graph_modules, node_module_path, placeholders, run_slice
 from ..options import check_int, config_or_keywords
@@ -250,7 +250,7 @@ class Quantize(Pass):
         state = StepState(num_steps=len(table))
         bind_step_state(gm, state)
         # the pool lives on the CPU; the graph (and the modules just emitted, made on the CPU) on the model's
-        device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+        device = model_device(gm)
         gm.to(device)
 
         def run(mode: str, batches, only: Optional[Dict[int, str]] = None) -> None:
