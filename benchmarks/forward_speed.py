@@ -30,7 +30,10 @@ DiT-S/2 and DiT-B/2 use random weights (adaLN re-initialised so every block matt
 from __future__ import annotations
 
 import argparse
+import functools
+import math
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +42,8 @@ import torch
 import qc_compiler as qc
 from qc_compiler.tools import baselines
 from qc_compiler.tools.bench import (benchmark_inputs, benchmark_model, compile_benchmark_w8a8, interleaved_medians,
-                                     machine_line, median_seconds, rel_err, write_results)
+                                     machine_line, median_seconds, pin_threads, pinned, rel_err,
+                                     write_results)
 from qc_compiler.passes import StepCache
 
 
@@ -54,11 +58,46 @@ def parse_args(argv=None):
     p.add_argument("--no-compiled", action="store_true",
                    help="skip every torch.compile row, ours through Inductor included (each compiles for minutes)")
     p.add_argument("--e2e-only", default="",
-                   help="comma-separated parts of end-to-end row labels to run (eager FP32, the reference, always runs)")
+                   help="comma-separated parts of end-to-end row labels to run, or whole labels after '=' "
+                        "(eager FP32, the reference, runs unless --e2e-no-reference)")
+    p.add_argument("--build-s", type=float, default=0.0,
+                   help="per forward: start no compiled baseline after this many seconds of the model's run "
+                        "(a time-boxed machine); the rows left out are listed. 0: no limit")
+    p.add_argument("--no-ort", action="store_true", help="skip the onnxruntime rows per forward (theirs and our ONNX)")
+    p.add_argument("--no-forward", action="store_true",
+                   help="skip the per-forward table: build only what the end-to-end rows need (with --e2e-only, "
+                        "only those rows' baselines), so the two tables can run as two processes on separate cores")
+    p.add_argument("--e2e-no-reference", action="store_true",
+                   help="skip eager FP32 end to end (the slowest row, the others' reference): no ratio or error "
+                        "column then; for a second process that times more rows beside one that has it")
+    p.add_argument("--time-cpus", default="",
+                   help="comma-separated logical CPUs to time on (every thread pinned there while timing): two "
+                        "runs side by side on one machine")
+    p.add_argument("--build-cpus", default="",
+                   help="comma-separated logical CPUs for everything else (builds, compiles, calibration)")
     p.add_argument("--json", type=Path, help="also write every row, with the machine, as JSON here")
     args = p.parse_args(argv)
     args.e2e_only = [part.strip() for part in args.e2e_only.split(",") if part.strip()]
+    if not (args.build_s >= 0 and math.isfinite(args.build_s)):
+        p.error(f"--build-s is a number of seconds, 0 or more; got {args.build_s}")
+    if args.no_forward and args.no_e2e:
+        p.error("--no-forward and --no-e2e leave nothing to run: drop one")
+    for flag in ("time_cpus", "build_cpus"):
+        try:
+            setattr(args, flag, sorted({int(c) for c in getattr(args, flag).split(",") if c.strip()}))
+        except ValueError:
+            p.error(f"--{flag.replace('_', '-')} takes logical CPU numbers, like 0,1; got {getattr(args, flag)!r}")
+    if args.time_cpus and len(args.time_cpus) < args.threads:
+        p.error(f"--time-cpus gives {len(args.time_cpus)} CPUs for {args.threads} threads: give at least as many")
     return args
+
+
+def wanted_e2e(label, args):
+    """Whether the end-to-end table runs this row (eager FP32, its reference, does unless told not to)."""
+    if label == "eager FP32":
+        return not args.e2e_no_reference
+    return not args.e2e_only or any(label == part[1:] if part.startswith("=") else part in label
+                                    for part in args.e2e_only)
 
 
 def ort_rows(model, inputs, ref, threads, calibration):
@@ -139,15 +178,21 @@ def ours_onnx_row(ours, model, inputs, args):
 
 def main(args):
     torch.set_num_threads(args.threads)
+    if args.build_cpus:
+        pin_threads(args.build_cpus)
     print(machine_line())
     results = []
     for name in args.models.split(","):
+        start = time.perf_counter()
         model = benchmark_model(name)
         b = args.batch
         inputs = benchmark_inputs(model, b)
+        sampler = qc.DDPM(steps=args.steps, cfg_scale=1.0)
+        if args.no_forward:
+            e2e_alone(name, model, inputs, sampler, args, results)
+            continue
         with torch.no_grad():
             ref = model(*inputs)
-            sampler = qc.DDPM(steps=args.steps, cfg_scale=1.0)
             ours = compile_benchmark_w8a8(model, sampler)
             dyn = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
             ours.reset()
@@ -157,29 +202,41 @@ def main(args):
                     ("PyTorch eager bf16 autocast", lambda: bf16(*inputs), rel_err(bf16(*inputs), ref)),
                     ("torch.ao dynamic INT8", lambda: dyn(*inputs), rel_err(dyn(*inputs), ref))]
             calibration = list(calibration_batches(ours, args.batch))
-            built, failed = (baselines.build_all(model, inputs, calibration, float_linears(model))
+            # The builds, the goals' rows first (ours through Inductor, compiled bf16, PT2E), while --build-s lasts.
+            ours_ind, ours_rows, first_call, late = None, [], {}, []
+
+            def in_time(label):
+                if args.build_s and time.perf_counter() - start > args.build_s:
+                    late.append(label)
+                    return False
+                return True
+
+            def add_ours(label, m):
+                ours_rows.append((label, lambda gm=m.graph_module: gm(*inputs), rel_err(m.graph_module(*inputs), ref)))
+                first_call[label] = m.graph_module.first_call_s
+
+            if not args.no_compiled:
+                ours_ind = compile_benchmark_w8a8(model, sampler, backend="inductor", like=ours)  # ours' calibration
+                add_ours("ours W8A8 Inductor INT8", ours_ind)
+            built, failed = (baselines.build_all(model, inputs, calibration, float_linears(model), only=in_time)
                              if not args.no_compiled else ([], []))
-            first_call = {b.label: b.first_call_s for b in built}
+            label = "ours W8A8 Inductor INT8, every linear (as PT2E all layers)"
+            if not args.no_compiled and in_time(label):  # PT2E's all-layers set: the conditioning linears too
+                add_ours(label, compile_benchmark_w8a8(model, sampler, backend="inductor", every_linear=True))
+            failed += [f"{label}: not built, past --build-s {args.build_s:g}" for label in late]
+            first_call.update({b.label: b.first_call_s for b in built})
             rows += [(b.label, lambda fn=b.fn: fn(*inputs), rel_err(b.fn(*inputs), ref)) for b in built]
             failed = [(line, float("nan"), float("nan")) for line in failed]
             try:
-                rows += ort_rows(model, inputs, ref, args.threads, calibration)
+                rows += ort_rows(model, inputs, ref, args.threads, calibration) if not args.no_ort else []
             except Exception as e:  # report, don't hide: the row says why it is missing
                 failed.append((f"onnxruntime rows failed: {type(e).__name__}: {str(e)[:80]}", float("nan"), float("nan")))
             rows.append(("ours W8A8 torch INT8", lambda: ours.graph_module(*inputs), rel_err(ours.graph_module(*inputs), ref)))
-            ours_ind = None
-            if not args.no_compiled:
-                ours_ind = compile_benchmark_w8a8(model, sampler, backend="inductor")
-                rows.append(("ours W8A8 Inductor INT8", lambda: ours_ind.graph_module(*inputs),
-                             rel_err(ours_ind.graph_module(*inputs), ref)))
-                first_call["ours W8A8 Inductor INT8"] = ours_ind.graph_module.first_call_s
-                # the layer set of PT2E's all-layers row: the conditioning linears' inputs quantized too
-                ours_all = compile_benchmark_w8a8(model, sampler, backend="inductor", every_linear=True)
-                label = "ours W8A8 Inductor INT8, every linear (as PT2E all layers)"
-                rows.append((label, lambda: ours_all.graph_module(*inputs), rel_err(ours_all.graph_module(*inputs), ref)))
-                first_call[label] = ours_all.graph_module.first_call_s
-            rows.append(ours_onnx_row(ours, model, inputs, args))
-            seconds = interleaved_medians([fn for _, fn, _ in rows], args.repeats)
+            rows += ours_rows
+            if not args.no_ort:
+                rows.append(ours_onnx_row(ours, model, inputs, args))
+            with pinned(args.time_cpus):
+                seconds = interleaved_medians([fn for _, fn, _ in rows], args.repeats)
             rows = [(label, sec, err) for (label, _, err), sec in zip(rows, seconds)] + failed
         base = rows[0][1]
         ort_fp32 = next((r[1] for r in rows if r[0] == "onnxruntime FP32"), float("nan"))
@@ -188,36 +245,68 @@ def main(args):
               "|---|---|---|---|---|---|")
         for label, sec, err in rows:
             first = f"{first_call[label]:.1f}" if label in first_call else "-"
-            print(f"| {label} | {sec * 1e3:.1f} | {base / sec:.2f}x | {ort_fp32 / sec:.2f}x | {err:.4f} | {first} |",
+            vs_ort = f"{ort_fp32 / sec:.2f}x" if ort_fp32 == ort_fp32 else "-"  # no onnxruntime row: no ratio
+            print(f"| {label} | {sec * 1e3:.1f} | {base / sec:.2f}x | {vs_ort} | {err:.4f} | {first} |",
                   flush=True)
             results.append({"model": name, "kind": "per forward", "row": label, "ms": sec * 1e3,
                             "vs_eager_fp32": base / sec, "rel_err": err, "first_call_s": first_call.get(label)})
-        if args.no_e2e:
-            continue
-        labels = list(range(b))
-        print(f"\n### {name}, end to end, {args.steps} DDPM steps, batch {b}, {args.threads} threads\n")
-        print("| row | s / run | vs eager FP32 | vs ORT FP32 | rel. error of the samples vs FP32 |\n|---|---|---|---|---|")
-        base_e2e = ort_e2e = ref_samples = None
-        for label, make in e2e_rows(model, sampler, ours, args, built, ours_ind):
-            if args.no_compiled and "Inductor" in label:
-                continue
-            if args.e2e_only and label != "eager FP32" and not any(part in label for part in args.e2e_only):
-                continue
-            try:
-                m = make()
-                samples = sampler.sample(m, labels, seed=0)  # also warms up
-                sec = median_seconds(lambda: sampler.sample(m, labels, seed=0), max(1, args.repeats // 3))
-            except Exception as e:  # report, don't hide: the row says why it is missing
-                print(f"| {label} failed: {type(e).__name__}: {str(e)[:80]} | | | | |", flush=True)
-                continue
-            base_e2e, ref_samples = base_e2e or sec, samples if ref_samples is None else ref_samples
-            ort_e2e = sec if label == "onnxruntime FP32" else ort_e2e
-            ort_ratio = f"{ort_e2e / sec:.2f}x" if ort_e2e else "-"
-            print(f"| {label} | {sec:.2f} | {base_e2e / sec:.2f}x | {ort_ratio} | {rel_err(samples, ref_samples):.4f} |",
-                  flush=True)
-            results.append({"model": name, "kind": f"end to end, {args.steps} steps", "row": label, "s": sec,
-                            "vs_eager_fp32": base_e2e / sec, "rel_err": rel_err(samples, ref_samples)})
+        if not args.no_e2e:
+            run_e2e(name, model, sampler, lambda: ours, args, built, ours_ind, results)
     write_results(args.json, "forward_speed", vars(args), results)
+
+
+def e2e_alone(name, model, inputs, sampler, args, results):
+    """--no-forward: build only what the end-to-end rows asked for need (our W8A8 model, calibrated, only
+    when a row of ours or PT2E, calibrated on its set, is among them), then run them."""
+    ours = functools.lru_cache(maxsize=None)(lambda: compile_benchmark_w8a8(model, sampler))
+    built, failed = [], []
+    if not args.no_compiled:
+        with torch.no_grad():
+            built, failed = baselines.build_all(model, inputs, lambda: list(calibration_batches(ours(), args.batch)),
+                                                float_linears(model), only=lambda label: wanted_e2e(label, args))
+    for line in failed:
+        print(f"| {line} | | | | |", flush=True)
+    run_e2e(name, model, sampler, ours, args, built, None, results)
+
+
+def run_e2e(name, model, sampler, ours, args, built, ours_ind, results):
+    """The end-to-end table: each row samples the same labels from the same noise; error against eager FP32."""
+    b = args.batch
+    labels = list(range(b))
+    print(f"\n### {name}, end to end, {args.steps} DDPM steps, batch {b}, {args.threads} threads\n")
+    print("| row | s / run | vs eager FP32 | vs ORT FP32 | rel. error of the samples vs FP32 |\n|---|---|---|---|---|")
+    base_e2e = ort_e2e = ref_samples = None
+    for label, make in e2e_rows(model, sampler, ours, args, built, ours_ind):
+        if args.no_compiled and "Inductor" in label:
+            continue
+        if not wanted_e2e(label, args):
+            continue
+        try:
+            m, runs = make(), []
+            # The warm-up (compiles, prepacks) runs unpinned: eager FP32 has nothing to warm and is the slowest
+            # row to run twice; a compiled baseline is one static graph, warm after a call (two steps); ours
+            # (step-conditional regions, per-step ranges) samples the whole schedule once.
+            if isinstance(m, Denoiser):
+                type(sampler)(steps=2, cfg_scale=sampler.cfg_scale).sample(m, labels, seed=0)
+            elif label != "eager FP32":
+                runs.append(sampler.sample(m, labels, seed=0))
+            with pinned(args.time_cpus):
+                sec = median_seconds(lambda: runs.append(sampler.sample(m, labels, seed=0)),
+                                     max(1, args.repeats // 3), warmup=False)
+            samples = runs[-1]
+        except Exception as e:  # report, don't hide: the row says why it is missing
+            print(f"| {label} failed: {type(e).__name__}: {str(e)[:80]} | | | | |", flush=True)
+            continue
+        if label == "eager FP32":
+            base_e2e, ref_samples = sec, samples
+        ort_e2e = sec if label == "onnxruntime FP32" else ort_e2e
+        ratio = base_e2e / sec if base_e2e else float("nan")
+        err = rel_err(samples, ref_samples) if ref_samples is not None else float("nan")
+        ort_ratio = f"{ort_e2e / sec:.2f}x" if ort_e2e else "-"
+        shown = f"{ratio:.2f}x | {ort_ratio} | {err:.4f}" if base_e2e else f"- | {ort_ratio} | -"
+        print(f"| {label} | {sec:.2f} | {shown} |", flush=True)
+        results.append({"model": name, "kind": f"end to end, {args.steps} steps", "row": label, "s": sec,
+                        "vs_eager_fp32": ratio, "rel_err": err})
 
 
 class Denoiser:
@@ -234,28 +323,36 @@ class Denoiser:
 
 
 def e2e_rows(model, sampler, ours, args, built=(), ours_ind=None):
-    """(label, factory) for the end-to-end rows; ONNX rows export and load their file when reached."""
+    """(label, factory) for the end-to-end rows; ONNX rows export and load their file when reached.
+    ``ours``: a function that gives our W8A8 model (built on first use, when the caller makes it so)."""
     from qc_compiler.backends.onnx import OrtDenoiser
 
     compiled = {b.label: b.fn for b in built}
     t_dtype = benchmark_inputs(model, 1)[1].dtype
 
-    ours_cache = compile_benchmark_w8a8(model, sampler, [StepCache(interval=2)])
+    cached = {}
 
-    def ort(compiled):
-        return lambda: OrtDenoiser(compiled.export_onnx(Path(tempfile.mkdtemp()) / "m.onnx"), threads=args.threads)
+    def ours_cache(backend="torch"):  # built when a row first needs it; Inductor reuses the torch one's calibration
+        if backend not in cached:
+            cached[backend] = compile_benchmark_w8a8(model, sampler, [StepCache(interval=2)], backend=backend,
+                                                     like=cached.get("torch"))
+        return cached[backend]
 
-    fp32_graph = qc.compile(model, passes=[], sampler=sampler)  # our exporter's FP32 file, same interface
+    def ort(build):
+        return lambda: OrtDenoiser(build().export_onnx(Path(tempfile.mkdtemp()) / "m.onnx"), threads=args.threads)
+
+    def fp32_graph():  # our exporter's FP32 file, same interface
+        return qc.compile(model, passes=[], sampler=sampler)
+
     extra = [(label, lambda fn=compiled[label]: Denoiser(fn, model, t_dtype)) for label in compiled
-             if label.startswith("torch.compile bf16") or label.endswith("our layers")]
+             if label.startswith(("torch.compile bf16", "torchao PT2E"))]
     return [("eager FP32", lambda: model), *extra, ("onnxruntime FP32", ort(fp32_graph)),
-            ("ours W8A8 torch INT8", lambda: ours),
+            ("ours W8A8 torch INT8", ours),
             ("ours W8A8 Inductor INT8",  # the per-forward rows' model when they built it (compiled already)
-             lambda: ours_ind or compile_benchmark_w8a8(model, sampler, backend="inductor")),
+             lambda: ours_ind or compile_benchmark_w8a8(model, sampler, backend="inductor", like=ours())),
             ("ours W8A8 ONNX INT8", ort(ours)),
-            ("ours W8A8 torch INT8 + cache interval 2", lambda: ours_cache),
-            ("ours W8A8 Inductor INT8 + cache interval 2",
-             lambda: compile_benchmark_w8a8(model, sampler, [StepCache(interval=2)], backend="inductor")),
+            ("ours W8A8 torch INT8 + cache interval 2", ours_cache),
+            ("ours W8A8 Inductor INT8 + cache interval 2", lambda: ours_cache("inductor")),
             ("ours W8A8 ONNX INT8 + cache interval 2", ort(ours_cache))]
 
 

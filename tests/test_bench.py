@@ -162,3 +162,38 @@ def test_benchmark_recipe_every_linear_quantizes_the_conditioning_inputs_too():
     every = compile_benchmark_w8a8(make_tiny(), sampler, every_linear=True)
     kinds = lambda m: [type(x).__name__ for x in m.modules() if isinstance(x, (Int8Linear, WeightOnlyLinear))]  # noqa: E731
     assert sorted(kinds(default)).count("WeightOnlyLinear") == 3 and kinds(every) == ["Int8Linear"] * 12
+
+
+def test_interleaved_times_warms_each_callable_once_unless_told_not_to():
+    from qc_compiler.tools.bench import interleaved_times
+
+    calls = []
+    times = interleaved_times([lambda: calls.append("a"), lambda: calls.append("b")], 2, pause=0.0)
+    assert calls == ["a", "b"] * 3 and [len(t) for t in times] == [2, 2]  # one warm-up round, two timed
+    calls.clear()
+    interleaved_times([lambda: calls.append("a")], 2, pause=0.0, warmup=False)
+    assert calls == ["a", "a"]
+
+
+def test_pinned_moves_every_thread_and_gives_each_its_cpus_back():
+    import os
+    import threading
+
+    from qc_compiler.tools.bench import pinned
+
+    allowed = sorted(os.sched_getaffinity(0))
+    stop, seen = threading.Event(), {}
+    worker = threading.Thread(target=lambda: (seen.setdefault("tid", threading.get_native_id()), stop.wait()))
+    worker.start()
+    try:
+        while "tid" not in seen:
+            pass
+        with pinned([allowed[-1]]):
+            assert os.sched_getaffinity(0) == {allowed[-1]}
+            assert os.sched_getaffinity(seen["tid"]) == {allowed[-1]}  # a thread already running moves too
+        assert sorted(os.sched_getaffinity(0)) == allowed and sorted(os.sched_getaffinity(seen["tid"])) == allowed
+        with pinned([]):  # no CPUs named: nothing moves
+            assert sorted(os.sched_getaffinity(0)) == allowed
+    finally:
+        stop.set()
+        worker.join()

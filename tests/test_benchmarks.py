@@ -84,6 +84,39 @@ def test_forward_speed_prints_every_row_with_its_error(capsys):
     assert 0 < float(ours.rstrip(" |").split("|")[-2]) < 0.2  # the error column, before the first call's seconds
 
 
+def test_forward_speed_no_forward_runs_only_the_end_to_end_rows_asked_for(capsys):
+    forward_speed = load("forward_speed")
+    forward_speed.main(forward_speed.parse_args(["--models", "DiT-T/4", "--batch", "2", "--repeats", "1",
+                                                 "--steps", "3", "--threads", "1", "--no-compiled", "--no-forward",
+                                                 "--e2e-only", "torch INT8 + cache"]))
+    out = capsys.readouterr().out
+    assert "per forward" not in out and "failed" not in out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| ") and "s / run" not in line]
+    assert [r[0][2:] for r in rows] == ["eager FP32", "ours W8A8 torch INT8 + cache interval 2"]
+    assert 0 < float(rows[1][-1].rstrip(" |")) < 0.5  # the cached INT8 samples against eager FP32's
+    # without the reference: the asked row alone, with no ratio or error to eager FP32 to give
+    forward_speed.main(forward_speed.parse_args(["--models", "DiT-T/4", "--batch", "2", "--repeats", "1",
+                                                 "--steps", "3", "--threads", "1", "--no-compiled", "--no-forward",
+                                                 "--e2e-no-reference", "--e2e-only", "=ours W8A8 torch INT8"]))
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and "s / run" not in line]
+    assert [r[0][2:] for r in rows] == ["ours W8A8 torch INT8"]  # '=': that label, not its cached twin
+    assert rows[0][2] == "-" and rows[0][-1] == "- |"
+    with pytest.raises(SystemExit):  # nothing left to run
+        forward_speed.parse_args(["--no-forward", "--no-e2e"])
+
+
+def test_build_all_builds_only_the_baselines_asked_for():
+    from qc_compiler.tools.baselines import build_all
+
+    asked = []
+    built, failed = build_all(None, (), [], only=lambda label: asked.append(label) and False)
+    assert built == [] and failed == []  # nothing built: the model (None) was never touched
+    pt2e = "torchao PT2E X86InductorQuantizer static INT8 + torch.compile"
+    assert asked == ["torch.compile bf16 autocast", pt2e, f"{pt2e}, our layers", "torch.compile FP32",
+                     "torchao dynamic INT8 + torch.compile"]  # the goals' baselines first, by their rows' labels
+
+
 def test_onnx_parity_reports_size_and_agreement(capsys):
     onnx_parity = load("onnx_parity")
     onnx_parity.main(onnx_parity.parse_args(["--models", "DiT-T/4", "--steps", "3", "--batch", "2", "--threads", "1"]))

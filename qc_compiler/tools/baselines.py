@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -68,6 +68,9 @@ def eager_bf16(model: nn.Module, inputs: Inputs) -> Baseline:
     return Baseline("PyTorch eager bf16 autocast", _autocast(model, torch.bfloat16))
 
 
+PT2E = "torchao PT2E X86InductorQuantizer static INT8 + torch.compile"  # its rows' label
+
+
 def compiled(model: nn.Module, inputs: Inputs, dtype: Optional[torch.dtype] = None) -> Baseline:
     """``torch.compile`` (Inductor, freezing on) of ``model``, under ``dtype`` autocast when given."""
     with freezing():
@@ -100,8 +103,7 @@ def pt2e_int8(model: nn.Module, inputs: Inputs, calibration: Iterable[Inputs],
         converted = convert_pt2e(prepared)
     with freezing():
         fn = torch.compile(converted, dynamic=False)
-        label = "torchao PT2E X86InductorQuantizer static INT8 + torch.compile"
-        return _timed_first_call(label + (", our layers" if keep_float else ""), fn, inputs)
+        return _timed_first_call(PT2E + (", our layers" if keep_float else ""), fn, inputs)
 
 
 def _rebatch(calibration: Iterable[Inputs], inputs: Inputs) -> List[Inputs]:
@@ -128,18 +130,24 @@ def torchao_dynamic_int8(model: nn.Module, inputs: Inputs) -> Baseline:
         return _timed_first_call("torchao dynamic INT8 + torch.compile", fn, inputs)
 
 
-def build_all(model: nn.Module, inputs: Inputs, calibration: Sequence[Inputs],
-              keep_float: Sequence[str] = ()) -> Tuple[list, list]:
+def build_all(model: nn.Module, inputs: Inputs,
+              calibration: Union[Sequence[Inputs], Callable[[], Sequence[Inputs]]], keep_float: Sequence[str] = (), only: Optional[Callable[[str], bool]] = None) -> Tuple[list, list]:
     """(baselines, failures): every compiled baseline that builds here, and a line for each that does
     not (torchao missing, an export the model refuses), so a table never silently drops a row. PT2E
-    runs twice: quantizing every Linear (the tutorial's way), and leaving ``keep_float`` in float."""
+    runs twice: quantizing every Linear (the tutorial's way), and leaving ``keep_float`` in float.
+    ``calibration``: PT2E's batches, or a function that makes them (called only when PT2E is built).
+    ``only``, when given, picks the baselines to build by their row label (each compiles for minutes)."""
+    if not callable(calibration):
+        calibration = (lambda batches: lambda: batches)(calibration)
     rows, failed = [], []
-    for label, build in (("torch.compile FP32", lambda: compiled(model, inputs)),
-                         ("torch.compile bf16 autocast", lambda: compiled(model, inputs, torch.bfloat16)),
-                         ("torchao PT2E static INT8", lambda: pt2e_int8(model, inputs, calibration)),
-                         ("torchao PT2E static INT8, our layers",
-                          lambda: pt2e_int8(model, inputs, calibration, keep_float)),
-                         ("torchao dynamic INT8", lambda: torchao_dynamic_int8(model, inputs))):
+    # the strongest baselines first (the ones the speed goals name), for a caller that stops early
+    for label, build in (("torch.compile bf16 autocast", lambda: compiled(model, inputs, torch.bfloat16)),
+                         (PT2E, lambda: pt2e_int8(model, inputs, calibration())),
+                         (f"{PT2E}, our layers", lambda: pt2e_int8(model, inputs, calibration(), keep_float)),
+                         ("torch.compile FP32", lambda: compiled(model, inputs)),
+                         ("torchao dynamic INT8 + torch.compile", lambda: torchao_dynamic_int8(model, inputs))):
+        if only is not None and not only(label):
+            continue
         try:
             rows.append(build())
         except Exception as e:  # noqa: BLE001 - reported as the row's reason, never hidden

@@ -16,14 +16,16 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import re
 import statistics
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -272,15 +274,17 @@ def write_results(path: Optional[Path], benchmark: str, args: Dict, rows: List[D
 
 
 def interleaved_times(fns: Sequence[Callable], repeats: int, pause: float = 0.2,
-                      on_round: Optional[Callable[[int, List[List[float]]], None]] = None) -> List[List[float]]:
+                      on_round: Optional[Callable[[int, List[List[float]]], None]] = None,
+                      warmup: bool = True) -> List[List[float]]:
     """Wall seconds of every timed call of each callable, after one untimed warm-up call of each
-    (oneDNN prepacking, allocator growth), timed in rounds (one call of each per round) so that a
-    shared machine's drift during the run hits every callable alike.
+    (oneDNN prepacking, allocator growth; ``warmup=False`` for a call that has nothing to warm and is
+    too slow to run twice), timed in rounds (one call of each per round) so that a shared machine's
+    drift during the run hits every callable alike.
 
     ``pause`` seconds of idle before each timed call: onnxruntime's pool threads spin for a while
     after a run, and on 2 cores they slow whatever runs next (measured: docs/RESULTS.md, "INT8
     kernels and speed"). ``on_round(round, times)`` is called after each round (progress)."""
-    for fn in fns:
+    for fn in fns if warmup else ():
         fn()
     times: List[List[float]] = [[] for _ in fns]
     for r in range(repeats):
@@ -300,9 +304,41 @@ def interleaved_medians(fns: Sequence[Callable], repeats: int, pause: float = 0.
     return [statistics.median(t) for t in interleaved_times(fns, repeats, pause)]
 
 
-def median_seconds(fn: Callable, repeats: int) -> float:
-    """Median wall seconds of ``repeats`` back-to-back calls of ``fn``, after one warm-up call."""
-    return interleaved_medians([fn], repeats, pause=0.0)[0]
+def median_seconds(fn: Callable, repeats: int, warmup: bool = True) -> float:
+    """Median wall seconds of ``repeats`` back-to-back calls of ``fn``, after one warm-up call (unless not)."""
+    return statistics.median(interleaved_times([fn], repeats, pause=0.0, warmup=warmup)[0])
+
+
+def pin_threads(cpus: Sequence[int]) -> Dict[int, set]:
+    """Every thread of this process on ``cpus`` (threads started later inherit their starter's set);
+    returns each moved thread's former set."""
+    before = {}
+    for tid in (int(t) for t in os.listdir("/proc/self/task")):
+        try:
+            before[tid] = os.sched_getaffinity(tid)
+            os.sched_setaffinity(tid, cpus)
+        except OSError:  # the thread ended meanwhile
+            before.pop(tid, None)
+    return before
+
+
+@contextlib.contextmanager
+def pinned(cpus: Optional[Sequence[int]]) -> Iterator[None]:
+    """:func:`pin_threads` inside the block, each thread's own CPU set back after: runs side by side on
+    one machine each time on their own cores, while their builds (compiles, calibration) run elsewhere.
+    ``None`` or empty: no change."""
+    if not cpus:
+        yield
+        return
+    before = pin_threads(cpus)
+    try:
+        yield
+    finally:
+        for tid, mask in before.items():
+            try:
+                os.sched_setaffinity(tid, mask)
+            except OSError:
+                pass
 
 
 def benchmark_model(name: str):
@@ -320,15 +356,18 @@ def benchmark_model(name: str):
 
 
 def compile_benchmark_w8a8(model, sampler, first_passes: Sequence = (), backend: str = "torch",
-                           every_linear: bool = False):
+                           every_linear: bool = False, like=None):
     """The speed benchmarks' W8A8 recipe (uniform calibration over 2 sampling runs, 64 items) after
     ``first_passes`` (e.g. a ``StepCache``), lowered with ``backend`` (the torch INT8 one by default).
     ``every_linear`` quantizes the conditioning linears' inputs too (our default keeps them weight-only),
-    the layer set of PT2E's all-layers baseline."""
+    the layer set of PT2E's all-layers baseline. ``like``: a model this recipe compiled before with the
+    same passes, whose fitted state (calibration set, scales) is reused: the same calibration lowered
+    to another backend, without calibrating again (a minute and more for DiT-B/2 on 2 cores)."""
     quant = Quantize(config=QuantConfig.preset("w8a8", weight_only=())) if every_linear else Quantize(preset="w8a8")
     passes = [*first_passes, UniformCalibration(size=64, pool_labels=2), quant]
+    fitted = like.build["fitted"] if like is not None else None
     with torch.no_grad():
-        return qc_compile(model, passes=passes, sampler=sampler, backend=backend)
+        return qc_compile(model, passes=passes, sampler=sampler, backend=backend, fitted=fitted)
 
 
 def rel_err(out, ref) -> float:
