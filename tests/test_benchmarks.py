@@ -128,6 +128,20 @@ def test_onnx_parity_reports_size_and_agreement(capsys):
     assert float(rows[0][5]) < 1e-3 and float(rows[0][7]) < 1e-3 and rows[1][5] == rows[1][7] == "-"
 
 
+def test_a_pt2e_graph_that_quantized_nothing_is_refused_not_timed():
+    import torch.ao.quantization.fx._decomposed  # noqa: F401 - registers torch.ops.quantized_decomposed
+    from qc_compiler.tools.baselines import check_quantized
+
+    class Quantized(torch.nn.Module):
+        def forward(self, x):
+            q = torch.ops.quantized_decomposed.quantize_per_tensor.default(x, 0.1, 0, -128, 127, torch.int8)
+            return torch.ops.quantized_decomposed.dequantize_per_tensor.default(q, 0.1, 0, -128, 127, torch.int8)
+
+    assert check_quantized(torch.fx.symbolic_trace(Quantized()), "PT2E") == 1
+    with pytest.raises(RuntimeError, match="PT2E quantized no activation .*torch .*torchao"):
+        check_quantized(torch.fx.symbolic_trace(torch.nn.Linear(4, 4)), "PT2E")  # float, nothing matched
+
+
 def test_pt2e_calibration_is_rebatched_to_the_exported_batch():
     from qc_compiler.tools.baselines import _rebatch
 

@@ -101,9 +101,28 @@ def pt2e_int8(model: nn.Module, inputs: Inputs, calibration: Iterable[Inputs],
         for batch in _rebatch(calibration, inputs):
             prepared(*batch)
         converted = convert_pt2e(prepared)
+    check_quantized(converted, "PT2E (X86InductorQuantizer)")
     with freezing():
         fn = torch.compile(converted, dynamic=False)
         return _timed_first_call(PT2E + (", our layers" if keep_float else ""), fn, inputs)
+
+
+def check_quantized(gm: torch.fx.GraphModule, what: str) -> int:
+    """The number of activation quantize nodes in a converted PT2E graph; none raises. A quantizer whose
+    patterns match nothing in the exported graph (seen: torchao 0.18 on torch 2.11, every row's error equal to
+    compiled FP32's) leaves a float model, and a table would time it as the INT8 baseline."""
+    n = sum(1 for node in gm.graph.nodes if node.op == "call_function"
+            and str(node.target).split(".")[-2:-1] == ["quantize_per_tensor"])
+    if not n:
+        import importlib.metadata as md
+
+        try:
+            ao = md.version("torchao")
+        except md.PackageNotFoundError:
+            ao = "not installed"
+        raise RuntimeError(f"{what} quantized no activation (torch {torch.__version__}, torchao {ao}): "
+                           "it matched nothing in the exported graph, so this row would time a float model")
+    return n
 
 
 def _rebatch(calibration: Iterable[Inputs], inputs: Inputs) -> List[Inputs]:
