@@ -218,6 +218,9 @@ def main(args):
             if not args.no_compiled:
                 ours_ind = compile_benchmark_w8a8(model, sampler, backend="inductor", like=ours)  # ours' calibration
                 add_ours("ours W8A8 Inductor INT8", ours_ind)
+                label = "ours W8A8 Inductor INT8, bf16 attention"
+                if in_time(label):  # attention is the largest cost left in float (docs/RESULTS.md, "AMX")
+                    add_ours(label, compile_benchmark_w8a8(model, sampler, backend="inductor", attention="bf16"))
             built, failed = (baselines.build_all(model, inputs, calibration, float_linears(model), only=in_time)
                              if not args.no_compiled else ([], []))
             label = "ours W8A8 Inductor INT8, every linear (as PT2E all layers)"
@@ -353,6 +356,9 @@ def e2e_rows(model, sampler, ours, args, built=(), ours_ind=None):
             ("ours W8A8 ONNX INT8", ort(ours)),
             ("ours W8A8 torch INT8 + cache interval 2", ours_cache),
             ("ours W8A8 Inductor INT8 + cache interval 2", lambda: ours_cache("inductor")),
+            ("ours W8A8 Inductor INT8, bf16 attention + cache interval 2",
+             lambda: compile_benchmark_w8a8(model, sampler, [StepCache(interval=2)], backend="inductor",
+                                            attention="bf16")),
             ("ours W8A8 ONNX INT8 + cache interval 2", ort(ours_cache))]
 
 

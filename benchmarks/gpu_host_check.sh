@@ -2,9 +2,10 @@
 # One device call's CPU checks on the GPU machine, whose host CPU has AMX-INT8/BF16 (issue 18's goals),
 # run side by side, each timing on its own cores:
 #   lane A: the AMX table per forward, every row but onnxruntime's (amx_check.sh PART=forward);
-#   lane B: end to end over 50 steps: eager FP32 (the reference), ours through Inductor without and with
-#           the cache (interval 2);
-#   lane C: end to end, no reference: compiled bf16 and both PT2E rows (the baselines the goals name);
+#   lane B: end to end over 50 steps: eager FP32 (the reference), ours through Inductor with the cache
+#           (interval 2), attention in FP32 and in bf16;
+#   lane C: end to end, no reference: compiled bf16 and both PT2E rows (the baselines the goals name),
+#           and ours through Inductor without the cache;
 #   and beside them, on the build CPUs, the CUDA tests (the fixes since the last GPU run).
 # Lanes A, B and C each time on 2 logical CPUs of 2 physical cores (the cores' other threads left idle);
 # their builds (compiles, calibration) and the CUDA tests run on the CPUs left. The lanes still share
@@ -49,11 +50,11 @@ export OUT BUILD_CPUS="$BUILD" SPEED_S=$((LIMIT_S - 15))
 # lane A times about 100 s after its builds: no baseline build starts in its last 4 minutes
 PART=forward NO_ORT=1 TIME_CPUS="$A" BUILD_S=$((LIMIT_S - 240)) benchmarks/amx_check.sh > /dev/null 2>&1 &
 LANE_A=$!
-PART=e2e TAG=e2e_ours TIME_CPUS="$B" ROWS="=ours W8A8 Inductor INT8,Inductor INT8 + cache" benchmarks/amx_check.sh \
+PART=e2e TAG=e2e_ours TIME_CPUS="$B" ROWS="Inductor INT8 + cache,bf16 attention + cache" benchmarks/amx_check.sh \
     > /dev/null 2>&1 &
 LANE_B=$!
-PART=e2e TAG=e2e_baselines NO_REF=1 TIME_CPUS="$C" ROWS="torch.compile bf16,PT2E" benchmarks/amx_check.sh \
-    > /dev/null 2>&1 &
+PART=e2e TAG=e2e_baselines NO_REF=1 TIME_CPUS="$C" ROWS="torch.compile bf16,PT2E,=ours W8A8 Inductor INT8" \
+    benchmarks/amx_check.sh > /dev/null 2>&1 &
 LANE_C=$!
 (
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1

@@ -167,7 +167,7 @@ def _pass_help() -> str:
     lines = []
     for name, cls in sorted(PASS_REGISTRY.items()):
         params = inspect.signature(cls.__init__).parameters.values()
-        keys = [q.name for q in params if q.name != "self" and q.kind is not q.VAR_KEYWORD]
+        keys = [q.name for q in params if q.name not in ("self", "config") and q.kind is not q.VAR_KEYWORD]
         if any(q.kind is q.VAR_KEYWORD for q in params):  # the fields of its config, as keywords
             try:
                 keys += [k for k in cls().options() if k not in keys]

@@ -30,7 +30,7 @@ import torch
 from .errors import StepError
 from .options import check_choice, check_float, check_int, parse_options
 
-__all__ = ["CACHE_POLICIES", "StepCacheConfig", "CacheSchedule", "CacheLookupSpec", "VC_PLACEMENTS", "OUTPUT_PLACEMENTS", "VC_FORMS",
+__all__ = ["ATTENTION_DTYPES", "AttentionConfig", "low_precision_attention", "CACHE_POLICIES", "StepCacheConfig", "CacheSchedule", "CacheLookupSpec", "VC_PLACEMENTS", "OUTPUT_PLACEMENTS", "VC_FORMS",
            "VCConfig", "VCTable", "rescale"]
 
 CACHE_POLICIES = ("interval", "static", "adaptive", "first_block")
@@ -315,3 +315,37 @@ class VCTable:
     @classmethod
     def from_json(cls, d: Dict[str, Any]) -> "VCTable":
         return cls(d["placement"], torch.tensor(d["k"], dtype=torch.float32), bool(d.get("channels_last", False)))
+
+
+# --- attention precision ------------------------------------------------------------------------------
+
+ATTENTION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Options of the attention-precision pass: ``dtype`` is what attention's softmax and both matmuls run
+    in (``"bf16"`` or ``"fp16"``); the rest of the graph keeps its precision."""
+
+    dtype: str = "bf16"
+
+    def __post_init__(self) -> None:
+        check_choice("dtype", self.dtype, tuple(ATTENTION_DTYPES))
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"dtype": self.dtype}
+
+
+def low_precision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, dtype: str = "bf16",
+                            **kwargs: Any) -> torch.Tensor:
+    """``scaled_dot_product_attention`` with q, k and v cast to ``dtype`` and the output cast back to q's
+    dtype: the node the attention-precision pass puts in the graph (one function, so every backend that
+    runs it, and the exporter that refuses it, recognise the same thing). NaN stays NaN through the casts."""
+    low = ATTENTION_DTYPES[dtype]
+
+    def cast(a: Any) -> Any:  # an additive float mask joins the scores, so it takes their dtype; a bool mask stays
+        return a.to(low) if torch.is_tensor(a) and a.is_floating_point() else a
+
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.to(low), k.to(low), v.to(low), *map(cast, args), **{key: cast(a) for key, a in kwargs.items()})
+    return out.to(q.dtype)

@@ -197,3 +197,22 @@ def test_pinned_moves_every_thread_and_gives_each_its_cpus_back():
     finally:
         stop.set()
         worker.join()
+
+
+def test_benchmark_recipe_reuses_a_calibration_and_adds_bf16_attention_after_it():
+    import torch
+    from conftest import make_tiny
+
+    import qc_compiler as qc
+    from qc_compiler.specs import low_precision_attention
+    from qc_compiler.tools.bench import compile_benchmark_w8a8
+
+    sampler, model = qc.DDPM(steps=2), make_tiny()
+    first = compile_benchmark_w8a8(model, sampler)
+    again = compile_benchmark_w8a8(model, sampler, like=first)  # restored, not recalibrated
+    assert [r.name for r in again.records] == [r.name for r in first.records]
+    assert all(torch.equal(first.build["fitted"][k], again.build["fitted"][k]) for k in first.build["fitted"]
+               if torch.is_tensor(first.build["fitted"][k]))
+    bf16 = compile_benchmark_w8a8(model, sampler, attention="bf16")
+    assert bf16.records[-1].name == "attention_precision"
+    assert any(n.target is low_precision_attention for n in bf16.graph_module.graph.nodes)

@@ -65,7 +65,8 @@ from ..models import ForwardInputs, ModelInfo, adapter_of
 from ..options import check_int
 from ..quant.spec import QuantizedActSpec, QuantizedLinearSpec
 from ..runtime import CompiledModel, register_exporter
-from ..specs import OUTPUT_PLACEMENTS, CacheLookupSpec, CacheSchedule, StepCacheConfig, VCTable
+from ..specs import (OUTPUT_PLACEMENTS, AttentionConfig, CacheLookupSpec, CacheSchedule, StepCacheConfig, VCTable,
+                     low_precision_attention)
 from ..step import StepAware
 from .registry import SATURATING_WEIGHT_CODE, check_constant_uint8_activations, cpu_has_vnni, register_backend
 
@@ -99,10 +100,16 @@ def _refuse_activation(act: Optional[QuantizedActSpec], where: str) -> None:
                           "QuantizeLinear does not fuse; compile without balance (it gains little at A8)")
 
 
+LOW_PRECISION_ATTENTION = ("attention in bf16/fp16 (the attention_precision pass) has no onnxruntime CPU kernel; "
+                           "compile without that pass for ONNX")
+
+
 def check_onnx_passes(passes: Sequence[Any]) -> None:
     """Refuse, from the passes' typed configs, a schedule the ONNX backend cannot lower."""
     for p in passes:
         cfg = getattr(p, "config", None)
+        if isinstance(cfg, AttentionConfig):
+            raise ExportError(f"the onnx backend cannot run {LOW_PRECISION_ATTENTION}")
         if isinstance(cfg, StepCacheConfig) and cfg.policy in ("adaptive", "first_block"):
             raise ExportError(f"the onnx backend cannot run the {cfg.policy} cache policy (its decision needs the probe "
                               "region's output mid-graph); use policy interval or static")
@@ -591,6 +598,10 @@ def export_onnx(compiled: CompiledModel, path, opset: int = 17, external_data: O
     if not isinstance(graph, (fx.GraphModule, OrtGraph)):
         raise ExportError(f"a model lowered by the {compiled.build.get('backend')!r} backend runs compiled code, not a "
                           "graph the exporter can read: compile with backend='torch' (the same INT8 graph) and export that")
+    if isinstance(graph, fx.GraphModule) and any(
+            n.target is low_precision_attention for m in graph.modules() if isinstance(m, fx.GraphModule)
+            for n in m.graph.nodes):
+        raise ExportError(f"cannot export {LOW_PRECISION_ATTENTION}")
     if isinstance(graph, OrtGraph):  # compiled with backend="onnx": the file exists already
         if graph.opset != opset:
             raise ExportError(f"this model was compiled to ONNX opset {graph.opset}; export it with opset={graph.opset}")
