@@ -249,8 +249,10 @@ def main(args):
         for label, sec, err in rows:
             first = f"{first_call[label]:.1f}" if label in first_call else "-"
             vs_ort = f"{ort_fp32 / sec:.2f}x" if ort_fp32 == ort_fp32 else "-"  # no onnxruntime row: no ratio
-            print(f"| {label} | {sec * 1e3:.1f} | {base / sec:.2f}x | {vs_ort} | {err:.4f} | {first} |",
-                  flush=True)
+            if sec != sec:  # a row that failed or was not built: its line says why
+                print(f"| {label} | - | - | - | - | - |", flush=True)
+            else:
+                print(f"| {label} | {sec * 1e3:.1f} | {base / sec:.2f}x | {vs_ort} | {err:.4f} | {first} |", flush=True)
             results.append({"model": name, "kind": "per forward", "row": label, "ms": sec * 1e3,
                             "vs_eager_fp32": base / sec, "rel_err": err, "first_call_s": first_call.get(label)})
         if not args.no_e2e:
