@@ -13,16 +13,27 @@
 # beside a busy neighbour. LIMIT_S bounds the call (default 540 s).
 #
 #   the device tool:  run(command="benchmarks/gpu_host_check.sh", carry=[".whl"], timeout_s=590)
-#   (.whl holds torchao's wheel, for the PT2E rows; see benchmarks/amx_check.sh's header)
+#   (.whl holds torchao wheels, for the PT2E rows: the newest that quantizes here is used; download as
+#   benchmarks/amx_check.sh's header says, one line per version: 0.18.0, 0.17.0, 0.16.0, 0.15.0)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
 LIMIT_S=${LIMIT_S:-540}
 mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+# torchao: the newest carried wheel whose PT2E quantizes with this machine's torch (benchmarks/pt2e_probe.py;
+# torchao 0.18 matched nothing on torch 2.11), so that the PT2E rows time an INT8 model, not a float one
+PROBE=""
+for wheel in $(ls .whl/torchao-*.whl 2>/dev/null | sort -rV); do
+    rm -rf /tmp/site && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+        "$wheel" || continue
+    said=$(PYTHONPATH=/tmp/site:$PWD timeout 120 python3 benchmarks/pt2e_probe.py 2>/dev/null)
+    ok=$?
+    PROBE+="$(tail -n 1 <<< "$said")"$'\n'
+    if [ "$ok" = 0 ]; then
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+        break
+    fi
+done
 # lanes A, B, C: one logical CPU on each of two physical cores each; BUILD: every CPU of the other cores
 # (LANES="A B C BUILD", four CPU lists, overrides: a check of this script on a small machine)
 read -r A B C BUILD < <([ -n "${LANES:-}" ] && echo "$LANES" || python3 - <<'EOF2'
@@ -44,6 +55,7 @@ EOF2
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1
     python3 -c "import torch; print('torch', torch.__version__)"
     python3 -c "import torchao; print('torchao', torchao.__version__)" 2>&1 | tail -1
+    printf "%s" "$PROBE"
 } > "$OUT/host_env.txt" 2>&1
 cat "$OUT/host_env.txt"
 export OUT BUILD_CPUS="$BUILD" SPEED_S=$((LIMIT_S - 15))

@@ -142,6 +142,17 @@ def test_a_pt2e_graph_that_quantized_nothing_is_refused_not_timed():
         check_quantized(torch.fx.symbolic_trace(torch.nn.Linear(4, 4)), "PT2E")  # float, nothing matched
 
 
+def test_pt2e_probe_says_whether_pt2e_quantizes_here(capsys):
+    code = load("pt2e_probe").main()
+    out = capsys.readouterr().out
+    try:
+        import torchao  # noqa: F401 - the bench extra, not installed by make
+    except ImportError:
+        assert code == 1 and "torchao is not installed" in out
+        return
+    assert code == 0 and int(out.split(": ")[-1].split()[0]) > 0, out  # torch 2.13 + torchao 0.18: 15
+
+
 def test_pt2e_calibration_is_rebatched_to_the_exported_batch():
     from qc_compiler.tools.baselines import _rebatch
 

@@ -83,7 +83,17 @@ def pt2e_int8(model: nn.Module, inputs: Inputs, calibration: Iterable[Inputs],
               keep_float: Sequence[str] = ()) -> Baseline:
     """torchao PT2E static INT8 (X86InductorQuantizer) calibrated on ``calibration``, then compiled.
     ``keep_float``: names of Linear modules left in float (ours keeps the embedders float and the
-    conditioning linears weight-only; given them, PT2E quantizes the same GEMMs as ours).
+    conditioning linears weight-only; given them, PT2E quantizes the same GEMMs as ours)."""
+    converted = pt2e_convert(model, inputs, calibration, keep_float)
+    with freezing():
+        fn = torch.compile(converted, dynamic=False)
+        return _timed_first_call(PT2E + (", our layers" if keep_float else ""), fn, inputs)
+
+
+def pt2e_convert(model: nn.Module, inputs: Inputs, calibration: Iterable[Inputs],
+                 keep_float: Sequence[str] = ()) -> torch.fx.GraphModule:
+    """PT2E's converted graph (quantize/dequantize nodes around the layers it quantized), checked to
+    quantize something (:func:`check_quantized`).
 
     The graph is exported at the inputs' batch size, so the calibration items are re-batched to it
     (the remainder is left out; fewer items than one batch are repeated to fill it)."""
@@ -102,9 +112,7 @@ def pt2e_int8(model: nn.Module, inputs: Inputs, calibration: Iterable[Inputs],
             prepared(*batch)
         converted = convert_pt2e(prepared)
     check_quantized(converted, "PT2E (X86InductorQuantizer)")
-    with freezing():
-        fn = torch.compile(converted, dynamic=False)
-        return _timed_first_call(PT2E + (", our layers" if keep_float else ""), fn, inputs)
+    return converted
 
 
 def check_quantized(gm: torch.fx.GraphModule, what: str) -> int:
