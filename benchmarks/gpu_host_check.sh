@@ -19,21 +19,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
 LIMIT_S=${LIMIT_S:-540}
+START=$SECONDS
 mkdir -p "$OUT"
-# torchao: the newest carried wheel whose PT2E quantizes with this machine's torch (benchmarks/pt2e_probe.py;
-# torchao 0.18 matched nothing on torch 2.11), so that the PT2E rows time an INT8 model, not a float one
-PROBE=""
-for wheel in $(ls .whl/torchao-*.whl 2>/dev/null | sort -rV); do
-    rm -rf /tmp/site && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-        "$wheel" || continue
-    said=$(PYTHONPATH=/tmp/site:$PWD timeout 120 python3 benchmarks/pt2e_probe.py 2>/dev/null)
-    ok=$?
-    PROBE+="$(tail -n 1 <<< "$said")"$'\n'
-    if [ "$ok" = 0 ]; then
-        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-        break
-    fi
-done
 # lanes A, B, C: one logical CPU on each of two physical cores each; BUILD: every CPU of the other cores
 # (LANES="A B C BUILD", four CPU lists, overrides: a check of this script on a small machine)
 read -r A B C BUILD < <([ -n "${LANES:-}" ] && echo "$LANES" || python3 - <<'EOF2'
@@ -49,6 +36,20 @@ print(*(",".join(map(str, lane)) for lane in lanes))
 EOF2
 )
 [ -n "$BUILD" ] || { echo "gpu_host_check.sh: needs at least 7 physical cores (3 lanes of 2, builds); run amx_check.sh alone"; exit 2; }
+# torchao: the newest carried wheel whose PT2E quantizes with this machine's torch (benchmarks/pt2e_probe.py;
+# torchao 0.18 matched nothing on torch 2.11), so that the PT2E rows time an INT8 model, not a float one
+PROBE=""
+for wheel in $(ls .whl/torchao-*.whl 2>/dev/null | sort -rV); do
+    rm -rf /tmp/site && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+        "$wheel" || continue
+    said=$(PYTHONPATH=/tmp/site:$PWD timeout 120 python3 benchmarks/pt2e_probe.py 2>/dev/null)
+    ok=$?
+    PROBE+="$(tail -n 1 <<< "$said")"$'\n'
+    if [ "$ok" = 0 ]; then
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+        break
+    fi
+done
 {
     echo "timing: lane A cpus $A, lane B $B, lane C $C (their cores' other threads idle); builds and tests: $BUILD"
     lscpu | grep -E "Model name|^CPU\(s\)|Thread\(s\) per core|Core\(s\) per socket"
@@ -58,9 +59,10 @@ EOF2
     printf "%s" "$PROBE"
 } > "$OUT/host_env.txt" 2>&1
 cat "$OUT/host_env.txt"
-export OUT BUILD_CPUS="$BUILD" SPEED_S=$((LIMIT_S - 15))
+LEFT=$((LIMIT_S - (SECONDS - START)))  # what the wheel probes left of the call
+export OUT BUILD_CPUS="$BUILD" SPEED_S=$((LEFT - 15))
 # lane A times about 100 s after its builds: no baseline build starts in its last 4 minutes
-PART=forward NO_ORT=1 TIME_CPUS="$A" BUILD_S=$((LIMIT_S - 240)) benchmarks/amx_check.sh > /dev/null 2>&1 &
+PART=forward NO_ORT=1 TIME_CPUS="$A" BUILD_S=$((LEFT - 240)) benchmarks/amx_check.sh > /dev/null 2>&1 &
 LANE_A=$!
 PART=e2e TAG=e2e_ours TIME_CPUS="$B" ROWS="Inductor INT8 + cache,bf16 attention + cache" benchmarks/amx_check.sh \
     > /dev/null 2>&1 &

@@ -4,6 +4,8 @@ They time nothing that is asserted (timings are never asserted in a test); they 
 from rotting between the long runs that fill docs/RESULTS.md.
 """
 import importlib.util
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -140,6 +142,15 @@ def test_a_pt2e_graph_that_quantized_nothing_is_refused_not_timed():
     assert check_quantized(torch.fx.symbolic_trace(Quantized()), "PT2E") == 1
     with pytest.raises(RuntimeError, match="PT2E quantized no activation .*torch .*torchao"):
         check_quantized(torch.fx.symbolic_trace(torch.nn.Linear(4, 4)), "PT2E")  # float, nothing matched
+
+
+@pytest.mark.skipif((os.cpu_count() or 0) >= 7, reason="this machine has the cores for the lanes: it would run them")
+def test_gpu_host_check_refuses_a_machine_too_small_for_its_lanes(tmp_path):
+    script = Path(__file__).parent.parent / "benchmarks" / "gpu_host_check.sh"
+    done = subprocess.run(["bash", str(script)], env={**os.environ, "OUT": str(tmp_path)}, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and "needs at least 7 physical cores" in done.stdout
+    assert list(tmp_path.iterdir()) == []  # refused before any work or output
 
 
 def test_pt2e_probe_says_whether_pt2e_quantizes_here(capsys):
