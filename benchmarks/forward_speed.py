@@ -17,11 +17,14 @@ Rows (each with its output error against eager FP32 on the same inputs, and its 
 - ours: W8A8 (uniform calibration, 2 sampling runs of pool) lowered to INT8 kernels (the ``torch``
   backend's, and the ``inductor`` backend's: the same calibration through torch.compile), and our INT8
   ONNX file under onnxruntime; through Inductor once more with every linear's input quantized (the
-  conditioning linears too), the layer set of PT2E's all-layers row.
+  conditioning linears too), the layer set of PT2E's all-layers row, and once with attention in bf16
+  (``AttentionPrecision``).
 End-to-end: 50-step DDPM sampling (same noise) for eager FP32, ``torch.compile`` bf16, PT2E INT8 +
 ``torch.compile``, onnxruntime FP32 (our exporter, no passes), ours torch INT8, Inductor INT8 and ONNX
-INT8, each without and with the cache (interval 2); the error is that of the final samples against
-eager FP32's.
+INT8, each without and with the cache (interval 2), and Inductor INT8 with bf16 attention and the cache;
+the error is that of the final samples against eager FP32's. ``--no-forward``, ``--e2e-no-reference``,
+``--time-cpus``/``--build-cpus`` and ``--build-s`` split a run into processes side by side on one machine
+(``benchmarks/gpu_host_check.sh``).
 Per-forward rows are timed in interleaved rounds (one call of each row per round, 0.2 s idle before
 each call so that no row inherits another's spinning threads), so that the shared machine's drift
 hits every row alike; end-to-end rows run one after another.
