@@ -30,8 +30,9 @@ import torch
 from .errors import StepError
 from .options import check_choice, check_float, check_int, parse_options
 
-__all__ = ["ATTENTION_DTYPES", "AttentionConfig", "low_precision_attention", "CACHE_POLICIES", "StepCacheConfig", "CacheSchedule", "CacheLookupSpec", "VC_PLACEMENTS", "OUTPUT_PLACEMENTS", "VC_FORMS",
-           "VCConfig", "VCTable", "rescale"]
+__all__ = ["ATTENTION_DTYPES", "AttentionConfig", "low_precision_attention", "CACHE_POLICIES", "StepCacheConfig",
+           "CacheSchedule", "CacheLookupSpec", "VC_PLACEMENTS", "OUTPUT_PLACEMENTS", "VC_FORMS", "VCConfig", "VCTable",
+           "rescale"]
 
 CACHE_POLICIES = ("interval", "static", "adaptive", "first_block")
 VC_PLACEMENTS = ("eps", "velocity", "sample")

@@ -108,6 +108,28 @@ def test_forward_speed_no_forward_runs_only_the_end_to_end_rows_asked_for(capsys
         forward_speed.parse_args(["--no-forward", "--no-e2e"])
 
 
+def test_forward_speed_build_s_builds_nothing_past_its_time_box_and_lists_what_it_left(capsys, monkeypatch):
+    forward_speed = load("forward_speed")
+    real = forward_speed.compile_benchmark_w8a8
+
+    def no_inductor(model, sampler, *args, backend="torch", **kw):  # the torch lowering stands in (no compile)
+        built = real(model, sampler, *args, **kw)
+        built.graph_module.first_call_s = 0.0
+        return built
+
+    monkeypatch.setattr(forward_speed, "compile_benchmark_w8a8", no_inductor)
+    forward_speed.main(forward_speed.parse_args(["--models", "DiT-T/4", "--batch", "2", "--repeats", "1",
+                                                 "--steps", "3", "--threads", "1", "--no-e2e", "--no-ort",
+                                                 "--build-s", "0.001"]))
+    rows = [line.split(" | ")[0][2:] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    late = [r.split(":")[0] for r in rows if r.endswith("past --build-s 0.001")]
+    pt2e = "torchao PT2E X86InductorQuantizer static INT8 + torch.compile"
+    assert late == ["ours W8A8 Inductor INT8, bf16 attention", "torch.compile bf16 autocast", pt2e,
+                    f"{pt2e}, our layers", "torch.compile FP32", "torchao dynamic INT8 + torch.compile",
+                    "ours W8A8 Inductor INT8, every linear (as PT2E all layers)"]
+    assert "ours W8A8 Inductor INT8" in rows  # ours, built before the box is looked at, is timed
+
+
 def test_build_all_builds_only_the_baselines_asked_for():
     from qc_compiler.tools.baselines import build_all
 

@@ -60,6 +60,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import ArtifactError, ExportError, StepError
+from ..graph import iter_graph_modules
 from ..io import atomic_write_bytes
 from ..models import ForwardInputs, ModelInfo, adapter_of
 from ..options import check_int
@@ -599,8 +600,7 @@ def export_onnx(compiled: CompiledModel, path, opset: int = 17, external_data: O
         raise ExportError(f"a model lowered by the {compiled.build.get('backend')!r} backend runs compiled code, not a "
                           "graph the exporter can read: compile with backend='torch' (the same INT8 graph) and export that")
     if isinstance(graph, fx.GraphModule) and any(
-            n.target is low_precision_attention for m in graph.modules() if isinstance(m, fx.GraphModule)
-            for n in m.graph.nodes):
+            n.target is low_precision_attention for _, m in iter_graph_modules(graph) for n in m.graph.nodes):
         raise ExportError(f"cannot export {LOW_PRECISION_ATTENTION}")
     if isinstance(graph, OrtGraph):  # compiled with backend="onnx": the file exists already
         if graph.opset != opset:

@@ -31,6 +31,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..errors import PassError
+from ..graph import iter_graph_modules
 from ..options import config_or_keywords
 from ..pipeline import Pass, PassResult, register_pass
 from ..specs import AttentionConfig, low_precision_attention
@@ -58,9 +59,7 @@ class AttentionPrecision(Pass):
 
     def run(self, gm: fx.GraphModule, ctx) -> PassResult:
         calls = 0
-        for module in gm.modules():  # the root graph and each cache region's
-            if not isinstance(module, fx.GraphModule):
-                continue
+        for _, module in iter_graph_modules(gm):  # the root graph and each cache region's
             found = [n for n in module.graph.nodes if n.op == "call_function" and n.target in SDPA_TARGETS]
             for node in found:
                 node.target = low_precision_attention
@@ -69,6 +68,7 @@ class AttentionPrecision(Pass):
                 module.recompile()
             calls += len(found)
         if not calls:
-            raise PassError(self.name, "found no scaled_dot_product_attention call in the graph (this model spells "
-                                       "attention out as matmuls); drop the pass, or build the model with fused attention")
+            raise PassError(self.name, "found no scaled_dot_product_attention call in the graph (this model "
+                                       "spells attention out as matmuls); drop the pass, or build the model with "
+                                       "fused attention")
         return PassResult(gm, modified=True, notes={"calls": calls, "dtype": self.config.dtype})

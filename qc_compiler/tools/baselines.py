@@ -158,19 +158,19 @@ def torchao_dynamic_int8(model: nn.Module, inputs: Inputs) -> Baseline:
 
 
 def build_all(model: nn.Module, inputs: Inputs,
-              calibration: Union[Sequence[Inputs], Callable[[], Sequence[Inputs]]], keep_float: Sequence[str] = (), only: Optional[Callable[[str], bool]] = None) -> Tuple[list, list]:
+              calibration: Union[Sequence[Inputs], Callable[[], Sequence[Inputs]]], keep_float: Sequence[str] = (),
+              only: Optional[Callable[[str], bool]] = None) -> Tuple[list, list]:
     """(baselines, failures): every compiled baseline that builds here, and a line for each that does
     not (torchao missing, an export the model refuses), so a table never silently drops a row. PT2E
     runs twice: quantizing every Linear (the tutorial's way), and leaving ``keep_float`` in float.
     ``calibration``: PT2E's batches, or a function that makes them (called only when PT2E is built).
     ``only``, when given, picks the baselines to build by their row label (each compiles for minutes)."""
-    if not callable(calibration):
-        calibration = (lambda batches: lambda: batches)(calibration)
+    batches = calibration if callable(calibration) else lambda: calibration
     rows, failed = [], []
     # the strongest baselines first (the ones the speed goals name), for a caller that stops early
     for label, build in (("torch.compile bf16 autocast", lambda: compiled(model, inputs, torch.bfloat16)),
-                         (PT2E, lambda: pt2e_int8(model, inputs, calibration())),
-                         (f"{PT2E}, our layers", lambda: pt2e_int8(model, inputs, calibration(), keep_float)),
+                         (PT2E, lambda: pt2e_int8(model, inputs, batches())),
+                         (f"{PT2E}, our layers", lambda: pt2e_int8(model, inputs, batches(), keep_float)),
                          ("torch.compile FP32", lambda: compiled(model, inputs)),
                          ("torchao dynamic INT8 + torch.compile", lambda: torchao_dynamic_int8(model, inputs))):
         if only is not None and not only(label):

@@ -34,8 +34,8 @@ from ..api import compile as qc_compile
 from ..api import load_model
 from ..diffusion import DDPM
 from ..models import adapter_for
-from ..passes import (AgglomerativeCalibration, AttentionPrecision, DBSCANCalibration, KMeansCalibration, Quantize, RandomCalibration,
-                      StepCache, TAPCalibration, UniformCalibration, VarianceCompensation)
+from ..passes import (AgglomerativeCalibration, AttentionPrecision, DBSCANCalibration, KMeansCalibration, Quantize,
+                      RandomCalibration, StepCache, TAPCalibration, UniformCalibration, VarianceCompensation)
 from ..quant import QuantConfig
 from ..quant.balance import BalanceConfig
 from ..quant.brecq import BRECQConfig
