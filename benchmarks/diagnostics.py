@@ -19,7 +19,7 @@ import torch
 
 import qc_compiler as qc
 from qc_compiler.specs import StepCacheConfig
-from qc_compiler.tools.bench import variant_passes
+from qc_compiler.tools.bench import machine, variant_passes
 from qc_compiler.io import save_json
 
 
@@ -37,6 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("docs"))
+    p.add_argument("--json", type=Path, help="where the figures' numbers go (default: beside the PNG in --out)")
     return p.parse_args(argv)
 
 
@@ -112,7 +113,7 @@ def main(args) -> dict:
     tag = f"cache{args.cache.every}" if args.cache.policy == "interval" else f"cache-{args.cache.policy}"
     png = args.out / f"diagnostics_{args.bits}_{tag}_{args.steps}steps.png"
     plot(stats, png)
-    save_json(stats, png.with_suffix(".json"))
+    save_json({**stats, "machine": machine()}, args.json or png.with_suffix(".json"))
     late = slice(int(0.8 * args.steps), None)
     for name, b in stats["variance"].items():
         print(f"{name:<24} late-step median variance {np.mean(b['p50'][late]):.4f}  "

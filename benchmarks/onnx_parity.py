@@ -23,7 +23,8 @@ import torch
 
 import qc_compiler as qc
 from qc_compiler.backends.onnx import OrtDenoiser
-from qc_compiler.tools.bench import machine_line, benchmark_model, compile_benchmark_w8a8, rel_err
+from qc_compiler.io import save_json
+from qc_compiler.tools.bench import machine, machine_line, benchmark_model, compile_benchmark_w8a8, rel_err
 from qc_compiler.passes import StepCache
 
 
@@ -33,6 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", type=Path, help="also write every row, with the machine, as JSON")
     return p.parse_args(argv)
 
 
@@ -54,6 +56,7 @@ def main(args) -> None:
     torch.set_num_threads(args.threads)
     print(machine_line())
     tmp = Path(tempfile.mkdtemp())
+    rows = []
     print("| model | variant | INT8 file MB | FP32 file MB | ratio | per-step rel. error (worst) "
           "| per-step abs. diff (worst) | fake-quant vs torch INT8, per step (worst) | final samples rel. error |"
           "\n|---|---|---|---|---|---|---|---|---|")
@@ -67,12 +70,17 @@ def main(args) -> None:
             path = compiled.export_onnx(tmp / "int8.onnx")
             ort = OrtDenoiser(path, threads=args.threads)
             reference = None if first else compile_benchmark_w8a8(model, sampler, backend="fakequant")
-            steps = "- | - | -" if first else "{:.1e} | {:.1e} | {:.1e}".format(
-                *per_step_errors(sampler, compiled, ort, reference, labels))
+            errors = (None, None, None) if first else per_step_errors(sampler, compiled, ort, reference, labels)
+            steps = "- | - | -" if first else "{:.1e} | {:.1e} | {:.1e}".format(*errors)
             final = rel_err(sampler.sample(ort, labels, seed=0), sampler.sample(compiled, labels, seed=0))
             int8_mb, fp32_mb = path.stat().st_size / 2 ** 20, fp32_path.stat().st_size / 2 ** 20
             print(f"| {name} | {variant} | {int8_mb:.1f} | {fp32_mb:.1f} | {int8_mb / fp32_mb:.2f} | {steps} "
                   f"| {final:.1e} |", flush=True)
+            rows.append({"model": name, "variant": variant, "int8_mb": int8_mb, "fp32_mb": fp32_mb,
+                         "per_step_rel_worst": errors[0], "per_step_abs_worst": errors[1],
+                         "fakequant_vs_int8_per_step_rel_worst": errors[2], "final_samples_rel": final})
+            if args.json:  # rewritten after each row: a stopped run keeps what it measured
+                save_json({"machine": machine(), "steps": args.steps, "batch": args.batch, "rows": rows}, args.json)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qc_compiler.tools.bench import benchmark_inputs, benchmark_model, machine_line, median_seconds
+from qc_compiler.io import save_json
+from qc_compiler.tools.bench import benchmark_inputs, benchmark_model, machine, machine_line, median_seconds
 
 NAMES = ["x", "t", "y"]
 
@@ -52,6 +53,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", type=Path, help="also write every row, with the machine, as JSON")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(machine_line())
@@ -84,6 +86,9 @@ def main(argv=None) -> None:
     print("| export and session | median ms | vs eager FP32 | rel. error vs eager |\n|---|---|---|---|")
     for label, sec, err in rows:
         print(f"| {label} | {sec * 1e3:.0f} | {eager / sec:.2f}x | {err:.1e} |", flush=True)
+    if args.json:
+        save_json({"machine": machine(), "model": args.model, "batch": b, "eager_fp32_s": eager,
+                   "rows": [{"row": label, "median_s": sec, "rel_error": err} for label, sec, err in rows]}, args.json)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 import time
 from typing import Callable, Dict, List, Tuple
 
@@ -20,7 +21,8 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import qc_compiler as qc
 from qc_compiler.backends import torch_int8
-from qc_compiler.tools.bench import machine_line, benchmark_inputs, benchmark_model, compile_benchmark_w8a8
+from qc_compiler.io import save_json
+from qc_compiler.tools.bench import machine, machine_line, benchmark_inputs, benchmark_model, compile_benchmark_w8a8
 
 # (label in the table, profiler event names whose inclusive time it sums)
 CATEGORIES: List[Tuple[str, Tuple[str, ...]]] = [
@@ -40,6 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--forwards", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--kernel", choices=sorted(torch_int8.KERNELS), help="INT8 kernel (default: the backend's choice)")
+    p.add_argument("--json", type=Path, help="also write both profiles, with the machine, as JSON")
     return p.parse_args(argv)
 
 
@@ -70,18 +73,21 @@ def profile_forward(fn: Callable, forwards: int) -> Tuple[float, Dict[str, float
     return wall, events
 
 
+def shares(wall: float, events: Dict[str, float]) -> Dict[str, float]:
+    """Seconds per forward of each category of CATEGORIES present, and of everything else."""
+    out = {label: sum(events.get(n, 0.0) for n in names) for label, names in CATEGORIES}
+    out = {label: seconds for label, seconds in out.items() if seconds > 0}
+    out["everything else"] = max(wall - sum(out.values()), 0.0)
+    return out
+
+
 def print_table(title: str, wall: float, events: Dict[str, float], eager_wall: float) -> None:
     print(f"\n### {title}: {wall * 1e3:.0f} ms per forward ({eager_wall / wall:.2f}x eager FP32)\n")
     print("| work | ms per forward | share |\n|---|---|---|")
-    covered = 0.0
-    for label, names in CATEGORIES:
-        seconds = sum(events.get(n, 0.0) for n in names)
-        if seconds > 0:
-            covered += seconds
-            print(f"| {label} | {seconds * 1e3:.0f} | {100 * seconds / wall:.0f}% |")
-    rest = max(wall - covered, 0.0)
-    print(f"| everything else (modulation, residual adds, cache and step bookkeeping, Python) | {rest * 1e3:.0f} "
-          f"| {100 * rest / wall:.0f}% |")
+    for label, seconds in shares(wall, events).items():
+        if label == "everything else":
+            label = "everything else (modulation, residual adds, cache and step bookkeeping, Python)"
+        print(f"| {label} | {seconds * 1e3:.0f} | {100 * seconds / wall:.0f}% |")
 
 
 def main(args) -> None:
@@ -105,6 +111,11 @@ def main(args) -> None:
     print(f"\nAmdahl: with everything but the INT8 GEMMs free, ours would be {eager_wall / gemm:.2f}x eager FP32;"
           f" the INT8 GEMMs alone run {eager_events.get('aten::linear', float('nan')) / gemm:.2f}x faster than"
           " eager's FP32 linears.")
+    if args.json:
+        save_json({"machine": machine(), "model": args.model, "batch": b, "kernel": kernel, "forwards": args.forwards,
+                   "eager_fp32": {"wall_s": eager_wall, "shares_s": shares(eager_wall, eager_events)},
+                   "ours_w8a8_torch_int8": {"wall_s": ours_wall, "shares_s": shares(ours_wall, ours_events)},
+                   "int8_gemm_s": gemm}, args.json)
 
 
 if __name__ == "__main__":

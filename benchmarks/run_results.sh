@@ -30,10 +30,13 @@ if [[ $what == all || $what == speed ]]; then
         --json "$OUT/cache_speed.json"
     run forward_speed $PY benchmarks/forward_speed.py --models DiT-B/2,DiT-S/2,dit-mnist --batch 8 --repeats 9 \
         --threads 2 --json "$OUT/forward_speed.json"
-    run onnx_parity $PY benchmarks/onnx_parity.py --models dit-mnist,DiT-S/2,DiT-B/2 --steps 50 --batch 8 --threads 2
-    run profile_DiT-B-2 $PY benchmarks/profile_forward.py --model DiT-B/2 --batch 8 --threads 2
-    run profile_DiT-B-2_int_mm $PY benchmarks/profile_forward.py --model DiT-B/2 --batch 8 --threads 2 --kernel int_mm
-    run ort_probe $PY benchmarks/ort_probe.py --model DiT-B/2 --threads 2
+    run onnx_parity $PY benchmarks/onnx_parity.py --models dit-mnist,DiT-S/2,DiT-B/2 --steps 50 --batch 8 --threads 2 \
+        --json "$OUT/onnx_parity.json"
+    run profile_DiT-B-2 $PY benchmarks/profile_forward.py --model DiT-B/2 --batch 8 --threads 2 \
+        --json "$OUT/profile_DiT-B-2.json"
+    run profile_DiT-B-2_int_mm $PY benchmarks/profile_forward.py --model DiT-B/2 --batch 8 --threads 2 --kernel int_mm \
+        --json "$OUT/profile_DiT-B-2_int_mm.json"
+    run ort_probe $PY benchmarks/ort_probe.py --model DiT-B/2 --threads 2 --json "$OUT/ort_probe.json"
     run tap_scaling $PY benchmarks/tap_scaling.py --sizes 5000,20000,50000 --exact-limit 5000 --threads 2
     run tap_scaling_capped $PY benchmarks/tap_scaling.py --sizes 5000,20000,50000 --exact-limit 0 \
         --max-landmarks 1000 --threads 2
@@ -42,6 +45,12 @@ fi
 if [[ $what == all || $what == quality ]]; then
     run eval_fp32 $QC eval --model dit-mnist --n 1000 --steps 50 --cfg 1.5 --seed 0 --batch-size 250 --threads 2 \
         --out "$OUT/eval_fp32.json"
+    # 1,000 samples: quantization without a cache, the cache policies and the conditioning-linear rows
+    run w8a8_50_n1000 $QC bench quality --variants fp32,quant-uniform,quant-tap,quant-tap-condq,cache-i2,cache-i3,cache-adaptive-0.1,cache-adaptive-0.3,cache-static-0.2,qc-uniform,qc-uniform-vc,qc-tap,qc-tap-vc,qc-tap-vcvar,qc-tap-condq,qc-tap-condq-vc,qc-kmeans,qc-dbscan,qc-agglomerative \
+        --bits w8a8 --steps 50 --n 1000 --fp250 --threads 2 --out "$OUT/w8a8_50_n1000.json"
+    run w4a8_50_n1000 $QC bench quality --variants quant-uniform,quant-tap,qc-uniform,qc-uniform-vc,qc-tap,qc-tap-vc,qc-tap-vcvar \
+        --bits w4a8 --cache interval=3 --steps 50 --n 1000 --threads 2 --out "$OUT/w4a8_50_n1000.json"
+    run ablation_table_50_n1000 $PY benchmarks/ablation_table.py "$OUT/w8a8_50_n1000.json" "$OUT/w4a8_50_n1000.json"
     run w8a8_50 $QC bench quality --variants fp32,quant-uniform,quant-tap,cache-i2,qc-uniform,qc-uniform-vc,qc-uniform-vcvar,qc-tap,qc-tap-vc,qc-tap-vcvar,qc-kmeans,qc-dbscan,qc-agglomerative \
         --bits w8a8 --steps 50 --n 2000 --fp250 --threads 2 --out "$OUT/w8a8_50.json"
     run w4a8_50 $QC bench quality --variants quant-uniform,quant-tap,cache-i3,qc-uniform,qc-uniform-vc,qc-uniform-vcvar,qc-tap,qc-tap-vc,qc-tap-vcvar \
@@ -55,9 +64,12 @@ if [[ $what == all || $what == quality ]]; then
     run ablation_table_50 $PY benchmarks/ablation_table.py "$OUT/w8a8_50.json" "$OUT/w4a8_50.json"
     run ablation_table_100 $PY benchmarks/ablation_table.py --steps 100 "$OUT/w8a8_100.json" "$OUT/w4a8_100.json"
     $PY benchmarks/plot_ablation.py "$OUT/w8a8_50.json" "$OUT/w4a8_50.json" --out docs/fid_vs_speed.png
-    $PY benchmarks/diagnostics.py --threads 2 --bits w8a8 --cache interval=2 --out docs
-    $PY benchmarks/diagnostics.py --threads 2 --bits w4a8 --cache interval=3 --out docs
+    run diagnostics_w8a8 $PY benchmarks/diagnostics.py --threads 2 --bits w8a8 --cache interval=2 --out docs \
+        --json "$OUT/diagnostics_w8a8_cache2_50steps.json"
+    run diagnostics_w4a8 $PY benchmarks/diagnostics.py --threads 2 --bits w4a8 --cache interval=3 --out docs \
+        --json "$OUT/diagnostics_w4a8_cache3_50steps.json"
     run demo $QC demo --out-dir out --threads 2
+    cp out/demo*.json "$OUT/"  # the demo's metrics, beside the other tables
 fi
 
 if [[ $what == all || $what == mmdit ]]; then

@@ -47,7 +47,9 @@ def test_gemm_peak_times_every_kernel_on_the_block_shapes(capsys, tmp_path):
     assert "Weight-only conditioning linear (64->384, 4 rows)" in out and "cached dequantized copy" in out
 
 
-def test_profile_forward_labels_our_gemms_for_either_kernel(capsys, monkeypatch):
+def test_profile_forward_labels_our_gemms_for_either_kernel(capsys, monkeypatch, tmp_path):
+    import json
+
     profile_forward = load("profile_forward")
     from qc_compiler.backends import torch_int8
     monkeypatch.setattr(torch_int8, "_quantize_u8", torch_int8._quantize_u8)  # undo the instrumentation afterwards
@@ -55,12 +57,19 @@ def test_profile_forward_labels_our_gemms_for_either_kernel(capsys, monkeypatch)
     monkeypatch.setenv("QC_INT8_KERNEL", "onednn")  # the script sets it; this restores it afterwards
     for kernel in ("onednn", "int_mm"):
         profile_forward.main(profile_forward.parse_args(["--model", "DiT-T/4", "--batch", "2", "--threads", "1",
-                                                         "--forwards", "1", "--kernel", kernel]))
+                                                         "--forwards", "1", "--kernel", kernel,
+                                                         "--json", str(tmp_path / f"{kernel}.json")]))
         out = capsys.readouterr().out
         tables = out.split("### ")[1:]
         assert f"INT8 kernel {kernel}" in out
         assert [t.split(":")[0] for t in tables] == ["eager FP32", "ours W8A8 torch INT8"]
         assert "INT8 GEMMs" in tables[1] and "INT8 GEMMs" not in tables[0] and "Amdahl" in out
+        saved = json.loads((tmp_path / f"{kernel}.json").read_text())
+        assert saved["kernel"] == kernel and saved["machine"]["cpu"]
+        ours = saved["ours_w8a8_torch_int8"]
+        assert any(k.startswith("INT8 GEMMs") for k in ours["shares_s"])  # the table's rows, as numbers
+        assert sum(ours["shares_s"].values()) >= ours["wall_s"] * 0.999  # the rest row closes the sum
+        assert ours["shares_s"][next(k for k in ours["shares_s"] if k.startswith("INT8"))] == saved["int8_gemm_s"]
 
 
 def test_forward_speed_prints_every_row_with_its_error(capsys):
@@ -141,15 +150,36 @@ def test_build_all_builds_only_the_baselines_asked_for():
                      "torchao dynamic INT8 + torch.compile"]  # the goals' baselines first, by their rows' labels
 
 
-def test_onnx_parity_reports_size_and_agreement(capsys):
+def test_onnx_parity_reports_size_and_agreement(capsys, tmp_path):
+    import json
+
     onnx_parity = load("onnx_parity")
-    onnx_parity.main(onnx_parity.parse_args(["--models", "DiT-T/4", "--steps", "3", "--batch", "2", "--threads", "1"]))
+    onnx_parity.main(onnx_parity.parse_args(["--models", "DiT-T/4", "--steps", "3", "--batch", "2", "--threads", "1",
+                                             "--json", str(tmp_path / "p.json")]))
     rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| DiT-T/4")]
     assert [r[1] for r in rows] == ["W8A8", "W8A8 + cache interval 2"]
     for r in rows:
         assert 0 < float(r[4]) < 0.7  # int8 weights: the file is well under the FP32 one
         assert float(r[-1].rstrip(" |")) < 1e-3  # onnxruntime follows the torch INT8 run
     assert float(rows[0][5]) < 1e-3 and float(rows[0][7]) < 1e-3 and rows[1][5] == rows[1][7] == "-"
+    saved = json.loads((tmp_path / "p.json").read_text())
+    assert saved["machine"]["cpu"] and [r["variant"] for r in saved["rows"]] == [r[1] for r in rows]
+    assert f"{saved['rows'][0]['final_samples_rel']:.1e}" == rows[0][-1].rstrip(" |")  # the printed figure
+    assert saved["rows"][1]["per_step_rel_worst"] is None  # cached: final samples only, as printed
+
+
+def test_ort_probe_times_each_export_and_writes_its_json(capsys, tmp_path):
+    import json
+
+    ort_probe = load("ort_probe")
+    ort_probe.main(["--model", "DiT-T/4", "--batch", "2", "--threads", "1", "--repeats", "1",
+                    "--json", str(tmp_path / "o.json")])
+    out = capsys.readouterr().out
+    saved = json.loads((tmp_path / "o.json").read_text())
+    printed = [line for line in out.splitlines() if line.startswith("| TorchScript") or line.startswith("| dynamo")]
+    assert len(saved["rows"]) == len(printed) >= 4 and saved["eager_fp32_s"] > 0
+    ok = [r for r in saved["rows"] if "failed" not in r["row"]]
+    assert ok and all(r["rel_error"] < 1e-4 for r in ok)  # FP32 onnxruntime agrees with eager
 
 
 def test_a_pt2e_graph_that_quantized_nothing_is_refused_not_timed():
@@ -253,3 +283,21 @@ def test_tap_scaling_runs_tap_and_the_exact_spectral_baseline(capsys, tmp_path):
     rows = json.loads((tmp_path / "t.json").read_text())["rows"]
     assert len(rows) == 1 and rows[0]["tap_ari"] > 0.5 and "ARI" in rows[0]["exact"]
     assert "| 300 |" in capsys.readouterr().out
+
+
+def test_diagnostics_writes_its_figures_numbers_where_asked(capsys, tmp_path, monkeypatch):
+    import json
+
+    diagnostics = load("diagnostics")
+    plotted = []
+    monkeypatch.setattr(diagnostics, "plot", lambda stats, png: plotted.append(png))  # matplotlib is a bench extra
+    args = diagnostics.parse_args(["--n", "4", "--steps", "4", "--calib-size", "16", "--pool-labels", "2",
+                                   "--threads", "1", "--out", str(tmp_path / "png"),
+                                   "--json", str(tmp_path / "d.json")])
+    stats = diagnostics.main(args)
+    saved = json.loads((tmp_path / "d.json").read_text())
+    assert saved["machine"]["cpu"] and plotted == [tmp_path / "png" / "diagnostics_w8a8_cache2_4steps.png"]
+    assert set(saved["variance"]) == set(stats["variance"]) >= {"FP32", "cache only", "quant+cache"}
+    assert saved["variance"]["FP32"]["p50"] == stats["variance"]["FP32"]["p50"]
+    assert len(saved["variance"]["FP32"]["p50"]) == 4  # one band per step
+    assert not (tmp_path / "png" / "diagnostics_w8a8_cache2_4steps.json").exists()  # --json moved it
