@@ -45,10 +45,10 @@ fi
 if [[ $what == all || $what == quality ]]; then
     run eval_fp32 $QC eval --model dit-mnist --n 1000 --steps 50 --cfg 1.5 --seed 0 --batch-size 250 --threads 2 \
         --out "$OUT/eval_fp32.json"
-    # 1,000 samples: quantization without a cache, the cache policies and the conditioning-linear rows
-    run w8a8_50_n1000 $QC bench quality --variants fp32,quant-uniform,quant-tap,quant-tap-condq,cache-i2,cache-i3,cache-adaptive-0.1,cache-adaptive-0.3,cache-static-0.2,qc-uniform,qc-uniform-vc,qc-tap,qc-tap-vc,qc-tap-vcvar,qc-tap-condq,qc-tap-condq-vc,qc-kmeans,qc-dbscan,qc-agglomerative \
+    # 1,000 samples: quantization without a cache, with the conditioning linears' inputs quantized too
+    run w8a8_50_n1000 $QC bench quality --variants fp32,quant-uniform,quant-tap,quant-tap-condq \
         --bits w8a8 --steps 50 --n 1000 --fp250 --threads 2 --out "$OUT/w8a8_50_n1000.json"
-    run w4a8_50_n1000 $QC bench quality --variants quant-uniform,quant-tap,qc-uniform,qc-uniform-vc,qc-tap,qc-tap-vc,qc-tap-vcvar \
+    run w4a8_50_n1000 $QC bench quality --variants quant-uniform,quant-tap \
         --bits w4a8 --cache interval=3 --steps 50 --n 1000 --threads 2 --out "$OUT/w4a8_50_n1000.json"
     run ablation_table_50_n1000 $PY benchmarks/ablation_table.py "$OUT/w8a8_50_n1000.json" "$OUT/w4a8_50_n1000.json"
     run w8a8_50 $QC bench quality --variants fp32,quant-uniform,quant-tap,cache-i2,qc-uniform,qc-uniform-vc,qc-uniform-vcvar,qc-tap,qc-tap-vc,qc-tap-vcvar,qc-kmeans,qc-dbscan,qc-agglomerative \
