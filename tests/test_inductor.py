@@ -6,7 +6,8 @@ import torch._dynamo.utils as dynamo_utils
 from conftest import make_tiny
 
 import qc_compiler as qc
-from qc_compiler.backends.inductor import QDQLinear
+from qc_compiler.backends import inductor
+from qc_compiler.backends.inductor import CachePatternModule, InductorModule, QDQLinear
 from qc_compiler.backends.registry import cpu_has_vnni
 from qc_compiler.passes import Quantize, StepCache, UniformCalibration, VarianceCompensation
 from qc_compiler.quant import QuantConfig
@@ -29,16 +30,76 @@ def test_inductor_lowering_matches_the_reference_fuses_int8_and_never_recompiles
     reference = qc.compile(model, passes(preset=bits) + vc(), sampler=sampler, backend="fakequant")
     assert len(fast.step_hooks) == 1 and len(reference.step_hooks) == 1  # VC was once dropped here, silently
     assert sum(isinstance(m, QDQLinear) for m in fast.modules()) == 7  # 5 INT8 GEMMs + 2 weight-only
+    assert isinstance(fast.graph_module, CachePatternModule)  # interval cache: one graph per pattern
     first = sampler.sample(fast, LABELS, seed=0)
     frames = dict(dynamo_utils.counters["frames"])
-    # Inductor matched our quantize/dequantize form and lowered every W8A8 linear to a oneDNN INT8 GEMM
-    assert dynamo_utils.counters["inductor"]["qlinear_weight_prepack_matcher_count"] == 5
+    assert frames["total"] == frames["ok"] == 2  # compute-step and reuse-step graphs, no graph breaks
+    # Inductor matched our quantize/dequantize form and lowered every W8A8 linear to a oneDNN INT8 GEMM:
+    # the 5 of the compute-step graph, and the final layer again in the reuse-step graph
+    assert dynamo_utils.counters["inductor"]["qlinear_weight_prepack_matcher_count"] == 6
     again = sampler.sample(fast, LABELS, seed=0)
     assert dict(dynamo_utils.counters["frames"]) == frames  # a second run (and every cached step) compiled nothing
     assert torch.equal(first, again)
     want = sampler.sample(reference, LABELS, seed=0)
     assert float((first - want).norm() / want.norm()) < 1e-3  # the fake-quant reference, up to rounding ties
     assert "first call (compile)" in fast.report() and "C" in fast.report()  # compile time; the cache ran
+
+
+def eager_dynamo(monkeypatch):
+    """dynamo's capture and guards, without Inductor's CPU codegen (a cold compile a graph)."""
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend="eager"))
+
+
+def test_cache_pattern_graphs_equal_the_per_region_lowering_and_keep_the_cache_state(monkeypatch):
+    eager_dynamo(monkeypatch)
+    model, sampler = make_tiny(), qc.DDPM(steps=5)
+    quant = lambda: passes(preset="w8a8")  # noqa: E731
+    fast = qc.compile(model, quant(), sampler=sampler, backend="inductor")
+    with monkeypatch.context() as m:  # the graph-break lowering, as for a data-dependent policy
+        m.setattr(inductor, "_specializable_lookups", lambda gm, step_aware: None)
+        broken = qc.compile(model, quant(), sampler=sampler, backend="inductor", fitted=fast.build["fitted"])
+    assert isinstance(fast.graph_module, CachePatternModule) and type(broken.graph_module) is InductorModule
+    dynamo_utils.counters.clear()
+    first = sampler.sample(fast, LABELS, seed=0)
+    frames = dict(dynamo_utils.counters["frames"])
+    assert frames["total"] == frames["ok"] == 2  # five steps, two graphs (compute, reuse), no breaks
+    assert torch.equal(sampler.sample(fast, LABELS, seed=1), sampler.sample(broken, LABELS, seed=1))
+    assert dict(dynamo_utils.counters["frames"])["total"] > frames["total"]  # the broken one: a graph per piece
+    assert fast.step_state.store("cache")["computed"] == broken.step_state.store("cache")["computed"] == {
+        0: {0, 1, 2, 3}, 2: {0, 1, 2, 3}, 4: {0, 1, 2, 3}}
+    assert sorted(fast.graph_module.patterns) == [(False,) * 4, (True,) * 4]
+    assert "graph breaks: none" in fast.report() and "step   1: ...." in fast.report()
+    x, t, y = torch.randn(3, 1, 16, 16), torch.tensor(sampler.timesteps[:1] * 3), torch.tensor(LABELS)
+    plain = fast(x, t, y)  # step 0 starts a run: every region computes and is kept
+    fast.step_state.enter(1)  # past the compiled model's own batch check: the graph's
+    with pytest.raises(qc.StepError, match="batch size changed"):
+        fast.graph_module(x[:2], torch.tensor(sampler.timesteps[1:2] * 2), y[:2])
+    assert torch.equal(plain, broken(x, t, y))
+
+
+def test_data_dependent_or_many_pattern_caches_keep_the_per_region_lowering():
+    from qc_compiler.passes.cache import CacheLookup
+    from qc_compiler.specs import CacheSchedule
+
+    def lookups(**schedule):
+        cs = CacheSchedule(regions=("a", "b"), **schedule)
+        return [CacheLookup(torch.fx.GraphModule({}, torch.fx.Graph()), k, i, cs) for i, k in enumerate("ab")]
+
+    assert inductor._cache_patterns(lookups(policy="interval", interval=3)) == [(True, True), (False, False)]
+    assert inductor._cache_patterns(lookups(policy="interval", interval=1)) == [(True, True)]
+    assert inductor._cache_patterns(lookups(policy="static", table=[[1, 1], [0, 1], [0, 1], [1, 0]])) == [
+        (True, True), (False, True), (True, False)]
+    assert inductor._cache_patterns(lookups(policy="adaptive")) is None  # decided by the data at run time
+    assert inductor._cache_patterns(lookups(policy="first_block")) is None
+    rows = [[1, 1], [0, 1], [1, 0], [0, 0], [1, 1]]  # 4 patterns: still one graph each
+    assert len(inductor._cache_patterns(lookups(policy="static", table=rows))) == inductor.MAX_CACHE_PATTERNS
+    four = lookups(policy="static", table=rows)
+    assert inductor._cache_patterns([*four, CacheLookup(four[0].region, "c", 2, CacheSchedule(
+        regions=("a", "b", "c"), policy="static", table=[[1, 1, 1], [0, 1, 0]]))]) is None  # mixed schedules
+    fast = qc.compile(make_tiny(), [StepCache(policy="adaptive", threshold=0.1)], sampler=qc.DDPM(steps=3),
+                      backend="inductor")  # compiles on its first call only
+    assert type(fast.graph_module) is InductorModule
 
 
 def test_inductor_refuses_what_its_int8_patterns_cannot_take(tmp_path, monkeypatch):
@@ -65,8 +126,7 @@ def test_int_mm_route_compiles_the_torch_int8_layers_in_and_never_recompiles(mon
     monkeypatch.setenv("QC_INT8_KERNEL", "int_mm")
     # dynamo's capture and guards are what this checks; Inductor's CPU codegen would only add a cold
     # compile (the CUDA test and gpu_check.sh run the real one)
-    compile_ = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend="eager"))
+    eager_dynamo(monkeypatch)
     model, sampler = make_tiny(), qc.DDPM(steps=3)
     quant = lambda: [UniformCalibration(size=12, pool_labels=4), Quantize(preset="w8a8")]  # noqa: E731
     fast = qc.compile(model, quant(), sampler=sampler, backend="inductor")

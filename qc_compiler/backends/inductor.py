@@ -9,10 +9,16 @@ with the weights prepacked, fuses the activation's quantization into the LayerNo
 it, a following GELU into the GEMM, and fc1's output straight into fc2's uint8 input. A weight-only
 linear (the conditioning layers) is constant-folded to a float GEMM.
 
-What reads the step stays outside the compiled code: every step-aware node (cache lookups, VC's
-rescales, fake-quant activations of attention matmuls) runs eagerly, as a graph break, and a cache
-lookup's region is compiled on its own, so the compute-or-reuse decision never enters a guard. Each
-region compiles once; a sampling run recompiles nothing (tested with ``torch._dynamo`` counters).
+What reads the step stays outside the compiled code. When the only step-dependent nodes are cache
+lookups whose schedule is a function of the step alone (``interval``, or a ``static`` table with few
+distinct rows), the whole graph is compiled once per **cache pattern** (which regions compute): a
+reuse step's graph takes the stored outputs as inputs and never holds the regions; a compute step's
+graph returns the regions' outputs beside the model's, to be stored. No graph breaks, so Inductor
+fuses across the block boundaries as it does without a cache, and a reuse step runs no Python per
+region. Otherwise (a data-dependent cache policy, VC's eps/velocity rescales, fake-quant activations
+of attention matmuls) every step-aware node runs eagerly, as a graph break, and a cache lookup's region
+is compiled on its own, so the compute-or-reuse decision never enters a guard. Either way each graph
+compiles once; a sampling run recompiles nothing (tested with ``torch._dynamo`` counters).
 
 On CUDA the x86 patterns do not apply, so the INT8 layers are the torch backend's (``torch._int_mm``,
 taken through the backend registry) and Inductor compiles around them: it fuses the activation's
@@ -37,8 +43,9 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import operator
 import time
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -46,13 +53,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..diffusion.samplers import model_device
-from ..errors import ExportError
+from ..errors import ExportError, StepError
+from ..passes.cache import CacheLookup
 from ..quant.spec import QuantizedLinearSpec
 from ..step import StepAware
 from ..quant.config import QuantConfig
 from .registry import check_constant_uint8_activations, cpu_has_vnni, get_backend, register_backend
 
-__all__ = ["QDQLinear", "InductorModule", "lower_inductor", "check_inductor_passes", "freezing"]
+__all__ = ["QDQLinear", "InductorModule", "CachePatternModule", "lower_inductor", "check_inductor_passes",
+           "freezing"]
 
 _QD = None  # torch.ops.quantized_decomposed, registered on first use
 
@@ -85,6 +94,7 @@ class QDQLinear(nn.Module):
     def __init__(self, spec: QuantizedLinearSpec):
         super().__init__()
         self.spec, self.path = spec, spec.path
+        _qd()  # registered now: a first registration inside a traced call would guard on it and recompile
 
         def constant(t: torch.Tensor) -> nn.Parameter:  # parameters: what freezing folds into constants
             return nn.Parameter(t, requires_grad=False)
@@ -141,21 +151,133 @@ class InductorModule(nn.Module):
         # the model without VC, silently
         self.meta = {"qc.sample_hooks": list(graph.meta.get("qc.sample_hooks", []))}
         self.__dict__["compiled"] = torch.compile(graph)
-        self.first_call_s: Optional[float] = None
+        self.__dict__["_called"] = set()  # ids of the compiled functions called once (compiled) already
+        self.first_call_s: Optional[float] = None  # every compiled function's first call, summed
+
+    def _call(self, fn, *args: torch.Tensor) -> Any:
+        """``fn(*args)`` with freezing on and autograd off; a first call's time is compile time."""
+        with torch.no_grad(), (freezing() if self.freeze else contextlib.nullcontext()):
+            if id(fn) in self._called:
+                return fn(*args)
+            t0 = time.perf_counter()
+            out = fn(*args)
+            self._called.add(id(fn))
+            self.first_call_s = (self.first_call_s or 0.0) + time.perf_counter() - t0
+            return out
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), (freezing() if self.freeze else contextlib.nullcontext()):
-            if self.first_call_s is None:
-                t0 = time.perf_counter()
-                out = self.compiled(*args)
-                self.first_call_s = time.perf_counter() - t0
-                return out
-            return self.compiled(*args)
+        return self._call(self.compiled, *args)
 
     def report_section(self) -> str:
         first = "not called yet" if self.first_call_s is None else f"first call (compile) {self.first_call_s:.1f} s"
         how = "freezing" if self.freeze else "CUDA, torch._int_mm layers"
         return f"  Inductor (torch.compile, {how}): {first}"
+
+
+# A static schedule with more distinct rows than this keeps the per-region graph breaks: each pattern
+# is a whole-graph compile (half a minute for DiT-B/2 on 2 cores).
+MAX_CACHE_PATTERNS = 4
+
+
+def _region_outputs(region: nn.Module) -> Optional[int]:
+    """How many tensors a cached region returns (a joint attention's two streams: 2); None if unknown."""
+    if not isinstance(region, fx.GraphModule):
+        return None
+    out = next(n for n in reversed(region.graph.nodes) if n.op == "output").args[0]
+    return len(out) if isinstance(out, (tuple, list)) else 1
+
+
+def _cache_patterns(lookups: Sequence[CacheLookup]) -> Optional[List[Tuple[bool, ...]]]:
+    """Every compute/reuse pattern a step-only schedule can produce (the first step's all-compute one
+    first), or None when the schedule reads the data (adaptive, first_block) or has too many."""
+    schedule = lookups[0].schedule
+    if schedule.policy not in ("interval", "static") or any(m.schedule != schedule for m in lookups):
+        return None
+    steps = range(schedule.interval) if schedule.policy == "interval" else range(len(schedule.table))
+    patterns = [tuple(True for _ in lookups)]
+    for step in steps:
+        pattern = tuple(schedule.decide(step, m.index, True, {}) for m in lookups)
+        if pattern not in patterns:
+            patterns.append(pattern)
+    return patterns if len(patterns) <= MAX_CACHE_PATTERNS else None
+
+
+def _pattern_graph(gm: fx.GraphModule, nodes: Sequence[fx.Node], outs: Sequence[int],
+                   pattern: Sequence[bool]) -> fx.GraphModule:
+    """``gm`` with each cache-lookup node replaced: by a call of its region (whose outputs are appended
+    to the graph's) where ``pattern`` computes, by new inputs holding the stored outputs where it reuses.
+    The region modules are shared with ``gm``, not copied."""
+    g, env = fx.Graph(), {}
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            env[n] = g.node_copy(n, env.__getitem__)
+    reused = {n: [g.placeholder(f"qc_cached_{n.name}_{i}") for i in range(k)]
+              for n, k, compute in zip(nodes, outs, pattern) if not compute}
+    lookup_outs = dict(zip(nodes, outs))
+    extras: List[fx.Node] = []
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            continue
+        if n.op == "output":
+            g.output((fx.map_arg(n.args[0], env.__getitem__), *extras))
+        elif n in reused:
+            env[n] = reused[n][0] if lookup_outs[n] == 1 else tuple(reused[n])
+        elif n in lookup_outs:
+            env[n] = g.call_module(f"{n.target}.region", fx.map_arg(n.args, env.__getitem__),
+                                   fx.map_arg(n.kwargs, env.__getitem__))
+            extras.extend([env[n]] if lookup_outs[n] == 1 else
+                          [g.call_function(operator.getitem, (env[n], i)) for i in range(lookup_outs[n])])
+        else:
+            env[n] = g.node_copy(n, env.__getitem__)
+    return fx.GraphModule(gm, g)
+
+
+class CachePatternModule(InductorModule):
+    """The whole graph compiled once per cache pattern (see the module docstring). The step state and
+    the cache's store are the lookups' own, so reports, batch checks and the run log read as before."""
+
+    def __init__(self, graph: fx.GraphModule, lookups: Dict[str, CacheLookup], freeze: bool = True):
+        super().__init__(graph, freeze)
+        del self.__dict__["compiled"]  # each pattern has its own
+        by_target = {n.target: n for n in graph.graph.nodes if n.op == "call_module"}
+        self.lookups = sorted(lookups.values(), key=lambda m: m.index)
+        self._nodes = [by_target[t] for t, _ in sorted(lookups.items(), key=lambda kv: kv[1].index)]
+        self._outs = [_region_outputs(m.region) for m in self.lookups]
+        self.__dict__["patterns"] = {}  # pattern -> compiled graph, built on first use
+
+    def _compiled(self, pattern: Tuple[bool, ...]):
+        if pattern not in self.patterns:
+            self.patterns[pattern] = torch.compile(_pattern_graph(self.graph, self._nodes, self._outs, pattern))
+        return self.patterns[pattern]
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        state = self.lookups[0].step_state
+        if state is None or state.step < 0 or state.fresh:  # no sampling run: every region computes, nothing kept
+            return self._call(self._compiled(tuple(True for _ in self.lookups)), *args)[0]
+        store = state.store("cache")
+        outputs, log = store.setdefault("outputs", {}), store.setdefault("computed", {})
+        batch = args[0].shape[0]
+        pattern, cached = [], []
+        for m, k in zip(self.lookups, self._outs):
+            have = outputs.get(m.key)
+            if have is not None and (have if k == 1 else have[0]).shape[0] != batch:
+                raise StepError(f"batch size changed inside a sampling run ({(have if k == 1 else have[0]).shape[0]} "
+                                f"-> {batch}) at {m.key}; start a new run at the first step")
+            compute = m.schedule.decide(state.step, m.index, have is not None, store)
+            pattern.append(compute)
+            if not compute:
+                cached.extend([have] if k == 1 else have)
+        result = self._call(self._compiled(tuple(pattern)), *args, *cached)
+        fresh = iter(result[1:])
+        for m, k, compute in zip(self.lookups, self._outs, pattern):
+            if compute:
+                outputs[m.key] = next(fresh) if k == 1 else tuple(next(fresh) for _ in range(k))
+                log.setdefault(state.step, set()).add(m.index)
+        return result[0]
+
+    def report_section(self) -> str:
+        return (super().report_section() + f"; the whole graph per cache pattern, {len(self.patterns)} compiled "
+                f"(graph breaks: none)")
 
 
 def _eager(module: nn.Module) -> None:
@@ -182,11 +304,29 @@ def lower_inductor(gm: fx.GraphModule, ctx) -> nn.Module:
             continue
         parent_name, _, child = name.rpartition(".")
         setattr(gm.get_submodule(parent_name) if parent_name else gm, child, QDQLinear(spec))
-    for module in list(gm.modules()):
-        # a lowered linear with one constant range reads no step: compiled in (the CUDA route)
-        if isinstance(module, StepAware) and (module.uses_step or not hasattr(module, "export_spec")):
-            _eager(module)
-            region = getattr(module, "region", None)
-            if isinstance(region, nn.Module):  # a cache lookup: its region is compute, compiled on its own
-                module.region = torch.compile(region)
+    step_aware = [(name, m) for name, m in gm.named_modules()
+                  # a lowered linear with one constant range reads no step: compiled in (the CUDA route)
+                  if isinstance(m, StepAware) and (m.uses_step or not hasattr(m, "export_spec"))]
+    lookups = _specializable_lookups(gm, step_aware)
+    if lookups is not None:
+        return CachePatternModule(gm, lookups, freeze=not cuda)
+    for _, module in step_aware:
+        _eager(module)
+        region = getattr(module, "region", None)
+        if isinstance(region, nn.Module):  # a cache lookup: its region is compute, compiled on its own
+            module.region = torch.compile(region)
     return InductorModule(gm, freeze=not cuda)
+
+
+def _specializable_lookups(gm: fx.GraphModule, step_aware) -> Optional[Dict[str, CacheLookup]]:
+    """The cache lookups by graph target, when they are the graph's only step-aware nodes, are called
+    from its top level, and follow a step-only schedule with few patterns; None otherwise."""
+    targets = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    # what the graph calls (a sampler hook such as sample-placement VC is a submodule the graph never calls)
+    called = [(name, m) for name, m in step_aware if any(name == t or name.startswith(t + ".") for t in targets)]
+    if not called or not all(isinstance(m, CacheLookup) for _, m in called):
+        return None
+    lookups = dict(called)
+    if not set(lookups) <= targets or any(_region_outputs(m.region) is None for m in lookups.values()):
+        return None
+    return lookups if _cache_patterns(list(lookups.values())) is not None else None
