@@ -301,3 +301,20 @@ def test_diagnostics_writes_its_figures_numbers_where_asked(capsys, tmp_path, mo
     assert saved["variance"]["FP32"]["p50"] == stats["variance"]["FP32"]["p50"]
     assert len(saved["variance"]["FP32"]["p50"]) == 4  # one band per step
     assert not (tmp_path / "png" / "diagnostics_w8a8_cache2_4steps.json").exists()  # --json moved it
+
+
+def test_the_per_region_break_row_lowers_the_old_way_and_restores_the_new():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import make_tiny
+
+    import qc_compiler as qc
+    from qc_compiler.backends.inductor import CachePatternModule, InductorModule
+    from qc_compiler.passes import StepCache
+
+    forward_speed = load("forward_speed")
+    build = lambda: qc.compile(make_tiny(), [StepCache(interval=2)], sampler=qc.DDPM(steps=3),  # noqa: E731
+                               backend="inductor")  # torch.compile is lazy: nothing compiles here
+    assert type(forward_speed.per_region_breaks(build).graph_module) is InductorModule
+    assert isinstance(build().graph_module, CachePatternModule)
