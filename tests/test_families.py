@@ -132,6 +132,26 @@ def test_cache_lookups_that_always_compute_change_nothing(name):
     assert torch.equal(_run(pipe, kw), reference)
 
 
+@pytest.mark.parametrize("name", ["sd3", "wan"])
+def test_inductor_cache_patterns_equal_the_torch_backend(name, monkeypatch):
+    # SD3: two-output joint-attention regions and torch.export's pytree inputs/outputs; Wan: two streams
+    # a step. dynamo's eager backend: the pattern graphs and their state, without Inductor's codegen.
+    from qc_compiler.backends.inductor import CachePatternModule
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend="eager"))
+    out = {}
+    for backend in ("torch", "inductor"):
+        pipe, kw = _build(name)
+        compiled = qc.compile_pipeline(pipe, [qc.passes.StepCache(interval=2)], num_inference_steps=STEPS,
+                                       backend=backend, **_compile_args(kw))
+        out[backend] = _run(pipe, kw)
+    assert isinstance(compiled.graph_module, CachePatternModule)
+    assert torch.equal(out["inductor"], out["torch"])
+    patterns = compiled.graph_module.patterns
+    assert len(patterns) == 2 and not any(next(p for p in patterns if not all(p)))  # a reuse step ran
+
+
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_qandc_through_the_pipeline(name):
     pipe, kw = _build(name)

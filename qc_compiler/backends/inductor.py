@@ -251,9 +251,13 @@ class CachePatternModule(InductorModule):
         return self.patterns[pattern]
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        # A graph from torch.export flattens its inputs and rebuilds its output's structure in its codegen;
+        # the pattern graphs take and return flat values, so both ends are the original graph's.
+        graph = self.graph.graph
+        args = tuple(graph.process_inputs(*args))
         state = self.lookups[0].step_state
         if state is None or state.step < 0 or state.fresh:  # no sampling run: every region computes, nothing kept
-            return self._call(self._compiled(tuple(True for _ in self.lookups)), *args)[0]
+            return graph.process_outputs(self._call(self._compiled(tuple(True for _ in self.lookups)), *args)[0])
         store = state.store("cache")
         outputs, log = store.setdefault("outputs", {}), store.setdefault("computed", {})
         batch = args[0].shape[0]
@@ -273,7 +277,7 @@ class CachePatternModule(InductorModule):
             if compute:
                 outputs[m.key] = next(fresh) if k == 1 else tuple(next(fresh) for _ in range(k))
                 log.setdefault(state.step, set()).add(m.index)
-        return result[0]
+        return graph.process_outputs(result[0])
 
     def report_section(self) -> str:
         return (super().report_section() + f"; the whole graph per cache pattern, {len(self.patterns)} compiled "
