@@ -335,11 +335,11 @@ def per_region_breaks(build):
     graph break, its region compiled alone (what a data-dependent cache policy still gets): an A/B in one run."""
     from qc_compiler.backends import inductor
 
-    saved, inductor._specializable_lookups = inductor._specializable_lookups, lambda gm, step_aware: None
+    saved, inductor._whole_graph_plan = inductor._whole_graph_plan, lambda gm, step_aware: None
     try:
         return build()
     finally:
-        inductor._specializable_lookups = saved
+        inductor._whole_graph_plan = saved
 
 
 def e2e_rows(model, sampler, ours, args, built=(), ours_ind=None):

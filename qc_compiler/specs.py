@@ -21,7 +21,6 @@ Example:
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -32,7 +31,7 @@ from .options import check_choice, check_float, check_int, parse_options
 
 __all__ = ["ATTENTION_DTYPES", "AttentionConfig", "low_precision_attention", "CACHE_POLICIES", "StepCacheConfig",
            "CacheSchedule", "CacheLookupSpec", "VC_PLACEMENTS", "OUTPUT_PLACEMENTS", "VC_FORMS", "VCConfig", "VCTable",
-           "rescale"]
+           "rescale", "apply_vc_row"]
 
 CACHE_POLICIES = ("interval", "static", "adaptive", "first_block")
 VC_PLACEMENTS = ("eps", "velocity", "sample")
@@ -278,6 +277,17 @@ def rescale(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return mu + k.to(x.dtype).view(1, -1, *([1] * len(dims))) * (x - mu)
 
 
+def apply_vc_row(x: torch.Tensor, k: torch.Tensor, placement: str, channels_last: bool = False) -> torch.Tensor:
+    """One step's VC: ``k`` (C,) is that step's row of a :class:`VCTable`; see there for the placements.
+    (The Inductor backend passes the row in as an input, so one compiled graph serves every step.)"""
+    if channels_last:
+        return apply_vc_row(x.transpose(1, -1), k, placement).transpose(1, -1)
+    if placement == "sample":
+        return rescale(x, k)
+    c = k.shape[0]  # no int(): under ONNX tracing this stays a traced size
+    return torch.cat([rescale(x[:, :c], k), x[:, c:]], dim=1)
+
+
 @dataclass(frozen=True)
 class VCTable:
     """K (steps x channels) and where it applies: to the first ``k.shape[1]`` channels of the model
@@ -300,12 +310,7 @@ class VCTable:
 
     def apply(self, x: torch.Tensor, step: int) -> torch.Tensor:
         """The corrected tensor at ``step`` (a model output for ``eps``/``velocity``, x_t for ``sample``)."""
-        if self.channels_last:
-            return dataclasses.replace(self, channels_last=False).apply(x.transpose(1, -1), step).transpose(1, -1)
-        if self.placement == "sample":
-            return rescale(x, self.k[step])
-        c = self.k.shape[1]  # no int(): under ONNX tracing this stays a traced size
-        return torch.cat([rescale(x[:, :c], self.k[step]), x[:, c:]], dim=1)
+        return apply_vc_row(x, self.k[step], self.placement, self.channels_last)
 
     def to_json(self) -> Dict[str, Any]:
         d = {"placement": self.placement, "k": self.k.tolist()}

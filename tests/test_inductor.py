@@ -57,7 +57,7 @@ def test_cache_pattern_graphs_equal_the_per_region_lowering_and_keep_the_cache_s
     quant = lambda: passes(preset="w8a8")  # noqa: E731
     fast = qc.compile(model, quant(), sampler=sampler, backend="inductor")
     with monkeypatch.context() as m:  # the graph-break lowering, as for a data-dependent policy
-        m.setattr(inductor, "_specializable_lookups", lambda gm, step_aware: None)
+        m.setattr(inductor, "_whole_graph_plan", lambda gm, step_aware: None)
         broken = qc.compile(model, quant(), sampler=sampler, backend="inductor", fitted=fast.build["fitted"])
     assert isinstance(fast.graph_module, CachePatternModule) and type(broken.graph_module) is InductorModule
     dynamo_utils.counters.clear()
@@ -68,7 +68,7 @@ def test_cache_pattern_graphs_equal_the_per_region_lowering_and_keep_the_cache_s
     assert dict(dynamo_utils.counters["frames"])["total"] > frames["total"]  # the broken one: a graph per piece
     assert fast.step_state.store("cache")["computed"] == broken.step_state.store("cache")["computed"] == {
         0: {0, 1, 2, 3}, 2: {0, 1, 2, 3}, 4: {0, 1, 2, 3}}
-    assert sorted(fast.graph_module.patterns) == [(False,) * 4, (True,) * 4]
+    assert sorted(fast.graph_module.patterns) == [((False,) * 4, False), ((True,) * 4, False)]  # (cache, VC)
     assert "graph breaks: none" in fast.report() and "step   1: ...." in fast.report()
     x, t, y = torch.randn(3, 1, 16, 16), torch.tensor(sampler.timesteps[:1] * 3), torch.tensor(LABELS)
     plain = fast(x, t, y)  # step 0 starts a run: every region computes and is kept
@@ -76,6 +76,29 @@ def test_cache_pattern_graphs_equal_the_per_region_lowering_and_keep_the_cache_s
     with pytest.raises(qc.StepError, match="batch size changed"):
         fast.graph_module(x[:2], torch.tensor(sampler.timesteps[1:2] * 2), y[:2])
     assert torch.equal(plain, broken(x, t, y))
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_vc_rescales_take_their_step_row_as_an_input_one_graph_for_every_step(cache, monkeypatch):
+    eager_dynamo(monkeypatch)
+    model, sampler = make_tiny(), qc.DDPM(steps=4)
+    vc = VarianceCompensation(placement="eps", batch=4)
+    chain = lambda: [*passes(preset="w8a8")[1 - cache:], vc]  # noqa: E731  (with or without the cache)
+    fast = qc.compile(model, chain(), sampler=sampler, backend="inductor")
+    with monkeypatch.context() as m:
+        m.setattr(inductor, "_whole_graph_plan", lambda gm, step_aware: None)
+        broken = qc.compile(model, chain(), sampler=sampler, backend="inductor", fitted=fast.build["fitted"])
+    assert isinstance(fast.graph_module, CachePatternModule) and len(fast.graph_module.vcs) == 1
+    k = fast.graph_module.vcs[0].k
+    assert float((k[1:] - 1).abs().max()) > 1e-4  # K is not the identity: the equality below tests it
+    dynamo_utils.counters.clear()
+    first = sampler.sample(fast, LABELS, seed=0)
+    frames = dict(dynamo_utils.counters["frames"])
+    assert frames["total"] == frames["ok"] == 1 + cache  # four steps, four K rows: one graph (per pattern)
+    assert torch.equal(first, sampler.sample(broken, LABELS, seed=0))
+    x, t, y = torch.randn(3, 1, 16, 16), torch.tensor(sampler.timesteps[1:2] * 3), torch.tensor(LABELS)
+    fast.step_state.reset(), broken.step_state.reset()
+    assert torch.equal(fast.graph_module(x, t, y), broken.graph_module(x, t, y))  # outside a run: no VC
 
 
 def test_data_dependent_or_many_pattern_caches_keep_the_per_region_lowering():

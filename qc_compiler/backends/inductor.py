@@ -11,14 +11,15 @@ linear (the conditioning layers) is constant-folded to a float GEMM.
 
 What reads the step stays outside the compiled code. When the only step-dependent nodes are cache
 lookups whose schedule is a function of the step alone (``interval``, or a ``static`` table with few
-distinct rows), the whole graph is compiled once per **cache pattern** (which regions compute): a
-reuse step's graph takes the stored outputs as inputs and never holds the regions; a compute step's
-graph returns the regions' outputs beside the model's, to be stored. No graph breaks, so Inductor
+distinct rows) and VC's output rescales, the whole graph is compiled once per **cache pattern** (which
+regions compute): a reuse step's graph takes the stored outputs as inputs and never holds the regions;
+a compute step's graph returns the regions' outputs beside the model's, to be stored; a VC rescale
+takes its step's K row as an input, so one graph serves every step. No graph breaks, so Inductor
 fuses across the block boundaries as it does without a cache, and a reuse step runs no Python per
-region. Otherwise (a data-dependent cache policy, VC's eps/velocity rescales, fake-quant activations
-of attention matmuls) every step-aware node runs eagerly, as a graph break, and a cache lookup's region
-is compiled on its own, so the compute-or-reuse decision never enters a guard. Either way each graph
-compiles once; a sampling run recompiles nothing (tested with ``torch._dynamo`` counters).
+region. Otherwise (a data-dependent cache policy, fake-quant activations of attention matmuls) every
+step-aware node runs eagerly, as a graph break, and a cache lookup's region is compiled on its own, so
+the compute-or-reuse decision never enters a guard. Either way each graph compiles once; a sampling
+run recompiles nothing (tested with ``torch._dynamo`` counters).
 
 On CUDA the x86 patterns do not apply, so the INT8 layers are the torch backend's (``torch._int_mm``,
 taken through the backend registry) and Inductor compiles around them: it fuses the activation's
@@ -55,9 +56,11 @@ import torch.nn.functional as F
 from ..diffusion.samplers import model_device
 from ..errors import ExportError, StepError
 from ..passes.cache import CacheLookup
+from ..passes.vc import VCRescale
 from ..quant.spec import QuantizedLinearSpec
 from ..step import StepAware
 from ..quant.config import QuantConfig
+from ..specs import VCTable, apply_vc_row
 from .registry import check_constant_uint8_activations, cpu_has_vnni, get_backend, register_backend
 
 __all__ = ["QDQLinear", "InductorModule", "CachePatternModule", "lower_inductor", "check_inductor_passes",
@@ -202,17 +205,19 @@ def _cache_patterns(lookups: Sequence[CacheLookup]) -> Optional[List[Tuple[bool,
     return patterns if len(patterns) <= MAX_CACHE_PATTERNS else None
 
 
-def _pattern_graph(gm: fx.GraphModule, nodes: Sequence[fx.Node], outs: Sequence[int],
-                   pattern: Sequence[bool]) -> fx.GraphModule:
+def _pattern_graph(gm: fx.GraphModule, nodes: Sequence[fx.Node], outs: Sequence[int], pattern: Sequence[bool],
+                   vcs: Dict[fx.Node, VCTable], vc_on: bool) -> fx.GraphModule:
     """``gm`` with each cache-lookup node replaced: by a call of its region (whose outputs are appended
-    to the graph's) where ``pattern`` computes, by new inputs holding the stored outputs where it reuses.
-    The region modules are shared with ``gm``, not copied."""
+    to the graph's) where ``pattern`` computes, by new inputs holding the stored outputs where it reuses;
+    and each VC rescale by ``apply_vc_row`` of a new input, the step's K row (by nothing when not
+    ``vc_on``, outside a sampling run). The region modules are shared with ``gm``, not copied."""
     g, env = fx.Graph(), {}
     for n in gm.graph.nodes:
         if n.op == "placeholder":
             env[n] = g.node_copy(n, env.__getitem__)
     reused = {n: [g.placeholder(f"qc_cached_{n.name}_{i}") for i in range(k)]
               for n, k, compute in zip(nodes, outs, pattern) if not compute}
+    rows = {n: g.placeholder(f"qc_vc_{n.name}") for n in vcs} if vc_on else {}
     lookup_outs = dict(zip(nodes, outs))
     extras: List[fx.Node] = []
     for n in gm.graph.nodes:
@@ -227,37 +232,51 @@ def _pattern_graph(gm: fx.GraphModule, nodes: Sequence[fx.Node], outs: Sequence[
                                    fx.map_arg(n.kwargs, env.__getitem__))
             extras.extend([env[n]] if lookup_outs[n] == 1 else
                           [g.call_function(operator.getitem, (env[n], i)) for i in range(lookup_outs[n])])
+        elif n in vcs:
+            x = env[n.args[0]]
+            env[n] = g.call_function(apply_vc_row, (x, rows[n], vcs[n].placement, vcs[n].channels_last)) if vc_on else x
         else:
             env[n] = g.node_copy(n, env.__getitem__)
     return fx.GraphModule(gm, g)
 
 
 class CachePatternModule(InductorModule):
-    """The whole graph compiled once per cache pattern (see the module docstring). The step state and
-    the cache's store are the lookups' own, so reports, batch checks and the run log read as before."""
+    """The whole graph compiled once per cache pattern (see the module docstring); VC's rescales take
+    their step's K row as an input. The step state and the cache's store are the lookups' own, so
+    reports, batch checks and the run log read as before."""
 
-    def __init__(self, graph: fx.GraphModule, lookups: Dict[str, CacheLookup], freeze: bool = True):
+    def __init__(self, graph: fx.GraphModule, lookups: Dict[str, CacheLookup], vcs: Dict[str, VCRescale],
+                 freeze: bool = True):
         super().__init__(graph, freeze)
         del self.__dict__["compiled"]  # each pattern has its own
         by_target = {n.target: n for n in graph.graph.nodes if n.op == "call_module"}
-        self.lookups = sorted(lookups.values(), key=lambda m: m.index)
-        self._nodes = [by_target[t] for t, _ in sorted(lookups.items(), key=lambda kv: kv[1].index)]
+        order = sorted(lookups.items(), key=lambda kv: kv[1].index)
+        self.lookups = [m for _, m in order]
+        self.vcs = list(vcs.values())
+        self._nodes = [by_target[t] for t, _ in order]
         self._outs = [_region_outputs(m.region) for m in self.lookups]
-        self.__dict__["patterns"] = {}  # pattern -> compiled graph, built on first use
+        self._vc_nodes = {by_target[t]: m.export_spec() for t, m in vcs.items()}
+        self.__dict__["patterns"] = {}  # (pattern, VC on) -> compiled graph, built on first use
 
-    def _compiled(self, pattern: Tuple[bool, ...]):
-        if pattern not in self.patterns:
-            self.patterns[pattern] = torch.compile(_pattern_graph(self.graph, self._nodes, self._outs, pattern))
-        return self.patterns[pattern]
+    def _compiled(self, pattern: Tuple[bool, ...], vc_on: bool):
+        key = (pattern, vc_on)
+        if key not in self.patterns:
+            self.patterns[key] = torch.compile(_pattern_graph(self.graph, self._nodes, self._outs, pattern,
+                                                              self._vc_nodes, vc_on))
+        return self.patterns[key]
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
         # A graph from torch.export flattens its inputs and rebuilds its output's structure in its codegen;
         # the pattern graphs take and return flat values, so both ends are the original graph's.
         graph = self.graph.graph
         args = tuple(graph.process_inputs(*args))
-        state = self.lookups[0].step_state
-        if state is None or state.step < 0 or state.fresh:  # no sampling run: every region computes, nothing kept
-            return graph.process_outputs(self._call(self._compiled(tuple(True for _ in self.lookups)), *args)[0])
+        state = (self.lookups or self.vcs)[0].step_state
+        stepping = state is not None and state.step >= 0
+        vc_on = bool(self.vcs) and stepping  # as VCRescale: off outside a sampling run
+        rows = [m.k[state.step] for m in self.vcs] if vc_on else []
+        if not stepping or state.fresh:  # no sampling run: every region computes, nothing kept
+            everything = self._compiled(tuple(True for _ in self.lookups), vc_on)
+            return graph.process_outputs(self._call(everything, *args, *rows)[0])
         store = state.store("cache")
         outputs, log = store.setdefault("outputs", {}), store.setdefault("computed", {})
         batch = args[0].shape[0]
@@ -271,7 +290,7 @@ class CachePatternModule(InductorModule):
             pattern.append(compute)
             if not compute:
                 cached.extend([have] if k == 1 else have)
-        result = self._call(self._compiled(tuple(pattern)), *args, *cached)
+        result = self._call(self._compiled(tuple(pattern), vc_on), *args, *cached, *rows)
         fresh = iter(result[1:])
         for m, k, compute in zip(self.lookups, self._outs, pattern):
             if compute:
@@ -311,9 +330,9 @@ def lower_inductor(gm: fx.GraphModule, ctx) -> nn.Module:
     step_aware = [(name, m) for name, m in gm.named_modules()
                   # a lowered linear with one constant range reads no step: compiled in (the CUDA route)
                   if isinstance(m, StepAware) and (m.uses_step or not hasattr(m, "export_spec"))]
-    lookups = _specializable_lookups(gm, step_aware)
-    if lookups is not None:
-        return CachePatternModule(gm, lookups, freeze=not cuda)
+    plan = _whole_graph_plan(gm, step_aware)
+    if plan is not None:
+        return CachePatternModule(gm, *plan, freeze=not cuda)
     for _, module in step_aware:
         _eager(module)
         region = getattr(module, "region", None)
@@ -322,15 +341,21 @@ def lower_inductor(gm: fx.GraphModule, ctx) -> nn.Module:
     return InductorModule(gm, freeze=not cuda)
 
 
-def _specializable_lookups(gm: fx.GraphModule, step_aware) -> Optional[Dict[str, CacheLookup]]:
-    """The cache lookups by graph target, when they are the graph's only step-aware nodes, are called
-    from its top level, and follow a step-only schedule with few patterns; None otherwise."""
+def _whole_graph_plan(gm: fx.GraphModule, step_aware) -> Optional[Tuple[Dict[str, CacheLookup], Dict[str, VCRescale]]]:
+    """The cache lookups and VC rescales by graph target, when they are the only step-aware nodes the
+    graph calls, both from its top level, and the cache follows a step-only schedule with few patterns;
+    None otherwise (every step-aware node then a graph break)."""
     targets = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     # what the graph calls (a sampler hook such as sample-placement VC is a submodule the graph never calls)
     called = [(name, m) for name, m in step_aware if any(name == t or name.startswith(t + ".") for t in targets)]
-    if not called or not all(isinstance(m, CacheLookup) for _, m in called):
+    if not called or not all(isinstance(m, (CacheLookup, VCRescale)) for _, m in called):
         return None
-    lookups = dict(called)
-    if not set(lookups) <= targets or any(_region_outputs(m.region) is None for m in lookups.values()):
+    if not {name for name, _ in called} <= targets:
         return None
-    return lookups if _cache_patterns(list(lookups.values())) is not None else None
+    lookups = {name: m for name, m in called if isinstance(m, CacheLookup)}
+    vcs = {name: m for name, m in called if isinstance(m, VCRescale)}
+    if any(_region_outputs(m.region) is None for m in lookups.values()):
+        return None
+    if lookups and _cache_patterns(list(lookups.values())) is None:
+        return None
+    return lookups, vcs
