@@ -132,10 +132,12 @@ def test_cache_lookups_that_always_compute_change_nothing(name):
     assert torch.equal(_run(pipe, kw), reference)
 
 
-@pytest.mark.parametrize("name", ["sd3", "wan"])
-def test_inductor_cache_patterns_equal_the_torch_backend(name, monkeypatch):
+@pytest.mark.parametrize("name,cache", [("sd3", "interval=2"), ("wan", "interval=2"),
+                                        ("flux", "policy=first_block,threshold=100")])
+def test_inductor_cache_patterns_equal_the_torch_backend(name, cache, monkeypatch):
     # SD3: two-output joint-attention regions and torch.export's pytree inputs/outputs; Wan: two streams
-    # a step. dynamo's eager backend: the pattern graphs and their state, without Inductor's codegen.
+    # a step; Flux: First-Block-Cache, cut after its probe (a two-output region). dynamo's eager backend:
+    # the pattern graphs and their state, without Inductor's codegen.
     from qc_compiler.backends.inductor import CachePatternModule
 
     compile_ = torch.compile
@@ -143,13 +145,16 @@ def test_inductor_cache_patterns_equal_the_torch_backend(name, monkeypatch):
     out = {}
     for backend in ("torch", "inductor"):
         pipe, kw = _build(name)
-        compiled = qc.compile_pipeline(pipe, [qc.passes.StepCache(interval=2)], num_inference_steps=STEPS,
-                                       backend=backend, **_compile_args(kw))
+        compiled = qc.compile_pipeline(pipe, [qc.passes.StepCache(qc.specs.StepCacheConfig.parse(cache))],
+                                       num_inference_steps=STEPS, backend=backend, **_compile_args(kw))
         out[backend] = _run(pipe, kw)
+        computed = {s: sorted(c) for s, c in compiled.step_state.store("cache").get("computed", {}).items()}
+        out[backend + " log"] = computed
     assert isinstance(compiled.graph_module, CachePatternModule)
-    assert torch.equal(out["inductor"], out["torch"])
-    patterns = compiled.graph_module.patterns
-    assert len(patterns) == 2 and ((False,) * len(compiled.graph_module.lookups), False) in patterns  # reused
+    assert torch.equal(out["inductor"], out["torch"]) and out["inductor log"] == out["torch log"]
+    pieces = {piece for piece, _, _ in compiled.graph_module.patterns}
+    assert pieces == ({"probe", "rest"} if "first_block" in cache else {"whole"})
+    assert any(not all(pattern) for _, pattern, _ in compiled.graph_module.patterns)  # a step reused
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

@@ -68,8 +68,8 @@ def test_cache_pattern_graphs_equal_the_per_region_lowering_and_keep_the_cache_s
     assert dict(dynamo_utils.counters["frames"])["total"] > frames["total"]  # the broken one: a graph per piece
     assert fast.step_state.store("cache")["computed"] == broken.step_state.store("cache")["computed"] == {
         0: {0, 1, 2, 3}, 2: {0, 1, 2, 3}, 4: {0, 1, 2, 3}}
-    assert sorted(fast.graph_module.patterns) == [((False,) * 4, False), ((True,) * 4, False)]  # (cache, VC)
-    assert "graph breaks: none" in fast.report() and "step   1: ...." in fast.report()
+    assert sorted(fast.graph_module.patterns) == [("whole", (False,) * 4, False), ("whole", (True,) * 4, False)]
+    assert "no graph break per region" in fast.report() and "step   1: ...." in fast.report()
     x, t, y = torch.randn(3, 1, 16, 16), torch.tensor(sampler.timesteps[:1] * 3), torch.tensor(LABELS)
     plain = fast(x, t, y)  # step 0 starts a run: every region computes and is kept
     fast.step_state.enter(1)  # past the compiled model's own batch check: the graph's
@@ -101,7 +101,7 @@ def test_vc_rescales_take_their_step_row_as_an_input_one_graph_for_every_step(ca
     assert torch.equal(fast.graph_module(x, t, y), broken.graph_module(x, t, y))  # outside a run: no VC
 
 
-def test_data_dependent_or_many_pattern_caches_keep_the_per_region_lowering():
+def test_cache_patterns_per_policy_and_what_keeps_the_per_region_lowering():
     from qc_compiler.passes.cache import CacheLookup
     from qc_compiler.specs import CacheSchedule
 
@@ -113,16 +113,39 @@ def test_data_dependent_or_many_pattern_caches_keep_the_per_region_lowering():
     assert inductor._cache_patterns(lookups(policy="interval", interval=1)) == [(True, True)]
     assert inductor._cache_patterns(lookups(policy="static", table=[[1, 1], [0, 1], [0, 1], [1, 0]])) == [
         (True, True), (False, True), (True, False)]
-    assert inductor._cache_patterns(lookups(policy="adaptive")) is None  # decided by the data at run time
-    assert inductor._cache_patterns(lookups(policy="first_block")) is None
+    # decided by the data after the probe (region 0, or the first block's regions): two patterns
+    assert inductor._cache_patterns(lookups(policy="adaptive")) == [(True, True), (True, False)]
+    assert inductor._cache_patterns(lookups(policy="first_block", first_block=2)) == [(True, True)] * 2
     rows = [[1, 1], [0, 1], [1, 0], [0, 0], [1, 1]]  # 4 patterns: still one graph each
     assert len(inductor._cache_patterns(lookups(policy="static", table=rows))) == inductor.MAX_CACHE_PATTERNS
     four = lookups(policy="static", table=rows)
     assert inductor._cache_patterns([*four, CacheLookup(four[0].region, "c", 2, CacheSchedule(
         regions=("a", "b", "c"), policy="static", table=[[1, 1, 1], [0, 1, 0]]))]) is None  # mixed schedules
-    fast = qc.compile(make_tiny(), [StepCache(policy="adaptive", threshold=0.1)], sampler=qc.DDPM(steps=3),
+    table = [[1, 1, 1, 1], [0, 1, 1, 1], [0, 0, 1, 1], [0, 0, 0, 1], [0, 0, 0, 0]]  # five patterns
+    fast = qc.compile(make_tiny(), [StepCache(policy="static", schedule=table)], sampler=qc.DDPM(steps=5),
                       backend="inductor")  # compiles on its first call only
-    assert type(fast.graph_module) is InductorModule
+    assert type(fast.graph_module) is InductorModule  # a graph break per region instead
+
+
+@pytest.mark.parametrize("policy", ["adaptive", "first_block"])
+def test_a_data_dependent_cache_cuts_the_graph_after_its_probe(policy, monkeypatch):
+    eager_dynamo(monkeypatch)
+    model, sampler = make_tiny(), qc.DDPM(steps=6)
+    cache = StepCache(policy=policy, threshold=0.05)
+    fast = qc.compile(model, [cache], sampler=sampler, backend="inductor")
+    with monkeypatch.context() as m:
+        m.setattr(inductor, "_whole_graph_plan", lambda gm, step_aware: None)
+        broken = qc.compile(model, [cache], sampler=sampler, backend="inductor")
+    assert isinstance(fast.graph_module, CachePatternModule) and fast.graph_module.probe
+    dynamo_utils.counters.clear()
+    first = sampler.sample(fast, LABELS, seed=0)
+    frames = dict(dynamo_utils.counters["frames"])
+    assert torch.equal(first, sampler.sample(broken, LABELS, seed=0))
+    computed = fast.step_state.store("cache")["computed"]
+    assert computed == broken.step_state.store("cache")["computed"]
+    assert any(len(c) < 4 for c in computed.values()) and any(len(c) == 4 for c in computed.values())  # both ran
+    assert frames["total"] == frames["ok"] == 3  # the probe piece, and the rest once per pattern
+    assert "cut after the probe region" in fast.report()
 
 
 def test_inductor_refuses_what_its_int8_patterns_cannot_take(tmp_path, monkeypatch):

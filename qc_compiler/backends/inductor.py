@@ -16,9 +16,11 @@ regions compute): a reuse step's graph takes the stored outputs as inputs and ne
 a compute step's graph returns the regions' outputs beside the model's, to be stored; a VC rescale
 takes its step's K row as an input, so one graph serves every step. No graph breaks, so Inductor
 fuses across the block boundaries as it does without a cache, and a reuse step runs no Python per
-region. Otherwise (a data-dependent cache policy, fake-quant activations of attention matmuls) every
-step-aware node runs eagerly, as a graph break, and a cache lookup's region is compiled on its own, so
-the compute-or-reuse decision never enters a guard. Either way each graph compiles once; a sampling
+region. A data-dependent cache (``adaptive``, ``first_block``) decides from its probe region, so its
+graph is cut once, after the probe: one graph up to it, one per pattern after it. Otherwise (a static
+table with many patterns, a VC rescale before the probe) every step-aware node runs eagerly, as a graph
+break, and a cache lookup's region is compiled on its own, so the compute-or-reuse decision never
+enters a guard. Either way each graph compiles once; a sampling
 run recompiles nothing (tested with ``torch._dynamo`` counters).
 
 On CUDA the x86 patterns do not apply, so the INT8 layers are the torch backend's (``torch._int_mm``,
@@ -191,11 +193,15 @@ def _region_outputs(region: nn.Module) -> Optional[int]:
 
 
 def _cache_patterns(lookups: Sequence[CacheLookup]) -> Optional[List[Tuple[bool, ...]]]:
-    """Every compute/reuse pattern a step-only schedule can produce (the first step's all-compute one
-    first), or None when the schedule reads the data (adaptive, first_block) or has too many."""
+    """Every compute/reuse pattern the schedule can produce (the first step's all-compute one first), or
+    None when a static table has too many. A data-dependent schedule (adaptive, first_block) decides
+    after its probe region has run, so its graph is cut there (see ``CachePatternModule``)."""
     schedule = lookups[0].schedule
-    if schedule.policy not in ("interval", "static") or any(m.schedule != schedule for m in lookups):
+    if any(m.schedule != schedule for m in lookups):
         return None
+    if schedule.policy in ("adaptive", "first_block"):  # after the probe: all the others compute, or none
+        always = 1 if schedule.policy == "adaptive" else schedule.first_block
+        return [tuple(True for _ in lookups), tuple(m.index < always for m in lookups)]
     steps = range(schedule.interval) if schedule.policy == "interval" else range(len(schedule.table))
     patterns = [tuple(True for _ in lookups)]
     for step in steps:
@@ -206,26 +212,31 @@ def _cache_patterns(lookups: Sequence[CacheLookup]) -> Optional[List[Tuple[bool,
 
 
 def _pattern_graph(gm: fx.GraphModule, nodes: Sequence[fx.Node], outs: Sequence[int], pattern: Sequence[bool],
-                   vcs: Dict[fx.Node, VCTable], vc_on: bool) -> fx.GraphModule:
+                   vcs: Dict[fx.Node, VCTable], vc_on: bool, body: Optional[Sequence[fx.Node]] = None,
+                   given: Sequence[fx.Node] = (), give: Optional[Sequence[fx.Node]] = None) -> fx.GraphModule:
     """``gm`` with each cache-lookup node replaced: by a call of its region (whose outputs are appended
     to the graph's) where ``pattern`` computes, by new inputs holding the stored outputs where it reuses;
     and each VC rescale by ``apply_vc_row`` of a new input, the step's K row (by nothing when not
-    ``vc_on``, outside a sampling run). The region modules are shared with ``gm``, not copied."""
+    ``vc_on``, outside a sampling run). The region modules are shared with ``gm``, not copied.
+
+    A piece of the graph: ``body``, the nodes to copy (default: all); ``given``, nodes of an earlier
+    piece whose values come in after the graph's own inputs; ``give``, nodes whose values go out in
+    place of the graph's output (for a later piece)."""
+    body = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")] if body is None else body
+    inside = set(body)
     g, env = fx.Graph(), {}
     for n in gm.graph.nodes:
         if n.op == "placeholder":
             env[n] = g.node_copy(n, env.__getitem__)
+    for n in given:
+        env[n] = g.placeholder(f"qc_given_{n.name}")
     reused = {n: [g.placeholder(f"qc_cached_{n.name}_{i}") for i in range(k)]
-              for n, k, compute in zip(nodes, outs, pattern) if not compute}
-    rows = {n: g.placeholder(f"qc_vc_{n.name}") for n in vcs} if vc_on else {}
+              for n, k, compute in zip(nodes, outs, pattern) if not compute and n in inside}
+    rows = {n: g.placeholder(f"qc_vc_{n.name}") for n in vcs if n in inside} if vc_on else {}
     lookup_outs = dict(zip(nodes, outs))
     extras: List[fx.Node] = []
-    for n in gm.graph.nodes:
-        if n.op == "placeholder":
-            continue
-        if n.op == "output":
-            g.output((fx.map_arg(n.args[0], env.__getitem__), *extras))
-        elif n in reused:
+    for n in body:
+        if n in reused:
             env[n] = reused[n][0] if lookup_outs[n] == 1 else tuple(reused[n])
         elif n in lookup_outs:
             env[n] = g.call_module(f"{n.target}.region", fx.map_arg(n.args, env.__getitem__),
@@ -237,13 +248,31 @@ def _pattern_graph(gm: fx.GraphModule, nodes: Sequence[fx.Node], outs: Sequence[
             env[n] = g.call_function(apply_vc_row, (x, rows[n], vcs[n].placement, vcs[n].channels_last)) if vc_on else x
         else:
             env[n] = g.node_copy(n, env.__getitem__)
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    result = tuple(env[n] for n in give) if give is not None else fx.map_arg(out, env.__getitem__)
+    g.output((result, *extras))
     return fx.GraphModule(gm, g)
+
+
+def _cut_after(gm: fx.GraphModule, node: fx.Node) -> Tuple[List[fx.Node], List[fx.Node], List[fx.Node]]:
+    """The graph's nodes up to and including ``node``, those after it, and the values of the first
+    part the second reads (its inputs, in graph order)."""
+    order = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    cut = order.index(node) + 1
+    while cut < len(order) and order[cut].target is operator.getitem and order[cut].args[0] is node:
+        cut += 1  # a multi-output region's items go with it: tensors cross the cut, not a tuple
+    first, rest = order[:cut], order[cut:]
+    later = set(rest) | {n for n in gm.graph.nodes if n.op == "output"}
+    return first, rest, [n for n in first if any(u in later for u in n.users)]
 
 
 class CachePatternModule(InductorModule):
     """The whole graph compiled once per cache pattern (see the module docstring); VC's rescales take
-    their step's K row as an input. The step state and the cache's store are the lookups' own, so
-    reports, batch checks and the run log read as before."""
+    their step's K row as an input. A data-dependent cache (adaptive, first_block) decides from its probe
+    region, so its graph is cut after that region's lookup: the first piece (the probe included) is one
+    graph, the rest one per pattern, two compiled calls a step instead of a graph break per region. The
+    step state and the cache's store are the lookups' own, so reports, batch checks and the run log
+    read as before."""
 
     def __init__(self, graph: fx.GraphModule, lookups: Dict[str, CacheLookup], vcs: Dict[str, VCRescale],
                  freeze: bool = True):
@@ -256,13 +285,23 @@ class CachePatternModule(InductorModule):
         self._nodes = [by_target[t] for t, _ in order]
         self._outs = [_region_outputs(m.region) for m in self.lookups]
         self._vc_nodes = {by_target[t]: m.export_spec() for t, m in vcs.items()}
-        self.__dict__["patterns"] = {}  # (pattern, VC on) -> compiled graph, built on first use
+        self.probe = bool(self.lookups) and self.lookups[0].schedule.policy in ("adaptive", "first_block")
+        self._cut = _cut_after(graph, self._nodes[0]) if self.probe else None
+        self.__dict__["patterns"] = {}  # (piece, pattern, VC on) -> compiled graph, built on first use
 
-    def _compiled(self, pattern: Tuple[bool, ...], vc_on: bool):
-        key = (pattern, vc_on)
+    def _compiled(self, pattern: Tuple[bool, ...], vc_on: bool, piece: str = "whole"):
+        key = (piece, pattern, vc_on)
         if key not in self.patterns:
-            self.patterns[key] = torch.compile(_pattern_graph(self.graph, self._nodes, self._outs, pattern,
-                                                              self._vc_nodes, vc_on))
+            parts = (self.graph, self._nodes, self._outs, pattern, self._vc_nodes, vc_on)
+            if piece == "probe":
+                first, _, crossing = self._cut
+                gm = _pattern_graph(*parts, body=first, give=crossing)
+            elif piece == "rest":
+                _, rest, crossing = self._cut
+                gm = _pattern_graph(*parts, body=rest, given=crossing)
+            else:
+                gm = _pattern_graph(*parts)
+            self.patterns[key] = torch.compile(gm)
         return self.patterns[key]
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
@@ -273,15 +312,24 @@ class CachePatternModule(InductorModule):
         state = (self.lookups or self.vcs)[0].step_state
         stepping = state is not None and state.step >= 0
         vc_on = bool(self.vcs) and stepping  # as VCRescale: off outside a sampling run
-        rows = [m.k[state.step] for m in self.vcs] if vc_on else []
+        rows = [m.k[state.step] for m in self.vcs] if vc_on else []  # every rescale is after the cut
         if not stepping or state.fresh:  # no sampling run: every region computes, nothing kept
             everything = self._compiled(tuple(True for _ in self.lookups), vc_on)
             return graph.process_outputs(self._call(everything, *args, *rows)[0])
         store = state.store("cache")
         outputs, log = store.setdefault("outputs", {}), store.setdefault("computed", {})
         batch = args[0].shape[0]
+        given: Tuple[torch.Tensor, ...] = ()
+        first = 0
+        if self.probe:  # the probe always computes; what it saw decides for the others
+            crossing, *probe = self._call(self._compiled((True,), False, "probe"), *args)
+            m, k = self.lookups[0], self._outs[0]
+            outputs[m.key] = probe[0] if k == 1 else tuple(probe)
+            log.setdefault(state.step, set()).add(m.index)
+            m.schedule.observe(state.step, m.index, probe[0], store)
+            given, first = tuple(crossing), 1
         pattern, cached = [], []
-        for m, k in zip(self.lookups, self._outs):
+        for m, k in zip(self.lookups[first:], self._outs[first:]):
             have = outputs.get(m.key)
             if have is not None and (have if k == 1 else have[0]).shape[0] != batch:
                 raise StepError(f"batch size changed inside a sampling run ({(have if k == 1 else have[0]).shape[0]} "
@@ -290,17 +338,20 @@ class CachePatternModule(InductorModule):
             pattern.append(compute)
             if not compute:
                 cached.extend([have] if k == 1 else have)
-        result = self._call(self._compiled(tuple(pattern), vc_on), *args, *cached, *rows)
+        full = (True,) * first + tuple(pattern)  # the probe's slot: computed already, in its own piece
+        fn = self._compiled(full, vc_on, "rest" if self.probe else "whole")
+        result = self._call(fn, *args, *given, *cached, *rows)
         fresh = iter(result[1:])
-        for m, k, compute in zip(self.lookups, self._outs, pattern):
+        for m, k, compute in zip(self.lookups[first:], self._outs[first:], pattern):
             if compute:
                 outputs[m.key] = next(fresh) if k == 1 else tuple(next(fresh) for _ in range(k))
                 log.setdefault(state.step, set()).add(m.index)
         return graph.process_outputs(result[0])
 
     def report_section(self) -> str:
-        return (super().report_section() + f"; the whole graph per cache pattern, {len(self.patterns)} compiled "
-                f"(graph breaks: none)")
+        how = "cut after the probe region, " if self.probe else ""
+        return (super().report_section() + f"; the whole graph per cache pattern ({how}{len(self.patterns)} "
+                "compiled, no graph break per region)")
 
 
 def _eager(module: nn.Module) -> None:
@@ -358,4 +409,10 @@ def _whole_graph_plan(gm: fx.GraphModule, step_aware) -> Optional[Tuple[Dict[str
         return None
     if lookups and _cache_patterns(list(lookups.values())) is None:
         return None
+    probe = min(lookups.values(), key=lambda m: m.index) if lookups else None
+    if probe is not None and probe.schedule.policy in ("adaptive", "first_block"):
+        by_target = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+        first, _, _ = _cut_after(gm, by_target[next(t for t, m in lookups.items() if m is probe)])
+        if any(by_target[t] in first for t in vcs):  # a rescale before the probe: not worth a third piece
+            return None
     return lookups, vcs
