@@ -3,7 +3,8 @@
 # run side by side, each timing on its own cores:
 #   lane A: the AMX table per forward, every row but onnxruntime's (amx_check.sh PART=forward);
 #   lane B: end to end over 50 steps: eager FP32 (the reference), ours through Inductor with the cache
-#           (interval 2), attention in FP32 and in bf16;
+#           (interval 2), attention in FP32 and in bf16, then the same with a graph break per cached
+#           region (the lowering before whole-graph cache patterns: their A/B);
 #   lane C: end to end, no reference: compiled bf16 and both PT2E rows (the baselines the goals name),
 #           and ours through Inductor without the cache;
 #   and beside them, on the build CPUs, the CUDA tests (the fixes since the last GPU run).
