@@ -182,10 +182,14 @@ class CacheSchedule:
             if step >= len(self.table):
                 raise StepError(f"the static cache schedule has {len(self.table)} steps; step {step} is past it")
             return bool(self.table[step][region])
-        # adaptive: region 0 is the probe and always runs; first_block: the whole first block does.
         # The others follow this step's decision.
-        always = 1 if self.policy == "adaptive" else self.first_block
-        return region < always or memory.get("decision", {}).get(step, True)
+        return region < self.probe_regions or memory.get("decision", {}).get(step, True)
+
+    @property
+    def probe_regions(self) -> int:
+        """Regions that compute at every step, first in graph order (data-dependent policies): adaptive,
+        the probe, region 0; first_block, the whole first block. Region 0's output decides for the rest."""
+        return 1 if self.policy == "adaptive" else self.first_block
 
     def observe(self, step: int, region: int, output: torch.Tensor, memory: Dict[str, Any]) -> None:
         """Adaptive and first_block: after the probe region runs, decide for the rest of this step."""

@@ -200,8 +200,7 @@ def _cache_patterns(lookups: Sequence[CacheLookup]) -> Optional[List[Tuple[bool,
     if any(m.schedule != schedule for m in lookups):
         return None
     if schedule.policy in ("adaptive", "first_block"):  # after the probe: all the others compute, or none
-        always = 1 if schedule.policy == "adaptive" else schedule.first_block
-        return [tuple(True for _ in lookups), tuple(m.index < always for m in lookups)]
+        return [tuple(True for _ in lookups), tuple(m.index < schedule.probe_regions for m in lookups)]
     steps = range(schedule.interval) if schedule.policy == "interval" else range(len(schedule.table))
     patterns = [tuple(True for _ in lookups)]
     for step in steps:
