@@ -280,7 +280,7 @@ def e2e_alone(name, model, inputs, sampler, args, results):
 def run_e2e(name, model, sampler, ours, args, built, ours_ind, results):
     """The end-to-end table: each row samples the same labels from the same noise; error against eager FP32."""
     b = args.batch
-    labels = list(range(b))
+    labels = benchmark_inputs(model, b)[2].tolist()  # 0..b-1 modulo the classes, as the per-forward rows
     print(f"\n### {name}, end to end, {args.steps} DDPM steps, batch {b}, {args.threads} threads\n")
     print("| row | s / run | vs eager FP32 | vs ORT FP32 | rel. error of the samples vs FP32 |\n|---|---|---|---|---|")
     base_e2e = ort_e2e = ref_samples = None
