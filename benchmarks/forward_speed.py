@@ -45,7 +45,7 @@ import torch
 import qc_compiler as qc
 from qc_compiler.tools import baselines
 from qc_compiler.tools.bench import (benchmark_inputs, benchmark_model, compile_benchmark_w8a8, interleaved_medians,
-                                     machine_line, median_seconds, pin_threads, pinned, rel_err,
+                                     machine_line, median_seconds, per_region_breaks, pin_threads, pinned, rel_err,
                                      write_results)
 from qc_compiler.passes import StepCache
 
@@ -328,18 +328,6 @@ class Denoiser:
 
     def __getattr__(self, name):
         return getattr(self.model, name)
-
-
-def per_region_breaks(build):
-    """``build()`` with the Inductor lowering of before the whole-graph cache patterns: every cache lookup a
-    graph break, its region compiled alone (what a data-dependent cache policy still gets): an A/B in one run."""
-    from qc_compiler.backends import inductor
-
-    saved, inductor._whole_graph_plan = inductor._whole_graph_plan, lambda gm, step_aware: None
-    try:
-        return build()
-    finally:
-        inductor._whole_graph_plan = saved
 
 
 def e2e_rows(model, sampler, ours, args, built=(), ours_ind=None):

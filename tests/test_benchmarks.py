@@ -312,9 +312,31 @@ def test_the_per_region_break_row_lowers_the_old_way_and_restores_the_new():
     import qc_compiler as qc
     from qc_compiler.backends.inductor import CachePatternModule, InductorModule
     from qc_compiler.passes import StepCache
+    from qc_compiler.tools.bench import per_region_breaks
 
-    forward_speed = load("forward_speed")
     build = lambda: qc.compile(make_tiny(), [StepCache(interval=2)], sampler=qc.DDPM(steps=3),  # noqa: E731
                                backend="inductor")  # torch.compile is lazy: nothing compiles here
-    assert type(forward_speed.per_region_breaks(build).graph_module) is InductorModule
+    assert type(per_region_breaks(build).graph_module) is InductorModule
     assert isinstance(build().graph_module, CachePatternModule)
+
+
+def test_cache_steps_times_each_lowering_per_step_kind(capsys, tmp_path, monkeypatch):
+    import json
+
+    compile_ = torch.compile  # dynamo's capture without Inductor's cold compiles: the script's logic is checked
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend="eager"))
+    cache_steps = load("cache_steps")
+    result = cache_steps.main(cache_steps.parse_args(["--model", "DiT-T/4", "--batch", "2", "--steps", "4",
+                                                      "--threads", "1", "--rounds", "1", "--runs", "1",
+                                                      "--json", str(tmp_path / "c.json")]))
+    out = capsys.readouterr().out
+    saved = json.loads((tmp_path / "c.json").read_text())
+    assert saved["machine"]["cpu"] and [r["row"] for r in saved["rows"]] == [r["row"] for r in result["rows"]]
+    labels = [r["row"] for r in saved["rows"]]
+    assert labels == ["torch INT8 + cache", "Inductor + cache, whole graph per pattern",
+                      "Inductor + cache, a graph break per region", "Inductor, no cache"]
+    assert all(line in out for line in ("| torch INT8 + cache |", "4-step sampling runs"))
+    assert saved["rows"][-1]["reuse_step_s"] is None and saved["rows"][-1]["vs_uncached_forward"] == 1.0
+    assert len(saved["sampling_runs_s"]) == 2 and all(len(v) == 1 for v in saved["sampling_runs_s"].values())
+    with pytest.raises(SystemExit):
+        cache_steps.parse_args(["--rounds", "0"])

@@ -373,6 +373,19 @@ def compile_benchmark_w8a8(model, sampler, first_passes: Sequence = (), backend:
         return qc_compile(model, passes=passes, sampler=sampler, backend=backend, fitted=fitted)
 
 
+def per_region_breaks(build):
+    """``build()`` with the Inductor lowering of before whole-graph cache patterns: every step-aware node a
+    graph break, each cached region compiled alone (what a static table with many patterns still gets):
+    the A/B of the speed benchmarks, in one run."""
+    from ..backends import inductor
+
+    saved, inductor._whole_graph_plan = inductor._whole_graph_plan, lambda gm, step_aware: None
+    try:
+        return build()
+    finally:
+        inductor._whole_graph_plan = saved
+
+
 def rel_err(out, ref) -> float:
     """||out - ref|| / ||ref|| for tensors or arrays (onnxruntime outputs)."""
     out = out if torch.is_tensor(out) else torch.as_tensor(np.asarray(out))
