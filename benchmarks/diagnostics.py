@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,11 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("docs"))
     p.add_argument("--json", type=Path, help="where the figures' numbers go (default: beside the PNG in --out)")
-    return p.parse_args(argv)
+    p.add_argument("--no-plot", action="store_true", help="the numbers only (no matplotlib needed)")
+    args = p.parse_args(argv)
+    if not args.no_plot and importlib.util.find_spec("matplotlib") is None:  # before the minutes of sampling
+        p.error("the plots need matplotlib: pip install -e '.[bench]', or --no-plot for the JSON alone")
+    return args
 
 
 def trajectory(model, passes, sampler, labels, seed):
@@ -112,8 +117,9 @@ def main(args) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     tag = f"cache{args.cache.every}" if args.cache.policy == "interval" else f"cache-{args.cache.policy}"
     png = args.out / f"diagnostics_{args.bits}_{tag}_{args.steps}steps.png"
-    plot(stats, png)
     save_json({**stats, "machine": machine()}, args.json or png.with_suffix(".json"))
+    if not args.no_plot:
+        plot(stats, png)
     late = slice(int(0.8 * args.steps), None)
     for name, b in stats["variance"].items():
         print(f"{name:<24} late-step median variance {np.mean(b['p50'][late]):.4f}  "
@@ -121,7 +127,7 @@ def main(args) -> dict:
     for name, c in stats["cosine"].items():
         print(f"{name:<24} late-step cosine: across samples {np.mean(c['across_samples'][late]):.3f}, "
               f"to previous step {np.nanmean(c['to_previous_step'][late]):.3f}")
-    print(f"wrote {png}")
+    print(f"wrote {args.json or png.with_suffix('.json')}" + ("" if args.no_plot else f" and {png}"))
     return stats
 
 

@@ -291,12 +291,17 @@ def test_diagnostics_writes_its_figures_numbers_where_asked(capsys, tmp_path, mo
     diagnostics = load("diagnostics")
     plotted = []
     monkeypatch.setattr(diagnostics, "plot", lambda stats, png: plotted.append(png))  # matplotlib is a bench extra
-    args = diagnostics.parse_args(["--n", "4", "--steps", "4", "--calib-size", "16", "--pool-labels", "2",
-                                   "--threads", "1", "--out", str(tmp_path / "png"),
-                                   "--json", str(tmp_path / "d.json")])
-    stats = diagnostics.main(args)
+    argv = ["--n", "4", "--steps", "4", "--calib-size", "16", "--pool-labels", "2", "--threads", "1",
+            "--out", str(tmp_path / "png"), "--json", str(tmp_path / "d.json")]
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
+    with pytest.raises(SystemExit):  # refused before any sampling, not after
+        diagnostics.parse_args(argv)
+    stats = diagnostics.main(diagnostics.parse_args(argv + ["--no-plot"]))
     saved = json.loads((tmp_path / "d.json").read_text())
-    assert saved["machine"]["cpu"] and plotted == [tmp_path / "png" / "diagnostics_w8a8_cache2_4steps.png"]
+    assert saved["machine"]["cpu"] and plotted == []
     assert set(saved["variance"]) == set(stats["variance"]) >= {"FP32", "cache only", "quant+cache"}
     assert saved["variance"]["FP32"]["p50"] == stats["variance"]["FP32"]["p50"]
     assert len(saved["variance"]["FP32"]["p50"]) == 4  # one band per step
