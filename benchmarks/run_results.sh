@@ -26,20 +26,28 @@ run() {  # run NAME COMMAND...: the table to NAME.md, the JSON the command write
 if [[ $what == all || $what == speed ]]; then
     run gemm_peak_DiT-B-2 $PY benchmarks/gemm_peak.py --model DiT-B/2 --threads 2 --json "$OUT/gemm_peak_DiT-B-2.json"
     run gemm_peak_DiT-S-2 $PY benchmarks/gemm_peak.py --model DiT-S/2 --threads 2 --json "$OUT/gemm_peak_DiT-S-2.json"
-    run cache_speed $PY benchmarks/cache_speed.py --models dit-mnist,DiT-B/2 --repeats 3 --threads 2 \
-        --json "$OUT/cache_speed.json"
-    run forward_speed $PY benchmarks/forward_speed.py --models DiT-B/2,DiT-S/2,dit-mnist --batch 8 --repeats 9 \
-        --threads 2 --json "$OUT/forward_speed.json"
-    run onnx_parity $PY benchmarks/onnx_parity.py --models dit-mnist,DiT-S/2,DiT-B/2 --steps 50 --batch 8 --threads 2 \
-        --json "$OUT/onnx_parity.json"
-    run profile_DiT-B-2 $PY benchmarks/profile_forward.py --model DiT-B/2 --batch 8 --threads 2 \
-        --json "$OUT/profile_DiT-B-2.json"
+    run cache_speed_dit-mnist $PY benchmarks/cache_speed.py --models dit-mnist --repeats 3 --threads 2 \
+        --json "$OUT/cache_speed_dit-mnist.json"
+    run cache_speed_DiT-B-2 $PY benchmarks/cache_speed.py --models DiT-B/2 --repeats 3 --threads 2 \
+        --json "$OUT/cache_speed_DiT-B-2.json"
+    for p in DiT-B/2 DiT-S/2; do
+        run "profile_${p/\//-}" $PY benchmarks/profile_forward.py --model $p --batch 8 --threads 2 \
+            --json "$OUT/profile_${p/\//-}.json"
+    done
     run profile_DiT-B-2_int_mm $PY benchmarks/profile_forward.py --model DiT-B/2 --batch 8 --threads 2 --kernel int_mm \
         --json "$OUT/profile_DiT-B-2_int_mm.json"
     run ort_probe $PY benchmarks/ort_probe.py --model DiT-B/2 --threads 2 --json "$OUT/ort_probe.json"
-    run tap_scaling $PY benchmarks/tap_scaling.py --sizes 5000,20000,50000 --exact-limit 5000 --threads 2
+    run onnx_parity $PY benchmarks/onnx_parity.py --models dit-mnist,DiT-S/2,DiT-B/2 --steps 50 --batch 8 --threads 2 \
+        --json "$OUT/onnx_parity.json"
+    # one model per process, so a table lands as soon as its model is done (DiT-B/2 alone takes about 40 min)
+    for m in dit-mnist DiT-S/2 DiT-B/2; do
+        run "forward_speed_${m/\//-}" $PY benchmarks/forward_speed.py --models $m --batch 8 --repeats 9 --threads 2 \
+            --json "$OUT/forward_speed_${m/\//-}.json"
+    done
+    run tap_scaling $PY benchmarks/tap_scaling.py --sizes 5000,20000,50000 --exact-limit 5000 --threads 2 \
+        --json "$OUT/tap_scaling.json"
     run tap_scaling_capped $PY benchmarks/tap_scaling.py --sizes 5000,20000,50000 --exact-limit 0 \
-        --max-landmarks 1000 --threads 2
+        --max-landmarks 1000 --threads 2 --json "$OUT/tap_scaling_capped.json"
 fi
 
 if [[ $what == all || $what == quality ]]; then

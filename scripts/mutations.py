@@ -158,8 +158,10 @@ def main(which=None, out=None):
         results.append({"mutation": name, "caught": caught, "by": failed[0][7:] if failed else proc.stdout[-300:],
                         "seconds": round(time.time() - t0)})
         print(json.dumps(results[-1]), flush=True)
-    if out:
-        Path(out).write_text(json.dumps(results, indent=1))
+        if out:  # after every mutation, so a run stopped early keeps what it measured
+            tmp = Path(f"{out}.tmp")
+            tmp.write_text(json.dumps(results, indent=1))
+            tmp.replace(out)
     missed = [r["mutation"] for r in results if not r["caught"]]
     print(f"{len(results) - len(missed)} of {len(results)} mutations caught" + (f"; missed: {missed}" if missed else ""))
     return 1 if missed else 0
