@@ -64,14 +64,20 @@ def check_output_file(path, what: str = "output") -> Path:
     path = Path(path)
     if path.is_dir():
         raise ArtifactError(f"{path} is a folder; give a file path for the {what}")
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ArtifactError(f"{parent} is a file, so {path} cannot be written")
-    if not os.access(parent, os.W_OK):
-        raise ArtifactError(f"{parent} is not writable, so {path} cannot be written")
+    check_writable_under(path.parent, path)
     return path
+
+
+def check_writable_under(folder: Path, target: Path) -> None:
+    """Refuse ``target`` (a file or a folder to create under ``folder``) when the nearest existing
+    folder on the way is a file or not writable. Missing folders are fine: they are created."""
+    folder = Path(folder)
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ArtifactError(f"{folder} is a file, so {target} cannot be written")
+    if not os.access(folder, os.W_OK):
+        raise ArtifactError(f"{folder} is not writable, so {target} cannot be written")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 
 from .errors import ArtifactError
-from .io import load_json, load_tensors, save_json, save_tensors, sha256_file
+from .io import check_writable_under, load_json, load_tensors, save_json, save_tensors, sha256_file
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "save_compiled", "save_schedules", "split_schedules", "load_artifact",
            "read_manifest", "write_manifest", "check_output_folder"]
@@ -56,8 +56,9 @@ def _digest(manifest: Dict[str, Any]) -> str:
 
 
 def check_output_folder(folder: Path) -> None:
-    """Refuse, before any work, a folder that cannot take an artefact: a file, or a non-empty folder
-    holding anything but an earlier artefact's files (which are replaced)."""
+    """Refuse, before any work, a folder that cannot take an artefact: a file, a non-empty folder
+    holding anything but an earlier artefact's files (which are replaced), or one that cannot be
+    written (nor created)."""
     folder = Path(folder)
     if str(folder) in ("", "."):
         raise ArtifactError("the output folder is empty or '.'; name a new folder, e.g. --out out/model")
@@ -67,6 +68,7 @@ def check_output_folder(folder: Path) -> None:
         foreign = sorted(p.name for p in folder.iterdir() if p.name not in (MANIFEST, *_FILES))
         if foreign:
             raise ArtifactError(f"{folder} is not empty (it holds {foreign[:3]}); name a new or empty folder")
+    check_writable_under(folder, folder)  # the folder itself, or the one it will be created in
 
 
 def write_manifest(manifest: Dict[str, Any], folder: Path) -> None:

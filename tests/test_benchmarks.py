@@ -72,8 +72,58 @@ def test_profile_forward_labels_our_gemms_for_either_kernel(capsys, monkeypatch,
         assert ours["shares_s"][next(k for k in ours["shares_s"] if k.startswith("INT8"))] == saved["int8_gemm_s"]
 
 
-def test_forward_speed_prints_every_row_with_its_error(capsys):
+def test_cache_speed_warms_up_at_the_timed_batch_and_times_three_runs(capsys, tmp_path, monkeypatch):
+    import json
+
+    import qc_compiler as qc
+
+    cache_speed = load("cache_speed")
+    with pytest.raises(SystemExit, match="at least 3"):
+        cache_speed.main(cache_speed.parse_args(["--repeats", "2"]))
+    calls, real_sample = [], qc.DDPM.sample
+
+    def sample(self, model, labels, seed=0, **kw):
+        calls.append((len(labels), seed))
+        return real_sample(self, model, labels, seed=seed, **kw)
+
+    monkeypatch.setattr(qc.DDPM, "sample", sample)
+    cache_speed.main(cache_speed.parse_args(["--models", "DiT-T/4", "--steps", "4", "--batch", "3", "--repeats", "3",
+                                             "--threads", "1", "--json", str(tmp_path / "c.json")]))
+    rows = json.loads((tmp_path / "c.json").read_text())["rows"]
+    assert [r["policy"] for r in rows] == list(cache_speed.POLICIES)
+    assert calls == [(3, 0), (3, 0), (3, 1), (3, 2)] * len(rows)  # one warm-up at the timed batch, then 3 runs
+    assert all(len(r["times_s"]) == 3 and r["median_s"] == sorted(r["times_s"])[1] for r in rows)
+    assert rows[0]["block_flops_skipped"] == 0 and rows[0]["speedup"] == 1
+    assert 0.3 < rows[1]["block_flops_skipped"] < 0.7  # interval 2 skips about half the blocks' work
+    assert "| DiT-T/4 | interval 3 |" in capsys.readouterr().out
+
+
+def test_forward_speed_prints_every_row_with_its_error(capsys, monkeypatch):
+    import onnxruntime.quantization as oq
+
     forward_speed = load("forward_speed")
+    # quantize_static must calibrate on exactly our calibration set (trajectory items, every timestep)
+    ours_items, static_items, real_static, real_batches = [], [], oq.quantize_static, forward_speed.calibration_batches
+
+    def batches(ours, batch):
+        ours_items.append(ours.build["fitted"]["calibration.set.x"].shape[0])
+        return real_batches(ours, batch)
+
+    def spy_static(model_in, model_out, reader, *a, **kw):
+        items = list(iter(reader.get_next, None))
+        static_items.append(sum(item["x"].shape[0] for item in items))
+
+        class Replay(oq.CalibrationDataReader):
+            def __init__(self):
+                self.it = iter(items)
+
+            def get_next(self):
+                return next(self.it, None)
+
+        return real_static(model_in, model_out, Replay(), *a, **kw)
+
+    monkeypatch.setattr(forward_speed, "calibration_batches", batches)
+    monkeypatch.setattr(oq, "quantize_static", spy_static)
     # the compiled baselines compile for minutes: benchmarks/test_speed.py runs them (--benchmark-only)
     forward_speed.main(forward_speed.parse_args(["--models", "DiT-T/4", "--batch", "2", "--repeats", "1",
                                                  "--steps", "3", "--threads", "1", "--no-compiled",
@@ -86,6 +136,7 @@ def test_forward_speed_prints_every_row_with_its_error(capsys):
                 "ours W8A8 ONNX INT8 (onnxruntime) |"):
         assert row in per_forward
     assert "failed" not in out
+    assert ours_items and ours_items[0] > 0 and static_items == [ours_items[0]] * 2  # default op types, MatMul only
     rows = [line for line in e2e.splitlines() if line.startswith("| ") and "s / run" not in line]
     assert [r.split(" | ")[0][2:] for r in rows] == [  # --e2e-only: the reference and the rows asked for
         "eager FP32", "ours W8A8 torch INT8", "ours W8A8 torch INT8 + cache interval 2",

@@ -1,3 +1,4 @@
+import argparse
 import subprocess
 import sys
 
@@ -81,6 +82,33 @@ def test_help_is_clean_for_every_command(capsys):
             main([cmd, "--help"])
         out = capsys.readouterr()
         assert info.value.code == 0 and out.err == "" and f"usage: qc {cmd}" in out.out
+
+
+def test_every_flag_has_help_and_pass_help_lists_every_pass_with_its_options():
+    from qc_compiler.pipeline import PASS_REGISTRY
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert {"sample", "compile", "tune", "export", "eval", "sample-ddp", "bench", "demo"} <= set(commands)
+    def walk(prog, p):  # every flag and positional of every (sub)command, nested ones (qc bench quality) too
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(f"{prog} {name}", sub)
+            elif not isinstance(action, argparse._HelpAction):
+                yield prog, action
+
+    flags = list(walk("qc", parser))
+    assert len(flags) > 50
+    for prog, action in flags:
+        assert action.help and action.help.strip(), f"{prog} {action.option_strings or action.dest}: no help"
+    pass_help = next(a for a in commands["compile"]._actions if a.dest == "passes").help
+    for name in PASS_REGISTRY:
+        assert f"; {name}" in pass_help or f"Passes: {name}" in pass_help, name
+    # each pass with its options: the ones a user types most
+    for option in ("quantize[:", "preset", "weight_bits", "step_cache[:", "interval", "threshold",
+                   "variance_compensation[:", "placement", "tap_calibration[:", "alpha"):
+        assert option in pass_help, option
 
 
 def test_argparse_rejects_bad_numbers(capsys):

@@ -72,6 +72,19 @@ def test_a_rerun_resumes_without_losing_or_duplicating(weights, tmp_path, capsys
     assert "wrote 4 shard(s)" in capsys.readouterr().out
 
 
+def test_shards_follow_the_models_content_and_the_sampler_not_the_path(weights, tmp_path, capsys):
+    import shutil
+
+    path, out = tmp_path / "model.safetensors", tmp_path / "run"
+    shutil.copy(weights, path)
+    assert main(args(str(path), out)) == 0 and "wrote 4 shard(s)" in capsys.readouterr().out
+    assert main(args(str(path), out)) == 0 and "wrote 0 shard(s)" in capsys.readouterr().out  # all reused
+    torch.manual_seed(1)  # retrained or recompiled at the same path: another model, its own shards
+    save_model_weights(DiT_models["DiT-T/4"](input_size=32, in_channels=1, num_classes=10), path)
+    assert main(args(str(path), out)) == 0 and "wrote 4 shard(s)" in capsys.readouterr().out
+    assert main(args(str(path), out, "--sampler", "ddim")) == 0 and "wrote 4 shard(s)" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_eval_nproc_launches_torchrun_and_scores_once(weights, tmp_path):
     out = tmp_path / "metrics.json"

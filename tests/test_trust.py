@@ -6,7 +6,7 @@ import torch
 
 import qc_compiler as qc
 from qc_compiler.cli import main
-from qc_compiler.passes import Quantize, StepCache, UniformCalibration, VarianceCompensation
+from qc_compiler.passes import Quantize, StepCache, TAPCalibration, UniformCalibration, VarianceCompensation
 from conftest import make_tiny
 
 SAMPLER = qc.DDPM(steps=4, cfg_scale=1.5)
@@ -243,22 +243,29 @@ def test_compile_shows_progress(tmp_path, capsys):
     assert "[1/2] uniform_calibration ..." in err and "[2/2] quantize done in" in err
 
 
-def test_asking_for_more_calibration_items_than_the_pool_holds_warns_once(caplog):
+@pytest.mark.parametrize("selector", [UniformCalibration, TAPCalibration])
+def test_asking_for_more_calibration_items_than_the_pool_holds_warns_once(caplog, selector):
     import logging
 
     with caplog.at_level(logging.WARNING, logger="qc_compiler.passes.calibrate"):
-        qc.compile(make_tiny(), passes=[UniformCalibration(size=800, pool_labels=4)], sampler=SAMPLER)
+        qc.compile(make_tiny(), passes=[selector(size=800, pool_labels=4)], sampler=SAMPLER)
     warnings = [r.getMessage() for r in caplog.records if "calibration items" in r.getMessage()]
     assert len(warnings) == 1 and "asked for 800" in warnings[0] and "holds 16" in warnings[0]
 
 
-def test_a_read_only_output_folder_is_refused_before_work(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("command", [["sample", "--out", "g.png"], ["eval", "--n", "2", "--out", "m.json"],
+                                     ["compile", "--pass", "uniform_calibration", "--pass", "quantize", "--out", "model"],
+                                     ["bench", "quality", "--variants", "fp32", "--out", "b.json"]])
+def test_a_read_only_output_folder_is_refused_before_work(tmp_path, capsys, monkeypatch, command):
     """Root can write anywhere, so the check is what is tested: os.access says no, nothing runs."""
     import os
 
     import qc_compiler.io as qio
+    import qc_compiler.models.zoo as zoo
 
     real_access = os.access
     monkeypatch.setattr(qio.os, "access", lambda p, mode: False if str(p) == str(tmp_path) else real_access(p, mode))
-    assert "is not writable" in one_line_error(["sample", "--model", "DiT-T/4", "--steps", "2",
-                                                "--out", str(tmp_path / "g.png")], capsys)
+    monkeypatch.setattr(zoo, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded anyway")))
+    *argv, flag, out = command
+    model = [] if command[0] == "bench" else ["--model", "DiT-T/4", "--steps", "2"]
+    assert "is not writable" in one_line_error([*argv, *model, flag, str(tmp_path / out)], capsys)

@@ -56,7 +56,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..diffusion.samplers import model_device
-from ..errors import ExportError, StepError
+from ..errors import ExportError
 from ..passes.cache import CacheLookup
 from ..passes.vc import VCRescale
 from ..quant.spec import QuantizedLinearSpec
@@ -316,23 +316,20 @@ class CachePatternModule(InductorModule):
             everything = self._compiled(tuple(True for _ in self.lookups), vc_on)
             return graph.process_outputs(self._call(everything, *args, *rows)[0])
         store = state.store("cache")
-        outputs, log = store.setdefault("outputs", {}), store.setdefault("computed", {})
+        outputs = store.setdefault("outputs", {})
         batch = args[0].shape[0]
         given: Tuple[torch.Tensor, ...] = ()
         first = 0
         if self.probe:  # the probe always computes; what it saw decides for the others
             crossing, *probe = self._call(self._compiled((True,), False, "probe"), *args)
             m, k = self.lookups[0], self._outs[0]
-            outputs[m.key] = probe[0] if k == 1 else tuple(probe)
-            log.setdefault(state.step, set()).add(m.index)
+            m.keep(state.step, probe[0] if k == 1 else tuple(probe), store)
             m.schedule.observe(state.step, m.index, probe[0], store)
             given, first = tuple(crossing), 1
         pattern, cached = [], []
         for m, k in zip(self.lookups[first:], self._outs[first:]):
             have = outputs.get(m.key)
-            if have is not None and (have if k == 1 else have[0]).shape[0] != batch:
-                raise StepError(f"batch size changed inside a sampling run ({(have if k == 1 else have[0]).shape[0]} "
-                                f"-> {batch}) at {m.key}; start a new run at the first step")
+            m.check_batch(have, batch)
             compute = m.schedule.decide(state.step, m.index, have is not None, store)
             pattern.append(compute)
             if not compute:
@@ -343,8 +340,7 @@ class CachePatternModule(InductorModule):
         fresh = iter(result[1:])
         for m, k, compute in zip(self.lookups[first:], self._outs[first:], pattern):
             if compute:
-                outputs[m.key] = next(fresh) if k == 1 else tuple(next(fresh) for _ in range(k))
-                log.setdefault(state.step, set()).add(m.index)
+                m.keep(state.step, next(fresh) if k == 1 else tuple(next(fresh) for _ in range(k)), store)
         return graph.process_outputs(result[0])
 
     def report_section(self) -> str:

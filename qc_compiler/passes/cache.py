@@ -70,18 +70,25 @@ class CacheLookup(StepAware, nn.Module):
         if state is None or state.step < 0 or state.fresh:  # no sampling run (or calibrating): the plain graph
             return self.region(*args)
         store = state.store("cache")
-        outputs, log = store.setdefault("outputs", {}), store.setdefault("computed", {})
-        cached = outputs.get(self.key)
-        batch = args[0].shape[0]
-        if cached is not None and _first(cached).shape[0] != batch:
-            raise StepError(f"batch size changed inside a sampling run ({_first(cached).shape[0]} -> {batch}) at "
-                            f"{self.key}; start a new run at the first step")
+        cached = store.setdefault("outputs", {}).get(self.key)
+        self.check_batch(cached, args[0].shape[0])
         if self.schedule.decide(state.step, self.index, cached is not None, store):
             cached = self.region(*args)
-            outputs[self.key] = cached
-            self.schedule.observe(state.step, self.index, _first(cached), store)
-            log.setdefault(state.step, set()).add(self.index)
+            self.keep(state.step, cached, store)
+            self.schedule.observe(state.step, self.index, first_output(cached), store)
         return cached
+
+    def check_batch(self, cached: Any, batch: int) -> None:
+        """Refuse a stored output of another batch size: a new run must start at the first step."""
+        if cached is not None and first_output(cached).shape[0] != batch:
+            raise StepError(f"batch size changed inside a sampling run ({first_output(cached).shape[0]} -> {batch}) "
+                            f"at {self.key}; start a new run at the first step")
+
+    def keep(self, step: int, output: Any, store: dict) -> None:
+        """Store the region's fresh output for later steps and log that it computed at ``step``
+        (the Inductor backend's whole-graph patterns keep theirs through here too)."""
+        store.setdefault("outputs", {})[self.key] = output
+        store.setdefault("computed", {}).setdefault(step, set()).add(self.index)
 
     def report_section(self) -> str:
         # One summary for the whole cache, written by the first lookup from the last run's log.
@@ -90,7 +97,7 @@ class CacheLookup(StepAware, nn.Module):
         return cache_report(self.schedule, self.step_state.store("cache").get("computed", {}), self.step_state.num_steps)
 
 
-def _first(output: Any) -> torch.Tensor:
+def first_output(output: Any) -> torch.Tensor:
     """A region's output, or the first of a multi-output region's (a joint attention's image stream)."""
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -213,7 +220,7 @@ def derive_schedule(gm: fx.GraphModule, ctx, lookups: List[CacheLookup], *, thre
     num_classes = ctx.num_conditions or 1
     for run in range(2):
         outputs: Dict[int, List[torch.Tensor]] = {i: [] for i in range(len(lookups))}
-        hooks = [m.region.register_forward_hook(lambda mod, a, out, i=i: outputs[i].append(_first(out).detach()))
+        hooks = [m.region.register_forward_hook(lambda mod, a, out, i=i: outputs[i].append(first_output(out).detach()))
                  for i, m in enumerate(lookups)]
         try:
             ctx.collect(gm, labels=[(run * n_labels + k) % num_classes for k in range(n_labels)], seed=ctx.seed + run)
