@@ -90,6 +90,7 @@ def test_every_flag_has_help_and_pass_help_lists_every_pass_with_its_options():
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     assert {"sample", "compile", "tune", "export", "eval", "sample-ddp", "bench", "demo"} <= set(commands)
+
     def walk(prog, p):  # every flag and positional of every (sub)command, nested ones (qc bench quality) too
         for action in p._actions:
             if isinstance(action, argparse._SubParsersAction):
