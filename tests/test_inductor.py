@@ -30,6 +30,8 @@ def test_inductor_lowering_matches_the_reference_fuses_int8_and_never_recompiles
     reference = qc.compile(model, passes(preset=bits) + vc(), sampler=sampler, backend="fakequant")
     assert len(fast.step_hooks) == 1 and len(reference.step_hooks) == 1  # VC was once dropped here, silently
     assert sum(isinstance(m, QDQLinear) for m in fast.modules()) == 7  # 5 INT8 GEMMs + 2 weight-only
+    # the weight-only ones on the INT8 GEMM that reads their codes, where the CPU accumulates in int32
+    assert sum(m.int8_gemm for m in fast.modules() if isinstance(m, QDQLinear)) == 2 * cpu_has_vnni()
     assert isinstance(fast.graph_module, CachePatternModule)  # interval cache: one graph per pattern
     first = sampler.sample(fast, LABELS, seed=0)
     frames = dict(dynamo_utils.counters["frames"])

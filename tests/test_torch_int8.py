@@ -28,16 +28,63 @@ def pairs(fq, i8, lowered_type=Int8Linear):
     return [(a[k], b[k]) for k in a if isinstance(b[k], lowered_type)]
 
 
-def test_conditioning_linears_lower_to_weight_only_int8_matching_the_reference():
+def aten_ops(fn, *args):
+    """The ATen ops ``fn(*args)`` dispatches, by name (``"_int_mm"``, ``"addmm"``, ...)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn(*args)
+    return seen
+
+
+@pytest.mark.parametrize("vnni", [True, False])
+def test_conditioning_linears_lower_to_weight_only_int8_matching_the_reference(vnni, monkeypatch):
+    if vnni and not cpu_has_vnni():
+        pytest.skip("the INT8 GEMM on the codes needs int32 accumulation (VNNI/AMX)")
+    monkeypatch.setenv("QC_CPU_VNNI", "1" if vnni else "0")
     model, sampler = make_tiny(), qc.DDPM(steps=3)
     fq = qc.compile(model, passes=PASSES(), sampler=sampler, backend="fakequant")
     i8 = qc.compile(model, passes=PASSES(), sampler=sampler, backend="torch")
     for q, lowered in pairs(fq, i8, WeightOnlyLinear):
         assert q.weight_only and lowered.w_int8.dtype == torch.int8 and lowered.w_int8.abs().max() <= 127
-        c = torch.randn(5, q.weight.shape[1]) * 3  # float input: no activation code to lose
-        torch.testing.assert_close(lowered(c), q(c), rtol=1e-5, atol=1e-5)
-        assert not torch.equal(lowered(c), torch.nn.functional.linear(c, q.weight, q.bias))  # weights are int8
-    assert "weight-only: W8 codes in int8" in i8.report() and "INT8 (" in i8.report()  # both kinds listed
+        c = torch.randn(5, q.weight.shape[1]) * 3
+        c[1] = 0.0  # a zero row: zero codes, not a 0/0
+        ref, out = q(c), lowered(c)
+        ops = aten_ops(lowered, c)
+        if vnni:  # one INT8 GEMM on the codes, no float GEMM; the input written to 2^-16 of each row's range
+            assert ops.count("_int_mm") == 1 and not {"mm", "addmm", "linear"} & set(ops)
+            w = q.weight.detach().abs().sum(1)  # |error| <= sum_k |w_k| * max|x| / (127 * 508) per row
+            bound = c.abs().amax(1, keepdim=True) * w / (127 * 508) + 1e-5 * ref.abs() + 1e-6
+            assert ((out - ref).abs() <= bound).all()
+            assert (out - ref).abs().max() > 0  # not the float GEMM
+        else:  # no int32 accumulation: the float GEMM on the dequantized codes, exactly the reference's
+            assert "_int_mm" not in ops
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        assert not torch.equal(out, torch.nn.functional.linear(c, q.weight, q.bias))  # weights are int8
+        nan = c.clone()
+        nan[3, 0] = float("nan")
+        assert lowered(nan).isnan().any(1).tolist() == [False, False, False, True, False]  # that row, only
+    gemm = "INT8 GEMM on the codes" if vnni else "float GEMM"
+    assert f"weight-only: W8 codes in int8, float input ({gemm})" in i8.report() and "INT8 (" in i8.report()
+
+
+def test_the_split_rows_reproduce_the_input_to_two_to_the_minus_sixteen_of_its_range():
+    from qc_compiler.quant.weight_only import RESIDUAL_STEPS, split_int8_rows
+
+    x = torch.randn(6, 40) * torch.logspace(-3, 3, 6)[:, None]  # rows of very different ranges
+    codes, scale = split_int8_rows(x)
+    assert codes.dtype == torch.int8 and codes.shape == (12, 40) and codes.abs().max() <= 127
+    back = scale * (codes[:6].float() + codes[6:].float() / RESIDUAL_STEPS)
+    limit = x.abs().amax(1, keepdim=True) / (127 * 2 * RESIDUAL_STEPS)  # half a fine step
+    assert ((back - x).abs() <= limit * 1.001).all()
+    assert ((back - x).abs() > limit / 4).any()  # and that is the precision, not more
 
 
 def test_all_w8a8_is_one_option_away():

@@ -7,9 +7,11 @@ uint8 scale and zero point, ``dequantize_per_channel`` of the int8 weight codes,
 ``freezing`` on, Inductor folds each pattern into one oneDNN INT8 GEMM (AMX where the CPU has it)
 with the weights prepacked, fuses the activation's quantization into the LayerNorm/modulate before
 it, a following GELU into the GEMM, and fc1's output straight into fc2's uint8 input. A weight-only
-linear (the conditioning layers) runs a float GEMM; Inductor does not fold the dequantization of its
-codes, which it fuses into a neighbouring kernel instead (a frozen float copy of the weight measured no
-faster on DiT-S/2 or DiT-B/2: 254 vs 252 ms and 681 vs 670 ms per forward, 2026-12-05).
+linear (the conditioning layers) runs :func:`~qc_compiler.quant.weight_only.weight_only_int8_linear`
+where the CPU has VNNI: its float input written exactly enough as two int8 rows, one ``_int_mm``
+reading the int8 codes (these GEMMs are bound by reading the weight). Inductor fuses the splitting into
+one kernel. Without VNNI it runs a float GEMM on the dequantized codes (Inductor does not fold that
+dequantization; it fuses it into a neighbouring kernel).
 
 What reads the step stays outside the compiled code. When the only step-dependent nodes are cache
 lookups whose schedule is a function of the step alone (``interval``, or a ``static`` table with few
@@ -62,6 +64,7 @@ from ..errors import ExportError
 from ..passes.cache import CacheLookup
 from ..passes.vc import VCRescale
 from ..quant.spec import QuantizedLinearSpec
+from ..quant.weight_only import weight_only_int8_linear
 from ..step import StepAware
 from ..quant.config import QuantConfig
 from ..specs import VCTable, apply_vc_row
@@ -121,11 +124,14 @@ class QDQLinear(nn.Module):
                               "per-token ranges are taken at run time: compile with act_granularity='tensor', or backend='torch'")
         # one group (checked before the passes ran): the step-0 slot is the all-steps range
         self.act_qparams = None if spec.act is None else spec.act.act_qparams(0)
+        self.int8_gemm = spec.act is None and cpu_has_vnni()
 
     def export_spec(self) -> QuantizedLinearSpec:
         return self.spec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int8_gemm:  # weight-only, on the codes (see the module docstring)
+            return weight_only_int8_linear(x, self.w_int8.t(), self.w_scale, self.bias)
         qd = _qd()
         w = qd.dequantize_per_channel.default(self.w_int8, self.w_scale, self.w_zero, 0, -128, 127, torch.int8)
         if self.act_qparams is not None:

@@ -7,7 +7,8 @@ step group where configured) or per token at run time (``act_granularity="token"
 accumulation, and a fused dequantize with bias. A tanh-GELU
 right after a linear (the MLP's fc1) is folded into that kernel as a post-op. A weight-only layer
 (``act_bits=None``: the conditioning linears, one row per sample) becomes a ``WeightOnlyLinear``:
-int8 weights, dequantized for a float GEMM of those few rows. Cache lookups, VC nodes and anything
+int8 weights and a float input, on an INT8 GEMM that reads the codes (``quant.weight_only``) where
+the CPU accumulates in int32, else a float GEMM on a dequantized copy. Cache lookups, VC nodes and anything
 else in the graph are left as they are. Quantized activations alone (attention-matmul operands) stay
 fake-quant: PyTorch has no INT8 batched matmul on CPU worth calling.
 
@@ -53,6 +54,7 @@ from ..errors import ExportError
 from ..graph import iter_graph_modules
 from ..quant.qparams import quantize_per_token
 from ..quant.spec import QuantizedLinearSpec
+from ..quant.weight_only import weight_only_int8_linear
 from ..step import StepAware
 from .registry import SATURATING_WEIGHT_CODE, cpu_has_vnni, register_backend
 
@@ -271,10 +273,13 @@ class Fp8Linear(nn.Module):
 class WeightOnlyLinear(nn.Module):
     """A linear with int8 weights (per output channel) and a float input.
 
-    The int8 codes and scales are what the layer holds, saves and exports; for the GEMM it keeps a
-    dequantized float copy, made on first use (like oneDNN's prepacked weights): these layers run on
-    one row per sample, where a float GEMM is memory-bound on the weight and re-dequantizing at each
-    call costs more than the GEMM (measured: docs/RESULTS.md)."""
+    On a CPU whose INT8 GEMM accumulates in int32 (VNNI, AMX) the GEMM reads the int8 codes:
+    :func:`qc_compiler.quant.weight_only.weight_only_int8_linear`, the input written exactly enough
+    as two int8 rows (to 2^-16 of each row's range). These layers run on one row per sample, where a
+    GEMM is bound by reading its weight, so one byte a weight instead of four is the speed (DiT-B/2's
+    adaLN layers: 19 ms a forward as float GEMMs, about 4 ms so; docs/RESULTS.md). Elsewhere (no VNNI,
+    CUDA, a low-rank branch), a dequantized float copy made on first use (like oneDNN's prepacked
+    weights): re-dequantizing at each call would cost more than the GEMM."""
 
     def __init__(self, spec: QuantizedLinearSpec):
         super().__init__()
@@ -283,11 +288,14 @@ class WeightOnlyLinear(nn.Module):
         self.register_buffer("w_scale", spec.w_scale.float())
         self.bias = None if spec.bias is None else nn.Parameter(spec.bias.detach().clone(), requires_grad=False)
         self.dequantized = None
+        self.int8_gemm = spec.low_rank is None and cpu_has_vnni()  # on the CPU (checked per call)
 
     def export_spec(self) -> QuantizedLinearSpec:
         return self.spec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int8_gemm and x.device.type == "cpu":
+            return weight_only_int8_linear(x, self.w_int8.t(), self.w_scale, self.bias)
         w = self.dequantized
         if w is None or w.dtype != x.dtype or w.device != x.device:
             w = self.w_int8.float() * self.w_scale[:, None]
@@ -298,7 +306,8 @@ class WeightOnlyLinear(nn.Module):
         return torch.nn.functional.linear(x, w, self.bias)
 
     def report_section(self) -> str:
-        return f"  {self.path:<30} weight-only: W{self.spec.weight_bits} codes in int8, float input"
+        gemm = "INT8 GEMM on the codes" if self.int8_gemm else "float GEMM"
+        return f"  {self.path:<30} weight-only: W{self.spec.weight_bits} codes in int8, float input ({gemm})"
 
 
 def check_torch_kernel(passes) -> None:
