@@ -17,11 +17,12 @@ Rows (each with its output error against eager FP32 on the same inputs, and its 
 - ours: W8A8 (uniform calibration, 2 sampling runs of pool) lowered to INT8 kernels (the ``torch``
   backend's, and the ``inductor`` backend's: the same calibration through torch.compile), and our INT8
   ONNX file under onnxruntime; through Inductor once more with every linear's input quantized (the
-  conditioning linears too), the layer set of PT2E's all-layers row, and once with attention in bf16
-  (``AttentionPrecision``).
+  conditioning linears too), the layer set of PT2E's all-layers row, and with attention in bf16
+  (``AttentionPrecision``) on both its kernels, the one it picks for this machine first.
 End-to-end: 50-step DDPM sampling (same noise) for eager FP32, ``torch.compile`` bf16, PT2E INT8 +
 ``torch.compile``, onnxruntime FP32 (our exporter, no passes), ours torch INT8, Inductor INT8 and ONNX
-INT8, each without and with the cache (interval 2), and Inductor INT8 with bf16 attention and the cache;
+INT8, each without and with the cache (interval 2), and Inductor INT8 with bf16 attention (the kernel
+the pass picks here) without and with the cache;
 the error is that of the final samples against eager FP32's. ``--no-forward``, ``--e2e-no-reference``,
 ``--time-cpus``/``--build-cpus`` and ``--build-s`` split a run into processes side by side on one machine
 (``benchmarks/gpu_host_check.sh``).
@@ -47,7 +48,11 @@ from qc_compiler.tools import baselines
 from qc_compiler.tools.bench import (benchmark_inputs, benchmark_model, compile_benchmark_w8a8, interleaved_medians,
                                      machine_line, median_seconds, per_region_breaks, pin_threads, pinned, rel_err,
                                      write_results)
-from qc_compiler.passes import StepCache
+from qc_compiler.passes import AttentionPrecision, StepCache
+
+
+# how a row names the attention kernel (AttentionPrecision's kernel option)
+ATTENTION_ROW = {"matmul": "two matmuls", "sdpa": "fused SDPA"}
 
 
 def parse_args(argv=None):
@@ -221,9 +226,15 @@ def main(args):
             if not args.no_compiled:
                 ours_ind = compile_benchmark_w8a8(model, sampler, backend="inductor", like=ours)  # ours' calibration
                 add_ours("ours W8A8 Inductor INT8", ours_ind)
-                label = "ours W8A8 Inductor INT8, bf16 attention"
-                if in_time(label):  # attention is the largest cost left in float (docs/RESULTS.md, "AMX")
-                    add_ours(label, compile_benchmark_w8a8(model, sampler, backend="inductor", attention="bf16"))
+                # attention is the largest cost left in float (docs/RESULTS.md, "AMX"): in bf16, on the kernel
+                # the pass picks for this machine (auto), and on the other one
+                auto = AttentionPrecision(dtype="bf16").kernel(model)
+                other = {"sdpa": "matmul", "matmul": "sdpa"}[auto]
+                for kernel in (auto, other):
+                    label = f"ours W8A8 Inductor INT8, bf16 attention ({ATTENTION_ROW[kernel]})"
+                    if in_time(label):
+                        add_ours(label, compile_benchmark_w8a8(model, sampler, backend="inductor", attention="bf16",
+                                                               attention_kernel=kernel))
             built, failed = (baselines.build_all(model, inputs, calibration, float_linears(model), only=in_time)
                              if not args.no_compiled else ([], []))
             label = "ours W8A8 Inductor INT8, every linear (as PT2E all layers)"
@@ -337,6 +348,7 @@ def e2e_rows(model, sampler, ours, args, built=(), ours_ind=None):
 
     compiled = {b.label: b.fn for b in built}
     t_dtype = benchmark_inputs(model, 1)[1].dtype
+    attention_row = ATTENTION_ROW[AttentionPrecision(dtype="bf16").kernel(model)]
 
     cached = {}
 
@@ -361,7 +373,9 @@ def e2e_rows(model, sampler, ours, args, built=(), ours_ind=None):
             ("ours W8A8 ONNX INT8", ort(ours)),
             ("ours W8A8 torch INT8 + cache interval 2", ours_cache),
             ("ours W8A8 Inductor INT8 + cache interval 2", lambda: ours_cache("inductor")),
-            ("ours W8A8 Inductor INT8, bf16 attention + cache interval 2",
+            (f"ours W8A8 Inductor INT8, bf16 attention ({attention_row}), no cache",
+             lambda: compile_benchmark_w8a8(model, sampler, backend="inductor", attention="bf16")),
+            (f"ours W8A8 Inductor INT8, bf16 attention ({attention_row}) + cache interval 2",
              lambda: compile_benchmark_w8a8(model, sampler, [StepCache(interval=2)], backend="inductor",
                                             attention="bf16")),
             # last: the A/B of the lowering before whole-graph cache patterns (a time-boxed lane loses it first)

@@ -29,7 +29,7 @@ import torch
 from .errors import StepError
 from .options import check_choice, check_float, check_int, parse_options
 
-__all__ = ["ATTENTION_DTYPES", "AttentionConfig", "low_precision_attention", "CACHE_POLICIES", "StepCacheConfig",
+__all__ = ["ATTENTION_DTYPES", "ATTENTION_KERNELS", "AttentionConfig", "low_precision_attention", "CACHE_POLICIES", "StepCacheConfig",
            "CacheSchedule", "CacheLookupSpec", "VC_PLACEMENTS", "OUTPUT_PLACEMENTS", "VC_FORMS", "VCConfig", "VCTable",
            "rescale", "apply_vc_row"]
 
@@ -330,32 +330,59 @@ class VCTable:
 # --- attention precision ------------------------------------------------------------------------------
 
 ATTENTION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# "sdpa": PyTorch's fused attention kernel; "matmul": its two matmuls (oneDNN's GEMMs) around a softmax;
+# "auto": the pass picks per machine (see AttentionPrecision)
+ATTENTION_KERNELS = ("auto", "sdpa", "matmul")
 
 
 @dataclass(frozen=True)
 class AttentionConfig:
     """Options of the attention-precision pass: ``dtype`` is what attention's softmax and both matmuls run
-    in (``"bf16"`` or ``"fp16"``); the rest of the graph keeps its precision."""
+    in (``"bf16"`` or ``"fp16"``); ``kernel`` how (``ATTENTION_KERNELS``); the rest of the graph keeps its
+    precision."""
 
     dtype: str = "bf16"
+    kernel: str = "auto"
 
     def __post_init__(self) -> None:
         check_choice("dtype", self.dtype, tuple(ATTENTION_DTYPES))
+        check_choice("kernel", self.kernel, ATTENTION_KERNELS)
 
     def to_json(self) -> Dict[str, Any]:
-        return {"dtype": self.dtype}
+        return {"dtype": self.dtype, "kernel": self.kernel}
+
+
+def _matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                      is_causal: bool = False, scale: Optional[float] = None) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v as two matmuls and a softmax, in the inputs' dtype (SDPA's math)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.matmul(q * scale, k.transpose(-2, -1))
+    if is_causal:
+        keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        attn_mask = keep if attn_mask is None else attn_mask & keep
+    if attn_mask is not None:
+        scores = (scores.masked_fill(attn_mask.logical_not(), float("-inf")) if attn_mask.dtype == torch.bool
+                  else scores + attn_mask)
+    return torch.matmul(scores.softmax(-1), v)
 
 
 def low_precision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, dtype: str = "bf16",
-                            **kwargs: Any) -> torch.Tensor:
+                            kernel: str = "sdpa", **kwargs: Any) -> torch.Tensor:
     """``scaled_dot_product_attention`` with q, k and v cast to ``dtype`` and the output cast back to q's
     dtype: the node the attention-precision pass puts in the graph (one function, so every backend that
-    runs it, and the exporter that refuses it, recognise the same thing). NaN stays NaN through the casts."""
+    runs it, and the exporter that refuses it, recognise the same thing). ``kernel="matmul"`` spells it
+    as two matmuls and a softmax (dropout and grouped-query attention still go to the fused kernel).
+    NaN stays NaN through the casts."""
     low = ATTENTION_DTYPES[dtype]
 
     def cast(a: Any) -> Any:  # an additive float mask joins the scores, so it takes their dtype; a bool mask stays
         return a.to(low) if torch.is_tensor(a) and a.is_floating_point() else a
 
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q.to(low), k.to(low), v.to(low), *map(cast, args), **{key: cast(a) for key, a in kwargs.items()})
+    args, kwargs = tuple(map(cast, args)), {key: cast(a) for key, a in kwargs.items()}
+    if kernel == "matmul":
+        names = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+        bound = {**dict(zip(names, args)), **kwargs}
+        if not bound.pop("dropout_p", 0.0) and not bound.pop("enable_gqa", False) and set(bound) <= set(names):
+            return _matmul_attention(q.to(low), k.to(low), v.to(low), **bound).to(q.dtype)
+    out = torch.nn.functional.scaled_dot_product_attention(q.to(low), k.to(low), v.to(low), *args, **kwargs)
     return out.to(q.dtype)

@@ -36,6 +36,60 @@ def test_bf16_attention_matches_an_independent_formula_on_bf16_inputs():
     assert low_precision_attention(nan, k, v, dtype="bf16")[0, 0, 0].isnan().all()  # NaN in, NaN out
 
 
+def reference(q, k, v, mask=None, scale=None):
+    """softmax(q k^T * scale + mask) v in float64 on the bf16-rounded inputs (a bool mask keeps where True)."""
+    qd, kd, vd = (t.bfloat16().double() for t in (q, k, v))
+    scores = qd @ kd.transpose(-2, -1) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.double()
+    return torch.softmax(scores, dim=-1) @ vd
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "matmul"])
+def test_both_kernels_compute_attention_with_masks_causality_and_scale(kernel):
+    from test_torch_int8 import aten_ops
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 16, 8, generator=g) for _ in range(3))
+    bool_mask = torch.rand(16, 16, generator=g) > 0.3
+    bool_mask[:, 0] = True  # no row masked whole
+    float_mask = torch.randn(2, 1, 16, 16, generator=g)
+    causal = torch.ones(16, 16, dtype=torch.bool).tril()
+    cases = [({}, None, None), ({"attn_mask": bool_mask}, bool_mask, None), ({"attn_mask": float_mask}, float_mask, None),
+             ({"is_causal": True}, causal, None), ({"scale": 0.5, "dropout_p": 0.0}, None, 0.5)]
+    for kwargs, mask, scale in cases:
+        out = low_precision_attention(q, k, v, dtype="bf16", kernel=kernel, **kwargs)
+        ref = reference(q, k, v, mask, scale)
+        # bf16 rounding of the output (and, as two matmuls, of the scores and the probabilities), and no more
+        assert (out.double() - ref).abs().max() < (2 ** -7 if kernel == "sdpa" else 2 ** -5), kwargs
+        assert (out - low_precision_attention(q, k, v, dtype="bf16", kernel=kernel)).abs().max() > 1e-3 or not kwargs
+    ops = aten_ops(lambda: low_precision_attention(q, k, v, dtype="bf16", kernel=kernel))
+    fused = any("scaled_dot_product" in op for op in ops)
+    assert fused == (kernel == "sdpa") and (("bmm" in ops) == (kernel == "matmul"))  # the kernel asked for ran
+    ops = aten_ops(lambda: low_precision_attention(q, k, v, dropout_p=0.5, dtype="bf16", kernel=kernel))
+    assert "bernoulli_" in ops  # dropout is SDPA's to apply (the matmul form has none): handed to it, not lost
+    nan = q.clone()
+    nan[0, 0, 0, 0] = float("nan")
+    out = low_precision_attention(nan, k, v, dtype="bf16", kernel=kernel)
+    assert out[0, 0, 0].isnan().all() and not out[0, 0, 1:].isnan().any()  # NaN in, NaN out, in its row
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_auto_picks_the_fused_kernel_with_amx_and_the_matmuls_without(amx, monkeypatch):
+    import qc_compiler.passes.attention as attention
+
+    monkeypatch.setattr(attention, "cpu_has_amx_bf16", lambda: amx)
+    fast = qc.compile(tiny(), passes=[AttentionPrecision()], sampler=qc.DDPM(steps=4))
+    kernel = "sdpa" if amx else "matmul"
+    assert fast.records[0].notes == {"calls": 2, "dtype": "bf16", "kernel": kernel}
+    nodes = [n for n in fast.graph_module.graph.nodes if n.target is low_precision_attention]
+    assert [n.kwargs["kernel"] for n in nodes] == [kernel, kernel]
+    chosen = qc.compile(tiny(), passes=[AttentionPrecision(kernel="sdpa")], sampler=qc.DDPM(steps=4))
+    assert chosen.records[0].notes["kernel"] == "sdpa"  # an explicit kernel is kept
+    with pytest.raises(ValueError, match="kernel"):
+        AttentionPrecision(kernel="flash")
+
+
 def test_every_attention_call_is_rewritten_cache_regions_included():
     model = tiny()
     fast = qc.compile(model, passes=[StepCache(interval=2), AttentionPrecision(dtype="bf16")], sampler=qc.DDPM(steps=4))

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence
 
+from ..cpu import cpu_flags
 from ..errors import ExportError
 from ..quant.config import QuantConfig
 
@@ -25,12 +26,7 @@ def cpu_has_vnni() -> bool:
     forced = os.environ.get("QC_CPU_VNNI")
     if forced in ("0", "1"):
         return forced == "1"
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())
 
 
 @dataclass(frozen=True)

@@ -356,18 +356,20 @@ def benchmark_model(name: str):
 
 
 def compile_benchmark_w8a8(model, sampler, first_passes: Sequence = (), backend: str = "torch",
-                           every_linear: bool = False, like=None, attention: Optional[str] = None):
+                           every_linear: bool = False, like=None, attention: Optional[str] = None,
+                           attention_kernel: str = "auto"):
     """The speed benchmarks' W8A8 recipe (uniform calibration over 2 sampling runs, 64 items) after
     ``first_passes`` (e.g. a ``StepCache``), lowered with ``backend`` (the torch INT8 one by default).
     ``every_linear`` quantizes the conditioning linears' inputs too (our default keeps them weight-only),
     the layer set of PT2E's all-layers baseline. ``like``: a model this recipe compiled before with the
     same passes, whose fitted state (calibration set, scales) is reused: the same calibration lowered
     to another backend, without calibrating again (a minute and more for DiT-B/2 on 2 cores).
-    ``attention="bf16"`` then runs attention in bf16 (``AttentionPrecision``, after calibration)."""
+    ``attention="bf16"`` then runs attention in bf16 (``AttentionPrecision``, after calibration), on
+    ``attention_kernel``."""
     quant = Quantize(config=QuantConfig.preset("w8a8", weight_only=())) if every_linear else Quantize(preset="w8a8")
     passes = [*first_passes, UniformCalibration(size=64, pool_labels=2), quant]
     if attention is not None:
-        passes.append(AttentionPrecision(dtype=attention))
+        passes.append(AttentionPrecision(dtype=attention, kernel=attention_kernel))
     fitted = like.build["fitted"] if like is not None else None
     with torch.no_grad():
         return qc_compile(model, passes=passes, sampler=sampler, backend=backend, fitted=fitted)
