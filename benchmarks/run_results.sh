@@ -37,6 +37,7 @@ if [[ $what == all || $what == speed ]]; then
     run profile_DiT-B-2_int_mm $PY benchmarks/profile_forward.py --model DiT-B/2 --batch 8 --threads 2 --kernel int_mm \
         --json "$OUT/profile_DiT-B-2_int_mm.json"
     run ort_probe $PY benchmarks/ort_probe.py --model DiT-B/2 --threads 2 --json "$OUT/ort_probe.json"
+    run kernel_probe $PY benchmarks/kernel_probe.py --threads 2 --json "$OUT/kernel_probe.json"
     run onnx_parity $PY benchmarks/onnx_parity.py --models dit-mnist,DiT-S/2,DiT-B/2 --steps 50 --batch 8 --threads 2 \
         --json "$OUT/onnx_parity.json"
     # one model per process, so a table lands as soon as its model is done (DiT-B/2 alone takes about 40 min)

@@ -129,6 +129,12 @@ MUTATIONS = [
     ("per token: the balance search scores its candidates per tensor", "qc_compiler/quant/fake_quant.py",
      "weight_observer=self.spec.weight_observer, per_token=self.per_token))",
      "weight_observer=self.spec.weight_observer, per_token=False))"),
+    ("weight-only: the input split into two int8 levels, not three (2^-16 of its range)",
+     "qc_compiler/quant/weight_only.py", "LEVELS = 3", "LEVELS = 2"),
+    ("attention: the two-matmul kernel ignores the mask", "qc_compiler/specs.py",
+     "    if attn_mask is not None:\n        scores =", "    if False:\n        scores ="),
+    ("attention: auto picks the fused kernel without AMX", "qc_compiler/passes/attention.py",
+     'return "matmul" if model_device(gm).type == "cpu" and not cpu_has_amx_bf16() else "sdpa"', 'return "sdpa"'),
 ]
 
 

@@ -169,6 +169,8 @@ def test_forward_speed_no_forward_runs_only_the_end_to_end_rows_asked_for(capsys
 
 
 def test_forward_speed_build_s_builds_nothing_past_its_time_box_and_lists_what_it_left(capsys, monkeypatch):
+    from qc_compiler.cpu import cpu_has_amx_bf16
+
     forward_speed = load("forward_speed")
     real = forward_speed.compile_benchmark_w8a8
 
@@ -184,7 +186,8 @@ def test_forward_speed_build_s_builds_nothing_past_its_time_box_and_lists_what_i
     rows = [line.split(" | ")[0][2:] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     late = [r.split(":")[0] for r in rows if r.endswith("past --build-s 0.001")]
     pt2e = "torchao PT2E X86InductorQuantizer static INT8 + torch.compile"
-    assert late == ["ours W8A8 Inductor INT8, bf16 attention", "torch.compile bf16 autocast", pt2e,
+    kernels = ["two matmuls", "fused SDPA"][::-1 if cpu_has_amx_bf16() else 1]  # the one picked here first
+    assert late == [f"ours W8A8 Inductor INT8, bf16 attention ({k})" for k in kernels] + ["torch.compile bf16 autocast", pt2e,
                     f"{pt2e}, our layers", "torch.compile FP32", "torchao dynamic INT8 + torch.compile",
                     "ours W8A8 Inductor INT8, every linear (as PT2E all layers)"]
     assert "ours W8A8 Inductor INT8" in rows  # ours, built before the box is looked at, is timed
@@ -231,6 +234,23 @@ def test_ort_probe_times_each_export_and_writes_its_json(capsys, tmp_path):
     assert len(saved["rows"]) == len(printed) >= 4 and saved["eager_fp32_s"] > 0
     ok = [r for r in saved["rows"] if "failed" not in r["row"]]
     assert ok and all(r["rel_error"] < 1e-4 for r in ok)  # FP32 onnxruntime agrees with eager
+
+
+def test_kernel_probe_times_both_kernels_of_each_layer_and_writes_its_json(capsys, tmp_path):
+    import json
+
+    probe = load("kernel_probe")
+    probe.main(probe.parse_args(["--batch", "2", "--hidden", "128", "--tokens", "16", "--layers", "2", "--threads", "1",
+                                 "--repeats", "1", "--eager-only", "--json", str(tmp_path / "k.json")]))
+    out = capsys.readouterr().out
+    assert out.startswith("machine: ") and "| INT8 GEMM on the codes, eager |" in out
+    saved = json.loads((tmp_path / "k.json").read_text())
+    rows = {r["row"]: r for r in saved["rows"]}
+    assert list(rows) == ["float GEMM, dequantized codes, eager", "INT8 GEMM on the codes, eager", "FP32 SDPA, eager",
+                          "bf16 SDPA, eager", "bf16 two matmuls, eager"]
+    assert 0 < rows["INT8 GEMM on the codes, eager"]["rel_err"] < 1e-4  # the split input: weight-only numerics
+    assert 1e-4 < rows["bf16 two matmuls, eager"]["rel_err"] < 2e-2  # bf16's rounding, and no more
+    assert rows["FP32 SDPA, eager"]["rel_err"] == 0 and all(r["ms"] > 0 for r in saved["rows"])
 
 
 def test_a_pt2e_graph_that_quantized_nothing_is_refused_not_timed():

@@ -8,7 +8,7 @@ uint8 scale and zero point, ``dequantize_per_channel`` of the int8 weight codes,
 with the weights prepacked, fuses the activation's quantization into the LayerNorm/modulate before
 it, a following GELU into the GEMM, and fc1's output straight into fc2's uint8 input. A weight-only
 linear (the conditioning layers) runs :func:`~qc_compiler.quant.weight_only.weight_only_int8_linear`
-where the CPU has VNNI: its float input written exactly enough as two int8 rows, one ``_int_mm``
+where the CPU has VNNI: its float input written exactly as three int8 rows, one ``_int_mm``
 reading the int8 codes (these GEMMs are bound by reading the weight). Inductor fuses the splitting into
 one kernel. Without VNNI it runs a float GEMM on the dequantized codes (Inductor does not fold that
 dequantization; it fuses it into a neighbouring kernel).

@@ -274,10 +274,10 @@ class WeightOnlyLinear(nn.Module):
     """A linear with int8 weights (per output channel) and a float input.
 
     On a CPU whose INT8 GEMM accumulates in int32 (VNNI, AMX) the GEMM reads the int8 codes:
-    :func:`qc_compiler.quant.weight_only.weight_only_int8_linear`, the input written exactly enough
-    as two int8 rows (to 2^-16 of each row's range). These layers run on one row per sample, where a
-    GEMM is bound by reading its weight, so one byte a weight instead of four is the speed (DiT-B/2's
-    adaLN layers: 19 ms a forward as float GEMMs, about 4 ms so; docs/RESULTS.md). Elsewhere (no VNNI,
+    :func:`qc_compiler.quant.weight_only.weight_only_int8_linear`, the input written exactly as three
+    int8 rows (to float32's precision). These layers run on one row per sample, where a GEMM is bound by
+    reading its weight, so one byte a weight instead of four is the speed (DiT-B/2's twelve adaLN layers,
+    eager: 75 ms a forward as float GEMMs, 7.3 ms so; ``benchmarks/kernel_probe.py``). Elsewhere (no VNNI,
     CUDA, a low-rank branch), a dequantized float copy made on first use (like oneDNN's prepacked
     weights): re-dequantizing at each call would cost more than the GEMM."""
 

@@ -10,13 +10,13 @@ attention, which the speed tables measure as the lowest-error fast baseline.
 Each ``scaled_dot_product_attention`` call in the graph (cache regions included) becomes
 :func:`qc_compiler.specs.low_precision_attention`: q, k, v (and an additive float mask) cast to the
 dtype, the output cast back. ``kernel`` says how it runs: ``"sdpa"``, PyTorch's fused kernel, or
-``"matmul"``, two matmuls around a softmax. Without AMX, PyTorch's CPU flash attention gains nothing
-from bf16 (DiT-B/2's shapes on Zen 4: 12.0 ms a call in bf16, 11.9 in FP32) while oneDNN's bf16 GEMMs
-use AVX-512 BF16, so compiled, the matmul form takes 8.5 ms; with AMX (and on CUDA) the fused kernel
-runs on the bf16 tiles. ``"auto"`` (the default) picks ``"matmul"`` on a CPU without AMX-BF16 and
-``"sdpa"`` elsewhere, and the pass's notes say which. The pass fits nothing, so its place in the pass list does not matter; it
-refuses a graph with no such call (a model that spells attention out as matmuls), rather than doing
-nothing silently.
+``"matmul"``, two matmuls around a softmax. Without AMX, PyTorch's CPU flash attention gains nothing from
+bf16 (DiT-B/2's shapes on Zen 4, compiled: 16.6 ms a call in bf16, 13.0 in FP32) while oneDNN's bf16
+GEMMs use AVX-512 BF16, so the matmul form takes 9.3 ms (``benchmarks/kernel_probe.py``); with AMX (and
+on CUDA) the fused kernel runs on the bf16 tiles. ``"auto"`` (the default) picks ``"matmul"`` on a CPU
+without AMX-BF16 and ``"sdpa"`` elsewhere, and the pass's notes say which. The pass fits nothing, so its
+place in the pass list does not matter; it refuses a graph with no such call (a model that spells
+attention out as matmuls), rather than doing nothing silently.
 
 The ONNX backend and ``export_onnx`` refuse it: onnxruntime's CPU provider has no bf16 attention.
 

@@ -8,9 +8,10 @@ quantizes a layer's input per token at run time instead (no calibrated range; to
 
 One departure, ours: the conditioning linears (the adapter's ``conditioning_linears``: DiT's adaLN
 modulation and diffusers' equivalents) keep int8 weights but take their input in float
-(``act_bits=None``). They run on one row per sample, not per token, so INT8 activations buy no speed
-there, yet their per-tensor input range must span every timestep's embedding, and their outputs
-(shift, scale, gate) move every token at once (measured in docs/RESULTS.md). ``weight_only=()``
+(``act_bits=None``). They run on one row per sample, not per token, so their GEMM is bound by reading
+the weight, which int8 codes make four times smaller whatever the input (the backends' INT8 GEMM on the
+codes: ``quant.weight_only``); a calibrated per-tensor input range, though, must span every timestep's
+embedding, and their outputs (shift, scale, gate) move every token at once (measured in docs/RESULTS.md). ``weight_only=()``
 restores the paper's all-W8A8 setting.
 
 ``include=None`` and ``weight_only=None`` mean "the model adapter's": :meth:`QuantConfig.resolve`
