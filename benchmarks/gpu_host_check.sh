@@ -65,7 +65,7 @@ export OUT BUILD_CPUS="$BUILD" SPEED_S=$((LEFT - 15))
 # lane A times about 100 s after its builds: no baseline build starts in its last 4 minutes
 PART=forward NO_ORT=1 TIME_CPUS="$A" BUILD_S=$((LEFT - 240)) benchmarks/amx_check.sh > /dev/null 2>&1 &
 LANE_A=$!
-PART=e2e TAG=e2e_ours TIME_CPUS="$B" ROWS="Inductor INT8 + cache,bf16 attention + cache" benchmarks/amx_check.sh \
+PART=e2e TAG=e2e_ours TIME_CPUS="$B" ROWS="Inductor INT8 + cache,(fused SDPA) + cache,(two matmuls) + cache" benchmarks/amx_check.sh \
     > /dev/null 2>&1 &
 LANE_B=$!
 PART=e2e TAG=e2e_baselines NO_REF=1 TIME_CPUS="$C" ROWS="torch.compile bf16,PT2E,=ours W8A8 Inductor INT8" \

@@ -29,7 +29,7 @@ import torch
 from .errors import StepError
 from .options import check_choice, check_float, check_int, parse_options
 
-__all__ = ["ATTENTION_DTYPES", "ATTENTION_KERNELS", "AttentionConfig", "low_precision_attention", "CACHE_POLICIES", "StepCacheConfig",
+__all__ = ["ATTENTION_DTYPES", "ATTENTION_KERNELS", "AUTO_MATMUL_MAX_SCORES_MIB", "AttentionConfig", "low_precision_attention", "CACHE_POLICIES", "StepCacheConfig",
            "CacheSchedule", "CacheLookupSpec", "VC_PLACEMENTS", "OUTPUT_PLACEMENTS", "VC_FORMS", "VCConfig", "VCTable",
            "rescale", "apply_vc_row"]
 
@@ -333,6 +333,10 @@ ATTENTION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # "sdpa": PyTorch's fused attention kernel; "matmul": its two matmuls (oneDNN's GEMMs) around a softmax;
 # "auto": the pass picks per machine (see AttentionPrecision)
 ATTENTION_KERNELS = ("auto", "sdpa", "matmul")
+# "auto"'s bound on the two-matmul form: it holds every score (batch x heads x queries x keys) at once,
+# where the fused kernel works block by block. Measured faster at 12 MiB of bf16 scores (DiT-B/2,
+# batch 8); past this bound (long sequences, big batches) "auto" keeps the fused kernel, unmeasured.
+AUTO_MATMUL_MAX_SCORES_MIB = 32
 
 
 @dataclass(frozen=True)
@@ -367,19 +371,21 @@ def _matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_ma
 
 
 def low_precision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, dtype: str = "bf16",
-                            kernel: str = "sdpa", **kwargs: Any) -> torch.Tensor:
+                            kernel: str = "sdpa", max_scores_mib: Optional[float] = None,
+                            **kwargs: Any) -> torch.Tensor:
     """``scaled_dot_product_attention`` with q, k and v cast to ``dtype`` and the output cast back to q's
     dtype: the node the attention-precision pass puts in the graph (one function, so every backend that
     runs it, and the exporter that refuses it, recognise the same thing). ``kernel="matmul"`` spells it
-    as two matmuls and a softmax (dropout and grouped-query attention still go to the fused kernel).
-    NaN stays NaN through the casts."""
+    as two matmuls and a softmax (dropout and grouped-query attention still go to the fused kernel), unless
+    its scores would take more than ``max_scores_mib`` (``"auto"``'s bound). NaN stays NaN through the casts."""
     low = ATTENTION_DTYPES[dtype]
 
     def cast(a: Any) -> Any:  # an additive float mask joins the scores, so it takes their dtype; a bool mask stays
         return a.to(low) if torch.is_tensor(a) and a.is_floating_point() else a
 
     args, kwargs = tuple(map(cast, args)), {key: cast(a) for key, a in kwargs.items()}
-    if kernel == "matmul":
+    scores_mib = q.shape[:-1].numel() * k.shape[-2] * torch.finfo(low).bits / 8 / 2 ** 20
+    if kernel == "matmul" and (max_scores_mib is None or scores_mib <= max_scores_mib):
         names = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
         bound = {**dict(zip(names, args)), **kwargs}
         if not bound.pop("dropout_p", 0.0) and not bound.pop("enable_gqa", False) and set(bound) <= set(names):

@@ -66,6 +66,8 @@ def test_both_kernels_compute_attention_with_masks_causality_and_scale(kernel):
     ops = aten_ops(lambda: low_precision_attention(q, k, v, dtype="bf16", kernel=kernel))
     fused = any("scaled_dot_product" in op for op in ops)
     assert fused == (kernel == "sdpa") and (("bmm" in ops) == (kernel == "matmul"))  # the kernel asked for ran
+    big = aten_ops(lambda: low_precision_attention(q, k, v, dtype="bf16", kernel=kernel, max_scores_mib=0.001))
+    assert any("scaled_dot_product" in op for op in big)  # scores past the bound: the fused kernel, whichever asked
     ops = aten_ops(lambda: low_precision_attention(q, k, v, dropout_p=0.5, dtype="bf16", kernel=kernel))
     assert "bernoulli_" in ops  # dropout is SDPA's to apply (the matmul form has none): handed to it, not lost
     nan = q.clone()
@@ -84,8 +86,13 @@ def test_auto_picks_the_fused_kernel_with_amx_and_the_matmuls_without(amx, monke
     assert fast.records[0].notes == {"calls": 2, "dtype": "bf16", "kernel": kernel}
     nodes = [n for n in fast.graph_module.graph.nodes if n.target is low_precision_attention]
     assert [n.kwargs["kernel"] for n in nodes] == [kernel, kernel]
-    chosen = qc.compile(tiny(), passes=[AttentionPrecision(kernel="sdpa")], sampler=qc.DDPM(steps=4))
-    assert chosen.records[0].notes["kernel"] == "sdpa"  # an explicit kernel is kept
+    # auto's matmuls only while their scores stay small; no bound on the fused kernel
+    assert [n.kwargs["max_scores_mib"] for n in nodes] == [None if amx else 32] * 2
+    for name in ("sdpa", "matmul"):
+        chosen = qc.compile(tiny(), passes=[AttentionPrecision(kernel=name)], sampler=qc.DDPM(steps=4))
+        assert chosen.records[0].notes["kernel"] == name  # a kernel chosen by name is kept, unbounded
+        assert all(n.kwargs["max_scores_mib"] is None for n in chosen.graph_module.graph.nodes
+                   if n.target is low_precision_attention)
     with pytest.raises(ValueError, match="kernel"):
         AttentionPrecision(kernel="flash")
 

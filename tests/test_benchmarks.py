@@ -246,7 +246,7 @@ def test_kernel_probe_times_both_kernels_of_each_layer_and_writes_its_json(capsy
     assert out.startswith("machine: ") and "| INT8 GEMM on the codes, eager |" in out
     saved = json.loads((tmp_path / "k.json").read_text())
     rows = {r["row"]: r for r in saved["rows"]}
-    assert list(rows) == ["float GEMM, dequantized codes, eager", "INT8 GEMM on the codes, eager", "FP32 SDPA, eager",
+    assert list(rows) == ["float GEMM, dequantized copy, eager", "INT8 GEMM on the codes, eager", "FP32 SDPA, eager",
                           "bf16 SDPA, eager", "bf16 two matmuls, eager"]
     assert 0 < rows["INT8 GEMM on the codes, eager"]["rel_err"] < 1e-4  # the split input: weight-only numerics
     assert 1e-4 < rows["bf16 two matmuls, eager"]["rel_err"] < 2e-2  # bf16's rounding, and no more

@@ -277,7 +277,7 @@ class WeightOnlyLinear(nn.Module):
     :func:`qc_compiler.quant.weight_only.weight_only_int8_linear`, the input written exactly as three
     int8 rows (to float32's precision). These layers run on one row per sample, where a GEMM is bound by
     reading its weight, so one byte a weight instead of four is the speed (DiT-B/2's twelve adaLN layers,
-    eager: 75 ms a forward as float GEMMs, 7.3 ms so; ``benchmarks/kernel_probe.py``). Elsewhere (no VNNI,
+    eager: 17.1 ms a forward as float GEMMs, 8.6 ms so; ``benchmarks/kernel_probe.py``). Elsewhere (no VNNI,
     CUDA, a low-rank branch), a dequantized float copy made on first use (like oneDNN's prepacked
     weights): re-dequantizing at each call would cost more than the GEMM."""
 

@@ -3,7 +3,7 @@
 Why: a weight-only layer (the conditioning linears: DiT's adaLN modulation) runs on one row per
 sample, so its GEMM is bound by reading the weight. A float GEMM reads four bytes per weight (a
 dequantized copy); this one reads the int8 codes, one byte. DiT-B/2's twelve adaLN layers at batch 8,
-2 threads, Zen 4, compiled: 27.1 ms as float GEMMs, 5.2 ms here (``benchmarks/kernel_probe.py``).
+2 threads, Zen 4, compiled: 22.1 ms as float GEMMs, 6.2 ms here (``benchmarks/kernel_probe.py``).
 
 The input is not quantized in any sense that changes the layer: each row is written exactly as three
 int8 rows, a coarse one and two levels of residual, ``x = s (q1 + q2 / 254 + q3 / 254^2)`` with
