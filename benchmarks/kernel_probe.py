@@ -27,7 +27,6 @@ from qc_compiler.specs import low_precision_attention
 from qc_compiler.tools.bench import interleaved_medians, machine_line, rel_err, write_results
 
 
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=2)
@@ -42,7 +41,7 @@ def parse_args(argv=None):
 
 
 class AdaLN(torch.nn.Module):
-    """Twelve weight-only conditioning layers on one SiLU'd input: float GEMMs or INT8 GEMMs on the codes."""
+    """``layers`` weight-only conditioning layers on one SiLU'd input: float GEMMs or INT8 GEMMs on the codes."""
 
     def __init__(self, int8: bool, layers: int, hidden: int):
         super().__init__()
@@ -96,7 +95,9 @@ def main(args):
         for what, x, variants in groups:
             fns = []
             for label, fn in variants:
-                fns += [(f"{label}, eager", fn)] + ([] if args.eager_only else [(f"{label}, compiled", torch.compile(fn))])
+                fns.append((f"{label}, eager", fn))
+                if not args.eager_only:
+                    fns.append((f"{label}, compiled", torch.compile(fn)))
             ref = fns[0][1](x)
             errs = [rel_err(fn(x), ref) for _, fn in fns]  # also the compile, before timing
             seconds = interleaved_medians([lambda fn=fn: fn(x) for _, fn in fns], args.repeats, pause=0.0)

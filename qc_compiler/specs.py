@@ -29,7 +29,8 @@ import torch
 from .errors import StepError
 from .options import check_choice, check_float, check_int, parse_options
 
-__all__ = ["ATTENTION_DTYPES", "ATTENTION_KERNELS", "AUTO_MATMUL_MAX_SCORES_MIB", "AttentionConfig", "low_precision_attention", "CACHE_POLICIES", "StepCacheConfig",
+__all__ = ["ATTENTION_DTYPES", "ATTENTION_KERNELS", "AUTO_MATMUL_MAX_SCORES_MIB", "AttentionConfig",
+           "low_precision_attention", "CACHE_POLICIES", "StepCacheConfig",
            "CacheSchedule", "CacheLookupSpec", "VC_PLACEMENTS", "OUTPUT_PLACEMENTS", "VC_FORMS", "VCConfig", "VCTable",
            "rescale", "apply_vc_row"]
 
@@ -384,8 +385,10 @@ def low_precision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
         return a.to(low) if torch.is_tensor(a) and a.is_floating_point() else a
 
     args, kwargs = tuple(map(cast, args)), {key: cast(a) for key, a in kwargs.items()}
-    scores_mib = q.shape[:-1].numel() * k.shape[-2] * torch.finfo(low).bits / 8 / 2 ** 20
-    if kernel == "matmul" and (max_scores_mib is None or scores_mib <= max_scores_mib):
+    def scores_mib() -> float:  # what the matmul form holds at once: batch x heads x queries x keys
+        return q.shape[:-1].numel() * k.shape[-2] * torch.finfo(low).bits / 8 / 2 ** 20
+
+    if kernel == "matmul" and (max_scores_mib is None or scores_mib() <= max_scores_mib):
         names = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
         bound = {**dict(zip(names, args)), **kwargs}
         if not bound.pop("dropout_p", 0.0) and not bound.pop("enable_gqa", False) and set(bound) <= set(names):

@@ -8,8 +8,8 @@ accumulation, and a fused dequantize with bias. A tanh-GELU
 right after a linear (the MLP's fc1) is folded into that kernel as a post-op. A weight-only layer
 (``act_bits=None``: the conditioning linears, one row per sample) becomes a ``WeightOnlyLinear``:
 int8 weights and a float input, on an INT8 GEMM that reads the codes (``quant.weight_only``) where
-the CPU accumulates in int32, else a float GEMM on a dequantized copy. Cache lookups, VC nodes and anything
-else in the graph are left as they are. Quantized activations alone (attention-matmul operands) stay
+the CPU accumulates in int32, else a float GEMM on a dequantized copy. Cache lookups, VC nodes and
+anything else in the graph are left as they are. Quantized activations alone (attention-matmul operands) stay
 fake-quant: PyTorch has no INT8 batched matmul on CPU worth calling.
 
 Kernels (one small function each, picked by :func:`default_kernel`, or ``QC_INT8_KERNEL``):

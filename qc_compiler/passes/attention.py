@@ -74,13 +74,14 @@ class AttentionPrecision(Pass):
 
     def run(self, gm: fx.GraphModule, ctx) -> PassResult:
         calls, kernel = 0, self.kernel(gm)
-        # "auto" chose the two matmuls for speed, so only while their scores stay small; a choice made by name holds
+        # "auto" chose the two matmuls for speed, so only while their scores stay small; a kernel named holds
         bound = AUTO_MATMUL_MAX_SCORES_MIB if self.config.kernel == "auto" and kernel == "matmul" else None
         for _, module in iter_graph_modules(gm):  # the root graph and each cache region's
             found = [n for n in module.graph.nodes if n.op == "call_function" and n.target in SDPA_TARGETS]
             for node in found:
                 node.target = low_precision_attention
-                node.kwargs = {**node.kwargs, "dtype": self.config.dtype, "kernel": kernel, "max_scores_mib": bound}
+                node.kwargs = {**node.kwargs, "dtype": self.config.dtype, "kernel": kernel,
+                               "max_scores_mib": bound}
             if found:
                 module.recompile()
             calls += len(found)
@@ -88,5 +89,4 @@ class AttentionPrecision(Pass):
             raise PassError(self.name, "found no scaled_dot_product_attention call in the graph (this model "
                                        "spells attention out as matmuls); drop the pass, or build the model with "
                                        "fused attention")
-        return PassResult(gm, modified=True, notes={"calls": calls, "dtype": self.config.dtype,
-                                                          "kernel": kernel})
+        return PassResult(gm, modified=True, notes={"calls": calls, "dtype": self.config.dtype, "kernel": kernel})

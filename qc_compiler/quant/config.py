@@ -11,8 +11,8 @@ modulation and diffusers' equivalents) keep int8 weights but take their input in
 (``act_bits=None``). They run on one row per sample, not per token, so their GEMM is bound by reading
 the weight, which int8 codes make four times smaller whatever the input (the backends' INT8 GEMM on the
 codes: ``quant.weight_only``); a calibrated per-tensor input range, though, must span every timestep's
-embedding, and their outputs (shift, scale, gate) move every token at once (measured in docs/RESULTS.md). ``weight_only=()``
-restores the paper's all-W8A8 setting.
+embedding, and their outputs (shift, scale, gate) move every token at once (measured in docs/RESULTS.md).
+``weight_only=()`` restores the paper's all-W8A8 setting.
 
 ``include=None`` and ``weight_only=None`` mean "the model adapter's": :meth:`QuantConfig.resolve`
 fills them in (the ``Quantize`` pass does, from its context). Overrides are ordered

@@ -32,6 +32,7 @@ import torch
 
 from ..api import compile as qc_compile
 from ..api import load_model
+from ..cpu import cpu_flags
 from ..diffusion import DDPM
 from ..models import adapter_for
 from ..passes import (AgglomerativeCalibration, AttentionPrecision, DBSCANCalibration, KMeansCalibration, Quantize,
@@ -241,8 +242,7 @@ def machine() -> Dict[str, object]:
         info["cpu"] = fields.get("model name", "?")
         info["vendor"] = fields.get("vendor_id", "?")
         info["family_model"] = f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}"
-        flags = set(fields.get("flags", "").split())
-        info["isa"] = [f for f in _ISA_FLAGS if f in flags]
+        info["isa"] = [f for f in _ISA_FLAGS if f in cpu_flags()]
     except OSError:  # not Linux
         import platform
 
