@@ -209,3 +209,46 @@ def test_cuda_inductor_runs_int_mm_layers_compiled_with_the_cache_and_never_reco
     assert dict(dynamo_utils.counters["frames"]) == frames and torch.equal(first, again)
     want = sampler.sample(eager, LABELS, seed=0)
     assert first.is_cuda and float((first - want).norm() / want.norm()) < 1e-3
+
+
+def test_each_lowered_layer_is_within_one_quantization_step_of_its_fake_quant_layer():
+    """Layer by layer: an input code may round the other way (``quantize_per_tensor`` multiplies by 1/s, the
+    reference divides), so each output may move by one activation step times its weights' magnitudes, no
+    more; a weight-only layer is the reference's float GEMM to rounding."""
+    from qc_compiler.quant import QuantLinear
+
+    model, sampler = make_tiny(), qc.DDPM(steps=4)
+    bits = "w8a8" if cpu_has_vnni() else "w4a8"
+    quant = [UniformCalibration(size=16, pool_labels=4, num_steps=4), Quantize(preset=bits)]
+    reference = qc.compile(model, quant, sampler=sampler, backend="fakequant")
+    lowered = qc.compile(model, quant, sampler=sampler, backend="inductor", fitted=reference.build["fitted"])
+    ref_layers = {m.path: m for m in reference.graph_module.modules() if isinstance(m, QuantLinear)}
+    layers = {m.path: m for m in lowered.modules() if isinstance(m, QDQLinear)}
+    assert layers.keys() == ref_layers.keys() and len(layers) == 12
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for path, layer in layers.items():
+            ref_layer = ref_layers[path]
+            x = torch.randn(7, ref_layer.weight.shape[1], generator=g) * 2
+            out, ref = layer(x), ref_layer(x)
+            if layer.act_qparams is None:  # weight-only
+                torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+                continue
+            w = (layer.w_int8.float() * layer.w_scale[:, None]).abs().sum(1)
+            step = layer.act_qparams[0] * w  # one input code flipped in every column, at worst
+            assert ((out - ref).abs() <= step + 1e-5 * ref.abs() + 1e-6).all(), path
+            assert (out - ref).abs().max() < 0.05 * ref.abs().max(), path  # and far less in practice
+
+
+def test_fifty_steps_with_the_cache_compile_two_graphs_and_a_second_run_none(monkeypatch):
+    eager_dynamo(monkeypatch)  # dynamo's capture, guards and recompiles, without Inductor's codegen
+    model, sampler = make_tiny(), qc.DDPM(steps=50)
+    quant = [StepCache(interval=2), UniformCalibration(size=16, pool_labels=4, num_steps=4), Quantize(preset="w8a8")]
+    fast = qc.compile(model, quant, sampler=sampler, backend="inductor")
+    dynamo_utils.counters.clear()
+    first = sampler.sample(fast, LABELS, seed=0)
+    frames = dict(dynamo_utils.counters["frames"])
+    assert frames["total"] == frames["ok"] == 2  # compute-step and reuse-step graphs over all 50 steps
+    assert torch.equal(sampler.sample(fast, LABELS, seed=0), first)
+    assert dict(dynamo_utils.counters["frames"]) == frames  # the second run compiled nothing
+    assert sorted(fast.step_state.store("cache")["computed"]) == list(range(0, 50, 2))
