@@ -48,11 +48,12 @@ from qc_compiler.tools import baselines
 from qc_compiler.tools.bench import (benchmark_inputs, benchmark_model, compile_benchmark_w8a8, interleaved_medians,
                                      machine_line, median_seconds, per_region_breaks, pin_threads, pinned, rel_err,
                                      write_results)
+from qc_compiler.blocked_attention import WHOLE_SCORES_MAX_MIB
 from qc_compiler.passes import AttentionPrecision, StepCache
 
 
 # how a row names the attention kernel (AttentionPrecision's kernel option)
-ATTENTION_ROW = {"matmul": "two matmuls", "sdpa": "fused SDPA"}
+ATTENTION_ROW = {"matmul": "two matmuls", "sdpa": "fused SDPA", "whole": "two matmuls, all scores at once"}
 
 
 def parse_args(argv=None):
@@ -83,8 +84,14 @@ def parse_args(argv=None):
                         "runs side by side on one machine")
     p.add_argument("--build-cpus", default="",
                    help="comma-separated logical CPUs for everything else (builds, compiles, calibration)")
+    p.add_argument("--input-size", type=int, default=32,
+                   help="latent side of the random-weight DiTs: 32 (256px, 256 tokens at patch 2) or 64 (512px, 1024)")
     p.add_argument("--json", type=Path, help="also write every row, with the machine, as JSON here")
     args = p.parse_args(argv)
+    if args.input_size < 8 or args.input_size % 8:
+        p.error(f"--input-size is a latent side, a multiple of 8 from 8 up; got {args.input_size}")
+    if args.input_size != 32 and "dit-mnist" in args.models.split(","):
+        p.error("dit-mnist is trained at its own size: time it without --input-size")
     args.e2e_only = [part.strip() for part in args.e2e_only.split(",") if part.strip()]
     if not (args.build_s >= 0 and math.isfinite(args.build_s)):
         p.error(f"--build-s is a number of seconds, 0 or more; got {args.build_s}")
@@ -184,6 +191,20 @@ def ours_onnx_row(ours, model, inputs, args):
     return ("ours W8A8 ONNX INT8 (onnxruntime)", lambda: ort(x, t, y), rel_err(ort(x, t, y), ref))
 
 
+def model_heads_scores_mib(model) -> float:
+    """MiB of bf16 attention scores one sample's forward holds per attention call (heads x tokens^2)."""
+    try:
+        tokens = model.pos_embed.shape[1]
+        return model.blocks[0].attn.num_heads * tokens * tokens * 2 / 2 ** 20
+    except AttributeError:  # not our DiT layout: no A/B row
+        return 0.0
+
+
+def latents(args) -> str:
+    """What a table's heading adds when the DiTs run on other than the default 32x32 latents."""
+    return "" if args.input_size == 32 else f" on {args.input_size}x{args.input_size} latents"
+
+
 def main(args):
     torch.set_num_threads(args.threads)
     if args.build_cpus:
@@ -192,7 +213,7 @@ def main(args):
     results = []
     for name in args.models.split(","):
         start = time.perf_counter()
-        model = benchmark_model(name)
+        model = benchmark_model(name, args.input_size)
         b = args.batch
         inputs = benchmark_inputs(model, b)
         sampler = qc.DDPM(steps=args.steps, cfg_scale=1.0)
@@ -230,7 +251,10 @@ def main(args):
                 # the pass picks for this machine (auto), and on the other one
                 auto = AttentionPrecision(dtype="bf16").kernel(model)
                 other = {"sdpa": "matmul", "matmul": "sdpa"}[auto]
-                for kernel in (auto, other):
+                # past WHOLE_SCORES_MAX_MIB of scores the two matmuls run block by block: then also every
+                # score at once, the blocks' A/B (below it the two rows would be the same)
+                blocks = inputs[0].shape[0] * model_heads_scores_mib(model) > WHOLE_SCORES_MAX_MIB
+                for kernel in (auto, other, *(("whole",) if blocks else ())):
                     label = f"ours W8A8 Inductor INT8, bf16 attention ({ATTENTION_ROW[kernel]})"
                     if in_time(label):
                         add_ours(label, compile_benchmark_w8a8(model, sampler, backend="inductor", attention="bf16",
@@ -257,7 +281,7 @@ def main(args):
             rows = [(label, sec, err) for (label, _, err), sec in zip(rows, seconds)] + failed
         base = rows[0][1]
         ort_fp32 = next((r[1] for r in rows if r[0] == "onnxruntime FP32"), float("nan"))
-        print(f"\n### {name}, per forward, batch {b}, {args.threads} threads\n")
+        print(f"\n### {name}{latents(args)}, per forward, batch {b}, {args.threads} threads\n")
         print("| row | median ms | vs eager FP32 | vs ORT FP32 | rel. error vs FP32 | first call s |\n"
               "|---|---|---|---|---|---|")
         for label, sec, err in rows:
@@ -292,7 +316,7 @@ def run_e2e(name, model, sampler, ours, args, built, ours_ind, results):
     """The end-to-end table: each row samples the same labels from the same noise; error against eager FP32."""
     b = args.batch
     labels = benchmark_inputs(model, b)[2].tolist()  # 0..b-1 modulo the classes, as the per-forward rows
-    print(f"\n### {name}, end to end, {args.steps} DDPM steps, batch {b}, {args.threads} threads\n")
+    print(f"\n### {name}{latents(args)}, end to end, {args.steps} DDPM steps, batch {b}, {args.threads} threads\n")
     print("| row | s / run | vs eager FP32 | vs ORT FP32 | rel. error of the samples vs FP32 |\n|---|---|---|---|---|")
     base_e2e = ort_e2e = ref_samples = None
     for label, make in e2e_rows(model, sampler, ours, args, built, ours_ind):

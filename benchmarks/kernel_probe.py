@@ -1,4 +1,4 @@
-"""The two kernels that put ours past PT2E on a CPU without AMX, timed alone at DiT-B/2's shapes.
+"""The kernels that put ours past PT2E on a CPU without AMX, timed alone at DiT-B/2's shapes.
 
     python benchmarks/kernel_probe.py --threads 2 --json benchmarks/results/kernel_probe.json
 
@@ -7,9 +7,11 @@
   GEMM on the codes with the input split into three int8 rows (``quant.weight_only``), eager and
   through ``torch.compile`` with freezing, as the Inductor backend lowers them.
 - **Attention** (batch 8, 12 heads, 256 tokens, head dim 64, from a qkv projection's output, as in a
-  block): SDPA in FP32, SDPA in bf16, and bf16 as two matmuls around a softmax
-  (``specs.low_precision_attention(kernel="matmul")``), each eager and compiled; per call (a DiT-B/2
-  forward makes 12).
+  block): SDPA in FP32, SDPA in bf16, and bf16 as two matmuls around a softmax, both ways
+  ``AttentionPrecision(kernel="matmul")`` runs them: every score at once (up to
+  ``blocked_attention.WHOLE_SCORES_MAX_MIB``) and one cache-sized block at a time (past it); each eager
+  and compiled, per call (a DiT-B/2 forward makes 12). ``--batch 1 --hidden 1536 --tokens 4096``: an SD3
+  image's 24 heads at 1024 px. ``--block-mib 0.5,1,2,4``: the blocks at those sizes too (eager).
 
 Interleaved rounds, medians; errors against the FP32 form. The machine line says which ISA ran it:
 compare only within one run.
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from qc_compiler.quant.weight_only import weight_only_int8_linear
+from qc_compiler.blocked_attention import block_shape, blocked_attention, plain_attention
 from qc_compiler.specs import low_precision_attention
 from qc_compiler.tools.bench import interleaved_medians, machine_line, rel_err, write_results
 
@@ -36,8 +39,13 @@ def parse_args(argv=None):
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--eager-only", action="store_true", help="skip the compiled rows (a quick check)")
+    p.add_argument("--block-mib", type=lambda v: [float(x) for x in v.split(",")], default=[],
+                   help="also time the blocked attention kernel at these block sizes (MiB of scores, comma-separated)")
     p.add_argument("--json", type=Path, help="also write the rows, with the machine, as JSON here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if any(not mib > 0 for mib in args.block_mib):
+        p.error(f"--block-mib takes sizes above 0 MiB, got {args.block_mib}")
+    return args
 
 
 class AdaLN(torch.nn.Module):
@@ -65,14 +73,23 @@ class AdaLN(torch.nn.Module):
         return torch.cat(outs, 1)
 
 
-def attention(kind: str):
+ATTENTION = ("FP32 SDPA", "bf16 SDPA", "bf16 two matmuls, all scores at once", "bf16 two matmuls, blocked")
+
+
+def attention(kind: str, block_mib=None):
+    """One attention call on a qkv projection's output, as a DiT block makes it, on the kernel ``kind``."""
     def run(qkv):
         b, n, width = qkv.shape
         q, k, v = qkv.reshape(b, n, 3, width // (3 * 64), 64).permute(2, 0, 3, 1, 4)
         if kind == "FP32 SDPA":
             out = F.scaled_dot_product_attention(q, k, v)
-        else:
-            out = low_precision_attention(q, k, v, dtype="bf16", kernel="sdpa" if kind == "bf16 SDPA" else "matmul")
+        elif kind == "bf16 SDPA":
+            out = low_precision_attention(q, k, v, dtype="bf16", kernel="sdpa")
+        elif kind == "bf16 two matmuls, all scores at once":  # kernel="matmul" up to WHOLE_SCORES_MAX_MIB
+            out = plain_attention(q.bfloat16(), k.bfloat16(), v.bfloat16()).float()
+        else:  # kernel="matmul" past it: cast as the pass casts (contiguous heads), then the blocks
+            dense = {"dtype": torch.bfloat16, "memory_format": torch.contiguous_format}
+            out = blocked_attention(q.to(**dense), k.to(**dense), v.to(**dense), block_mib=block_mib).float()
         return out.transpose(1, 2).reshape(b, n, -1)
 
     return run
@@ -91,12 +108,18 @@ def main(args):
                    [("float GEMM, dequantized copy", AdaLN(False, args.layers, h)),
                     ("INT8 GEMM on the codes", AdaLN(True, args.layers, h))]),
                   (f"attention, one call ({b} x {h // 64} heads x {n} tokens x 64)", qkv,
-                   [(kind, attention(kind)) for kind in ("FP32 SDPA", "bf16 SDPA", "bf16 two matmuls")])]
+                   [(kind, attention(kind)) for kind in ATTENTION])]
+        if args.block_mib:  # the block-size sweep behind BLOCK_MIB_PER_THREAD, eager (the op is opaque anyway)
+            shapes = [block_shape(b, h // 64, n, n, 2, mib * 2 ** 20) for mib in args.block_mib]
+            blocks = [(f"bf16 two matmuls, blocks of {mib:g} MiB ({ib} x {hb} heads x {qb} rows)", attention("blocks", mib))
+                      for mib, (ib, hb, qb) in zip(args.block_mib, shapes)]
+            groups.append((f"attention block sizes, one call ({b} x {h // 64} heads x {n} tokens x 64)", qkv,
+                           [("FP32 SDPA", attention("FP32 SDPA"))] + blocks))
         for what, x, variants in groups:
             fns = []
             for label, fn in variants:
                 fns.append((f"{label}, eager", fn))
-                if not args.eager_only:
+                if not args.eager_only and not what.startswith("attention block sizes"):
                     fns.append((f"{label}, compiled", torch.compile(fn)))
             ref = fns[0][1](x)
             errs = [rel_err(fn(x), ref) for _, fn in fns]  # also the compile, before timing

@@ -26,10 +26,11 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
+from .blocked_attention import WHOLE_SCORES_MAX_MIB, blocked_attention, plain_attention
 from .errors import StepError
 from .options import check_choice, check_float, check_int, parse_options
 
-__all__ = ["ATTENTION_DTYPES", "ATTENTION_KERNELS", "AUTO_MATMUL_MAX_SCORES_MIB", "AttentionConfig",
+__all__ = ["ATTENTION_DTYPES", "ATTENTION_KERNELS", "AttentionConfig",
            "low_precision_attention", "CACHE_POLICIES", "StepCacheConfig",
            "CacheSchedule", "CacheLookupSpec", "VC_PLACEMENTS", "OUTPUT_PLACEMENTS", "VC_FORMS", "VCConfig", "VCTable",
            "rescale", "apply_vc_row"]
@@ -331,13 +332,10 @@ class VCTable:
 # --- attention precision ------------------------------------------------------------------------------
 
 ATTENTION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# "sdpa": PyTorch's fused attention kernel; "matmul": its two matmuls (oneDNN's GEMMs) around a softmax;
-# "auto": the pass picks per machine (see AttentionPrecision)
+# "sdpa": PyTorch's fused attention kernel; "matmul": two matmuls (oneDNN's GEMMs) around a softmax, block
+# by block past 32 MiB of scores (qc_compiler.blocked_attention); "auto": the pass picks per machine
+# (see AttentionPrecision)
 ATTENTION_KERNELS = ("auto", "sdpa", "matmul")
-# "auto"'s bound on the two-matmul form: it holds every score (batch x heads x queries x keys) at once,
-# where the fused kernel works block by block. Measured faster at 12 MiB of bf16 scores (DiT-B/2,
-# batch 8); past this bound (long sequences, big batches) "auto" keeps the fused kernel, unmeasured.
-AUTO_MATMUL_MAX_SCORES_MIB = 32
 
 
 @dataclass(frozen=True)
@@ -357,41 +355,31 @@ class AttentionConfig:
         return {"dtype": self.dtype, "kernel": self.kernel}
 
 
-def _matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                      is_causal: bool = False, scale: Optional[float] = None) -> torch.Tensor:
-    """softmax(q k^T * scale + mask) v as two matmuls and a softmax, in the inputs' dtype (SDPA's math)."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = torch.matmul(q * scale, k.transpose(-2, -1))
-    if is_causal:
-        keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-        attn_mask = keep if attn_mask is None else attn_mask & keep
-    if attn_mask is not None:
-        scores = (scores.masked_fill(attn_mask.logical_not(), float("-inf")) if attn_mask.dtype == torch.bool
-                  else scores + attn_mask)
-    return torch.matmul(scores.softmax(-1), v)
-
-
 def low_precision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, dtype: str = "bf16",
-                            kernel: str = "sdpa", max_scores_mib: Optional[float] = None,
-                            **kwargs: Any) -> torch.Tensor:
+                            kernel: str = "sdpa", **kwargs: Any) -> torch.Tensor:
     """``scaled_dot_product_attention`` with q, k and v cast to ``dtype`` and the output cast back to q's
     dtype: the node the attention-precision pass puts in the graph (one function, so every backend that
-    runs it, and the exporter that refuses it, recognise the same thing). ``kernel="matmul"`` spells it
-    as two matmuls and a softmax (dropout and grouped-query attention still go to the fused kernel), unless
-    its scores would take more than ``max_scores_mib`` (``"auto"``'s bound). NaN stays NaN through the casts."""
+    runs it, and the exporter that refuses it, recognise the same thing). ``kernel="matmul"`` runs it as
+    two matmuls around a softmax: every score at once up to ``WHOLE_SCORES_MAX_MIB``, past it one
+    cache-sized block at a time (:func:`blocked_attention`); dropout and grouped-query attention still go
+    to the fused kernel. NaN stays NaN through the casts."""
     low = ATTENTION_DTYPES[dtype]
 
     def cast(a: Any) -> Any:  # an additive float mask joins the scores, so it takes their dtype; a bool mask stays
         return a.to(low) if torch.is_tensor(a) and a.is_floating_point() else a
 
     args, kwargs = tuple(map(cast, args)), {key: cast(a) for key, a in kwargs.items()}
-    def scores_mib() -> float:  # what the matmul form holds at once: batch x heads x queries x keys
-        return q.shape[:-1].numel() * k.shape[-2] * torch.finfo(low).bits / 8 / 2 ** 20
-
-    if kernel == "matmul" and (max_scores_mib is None or scores_mib() <= max_scores_mib):
+    if kernel == "matmul" and q.dim() >= 3 and k.shape[:-2] == v.shape[:-2] == q.shape[:-2]:
         names = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
         bound = {**dict(zip(names, args)), **kwargs}
         if not bound.pop("dropout_p", 0.0) and not bound.pop("enable_gqa", False) and set(bound) <= set(names):
-            return _matmul_attention(q.to(low), k.to(low), v.to(low), **bound).to(q.dtype)
+            if q.shape[:-1].numel() * k.shape[-2] * low.itemsize <= WHOLE_SCORES_MAX_MIB * 2 ** 20:
+                # held at once while small: Inductor fuses that form best
+                return plain_attention(q.to(low), k.to(low), v.to(low), **bound).to(q.dtype)
+            # block by block past that, cast into contiguous heads (one fused kernel when compiled) so that the
+            # blocks' GEMMs read dense rows, not a qkv projection's interleaved ones (9.2 against 11.8 ms a
+            # DiT-B/2 call, compiled)
+            dense = {"dtype": low, "memory_format": torch.contiguous_format}
+            return blocked_attention(q.to(**dense), k.to(**dense), v.to(**dense), **bound).to(q.dtype)
     out = torch.nn.functional.scaled_dot_product_attention(q.to(low), k.to(low), v.to(low), *args, **kwargs)
     return out.to(q.dtype)

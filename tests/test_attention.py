@@ -45,9 +45,14 @@ def reference(q, k, v, mask=None, scale=None):
     return torch.softmax(scores, dim=-1) @ vd
 
 
-@pytest.mark.parametrize("kernel", ["sdpa", "matmul"])
-def test_both_kernels_compute_attention_with_masks_causality_and_scale(kernel):
+@pytest.mark.parametrize("kernel", ["sdpa", "matmul", "matmul-blocked"])
+def test_both_kernels_compute_attention_with_masks_causality_and_scale(kernel, monkeypatch):
+    import qc_compiler.specs as specs
     from test_torch_int8 import aten_ops
+
+    if kernel == "matmul-blocked":  # the matmul kernel past the size it holds every score at: block by block
+        monkeypatch.setattr(specs, "WHOLE_SCORES_MAX_MIB", 0)
+        kernel = "matmul"
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 16, 8, generator=g) for _ in range(3))
@@ -65,15 +70,62 @@ def test_both_kernels_compute_attention_with_masks_causality_and_scale(kernel):
         assert (out - low_precision_attention(q, k, v, dtype="bf16", kernel=kernel)).abs().max() > 1e-3 or not kwargs
     ops = aten_ops(lambda: low_precision_attention(q, k, v, dtype="bf16", kernel=kernel))
     fused = any("scaled_dot_product" in op for op in ops)
-    assert fused == (kernel == "sdpa") and (("bmm" in ops) == (kernel == "matmul"))  # the kernel asked for ran
-    big = aten_ops(lambda: low_precision_attention(q, k, v, dtype="bf16", kernel=kernel, max_scores_mib=0.001))
-    assert any("scaled_dot_product" in op for op in big)  # scores past the bound: the fused kernel, whichever asked
+    blocked = specs.WHOLE_SCORES_MAX_MIB == 0 and kernel == "matmul"
+    assert fused == (kernel == "sdpa") and ("blocked_attention" in ops) == blocked  # the kernel asked for ran
+    assert ("bmm" in ops) == (kernel == "matmul" and not blocked)  # small scores: the two matmuls in the graph
     ops = aten_ops(lambda: low_precision_attention(q, k, v, dropout_p=0.5, dtype="bf16", kernel=kernel))
     assert "bernoulli_" in ops  # dropout is SDPA's to apply (the matmul form has none): handed to it, not lost
     nan = q.clone()
     nan[0, 0, 0, 0] = float("nan")
     out = low_precision_attention(nan, k, v, dtype="bf16", kernel=kernel)
     assert out[0, 0, 0].isnan().all() and not out[0, 0, 1:].isnan().any()  # NaN in, NaN out, in its row
+
+
+def test_blocked_attention_gives_the_plain_form_at_every_block_shape():
+    from qc_compiler.blocked_attention import block_shape, blocked_attention
+
+    # the block shapes: whole batch items while one item's scores fit, else whole heads of one, else one
+    # head's rows; balanced, never empty
+    mib = 2 ** 20
+    assert block_shape(8, 6, 256, 256, 2, 2 * mib) == (2, 6, 256)  # DiT-S/2: 768 KiB an item, two fit
+    assert block_shape(8, 12, 256, 256, 2, 2 * mib) == (1, 12, 256)  # DiT-B/2: 1.5 MiB an item
+    assert block_shape(1, 12, 256, 256, 2, 5 * mib / 8) == (1, 4, 256)  # 5 heads fit: 4 4 4, not 5 5 2
+    assert block_shape(1, 24, 4096, 4096, 2, 2 * mib) == (1, 1, 256)  # 4096 tokens: 32 MiB a head, rows of 256
+    assert block_shape(1, 2, 10, 10, 2, 1) == (1, 1, 1)  # a budget below one row: one row a block, not zero
+    assert block_shape(1, 2, 0, 10, 2, 1) == (1, 2, 1) and block_shape(0, 4, 4, 4, 2, 1) == (1, 4, 4)  # no 0/0
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 5, 12, 8, generator=g).bfloat16() for _ in range(3))
+    masks = [None, torch.rand(12, 12, generator=g) > 0.3, torch.randn(2, 1, 12, 12, generator=g).bfloat16(),
+             torch.rand(5, 1, 12, generator=g) > 0.2]  # broadcast along heads, queries, or batch
+    for mask in masks:
+        if mask is not None and mask.dtype == torch.bool:
+            mask[..., 0] = True  # no row masked whole
+        ref = reference(q, k, v, mask)
+        row = 12 * 2  # bytes of one query's scores
+        # the whole batch in one block; whole heads in blocks of 3 and 2; one head, rows of 4 4 4; one row
+        outs = [blocked_attention(q, k, v, mask, block_mib=mib / 2 ** 20) for mib in (1e9, 36 * row, 5 * row, 1)]
+        for out in outs:
+            assert out.dtype == torch.bfloat16 and (out.double() - ref).abs().max() < 2 ** -5
+            assert (out.float() - outs[0].float()).abs().max() <= 2 ** -6  # the blocks do not change the answer
+    causal = blocked_attention(q, k, v, None, True, 0.3, 1 / 2 ** 20)
+    assert (causal.double() - reference(q, k, v, torch.ones(12, 12, dtype=torch.bool).tril(), 0.3)).abs().max() < 2 ** -5
+    three_d = blocked_attention(q[0], k[0], v[0], block_mib=1 / 2 ** 20)  # no batch dim
+    assert (three_d.double() - reference(q[0], k[0], v[0])).abs().max() < 2 ** -5
+    assert blocked_attention(q[:, :, :0], k, v).shape == (2, 5, 0, 8)  # no queries: an empty answer, not an error
+    with pytest.raises(ValueError, match="same leading dims"):
+        blocked_attention(q, k[:, :1], v[:, :1])  # grouped-query: SDPA's to do, not silently broadcast
+    # differentiable (block reconstruction trains through attention): the plain form's gradients
+    leaves = [t.float().requires_grad_() for t in (q, k, v)]
+    blocked_attention(*(t.bfloat16() for t in leaves), masks[2], block_mib=5 * row / 2 ** 20).float().sum().backward()
+    plain = [t.detach().double().requires_grad_() for t in leaves]
+    reference_scores = plain[0] @ plain[1].transpose(-2, -1) * 8 ** -0.5 + masks[2].double()
+    (reference_scores.softmax(-1) @ plain[2]).sum().backward()
+    for got, want in zip(leaves, plain):
+        assert (got.grad.double() - want.grad).abs().max() < 2 ** -4 * want.grad.abs().max()
+    # compiled: one opaque call, no graph break, the same output
+    compiled = torch.compile(lambda q, k, v: blocked_attention(q, k, v, masks[1], block_mib=5 * row / 2 ** 20),
+                             fullgraph=True, backend="eager")
+    assert torch.equal(compiled(q, k, v), blocked_attention(q, k, v, masks[1], block_mib=5 * row / 2 ** 20))
 
 
 @pytest.mark.parametrize("amx", [True, False])
@@ -86,13 +138,9 @@ def test_auto_picks_the_fused_kernel_with_amx_and_the_matmuls_without(amx, monke
     assert fast.records[0].notes == {"calls": 2, "dtype": "bf16", "kernel": kernel}
     nodes = [n for n in fast.graph_module.graph.nodes if n.target is low_precision_attention]
     assert [n.kwargs["kernel"] for n in nodes] == [kernel, kernel]
-    # auto's matmuls only while their scores stay small; no bound on the fused kernel
-    assert [n.kwargs["max_scores_mib"] for n in nodes] == [None if amx else 32] * 2
     for name in ("sdpa", "matmul"):
         chosen = qc.compile(tiny(), passes=[AttentionPrecision(kernel=name)], sampler=qc.DDPM(steps=4))
-        assert chosen.records[0].notes["kernel"] == name  # a kernel chosen by name is kept, unbounded
-        assert all(n.kwargs["max_scores_mib"] is None for n in chosen.graph_module.graph.nodes
-                   if n.target is low_precision_attention)
+        assert chosen.records[0].notes["kernel"] == name  # a kernel chosen by name is kept
     with pytest.raises(ValueError, match="kernel"):
         AttentionPrecision(kernel="flash")
 

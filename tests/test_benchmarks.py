@@ -166,6 +166,17 @@ def test_forward_speed_no_forward_runs_only_the_end_to_end_rows_asked_for(capsys
     assert rows[0][2] == "-" and rows[0][-1] == "- |"
     with pytest.raises(SystemExit):  # nothing left to run
         forward_speed.parse_args(["--no-forward", "--no-e2e"])
+    # other latents (longer sequences): the heading says so, and the model is built at that size
+    forward_speed.main(forward_speed.parse_args(["--models", "DiT-T/4", "--batch", "2", "--repeats", "1",
+                                                 "--steps", "2", "--threads", "1", "--no-compiled", "--no-forward",
+                                                 "--e2e-no-reference", "--e2e-only", "=ours W8A8 torch INT8",
+                                                 "--input-size", "16"]))
+    assert "### DiT-T/4 on 16x16 latents, end to end" in capsys.readouterr().out
+    from qc_compiler.tools.bench import benchmark_model
+    assert benchmark_model("DiT-T/4", 16).pos_embed.shape[1] == 16  # (16 / 4) ** 2 tokens, not 64
+    for bad in (["--input-size", "12"], ["--input-size", "64", "--models", "dit-mnist"]):
+        with pytest.raises(SystemExit):
+            forward_speed.parse_args(bad)
 
 
 def test_forward_speed_build_s_builds_nothing_past_its_time_box_and_lists_what_it_left(capsys, monkeypatch):
@@ -180,13 +191,15 @@ def test_forward_speed_build_s_builds_nothing_past_its_time_box_and_lists_what_i
         return built
 
     monkeypatch.setattr(forward_speed, "compile_benchmark_w8a8", no_inductor)
+    monkeypatch.setattr(forward_speed, "WHOLE_SCORES_MAX_MIB", 0)  # scores "past" it: the blocks' A/B row too
     forward_speed.main(forward_speed.parse_args(["--models", "DiT-T/4", "--batch", "2", "--repeats", "1",
                                                  "--steps", "3", "--threads", "1", "--no-e2e", "--no-ort",
                                                  "--build-s", "0.001"]))
     rows = [line.split(" | ")[0][2:] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     late = [r.split(":")[0] for r in rows if r.endswith("past --build-s 0.001")]
     pt2e = "torchao PT2E X86InductorQuantizer static INT8 + torch.compile"
-    kernels = ["two matmuls", "fused SDPA"][::-1 if cpu_has_amx_bf16() else 1]  # the one picked here first
+    # the one picked here first, the other, then the matmuls with every score at once (the blocks' A/B)
+    kernels = ["two matmuls", "fused SDPA"][::-1 if cpu_has_amx_bf16() else 1] + ["two matmuls, all scores at once"]
     assert late == [f"ours W8A8 Inductor INT8, bf16 attention ({k})" for k in kernels] + ["torch.compile bf16 autocast", pt2e,
                     f"{pt2e}, our layers", "torch.compile FP32", "torchao dynamic INT8 + torch.compile",
                     "ours W8A8 Inductor INT8, every linear (as PT2E all layers)"]
@@ -241,15 +254,22 @@ def test_kernel_probe_times_both_kernels_of_each_layer_and_writes_its_json(capsy
 
     probe = load("kernel_probe")
     probe.main(probe.parse_args(["--batch", "2", "--hidden", "128", "--tokens", "16", "--layers", "2", "--threads", "1",
-                                 "--repeats", "1", "--eager-only", "--json", str(tmp_path / "k.json")]))
+                                 "--repeats", "1", "--eager-only", "--block-mib", "0.0002,1",
+                                 "--json", str(tmp_path / "k.json")]))
     out = capsys.readouterr().out
     assert out.startswith("machine: ") and "| INT8 GEMM on the codes, eager |" in out
     saved = json.loads((tmp_path / "k.json").read_text())
     rows = {r["row"]: r for r in saved["rows"]}
-    assert list(rows) == ["float GEMM, dequantized copy, eager", "INT8 GEMM on the codes, eager", "FP32 SDPA, eager",
-                          "bf16 SDPA, eager", "bf16 two matmuls, eager"]
+    assert [r["row"] for r in saved["rows"]] == [
+        "float GEMM, dequantized copy, eager", "INT8 GEMM on the codes, eager", "FP32 SDPA, eager", "bf16 SDPA, eager",
+        "bf16 two matmuls, all scores at once, eager", "bf16 two matmuls, blocked, eager",
+        "FP32 SDPA, eager",  # the block sweep's own reference row, then one row a size
+        "bf16 two matmuls, blocks of 0.0002 MiB (1 x 1 heads x 6 rows), eager",  # 209 B: 6 rows of 16 keys' scores
+        "bf16 two matmuls, blocks of 1 MiB (2 x 2 heads x 16 rows), eager"]
     assert 0 < rows["INT8 GEMM on the codes, eager"]["rel_err"] < 1e-4  # the split input: weight-only numerics
-    assert 1e-4 < rows["bf16 two matmuls, eager"]["rel_err"] < 2e-2  # bf16's rounding, and no more
+    for row in ("bf16 two matmuls, all scores at once, eager", "bf16 two matmuls, blocked, eager",
+                "bf16 two matmuls, blocks of 0.0002 MiB (1 x 1 heads x 6 rows), eager"):
+        assert 1e-4 < rows[row]["rel_err"] < 2e-2  # bf16's rounding, and no more
     assert rows["FP32 SDPA, eager"]["rel_err"] == 0 and all(r["ms"] > 0 for r in saved["rows"])
 
 
@@ -394,6 +414,34 @@ def test_the_per_region_break_row_lowers_the_old_way_and_restores_the_new():
                                backend="inductor")  # torch.compile is lazy: nothing compiles here
     assert type(per_region_breaks(build).graph_module) is InductorModule
     assert isinstance(build().graph_module, CachePatternModule)
+
+
+def test_the_whole_scores_row_holds_every_score_at_once_at_the_matmul_kernels_numerics(monkeypatch):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import make_tiny
+
+    import qc_compiler as qc
+    import qc_compiler.specs as specs
+    from qc_compiler.passes import AttentionPrecision
+    from qc_compiler.specs import low_precision_attention
+    from qc_compiler.tools.bench import WholeScoresAttention, whole_scores_attention
+    from test_torch_int8 import aten_ops
+
+    monkeypatch.setattr(specs, "WHOLE_SCORES_MAX_MIB", 0)  # the pass's matmul kernel blocks at any size
+    model = make_tiny()
+    whole = qc.compile(model, [WholeScoresAttention(dtype="bf16")], sampler=qc.DDPM(steps=3))
+    blocked = qc.compile(model, [AttentionPrecision(dtype="bf16", kernel="matmul")], sampler=qc.DDPM(steps=3))
+    targets = [n.target for n in whole.graph_module.graph.nodes]
+    assert targets.count(whole_scores_attention) == 2 and low_precision_attention not in targets
+    g = torch.Generator().manual_seed(0)
+    x, t, y = torch.randn(2, 1, 16, 16, generator=g), torch.tensor([3, 7]), torch.tensor([1, 2])
+    with torch.no_grad():
+        ref, a, b = model(x, t, y), whole(x, t, y), blocked(x, t, y)
+        assert "blocked_attention" not in aten_ops(whole, x, t, y) and "blocked_attention" in aten_ops(blocked, x, t, y)
+    assert float((a - b).norm() / ref.norm()) < 1e-3  # bf16 both, rounded in slightly different places
+    assert float((a - ref).norm() / ref.norm()) > 1e-5  # really bf16 (FP32 attention: 0 here)
 
 
 def test_cache_steps_times_each_lowering_per_step_kind(capsys, tmp_path, monkeypatch):

@@ -10,13 +10,13 @@ attention, which the speed tables measure as the lowest-error fast baseline.
 Each ``scaled_dot_product_attention`` call in the graph (cache regions included) becomes
 :func:`qc_compiler.specs.low_precision_attention`: q, k, v (and an additive float mask) cast to the
 dtype, the output cast back. ``kernel`` says how it runs: ``"sdpa"``, PyTorch's fused kernel, or
-``"matmul"``, two matmuls around a softmax. Without AMX, PyTorch's CPU flash attention gains nothing from
-bf16 (DiT-B/2's shapes on Zen 4, compiled: 14.5-17.6 ms a call in bf16, 12.3-14.1 in FP32) while oneDNN's
-bf16 GEMMs use AVX-512 BF16, so the matmul form takes 8.7-12.9 ms (``benchmarks/kernel_probe.py``, four
-runs); with AMX (and on CUDA) the fused kernel runs on the bf16 tiles. ``"auto"`` (the default) picks
-``"matmul"`` on a CPU without AMX-BF16 and ``"sdpa"`` elsewhere, and the pass's notes say which; as the
-matmul form holds every score at once, ``"auto"`` keeps the fused kernel for a call whose bf16 scores
-would pass 32 MiB. The pass fits nothing, so its place in the pass list does not matter; it refuses a
+``"matmul"``, two matmuls around a softmax (every score at once up to 32 MiB a call, which Inductor
+fuses best, and one cache-sized block at a time past it: :mod:`qc_compiler.blocked_attention`). Without
+AMX, PyTorch's CPU flash attention gains nothing from bf16 while oneDNN's bf16 GEMMs use AVX-512 BF16,
+so the matmuls beat the fused kernel in FP32 and in bf16, at DiT-B/2's 256 tokens and at an SD3 image's
+4096 (``benchmarks/kernel_probe.py``; docs/RESULTS.md, "Blocked bf16 attention"); with AMX (and on CUDA)
+the fused kernel runs on the bf16 tiles. ``"auto"`` (the default) picks ``"matmul"`` on a CPU without
+AMX-BF16 and ``"sdpa"`` elsewhere, and the pass's notes say which. The pass fits nothing, so its place in the pass list does not matter; it refuses a
 graph with no such call (a model that spells attention out as matmuls), rather than doing nothing
 silently.
 
@@ -43,7 +43,7 @@ from ..errors import PassError
 from ..graph import iter_graph_modules
 from ..options import config_or_keywords
 from ..pipeline import Pass, PassResult, register_pass
-from ..specs import AUTO_MATMUL_MAX_SCORES_MIB, AttentionConfig, low_precision_attention
+from ..specs import AttentionConfig, low_precision_attention
 
 __all__ = ["AttentionPrecision"]
 
@@ -74,14 +74,11 @@ class AttentionPrecision(Pass):
 
     def run(self, gm: fx.GraphModule, ctx) -> PassResult:
         calls, kernel = 0, self.kernel(gm)
-        # "auto" chose the two matmuls for speed, so only while their scores stay small; a kernel named holds
-        bound = AUTO_MATMUL_MAX_SCORES_MIB if self.config.kernel == "auto" and kernel == "matmul" else None
         for _, module in iter_graph_modules(gm):  # the root graph and each cache region's
             found = [n for n in module.graph.nodes if n.op == "call_function" and n.target in SDPA_TARGETS]
             for node in found:
                 node.target = low_precision_attention
-                node.kwargs = {**node.kwargs, "dtype": self.config.dtype, "kernel": kernel,
-                               "max_scores_mib": bound}
+                node.kwargs = {**node.kwargs, "dtype": self.config.dtype, "kernel": kernel}
             if found:
                 module.recompile()
             calls += len(found)

@@ -41,7 +41,9 @@ from ..quant import QuantConfig
 from ..quant.balance import BalanceConfig
 from ..quant.brecq import BRECQConfig
 from ..quant.gptq import GPTQConfig
-from ..specs import StepCacheConfig, VCConfig
+from ..blocked_attention import plain_attention
+from ..graph import iter_graph_modules
+from ..specs import ATTENTION_DTYPES, StepCacheConfig, VCConfig, low_precision_attention
 
 __all__ = ["Variant", "VARIANTS", "RUN_CACHE", "machine", "machine_line", "write_results", "median_seconds", "interleaved_medians", "interleaved_times", "compile_benchmark_w8a8",
            "rel_err", "variant_passes", "ablation_rows", "sample_timed", "run_variants", "markdown", "merge_results",
@@ -341,13 +343,16 @@ def pinned(cpus: Optional[Sequence[int]]) -> Iterator[None]:
                 pass
 
 
-def benchmark_model(name: str):
-    """The embedded model by name, or a DiT config with random weights on 4x32x32 latents and 1000
-    classes, its adaLN re-initialised so that every block matters (DiT's zero init makes them identities)."""
+def benchmark_model(name: str, input_size: int = 32):
+    """The embedded model by name, or a DiT config with random weights on 4 x ``input_size`` x ``input_size``
+    latents (32: 256px images, 256 tokens at patch 2; 64: 512px, 1024 tokens) and 1000 classes, its adaLN
+    re-initialised so that every block matters (DiT's zero init makes them identities)."""
     if name == "dit-mnist":
+        if input_size != 32:
+            raise ValueError("dit-mnist is trained at its own size: time it without --input-size")
         return load_model(name)
     torch.manual_seed(0)
-    model = load_model(name, input_size=32, in_channels=4, num_classes=1000)
+    model = load_model(name, input_size=input_size, in_channels=4, num_classes=1000)
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if "adaLN_modulation" in pname or "final_layer.linear" in pname:
@@ -365,14 +370,39 @@ def compile_benchmark_w8a8(model, sampler, first_passes: Sequence = (), backend:
     same passes, whose fitted state (calibration set, scales) is reused: the same calibration lowered
     to another backend, without calibrating again (a minute and more for DiT-B/2 on 2 cores).
     ``attention="bf16"`` then runs attention in bf16 (``AttentionPrecision``, after calibration), on
-    ``attention_kernel``."""
+    ``attention_kernel`` (or ``"whole"``: :class:`WholeScoresAttention`, the two matmuls never blocked)."""
     quant = Quantize(config=QuantConfig.preset("w8a8", weight_only=())) if every_linear else Quantize(preset="w8a8")
     passes = [*first_passes, UniformCalibration(size=64, pool_labels=2), quant]
-    if attention is not None:
+    if attention is not None and attention_kernel == "whole":
+        passes.append(WholeScoresAttention(dtype=attention, kernel="matmul"))
+    elif attention is not None:
         passes.append(AttentionPrecision(dtype=attention, kernel=attention_kernel))
     fitted = like.build["fitted"] if like is not None else None
     with torch.no_grad():
         return qc_compile(model, passes=passes, sampler=sampler, backend=backend, fitted=fitted)
+
+
+def whole_scores_attention(q, k, v, *, dtype: str = "bf16", kernel: str = "matmul") -> torch.Tensor:
+    """``low_precision_attention(kernel="matmul")`` with every score held at once at any size (it blocks past
+    ``WHOLE_SCORES_MAX_MIB``): the speed benchmarks' A/B of the blocks. No mask, dropout or scale: the
+    benchmarked DiTs pass none."""
+    low = ATTENTION_DTYPES[dtype]
+    return plain_attention(q.to(low), k.to(low), v.to(low)).to(q.dtype)
+
+
+class WholeScoresAttention(AttentionPrecision):
+    """``AttentionPrecision`` with every call on :func:`whole_scores_attention` (``attention_kernel="whole"``)."""
+
+    def run(self, gm, ctx):
+        result = super().run(gm, ctx)
+        for _, module in iter_graph_modules(result.graph_module):
+            for node in module.graph.nodes:
+                if node.op == "call_function" and node.target is low_precision_attention:
+                    if node.args[3:] or set(node.kwargs) - {"dtype", "kernel"}:
+                        raise ValueError("whole_scores_attention takes no mask, dropout or scale")
+                    node.target = whole_scores_attention
+            module.recompile()
+        return result
 
 
 def per_region_breaks(build):
