@@ -5,13 +5,14 @@ bf16 GEMMs run on AVX-512 BF16; so ``AttentionPrecision`` spells bf16 attention 
 plainly (``softmax(q k^T) v``, :func:`plain_attention`), that form holds every score at once, and the
 scores go through memory three times (the first GEMM writes them, the softmax reads and writes them, the
 second GEMM reads them). At a DiT's 256 tokens (6-12 MiB of scores) that is what Inductor fuses best;
-at 1024 tokens (64 MiB for 16 heads at batch 2) it is 0.69x FP32 SDPA, at an SD3 image's 4096 tokens
-(768 MiB) 0.81x, slower than the FP32 attention it replaces. Blocks of a few MiB stay in cache: whole
+at 1024 tokens (64 MiB for 16 heads at batch 2) it is 0.69x FP32 SDPA alone, at an SD3 image's 4096
+tokens (768 MiB) 0.81x: slower than the FP32 attention it replaces. Blocks of a few MiB stay in cache: whole
 batch items while one item's scores fit, else whole heads of one item, else one head and a block of
 query rows. Softmax runs over whole rows of keys, so no block needs another's statistics (no online
 softmax, unlike flash attention), and the result is the plain form's. At those two lengths the blocks
 are 1.51x and 1.58x FP32 SDPA, 2.18x and 1.95x the plain form (``benchmarks/kernel_probe.py``, Zen 4,
-2 threads; docs/RESULTS.md, "Blocked bf16 attention").
+2 threads); in a whole DiT-S/2 forward at 1024 tokens, 1.06x the plain form and 1.32x the fused bf16
+kernel (docs/RESULTS.md, "Blocked bf16 attention").
 
 ``low_precision_attention`` takes the plain form up to ``WHOLE_SCORES_MAX_MIB`` and the blocks past it.
 The loop is a custom op (``qc::blocked_attention``), so ``torch.compile`` sees one opaque call and
@@ -30,7 +31,8 @@ __all__ = ["BLOCK_MIB_PER_THREAD", "WHOLE_SCORES_MAX_MIB", "block_shape", "block
 # Up to this many MiB of scores, ``low_precision_attention`` keeps the plain form, which Inductor fuses
 # (the scale into the cast before it, the softmax into one kernel) and which runs no Python loop: whole
 # DiT forwards with it were 3.5-5% faster than with the blocks at 6 and 12 MiB (DiT-S/2 and DiT-B/2 at
-# batch 8, one A/B each; Zen 4). Past it the blocks win outright (about 2x at 64 and 768 MiB).
+# batch 8, one A/B each; Zen 4). Past it the blocks win: alone about 2x at 64 and 768 MiB, in a whole
+# DiT-S/2 forward with 96 MiB a call 6%.
 WHOLE_SCORES_MAX_MIB = 32
 # The scores one block holds, per thread of the GEMMs (Zen 4 has 1 MiB of L2 a core, Sapphire Rapids 2).
 # Swept at 2 threads (``kernel_probe.py --block-mib``): 2 and 4 MiB a call within 8% of each other, which
