@@ -76,6 +76,8 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_ma
     if q.dim() < 3 or k.shape[:-2] != q.shape[:-2] or v.shape[:-1] != k.shape[:-1] or k.shape[-1] != q.shape[-1]:
         raise ValueError(f"blocked_attention takes q (..., heads, queries, d) and k, v (..., heads, keys, d) with "
                          f"the same leading dims; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if block_mib is not None and not (0 < block_mib < math.inf):
+        raise ValueError(f"block_mib is the MiB of scores a block holds, above 0; got {block_mib}")
     *outer, heads, queries, _ = q.shape
     keys, items = k.shape[-2], math.prod(outer)
     scale = q.shape[-1] ** -0.5 if scale is None else scale

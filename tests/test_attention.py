@@ -112,6 +112,9 @@ def test_blocked_attention_gives_the_plain_form_at_every_block_shape():
     three_d = blocked_attention(q[0], k[0], v[0], block_mib=1 / 2 ** 20)  # no batch dim
     assert (three_d.double() - reference(q[0], k[0], v[0])).abs().max() < 2 ** -5
     assert blocked_attention(q[:, :, :0], k, v).shape == (2, 5, 0, 8)  # no queries: an empty answer, not an error
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="block_mib"):
+            blocked_attention(q, k, v, block_mib=bad)
     with pytest.raises(ValueError, match="same leading dims"):
         blocked_attention(q, k[:, :1], v[:, :1])  # grouped-query: SDPA's to do, not silently broadcast
     # differentiable (block reconstruction trains through attention): the plain form's gradients
