@@ -37,7 +37,15 @@ if [[ $what == all || $what == speed ]]; then
     run profile_DiT-B-2_int_mm $PY benchmarks/profile_forward.py --model DiT-B/2 --batch 8 --threads 2 --kernel int_mm \
         --json "$OUT/profile_DiT-B-2_int_mm.json"
     run ort_probe $PY benchmarks/ort_probe.py --model DiT-B/2 --threads 2 --json "$OUT/ort_probe.json"
-    run kernel_probe $PY benchmarks/kernel_probe.py --threads 2 --json "$OUT/kernel_probe.json"
+    run kernel_probe $PY benchmarks/kernel_probe.py --threads 2 --repeats 60 --block-mib 1,2,4,8 \
+        --json "$OUT/kernel_probe.json"
+    # bf16 attention past 32 MiB of scores: the blocks, at 1024 and 4096 tokens (an SD3 image at 1024 px)
+    run kernel_probe_1024 $PY benchmarks/kernel_probe.py --threads 2 --repeats 15 --batch 2 --hidden 1024 \
+        --tokens 1024 --layers 2 --block-mib 0.5,1,2,4,8 --json "$OUT/kernel_probe_1024.json"
+    run kernel_probe_4096 $PY benchmarks/kernel_probe.py --threads 2 --repeats 5 --batch 1 --hidden 1536 \
+        --tokens 4096 --layers 2 --block-mib 0.5,1,2,4,8 --json "$OUT/kernel_probe_4096.json"
+    run forward_speed_DiT-S-2_64x64 $PY benchmarks/forward_speed.py --models DiT-S/2 --input-size 64 --batch 8 \
+        --repeats 5 --threads 2 --no-ort --no-e2e --json "$OUT/forward_speed_DiT-S-2_64x64.json"
     run onnx_parity $PY benchmarks/onnx_parity.py --models dit-mnist,DiT-S/2,DiT-B/2 --steps 50 --batch 8 --threads 2 \
         --json "$OUT/onnx_parity.json"
     # one model per process, so a table lands as soon as its model is done (DiT-B/2 alone takes about 40 min)
