@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from qc_compiler.quant.weight_only import weight_only_int8_linear
-from qc_compiler.blocked_attention import block_shape, blocked_attention, plain_attention
+from qc_compiler.blocked_attention import block_shape, blocked_attention
 from qc_compiler.specs import low_precision_attention
-from qc_compiler.tools.bench import interleaved_medians, machine_line, rel_err, write_results
+from qc_compiler.tools.bench import interleaved_medians, machine_line, rel_err, whole_scores_attention, write_results
 
 
 def parse_args(argv=None):
@@ -86,7 +86,7 @@ def attention(kind: str, block_mib=None):
         elif kind == "bf16 SDPA":
             out = low_precision_attention(q, k, v, dtype="bf16", kernel="sdpa")
         elif kind == "bf16 two matmuls, all scores at once":  # kernel="matmul" up to WHOLE_SCORES_MAX_MIB
-            out = plain_attention(q.bfloat16(), k.bfloat16(), v.bfloat16()).float()
+            out = whole_scores_attention(q, k, v)
         else:  # kernel="matmul" past it: cast as the pass casts (contiguous heads), then the blocks
             dense = {"dtype": torch.bfloat16, "memory_format": torch.contiguous_format}
             out = blocked_attention(q.to(**dense), k.to(**dense), v.to(**dense), block_mib=block_mib).float()
